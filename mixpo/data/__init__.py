@@ -1,0 +1,2 @@
+"""Everything before the loss: formats, pair construction, difficulty, order, selection,
+routing (mixpo.data.* modules) and tokenization/collation/sampling for training."""

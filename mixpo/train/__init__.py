@@ -1,0 +1,1 @@
+"""The thin trainer: model setup, loop, FSDP2, checkpoints, metrics."""
