@@ -191,11 +191,12 @@ def _write_json(dataset: datasets.Dataset, path: str) -> None:
         json.dump(dataset.to_list(), handle, ensure_ascii=False, allow_nan=False, indent=1)
 
 
-def _default_file_mode() -> int:
-    """Permissions a plain `open(path, "w")` would give (mkstemp files are private, 0o600)."""
+def _default_mode(directory: bool = False) -> int:
+    """Permissions a plain `open(path, "w")` / `mkdir` would give; mkstemp and mkdtemp make
+    private (0o600 / 0o700) paths, which would otherwise become the output's."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return (0o777 if directory else 0o666) & ~umask
 
 
 def _replace_directory(staged: Path, target: Path) -> None:
@@ -231,6 +232,7 @@ def save_rows(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
         staged = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
         try:
             dataset.flatten_indices().save_to_disk(str(staged))
+            os.chmod(staged, _default_mode(directory=True))
             _replace_directory(staged, path)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
@@ -244,7 +246,7 @@ def save_rows(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
             _write_json(dataset, staged_name)
         else:
             dataset.to_parquet(staged_name)
-        os.chmod(staged_name, _default_file_mode())
+        os.chmod(staged_name, _default_mode())
         os.replace(staged_name, path)
     finally:
         if os.path.exists(staged_name):

@@ -1,0 +1,195 @@
+"""`mixpo data pairs | prepare | score-validation | score-reward | inspect`.
+
+`register` only builds argparse parsers; each handler imports the library code it runs, so
+`mixpo --help` stays fast. Handlers raise ValueError / FileNotFoundError for user errors,
+which mixpo.cli prints as one line (exit code 2).
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def _quiet_datasets() -> None:
+    """The CLI prints its own one-line summaries; datasets' progress bars would bury them."""
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def _add_input(parser: argparse.ArgumentParser, output: bool = True) -> None:
+    parser.add_argument("input", metavar="IN",
+                        help=".jsonl, .json or .parquet file, or a save_to_disk directory")
+    if output:
+        parser.add_argument("-o", "--output", metavar="OUT", required=True,
+                            help="output; its extension picks the format (.jsonl, .json, "
+                            ".parquet; a directory -> save_to_disk); written atomically")
+    parser.add_argument("--split", help="split of a saved DatasetDict (e.g. train_prefs)")
+
+
+def _add_score_columns(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--score-columns", nargs=2, metavar=("CHOSEN", "REJECTED"),
+                        help="rating columns when not score_chosen/score_rejected or "
+                        "chosen_rating/rejected_rating")
+
+
+def _add_difficulty(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--difficulty", choices=("rating", "reward", "validation-loss"),
+                        default="rating",
+                        help="rating margin (MixDPO), reward-model margin (after score-reward) "
+                        "or validation DPO loss (Selective DPO, after score-validation)")
+
+
+def _handle_pairs(args: argparse.Namespace) -> int:
+    _quiet_datasets()
+    from mixpo.data.io import load_rows, save_rows
+    from mixpo.data.pairs import build_pairs
+
+    dataset, row_names = load_rows(args.input, args.split)
+    pairs, summary = build_pairs(dataset, strategy=args.strategy, min_margin=args.min_margin,
+                                 seed=args.seed, row_names=row_names,
+                                 response_key=args.response_key, score_key=args.score_key)
+    save_rows(pairs, args.output)
+    print(f"{summary.line()} -> {args.output}")
+    return 0
+
+
+def _handle_prepare(args: argparse.Namespace) -> int:
+    _quiet_datasets()
+    from mixpo.data.difficulty import prepare_dataset
+    from mixpo.data.io import load_rows, save_rows
+
+    dataset, row_names = load_rows(args.input, args.split)
+    prepared, summary = prepare_dataset(
+        dataset, difficulty=args.difficulty, route_below=args.route_below,
+        route_fraction=args.route_fraction, select_easiest=args.select_easiest, order=args.order,
+        swap_band_ablation=args.swap_band, seed=args.seed,
+        score_columns=tuple(args.score_columns) if args.score_columns else None,
+        row_names=row_names)
+    save_rows(prepared, args.output)
+    print(f"{summary.line()} -> {args.output}")
+    return 0
+
+
+def _handle_score_reward(args: argparse.Namespace) -> int:
+    _quiet_datasets()
+    from mixpo.data.io import load_rows, save_rows
+    from mixpo.data.reward import load_reward_model, score_with_reward_model
+
+    dataset, row_names = load_rows(args.input, args.split)
+    model, tokenizer = load_reward_model(args.model, device=args.device, dtype=args.dtype)
+    scored = score_with_reward_model(dataset, model, tokenizer, batch_size=args.batch_size,
+                                     max_length=args.max_length, row_names=row_names)
+    save_rows(scored, args.output)
+    margins = [c - r for c, r in zip(scored["reward_chosen"], scored["reward_rejected"])]
+    print(f"score-reward: {len(scored)} pairs scored with {args.model}; reward margin > 0 "
+          f"for {sum(m > 0 for m in margins)} -> {args.output}")
+    return 0
+
+
+def _handle_score_validation(args: argparse.Namespace) -> int:
+    _quiet_datasets()
+    from mixpo.data.io import load_rows, save_rows
+    from mixpo.data.validation import ValidationSettings, score_validation_loss
+
+    dataset, row_names = load_rows(args.input, args.split)
+    settings = ValidationSettings(
+        folds=args.folds, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
+        evals=args.evals, beta=args.beta, learning_rate=args.lr, batch_size=args.batch_size,
+        epochs=args.epochs, max_length=args.max_length, device=args.device)
+    scored, summary = score_validation_loss(dataset, args.model, settings, row_names=row_names)
+    save_rows(scored, args.output)
+    print(f"{summary.line()} -> {args.output}")
+    return 0
+
+
+def _handle_inspect(args: argparse.Namespace) -> int:
+    _quiet_datasets()
+    from mixpo.data.inspect import inspect_margins, plot_margin_histogram
+    from mixpo.data.io import load_rows
+
+    dataset, row_names = load_rows(args.input, args.split)
+    report, values = inspect_margins(
+        dataset, difficulty=args.difficulty, route_below=args.route_below,
+        score_columns=tuple(args.score_columns) if args.score_columns else None,
+        row_names=row_names)
+    for line in report.lines():
+        print(line)
+    if args.plot:
+        label = {"rating": "rating margin", "reward": "reward margin",
+                 "validation-loss": "- validation DPO loss"}[args.difficulty]
+        plot_margin_histogram(values, args.plot, title=f"{args.input}: {label}",
+                              route_below=args.route_below, label=label)
+        print(f"histogram -> {args.plot}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `data` and its sub-commands to the top-level `mixpo` parser."""
+    data = subparsers.add_parser("data", help="build, score, order and inspect preference data",
+                                 description="Everything before the loss: pairs, difficulty, "
+                                 "curriculum order, selection and routing.")
+    commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    commands.required = True
+
+    pairs = commands.add_parser("pairs", help="one pair per prompt from scored completions")
+    _add_input(pairs)
+    pairs.add_argument("--strategy", choices=("best-worst", "best-random", "best-mu2sigma"),
+                       default="best-mu2sigma",
+                       help="rejected = worst, random, or nearest mean - 2 std (default)")
+    pairs.add_argument("--min-margin", type=float, help="drop pairs with a smaller score gap")
+    pairs.add_argument("--seed", type=int, default=0, help="seed for best-random")
+    pairs.add_argument("--response-key", help="completion key of the text (default: response)")
+    pairs.add_argument("--score-key", help="completion key of the score (default: overall_score)")
+    pairs.set_defaults(func=_handle_pairs)
+
+    prepare = commands.add_parser("prepare", help="difficulty, routing flag, selection, order")
+    _add_input(prepare)
+    _add_difficulty(prepare)
+    route = prepare.add_mutually_exclusive_group()
+    route.add_argument("--route-below", type=float, metavar="D",
+                       help="hard (SFT) pairs: difficulty < D (MixDPO: 0.5 on UltraFeedback)")
+    route.add_argument("--route-fraction", type=float, metavar="Q",
+                       help="hard (SFT) pairs: the hardest Q fraction (MixDPO's best: 0.1)")
+    prepare.add_argument("--select-easiest", type=float, metavar="TAU",
+                         help="keep the easiest TAU fraction (Selective DPO: 0.5)")
+    prepare.add_argument("--order", choices=("easy-first", "as-is", "shuffle"),
+                         default="easy-first", help="row order (default: easy-first)")
+    prepare.add_argument("--swap-band", action="store_true",
+                         help="MixDPO's 10%% swap ablation: swap the 80-90%% and 90-100%% bands")
+    prepare.add_argument("--seed", type=int, default=0, help="seed for --order shuffle")
+    _add_score_columns(prepare)
+    prepare.set_defaults(func=_handle_prepare)
+
+    validation = commands.add_parser(
+        "score-validation", help="Selective DPO difficulty: held-out DPO loss of reference models")
+    _add_input(validation)
+    validation.add_argument("--model", required=True, help="causal LM (local path or Hub name)")
+    validation.add_argument("--folds", type=int, default=2, help="data parts (default 2: halves)")
+    validation.add_argument("--seeds", default="41,42,43", help="split/training seeds")
+    validation.add_argument("--evals", type=int, default=5,
+                            help="scorings of the held-out part per reference model")
+    validation.add_argument("--beta", type=float, default=0.01)
+    validation.add_argument("--lr", type=float, default=1e-6)
+    validation.add_argument("--batch-size", type=int, default=8)
+    validation.add_argument("--epochs", type=int, default=1)
+    validation.add_argument("--max-length", type=int, default=1024)
+    validation.add_argument("--device", default="cpu")
+    validation.set_defaults(func=_handle_score_validation)
+
+    reward = commands.add_parser("score-reward", help="reward-model scores of chosen/rejected")
+    _add_input(reward)
+    reward.add_argument("--model", required=True, help="sequence-classification reward model")
+    reward.add_argument("--batch-size", type=int, default=8)
+    reward.add_argument("--max-length", type=int, help="truncate from the left to this length")
+    reward.add_argument("--device", default="cpu")
+    reward.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    reward.set_defaults(func=_handle_score_reward)
+
+    inspect = commands.add_parser("inspect", help="margin statistics and histogram")
+    _add_input(inspect, output=False)
+    _add_difficulty(inspect)
+    inspect.add_argument("--plot", metavar="P.png", help="save a histogram of the margins")
+    inspect.add_argument("--route-below", type=float, metavar="D",
+                         help="also count the pairs this threshold would route to SFT")
+    _add_score_columns(inspect)
+    inspect.set_defaults(func=_handle_inspect)

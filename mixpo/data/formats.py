@@ -1,0 +1,236 @@
+"""Recognise the preference-data layouts people actually have, without rewriting them.
+
+Layouts (TRL's names where TRL has one):
+- `standard`: prompt / chosen / rejected as plain strings.
+- `conversational`: chosen / rejected as message lists ([{"role", "content"}, ...]) holding
+  only the completion, the prompt in a `prompt` column (string or message list).
+- `implicit-prompt`: chosen / rejected are whole conversations whose shared leading messages
+  are the prompt. UltraFeedback-binarized (`prompt` string plus full conversations and
+  `score_chosen` / `score_rejected`) and argilla dpo-mix (`chosen_rating` /
+  `rejected_rating`, no prompt column) are both of this kind.
+- `raw-completions`: one prompt with several scored completions (UltraFeedback's raw
+  `instruction` + `completions[{response, overall_score}]`); `mixpo.data.pairs` turns it
+  into pairs.
+
+Nothing here changes a row: `split_example` gives a uniform (prompt, chosen, rejected) view
+of one row, used to validate rows and to render them for a tokenizer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import datasets
+import numpy as np
+
+from mixpo.data.io import RowNamer, default_row_names
+
+# Rating columns of the common datasets, in the order they are looked for.
+RATING_COLUMNS = (
+    ("score_chosen", "score_rejected"),    # UltraFeedback-binarized (HuggingFaceH4, trl-lib)
+    ("chosen_rating", "rejected_rating"),  # argilla dpo-mix-7k, distilabel datasets
+    ("chosen_score", "rejected_score"),
+)
+REWARD_COLUMNS = ("reward_chosen", "reward_rejected")  # written by mixpo.data.reward
+VALIDATION_LOSS_COLUMN = "validation_loss"              # written by mixpo.data.validation
+PROMPT_COLUMNS = ("prompt", "instruction")               # raw multi-completion rows
+COMPLETIONS_COLUMN = "completions"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One preference pair seen uniformly.
+
+    `prompt` is a string (standard rows) or a message list; `chosen` / `rejected` are the
+    completions only: strings, or lists of messages that follow the prompt.
+    """
+
+    prompt: str | list[dict]
+    chosen: str | list[dict]
+    rejected: str | list[dict]
+
+    @property
+    def conversational(self) -> bool:
+        return not isinstance(self.chosen, str)
+
+
+def detect_format(dataset: datasets.Dataset) -> str:
+    """Name the layout of `dataset`: 'standard', 'conversational', 'implicit-prompt' or
+    'raw-completions' (see the module docstring); ValueError if it is none of them."""
+    columns = set(dataset.column_names)
+    if COMPLETIONS_COLUMN in columns and not {"chosen", "rejected"} <= columns:
+        return "raw-completions"
+    if not {"chosen", "rejected"} <= columns:
+        raise ValueError(f"no chosen/rejected columns (columns: {sorted(columns)}); expected "
+                         "TRL preference rows or raw rows with a 'completions' column")
+    first = dataset[0]["chosen"]
+    if isinstance(first, str):
+        if "prompt" not in columns:
+            raise ValueError("string chosen/rejected need a 'prompt' column")
+        return "standard"
+    if isinstance(first, list) and first and isinstance(first[0], dict) and first[0].get("role") != "assistant":
+        return "implicit-prompt"
+    if "prompt" not in columns:
+        return "implicit-prompt"
+    return "conversational"
+
+
+def resolve_score_columns(column_names: Sequence[str],
+                          score_columns: Sequence[str] | None = None) -> tuple[str, str]:
+    """The (chosen, rejected) rating columns: `score_columns` if given, else the first of
+    RATING_COLUMNS present; ValueError naming the expected columns otherwise."""
+    if score_columns is not None:
+        if len(score_columns) != 2:
+            raise ValueError(f"--score-columns takes two names (chosen, rejected), got {list(score_columns)}")
+        missing = [name for name in score_columns if name not in column_names]
+        if missing:
+            raise ValueError(f"score column(s) {missing} not found (columns: {list(column_names)})")
+        return score_columns[0], score_columns[1]
+    for pair in RATING_COLUMNS:
+        if pair[0] in column_names and pair[1] in column_names:
+            return pair
+    expected = " / ".join(f"{c}+{r}" for c, r in RATING_COLUMNS)
+    raise ValueError(f"no rating columns ({expected}); name them with --score-columns CHOSEN REJECTED")
+
+
+def check_score(value: Any, where: str, column: str) -> float:
+    """`value` as a finite float, or ValueError naming `where` and `column`."""
+    if value is None:
+        raise ValueError(f"{where}, column {column!r}: missing score")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{where}, column {column!r}: score {value!r} is not a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{where}, column {column!r}: score is {value}")
+    return float(value)
+
+
+def read_column_scores(dataset: datasets.Dataset, column: str,
+                       row_names: RowNamer = default_row_names) -> np.ndarray:
+    """Column `column` as float64 [n], every value checked with `check_score`."""
+    if column not in dataset.column_names:
+        raise ValueError(f"column {column!r} not found (columns: {dataset.column_names})")
+    values = dataset[column]
+    return np.array([check_score(v, row_names(i), column) for i, v in enumerate(values)],
+                    dtype=np.float64)
+
+
+def _check_messages(messages: Any, where: str, column: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}, column {column!r}: expected a non-empty message list")
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}, column {column!r}: messages need string 'role' and "
+                             f"'content', got {message!r}")
+    return messages
+
+
+def _check_completion(completion: Any, where: str, column: str) -> None:
+    """A completion must contain some text: an empty answer teaches nothing and would make the
+    loss see zero completion tokens."""
+    if isinstance(completion, str):
+        text = completion
+    else:
+        if any(message["role"] != "assistant" for message in completion):
+            raise ValueError(f"{where}, column {column!r}: chosen and rejected do not share the "
+                             "prompt messages (a non-assistant message differs)")
+        text = "".join(message["content"] for message in completion)
+    if not text.strip():
+        raise ValueError(f"{where}, column {column!r}: empty completion")
+
+
+def _shared_prefix_length(chosen: list[dict], rejected: list[dict]) -> int:
+    length = 0
+    for message_chosen, message_rejected in zip(chosen, rejected):
+        if message_chosen != message_rejected:
+            break
+        length += 1
+    return length
+
+
+def split_example(row: dict, where: str = "row") -> Example:
+    """The (prompt, chosen completion, rejected completion) view of one preference row.
+
+    Implicit-prompt rows (whole conversations) are split at the end of the messages chosen and
+    rejected share, as TRL's `extract_prompt` does; a `prompt` column is then only informative.
+    Raises ValueError naming `where` and the column for a missing or empty prompt / chosen /
+    rejected, or message lists that are not [{"role": str, "content": str}, ...].
+    """
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if isinstance(chosen, str) or isinstance(rejected, str):
+        for column, value in (("prompt", row.get("prompt")), ("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(value, str):
+                raise ValueError(f"{where}, column {column!r}: expected a string, got {value!r}")
+        if not row["prompt"].strip():
+            raise ValueError(f"{where}, column 'prompt': empty prompt")
+        example = Example(row["prompt"], chosen, rejected)
+    else:
+        chosen = _check_messages(chosen, where, "chosen")
+        rejected = _check_messages(rejected, where, "rejected")
+        if chosen[0]["role"] == "assistant":  # completion-only messages; prompt in its column
+            prompt = row.get("prompt")
+            if isinstance(prompt, str):
+                if not prompt.strip():
+                    raise ValueError(f"{where}, column 'prompt': empty prompt")
+                prompt = [{"role": "user", "content": prompt}]
+            else:
+                prompt = _check_messages(prompt, where, "prompt")
+            example = Example(prompt, chosen, rejected)
+        else:
+            shared = _shared_prefix_length(chosen, rejected)
+            # The last shared message may itself be the (identical) assistant answer only
+            # when one side continues; the prompt ends at the last non-assistant message.
+            while shared > 0 and chosen[shared - 1]["role"] == "assistant":
+                shared -= 1
+            if shared == 0:
+                raise ValueError(f"{where}, columns 'chosen'/'rejected': no shared prompt messages")
+            example = Example(chosen[:shared], chosen[shared:], rejected[shared:])
+    _check_completion(example.chosen, where, "chosen")
+    _check_completion(example.rejected, where, "rejected")
+    return example
+
+
+def check_preference_rows(dataset: datasets.Dataset,
+                          row_names: RowNamer = default_row_names) -> str:
+    """Validate every row of a preference dataset with `split_example`; returns its layout
+    (`detect_format`). Raw multi-completion rows are refused: build pairs first."""
+    layout = detect_format(dataset)
+    if layout == "raw-completions":
+        raise ValueError("these are raw multi-completion rows; build pairs first with "
+                         "`mixpo data pairs` (mixpo.data.build_pairs)")
+    columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+    for index, row in enumerate(dataset.select_columns(columns)):
+        split_example(row, row_names(index))
+    return layout
+
+
+def _plain_conversation(messages: list[dict]) -> str:
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+
+def render_example(example: Example, tokenizer) -> tuple[str, str, str]:
+    """Texts to tokenize for `example`: (prompt, chosen completion, rejected completion).
+
+    Conversational examples go through the tokenizer's chat template when it has one (the
+    completion is the templated conversation minus the templated prompt, as TRL does);
+    otherwise `role: content` lines. Completions end with the EOS token, as in TRL.
+    """
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    if not example.conversational:
+        return example.prompt, example.chosen + eos, example.rejected + eos
+    if getattr(tokenizer, "chat_template", None):
+        prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False,
+                                                    add_generation_prompt=True)
+        completions = []
+        for completion in (example.chosen, example.rejected):
+            full = tokenizer.apply_chat_template(example.prompt + completion, tokenize=False)
+            if not full.startswith(prompt_text):
+                raise ValueError("the chat template does not render the prompt as a prefix of "
+                                 "the conversation; cannot separate the completion")
+            completions.append(full[len(prompt_text):])
+        return prompt_text, completions[0], completions[1]
+    prompt_text = _plain_conversation(example.prompt) + "assistant: "
+    chosen_text = "\n".join(m["content"] for m in example.chosen) + eos
+    rejected_text = "\n".join(m["content"] for m in example.rejected) + eos
+    return prompt_text, chosen_text, rejected_text

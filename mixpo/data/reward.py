@@ -1,0 +1,90 @@
+"""Reward-model difficulty: score chosen and rejected with a sequence-classification reward
+model (MixDPO's "reward score margin" variant, e.g. Skywork-Reward-Llama-3.1-8B).
+
+Adds `reward_chosen` and `reward_rejected` columns; `prepare --difficulty reward` then uses
+reward_chosen - reward_rejected as the difficulty (bigger = easier).
+"""
+from __future__ import annotations
+
+import datasets
+import torch
+
+from mixpo.data.formats import REWARD_COLUMNS, check_preference_rows, render_example, split_example
+from mixpo.data.io import RowNamer, default_row_names
+
+
+def load_reward_model(model_path: str, device: str = "cpu", dtype: str | None = None):
+    """(model, tokenizer) from a local directory or Hub name: AutoModelForSequenceClassification
+    with one output, in eval mode on `device`; the tokenizer gets a pad token if it has none."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=torch_dtype)
+    if model.config.num_labels != 1:
+        raise ValueError(f"{model_path}: a reward model has one output (num_labels=1), "
+                         f"this one has {model.config.num_labels}")
+    return model.to(device).eval(), tokenizer
+
+
+def _pad_token_id(model, tokenizer) -> int:
+    """Padding must be known to both: the model finds each sequence's last token by it."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer.pad_token_id
+
+
+@torch.inference_mode()
+def reward_scores(texts: list[str], model, tokenizer, batch_size: int = 8,
+                  max_length: int | None = None, add_special_tokens: bool = True) -> list[float]:
+    """The reward model's scalar score of each text, float list [len(texts)].
+
+    Texts are batched by length (less padding) and, with `max_length`, truncated from the
+    left so the end of the response, where the reward is read, is kept.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    _pad_token_id(model, tokenizer)
+    tokenizer.truncation_side = "left"
+    by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    scores = [0.0] * len(texts)
+    device = next(model.parameters()).device
+    for start in range(0, len(by_length), batch_size):
+        batch = by_length[start:start + batch_size]
+        encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
+                            truncation=max_length is not None, max_length=max_length,
+                            add_special_tokens=add_special_tokens).to(device)
+        logits = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits
+        for i, value in zip(batch, logits[:, 0].float().tolist()):
+            scores[i] = value
+    return scores
+
+
+def score_with_reward_model(dataset: datasets.Dataset, model, tokenizer, batch_size: int = 8,
+                            max_length: int | None = None,
+                            row_names: RowNamer = default_row_names) -> datasets.Dataset:
+    """`dataset` with `reward_chosen` / `reward_rejected` (floats) added (replacing old ones).
+
+    Each pair is rendered as prompt + completion (the tokenizer's chat template for
+    conversational rows, see mixpo.data.formats.render_example) and scored by `model`, an
+    AutoModelForSequenceClassification with num_labels=1. Rows are validated first
+    (ValueError naming the row and column for an empty chosen/rejected).
+    """
+    check_preference_rows(dataset, row_names)
+    chosen_texts, rejected_texts = [], []
+    columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+    for index, row in enumerate(dataset.select_columns(columns)):
+        prompt, chosen, rejected = render_example(split_example(row, row_names(index)), tokenizer)
+        chosen_texts.append(prompt + chosen)
+        rejected_texts.append(prompt + rejected)
+    # A chat template already writes BOS; adding it again would shift the reward.
+    special = not getattr(tokenizer, "chat_template", None)
+    scores = reward_scores(chosen_texts + rejected_texts, model, tokenizer, batch_size,
+                           max_length, add_special_tokens=special)
+    result = dataset.remove_columns([c for c in REWARD_COLUMNS if c in dataset.column_names])
+    result = result.add_column(REWARD_COLUMNS[0], scores[:len(dataset)])
+    return result.add_column(REWARD_COLUMNS[1], scores[len(dataset):])

@@ -1,0 +1,161 @@
+"""Launch configurations: the one table that dispatch and the GPU compile check both read.
+
+Every Triton kernel of mixpo is registered here as a `KernelSpec`: where its @triton.jit
+function lives, its argument types per input dtype, the constexpr flags dispatch can pass,
+the GPU launch configurations, the rule that picks one of them for a problem, and the single
+configuration used under TRITON_INTERPRET=1 (the CPU interpreter: few programs, big blocks).
+`choose()` is the only way launch helpers get a configuration, so every configuration reachable
+at run time is in `KernelSpec.gpu_configs` and is compiled for sm_80/sm_90 by
+`mixpo.kernels.compile_check` (run in the test suite).
+
+The GPU configurations follow the usual shapes for these kernel kinds (flash-attention's
+cross-entropy, Cut Cross-Entropy); they compile and fit in shared memory on A100 and H100, but
+have not been tuned on hardware yet.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+# Decided at import, like Triton itself: TRITON_INTERPRET must be set before kernels load.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Constexpr block sizes plus num_warps / num_stages of one launch."""
+    blocks: tuple  # ((constexpr name, value), ...)
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def launch_kwargs(self) -> dict:
+        return {**dict(self.blocks), "num_warps": self.num_warps,
+                "num_stages": self.num_stages}
+
+    def block(self, name: str) -> int:
+        return dict(self.blocks)[name]
+
+
+def config(num_warps=4, num_stages=1, **blocks) -> LaunchConfig:
+    return LaunchConfig(tuple(sorted(blocks.items())), num_warps, num_stages)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    module: str                       # module defining the @triton.jit function
+    function: str                     # its name there
+    signature: Callable[[str], dict]  # dtype tag -> {argument: triton type} (non-constexpr)
+    gpu_configs: tuple                # LaunchConfig, ...
+    interpreter_config: LaunchConfig
+    select: Callable[..., LaunchConfig]  # (gpu_configs, **problem) -> one of gpu_configs
+    flags: dict = field(default_factory=dict)  # constexpr flag -> values dispatch may pass
+    dtypes: tuple = ("fp32", "bf16", "fp16")
+
+    def variants(self):
+        """Every (dtype tag, flags dict, config) the dispatcher can launch on a GPU."""
+        names = sorted(self.flags)
+        for dtype in self.dtypes:
+            for values in itertools.product(*(self.flags[name] for name in names)):
+                for launch in self.gpu_configs:
+                    yield dtype, dict(zip(names, values)), launch
+
+
+KERNELS: dict[str, KernelSpec] = {}
+
+
+def register(spec: KernelSpec) -> KernelSpec:
+    KERNELS[spec.name] = spec
+    return spec
+
+
+def choose(name: str, **problem) -> LaunchConfig:
+    """The launch configuration for kernel `name` and this problem (sizes, dtype)."""
+    spec = KERNELS[name]
+    if INTERPRET:
+        return spec.interpreter_config
+    chosen = spec.select(spec.gpu_configs, **problem)
+    assert chosen in spec.gpu_configs, f"{name}: selected config not in the table"
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------
+# Token log-probs over materialised logits (kernels/logits_logps.py)
+# ----------------------------------------------------------------------------------------------
+def _select_by_vocab(configs, vocab_size, **_):
+    # One row per program; wider vocab blocks (and more warps) for large vocabularies.
+    return configs[0] if vocab_size <= 32768 else configs[1]
+
+
+_LOGITS_GPU_CONFIGS = (config(BLOCK_N=1, BLOCK_V=4096, num_warps=8),
+                       config(BLOCK_N=1, BLOCK_V=8192, num_warps=16))
+_LOGITS_INTERPRETER_CONFIG = config(BLOCK_N=16, BLOCK_V=8192)
+
+register(KernelSpec(
+    name="token_logps_fwd", module="mixpo.kernels.logits_logps",
+    function="_token_logps_fwd_kernel",
+    signature=lambda dt: {"logits_ptr": f"*{dt}", "labels_ptr": "*i64",
+                          "token_logps_ptr": "*fp32", "lse_ptr": "*fp32", "num_rows": "i32",
+                          "seq_len": "i32", "vocab_size": "i32", "stride_seq": "i64",
+                          "stride_pos": "i32", "ignore_index": "i32"},
+    gpu_configs=_LOGITS_GPU_CONFIGS, interpreter_config=_LOGITS_INTERPRETER_CONFIG,
+    select=_select_by_vocab))
+
+register(KernelSpec(
+    name="token_logps_bwd", module="mixpo.kernels.logits_logps",
+    function="_token_logps_bwd_kernel",
+    signature=lambda dt: {"logits_ptr": f"*{dt}", "dlogits_ptr": f"*{dt}",
+                          "labels_ptr": "*i64", "lse_ptr": "*fp32", "grad_seq_ptr": "*fp32",
+                          "num_rows": "i32", "seq_len": "i32", "vocab_size": "i32",
+                          "stride_seq": "i64", "stride_pos": "i32", "dstride_seq": "i64",
+                          "dstride_pos": "i32", "ignore_index": "i32"},
+    gpu_configs=_LOGITS_GPU_CONFIGS, interpreter_config=_LOGITS_INTERPRETER_CONFIG,
+    select=_select_by_vocab))
+
+# ----------------------------------------------------------------------------------------------
+# Per-pair epilogue (kernels/pair_loss.py)
+# ----------------------------------------------------------------------------------------------
+# LOSS_KIND codes of the pair kernel; simpo is the sigmoid kind, length-normalised, no ref.
+LOSS_KINDS = {"sigmoid": 0, "simpo": 0, "robust": 1, "hinge": 2, "ipo": 3}
+
+register(KernelSpec(
+    name="pair_loss", module="mixpo.kernels.pair_loss", function="_pair_loss_kernel",
+    signature=lambda dt: {"logps_ptr": "*fp32", "counts_ptr": "*fp32", "ref_ptr": "*fp32",
+                          "hard_ptr": "*i8", "gamma_ptr": "*fp32", "loss_ptr": "*fp32",
+                          "d_chosen_ptr": "*fp32", "d_rejected_ptr": "*fp32",
+                          "chosen_rewards_ptr": "*fp32", "rejected_rewards_ptr": "*fp32",
+                          "num_pairs": "i32", "beta": "fp32", "label_smoothing": "fp32",
+                          "sft_weight": "fp32"},
+    gpu_configs=(config(BLOCK_B=128, num_warps=4),),
+    interpreter_config=config(BLOCK_B=128),
+    select=lambda configs, **_: configs[0],
+    flags={"LOSS_KIND": tuple(sorted(set(LOSS_KINDS.values()))), "NORMALIZE": (False, True)},
+    dtypes=("fp32",)))  # the epilogue reads fp32 sequence sums whatever the logits dtype
+
+# ----------------------------------------------------------------------------------------------
+# gamma-PO margin solve (kernels/margin_solve.py): one program holds the whole solve set.
+# ----------------------------------------------------------------------------------------------
+MAX_SOLVE_SET = 8192
+
+
+def _select_by_solve_set(configs, num, **_):
+    for launch in configs:
+        if num <= launch.block("BLOCK"):
+            return launch
+    raise ValueError(f"reward_gaps: solve set of {num} exceeds {MAX_SOLVE_SET}")
+
+
+register(KernelSpec(
+    name="margin_solve", module="mixpo.kernels.margin_solve", function="_margin_solve_kernel",
+    signature=lambda dt: {"gaps_ptr": "*fp32", "gamma_ptr": "*fp32", "num": "i32",
+                          "gamma0": "fp32", "tau": "fp32", "eta": "fp32", "updates": "i32"},
+    gpu_configs=(config(BLOCK=256, num_warps=4), config(BLOCK=1024, num_warps=4),
+                 config(BLOCK=MAX_SOLVE_SET, num_warps=8)),
+    interpreter_config=config(BLOCK=MAX_SOLVE_SET),
+    select=_select_by_solve_set, dtypes=("fp32",)))
