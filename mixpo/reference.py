@@ -63,10 +63,11 @@ def token_logps_backward(logits, labels, lse, grad_seq, ignore_index=-100, inpla
             label = labels[seq, t0:t1]
             valid = label != ignore_index
             coef = torch.where(valid, grad_seq[seq].float(), 0.0)[:, None]      # [t, 1]
-            probs = torch.exp(logits[seq, t0:t1].float() - lse[seq, t0:t1, None])
-            grad = -coef * probs
+            # In-place ops on one fp32 chunk buffer: exp(x - lse) * -coef, + coef at label.
+            grad = logits[seq, t0:t1].float() - lse[seq, t0:t1, None]
+            grad.exp_().mul_(-coef)
             grad.scatter_add_(-1, label.clamp(min=0)[:, None], coef)
-            dlogits[seq, t0:t1] = grad.to(logits.dtype)
+            dlogits[seq, t0:t1].copy_(grad)
     return dlogits
 
 
