@@ -31,21 +31,22 @@ def token_logps_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     """Per-token log-prob of the label and log-sum-exp, chunked over positions.
 
     logits [S, T, V] (any float dtype, last dim contiguous), labels [S, T] int64.
-    Returns (token_logps [S, T] fp32, 0 where ignored; lse [S, T] fp32).
+    Returns (token_logps [S, T] fp32, 0 where ignored; lse [S, T] fp32, 0 where ignored).
+    Ignored positions (prompt, padding) are skipped.
     """
     num_seqs, seq_len, vocab_size = logits.shape
     token_logps = torch.zeros(num_seqs, seq_len, dtype=torch.float32, device=logits.device)
     lse = torch.zeros_like(token_logps)
     chunk = _rows_per_chunk(vocab_size)
     for seq in range(num_seqs):
-        for t0, t1 in _row_chunks(seq_len, chunk):
-            block = logits[seq, t0:t1].float()                         # [t, V] fp32, one chunk
+        positions = torch.nonzero(labels[seq] != ignore_index).squeeze(1)
+        for c0, c1 in _row_chunks(positions.shape[0], chunk):
+            pos = positions[c0:c1]
+            block = logits[seq, pos].float()                           # [t, V] fp32, one chunk
             block_lse = torch.logsumexp(block, dim=-1)
-            label = labels[seq, t0:t1]
-            valid = label != ignore_index
-            label_logit = block.gather(-1, label.clamp(min=0)[:, None]).squeeze(-1)
-            lse[seq, t0:t1] = block_lse
-            token_logps[seq, t0:t1] = torch.where(valid, label_logit - block_lse, 0.0)
+            label_logit = block.gather(-1, labels[seq, pos, None]).squeeze(-1)
+            lse[seq, pos] = block_lse
+            token_logps[seq, pos] = label_logit - block_lse
     return token_logps, lse
 
 
@@ -59,15 +60,17 @@ def token_logps_backward(logits, labels, lse, grad_seq, ignore_index=-100, inpla
     dlogits = logits if inplace else torch.empty_like(logits)
     chunk = _rows_per_chunk(vocab_size)
     for seq in range(num_seqs):
-        for t0, t1 in _row_chunks(seq_len, chunk):
-            label = labels[seq, t0:t1]
-            valid = label != ignore_index
-            coef = torch.where(valid, grad_seq[seq].float(), 0.0)[:, None]      # [t, 1]
+        completion = labels[seq] != ignore_index
+        dlogits[seq, ~completion] = 0
+        positions = torch.nonzero(completion).squeeze(1)
+        for c0, c1 in _row_chunks(positions.shape[0], chunk):
+            pos = positions[c0:c1]
             # In-place ops on one fp32 chunk buffer: exp(x - lse) * -coef, + coef at label.
-            grad = logits[seq, t0:t1].float() - lse[seq, t0:t1, None]
+            grad = logits[seq, pos].float() - lse[seq, pos, None]
+            coef = grad_seq[seq].float()
             grad.exp_().mul_(-coef)
-            grad.scatter_add_(-1, label.clamp(min=0)[:, None], coef)
-            dlogits[seq, t0:t1].copy_(grad)
+            grad.scatter_add_(-1, labels[seq, pos, None], coef.expand(pos.shape[0], 1))
+            dlogits[seq, pos] = grad.to(logits.dtype)
     return dlogits
 
 
