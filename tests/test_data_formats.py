@@ -32,9 +32,11 @@ def test_detect_format():
 
 def test_split_example_layouts():
     standard = split_example({"prompt": "p", "chosen": "a", "rejected": "b"})
-    assert (standard.prompt, standard.chosen, standard.rejected, standard.conversational) == ("p", "a", "b", False)
+    assert (standard.prompt, standard.chosen, standard.rejected) == ("p", "a", "b")
+    assert not standard.conversational
     # UltraFeedback-binarized / argilla: whole conversations, the shared user turn is the prompt.
-    implicit = split_example({"prompt": USER["content"], "chosen": [USER, GOOD], "rejected": [USER, BAD]})
+    implicit = split_example({"prompt": USER["content"], "chosen": [USER, GOOD],
+                              "rejected": [USER, BAD]})
     assert implicit.prompt == [USER] and implicit.chosen == [GOOD] and implicit.rejected == [BAD]
     # Multi-turn: everything up to the last shared user turn.
     history = [USER, GOOD, {"role": "user", "content": "and at night"}]
@@ -55,8 +57,10 @@ def test_split_example_layouts():
      "column 'chosen': empty completion"),
     ({"chosen": [USER, GOOD], "rejected": [{"role": "user", "content": "other"}, BAD]},
      "no shared prompt messages"),
-    ({"chosen": [USER, GOOD], "rejected": []}, "column 'rejected': expected a non-empty message list"),
-    ({"chosen": [USER, {"role": "assistant"}], "rejected": [USER, BAD]}, "need string 'role' and 'content'"),
+    ({"chosen": [USER, GOOD], "rejected": []},
+     "column 'rejected': expected a non-empty message list"),
+    ({"chosen": [USER, {"role": "assistant"}], "rejected": [USER, BAD]},
+     "need string 'role' and 'content'"),
 ])
 def test_split_example_errors_name_row_and_column(row, message):
     with pytest.raises(ValueError, match=message) as error:
@@ -77,7 +81,8 @@ def test_check_preference_rows_names_the_bad_row():
 def test_scores():
     assert check_score(np.float32(2.5), "row 0", "s") == 2.5
     for value, message in ((None, "missing score"), (math.nan, "score is nan"),
-                           ("7", "score '7' is not a number"), (True, "score True is not a number")):
+                           ("7", "score '7' is not a number"),
+                           (True, "score True is not a number")):
         with pytest.raises(ValueError, match=f"row 4, column 'score_chosen': {message}"):
             check_score(value, "row 4", "score_chosen")
     rows = ultrafeedback_rows(4)
@@ -89,8 +94,8 @@ def test_scores():
 
 
 def test_resolve_score_columns():
-    assert resolve_score_columns(["score_chosen", "score_rejected"]) == ("score_chosen", "score_rejected")
-    assert resolve_score_columns(["chosen_rating", "rejected_rating"]) == ("chosen_rating", "rejected_rating")
+    for pair in (("score_chosen", "score_rejected"), ("chosen_rating", "rejected_rating")):
+        assert resolve_score_columns(["prompt", *pair]) == pair
     assert resolve_score_columns(["a", "b"], ["b", "a"]) == ("b", "a")
     with pytest.raises(ValueError, match=r"score column\(s\) \['c'\] not found"):
         resolve_score_columns(["a", "b"], ["a", "c"])
@@ -111,4 +116,5 @@ def test_render_example_with_and_without_chat_template():
     prompt, chosen, _ = render_example(example, plain)
     assert prompt == f"user: {rows[0]['prompt']}\nassistant: "
     assert chosen == rows[0]["chosen"][1]["content"] + "</s>"
-    assert render_example(split_example({"prompt": "p ", "chosen": "a", "rejected": "b"}), plain) == ("p ", "a</s>", "b</s>")
+    standard = split_example({"prompt": "p ", "chosen": "a", "rejected": "b"})
+    assert render_example(standard, plain) == ("p ", "a</s>", "b</s>")

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mixpo.data.io import load_rows, output_kind, save_rows
-from mixpo.testing import argilla_rows, ultrafeedback_rows, write_jsonl
+from mixpo.testing import argilla_rows, raw_completion_rows, ultrafeedback_rows, write_jsonl
 
 
 @pytest.fixture
@@ -75,6 +75,9 @@ def test_save_replaces_existing_outputs(tmp_path, rows):
         save_rows(first, out)
         save_rows(second, out)
         assert load_rows(out)[0].to_list() == rows[:1]
+    loaded, _ = load_rows(tmp_path / "outdir")  # memory-mapped from the directory it replaces
+    save_rows(loaded.add_column("n", [1]), tmp_path / "outdir")
+    assert load_rows(tmp_path / "outdir")[0].to_list() == [dict(rows[0], n=1)]
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "outdir"]
 
 
@@ -129,8 +132,14 @@ def test_empty_missing_and_inconsistent(tmp_path):
         load_rows(tmp_path / "empty.jsonl")
     with pytest.raises(FileNotFoundError):
         load_rows(tmp_path / "missing.jsonl")
-    write_jsonl(tmp_path / "mixed.jsonl", [{"chosen": "a"}, {"chosen": [{"role": "user"}]}])
-    with pytest.raises(ValueError, match="do not share one schema"):
+    write_jsonl(tmp_path / "mixed.jsonl",
+                [{"chosen": "a"}, {"chosen": "b"}, {"chosen": [{"role": "user"}]}])
+    with pytest.raises(ValueError, match="mixed.jsonl line 3, column 'chosen': value types differ"):
         load_rows(tmp_path / "mixed.jsonl")
+    rows = raw_completion_rows()
+    rows[2]["completions"][1]["overall_score"] = "high"  # a string among numbers, nested
+    write_jsonl(tmp_path / "raw.jsonl", rows)
+    with pytest.raises(ValueError, match="raw.jsonl line 3, column 'completions': value types"):
+        load_rows(tmp_path / "raw.jsonl")
     with pytest.raises(ValueError, match="--split applies to saved datasets"):
         load_rows(tmp_path / "mixed.jsonl", split="train")

@@ -39,67 +39,81 @@ def _add_difficulty(parser: argparse.ArgumentParser) -> None:
                         "or validation DPO loss (Selective DPO, after score-validation)")
 
 
-def _handle_pairs(args: argparse.Namespace) -> int:
+def _score_columns(args: argparse.Namespace) -> tuple[str, str] | None:
+    return tuple(args.score_columns) if args.score_columns else None
+
+
+def _rewrite(args: argparse.Namespace, transform) -> int:
+    """Load IN, run `transform(dataset, row_names) -> (dataset, summary line)`, write OUT
+    atomically and print the summary line."""
     _quiet_datasets()
     from mixpo.data.io import load_rows, save_rows
-    from mixpo.data.pairs import build_pairs
 
     dataset, row_names = load_rows(args.input, args.split)
-    pairs, summary = build_pairs(dataset, strategy=args.strategy, min_margin=args.min_margin,
-                                 seed=args.seed, row_names=row_names,
-                                 response_key=args.response_key, score_key=args.score_key)
-    save_rows(pairs, args.output)
-    print(f"{summary.line()} -> {args.output}")
+    result, line = transform(dataset, row_names)
+    save_rows(result, args.output)
+    print(f"{line} -> {args.output}")
     return 0
+
+
+def _handle_pairs(args: argparse.Namespace) -> int:
+    from mixpo.data.pairs import build_pairs
+
+    def transform(dataset, row_names):
+        pairs, summary = build_pairs(dataset, strategy=args.strategy, min_margin=args.min_margin,
+                                     seed=args.seed, row_names=row_names,
+                                     response_key=args.response_key, score_key=args.score_key)
+        return pairs, summary.line()
+
+    return _rewrite(args, transform)
 
 
 def _handle_prepare(args: argparse.Namespace) -> int:
-    _quiet_datasets()
     from mixpo.data.difficulty import prepare_dataset
-    from mixpo.data.io import load_rows, save_rows
 
-    dataset, row_names = load_rows(args.input, args.split)
-    prepared, summary = prepare_dataset(
-        dataset, difficulty=args.difficulty, route_below=args.route_below,
-        route_fraction=args.route_fraction, select_easiest=args.select_easiest, order=args.order,
-        swap_band_ablation=args.swap_band, seed=args.seed,
-        score_columns=tuple(args.score_columns) if args.score_columns else None,
-        row_names=row_names)
-    save_rows(prepared, args.output)
-    print(f"{summary.line()} -> {args.output}")
-    return 0
+    def transform(dataset, row_names):
+        prepared, summary = prepare_dataset(
+            dataset, difficulty=args.difficulty, route_below=args.route_below,
+            route_fraction=args.route_fraction, select_easiest=args.select_easiest,
+            order=args.order, swap_band_ablation=args.swap_band, seed=args.seed,
+            score_columns=_score_columns(args), row_names=row_names)
+        return prepared, summary.line()
+
+    return _rewrite(args, transform)
 
 
 def _handle_score_reward(args: argparse.Namespace) -> int:
-    _quiet_datasets()
-    from mixpo.data.io import load_rows, save_rows
     from mixpo.data.reward import load_reward_model, score_with_reward_model
 
-    dataset, row_names = load_rows(args.input, args.split)
-    model, tokenizer = load_reward_model(args.model, device=args.device, dtype=args.dtype)
-    scored = score_with_reward_model(dataset, model, tokenizer, batch_size=args.batch_size,
-                                     max_length=args.max_length, row_names=row_names)
-    save_rows(scored, args.output)
-    margins = [c - r for c, r in zip(scored["reward_chosen"], scored["reward_rejected"])]
-    print(f"score-reward: {len(scored)} pairs scored with {args.model}; reward margin > 0 "
-          f"for {sum(m > 0 for m in margins)} -> {args.output}")
-    return 0
+    def transform(dataset, row_names):
+        model, tokenizer = load_reward_model(args.model, device=args.device, dtype=args.dtype)
+        scored = score_with_reward_model(dataset, model, tokenizer, batch_size=args.batch_size,
+                                         max_length=args.max_length, row_names=row_names)
+        positive = sum(c > r for c, r in zip(scored["reward_chosen"], scored["reward_rejected"]))
+        return scored, (f"score-reward: {len(scored)} pairs scored with {args.model}; "
+                        f"reward margin > 0 for {positive}")
+
+    return _rewrite(args, transform)
 
 
 def _handle_score_validation(args: argparse.Namespace) -> int:
-    _quiet_datasets()
-    from mixpo.data.io import load_rows, save_rows
     from mixpo.data.validation import ValidationSettings, score_validation_loss
 
-    dataset, row_names = load_rows(args.input, args.split)
+    try:
+        seeds = tuple(int(seed) for seed in args.seeds.split(",") if seed.strip())
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
     settings = ValidationSettings(
-        folds=args.folds, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
-        evals=args.evals, beta=args.beta, learning_rate=args.lr, batch_size=args.batch_size,
-        epochs=args.epochs, max_length=args.max_length, device=args.device)
-    scored, summary = score_validation_loss(dataset, args.model, settings, row_names=row_names)
-    save_rows(scored, args.output)
-    print(f"{summary.line()} -> {args.output}")
-    return 0
+        folds=args.folds, seeds=seeds, evals=args.evals, beta=args.beta, learning_rate=args.lr,
+        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, epochs=args.epochs,
+        max_length=args.max_length, max_prompt_length=args.max_prompt_length, dtype=args.dtype,
+        device=args.device)
+
+    def transform(dataset, row_names):
+        scored, summary = score_validation_loss(dataset, args.model, settings, row_names=row_names)
+        return scored, summary.line()
+
+    return _rewrite(args, transform)
 
 
 def _handle_inspect(args: argparse.Namespace) -> int:
@@ -110,8 +124,7 @@ def _handle_inspect(args: argparse.Namespace) -> int:
     dataset, row_names = load_rows(args.input, args.split)
     report, values = inspect_margins(
         dataset, difficulty=args.difficulty, route_below=args.route_below,
-        score_columns=tuple(args.score_columns) if args.score_columns else None,
-        row_names=row_names)
+        score_columns=_score_columns(args), row_names=row_names)
     for line in report.lines():
         print(line)
     if args.plot:
@@ -142,7 +155,11 @@ def register(subparsers) -> None:
     pairs.add_argument("--score-key", help="completion key of the score (default: overall_score)")
     pairs.set_defaults(func=_handle_pairs)
 
-    prepare = commands.add_parser("prepare", help="difficulty, routing flag, selection, order")
+    prepare = commands.add_parser(
+        "prepare", help="difficulty, routing flag, selection, order",
+        description="Adds `difficulty` (bigger = easier: the rating or reward margin, or minus "
+        "the validation loss) and `hard` (MixDPO routing flag), keeps every input column, "
+        "optionally keeps only the easiest pairs, and orders the rows (easy-first by default).")
     _add_input(prepare)
     _add_difficulty(prepare)
     route = prepare.add_mutually_exclusive_group()
@@ -170,9 +187,15 @@ def register(subparsers) -> None:
                             help="scorings of the held-out part per reference model")
     validation.add_argument("--beta", type=float, default=0.01)
     validation.add_argument("--lr", type=float, default=1e-6)
-    validation.add_argument("--batch-size", type=int, default=8)
+    validation.add_argument("--batch-size", type=int, default=64, help="pairs per optimizer step")
+    validation.add_argument("--micro-batch-size", type=int, default=8,
+                            help="pairs per forward/backward pass (gradient accumulation)")
     validation.add_argument("--epochs", type=int, default=1)
     validation.add_argument("--max-length", type=int, default=1024)
+    validation.add_argument("--max-prompt-length", type=int, default=512,
+                            help="prompt tokens kept (its end) when a pair is too long")
+    validation.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                            default="float32")
     validation.add_argument("--device", default="cpu")
     validation.set_defaults(func=_handle_score_validation)
 

@@ -142,7 +142,8 @@ def prepare_dataset(dataset: datasets.Dataset, difficulty: str = "rating",
                     select_easiest: float | None = None, order: str = "easy-first",
                     swap_band_ablation: bool = False, seed: int = 0,
                     score_columns: tuple[str, str] | None = None,
-                    row_names: RowNamer = default_row_names) -> tuple[datasets.Dataset, PrepareSummary]:
+                    row_names: RowNamer = default_row_names,
+                    ) -> tuple[datasets.Dataset, PrepareSummary]:
     """Score, select, route and order preference pairs for MixDPO / Selective DPO training.
 
     Args:
@@ -195,5 +196,6 @@ def prepare_dataset(dataset: datasets.Dataset, difficulty: str = "rating",
     result = result.select(rows.tolist())
     summary = PrepareSummary(rows_in=len(dataset), rows_out=len(rows), hard=int(hard[rows].sum()),
                              ties=ties, dropped_by_request=len(dataset) - len(rows),
-                             difficulty=difficulty, order=order + (" +swap-band" if swap_band_ablation else ""))
+                             difficulty=difficulty,
+                             order=order + (" +swap-band" if swap_band_ablation else ""))
     return result, summary

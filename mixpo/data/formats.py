@@ -58,6 +58,8 @@ class Example:
 def detect_format(dataset: datasets.Dataset) -> str:
     """Name the layout of `dataset`: 'standard', 'conversational', 'implicit-prompt' or
     'raw-completions' (see the module docstring); ValueError if it is none of them."""
+    if len(dataset) == 0:
+        raise ValueError("the dataset has no rows")
     columns = set(dataset.column_names)
     if COMPLETIONS_COLUMN in columns and not {"chosen", "rejected"} <= columns:
         return "raw-completions"
@@ -69,11 +71,9 @@ def detect_format(dataset: datasets.Dataset) -> str:
         if "prompt" not in columns:
             raise ValueError("string chosen/rejected need a 'prompt' column")
         return "standard"
-    if isinstance(first, list) and first and isinstance(first[0], dict) and first[0].get("role") != "assistant":
-        return "implicit-prompt"
-    if "prompt" not in columns:
-        return "implicit-prompt"
-    return "conversational"
+    starts_with_prompt = bool(isinstance(first, list) and first and isinstance(first[0], dict)
+                              and first[0].get("role") != "assistant")
+    return "implicit-prompt" if starts_with_prompt or "prompt" not in columns else "conversational"
 
 
 def resolve_score_columns(column_names: Sequence[str],
@@ -82,7 +82,8 @@ def resolve_score_columns(column_names: Sequence[str],
     RATING_COLUMNS present; ValueError naming the expected columns otherwise."""
     if score_columns is not None:
         if len(score_columns) != 2:
-            raise ValueError(f"--score-columns takes two names (chosen, rejected), got {list(score_columns)}")
+            raise ValueError("--score-columns takes two names (chosen, rejected), "
+                             f"got {list(score_columns)}")
         missing = [name for name in score_columns if name not in column_names]
         if missing:
             raise ValueError(f"score column(s) {missing} not found (columns: {list(column_names)})")
@@ -91,7 +92,8 @@ def resolve_score_columns(column_names: Sequence[str],
         if pair[0] in column_names and pair[1] in column_names:
             return pair
     expected = " / ".join(f"{c}+{r}" for c, r in RATING_COLUMNS)
-    raise ValueError(f"no rating columns ({expected}); name them with --score-columns CHOSEN REJECTED")
+    raise ValueError(f"no rating columns ({expected}); name them with "
+                     "--score-columns CHOSEN REJECTED")
 
 
 def check_score(value: Any, where: str, column: str) -> float:
@@ -159,7 +161,8 @@ def split_example(row: dict, where: str = "row") -> Example:
     """
     chosen, rejected = row.get("chosen"), row.get("rejected")
     if isinstance(chosen, str) or isinstance(rejected, str):
-        for column, value in (("prompt", row.get("prompt")), ("chosen", chosen), ("rejected", rejected)):
+        for column, value in (("prompt", row.get("prompt")), ("chosen", chosen),
+                              ("rejected", rejected)):
             if not isinstance(value, str):
                 raise ValueError(f"{where}, column {column!r}: expected a string, got {value!r}")
         if not row["prompt"].strip():

@@ -48,12 +48,39 @@ def default_row_names(index: int) -> str:
 RowNamer = Callable[[int], str]
 
 
-def _rows_to_dataset(rows: list[dict], source: str) -> datasets.Dataset:
-    """Build a Dataset from JSON objects; Arrow type conflicts become a ValueError."""
+def _arrow_accepts(rows: list[dict]) -> bool:
+    try:
+        pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+        return False
+    return True
+
+
+def _schema_conflict(rows: list[dict], row_names: RowNamer) -> str:
+    """Name the first row (and column) whose value types clash with the rows before it:
+    bisect for the shortest prefix Arrow cannot hold as one table."""
+    low, high = 1, len(rows)  # invariant: rows[:high] is rejected, rows[:low - 1] accepted
+    while low < high:
+        middle = (low + high) // 2
+        if _arrow_accepts(rows[:middle]):
+            low = middle + 1
+        else:
+            high = middle
+    prefix = rows[:high]
+    columns = [c for c in rows[high - 1] if not _arrow_accepts([{c: r.get(c)} for r in prefix])]
+    where = f" column {columns[0]!r}" if columns else ""
+    return f"{row_names(high - 1)},{where}: value types differ from the rows before it"
+
+
+def _rows_to_dataset(rows: list[dict], row_names: RowNamer) -> datasets.Dataset:
+    """Build a Dataset from JSON objects; an Arrow type conflict becomes a ValueError naming
+    the first row (and column) that causes it."""
     try:
         return datasets.Dataset.from_list(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as error:
-        raise ValueError(f"{source}: rows do not share one schema ({error})") from None
+        if _arrow_accepts(rows):  # not a type clash between rows
+            raise ValueError(f"{row_names(0)} onwards: cannot build a dataset ({error})") from None
+        raise ValueError(_schema_conflict(rows, row_names)) from None
 
 
 def _read_json_lines(path: Path) -> tuple[datasets.Dataset, RowNames]:
@@ -65,7 +92,8 @@ def _read_json_lines(path: Path) -> tuple[datasets.Dataset, RowNames]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {line_number}: not valid JSON ({error.msg})") from None
+                raise ValueError(f"{path} line {line_number}: not valid JSON "
+                                 f"({error.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path} line {line_number}: expected a JSON object, "
                                  f"got {type(row).__name__}")
@@ -73,7 +101,8 @@ def _read_json_lines(path: Path) -> tuple[datasets.Dataset, RowNames]:
             line_numbers.append(line_number)
     if not rows:
         raise ValueError(f"{path}: no rows")
-    return _rows_to_dataset(rows, str(path)), RowNames(str(path), tuple(line_numbers))
+    row_names = RowNames(str(path), tuple(line_numbers))
+    return _rows_to_dataset(rows, row_names), row_names
 
 
 def _read_json(path: Path) -> tuple[datasets.Dataset, RowNames]:
@@ -95,10 +124,11 @@ def _read_json(path: Path) -> tuple[datasets.Dataset, RowNames]:
         raise ValueError(f"{path}: expected a JSON list of row objects or a dict of columns")
     for index, row in enumerate(payload):
         if not isinstance(row, dict):
-            raise ValueError(f"{path} row {index}: expected a JSON object, got {type(row).__name__}")
+            raise ValueError(f"{path} row {index}: expected a JSON object, "
+                             f"got {type(row).__name__}")
     if not payload:
         raise ValueError(f"{path}: no rows")
-    return _rows_to_dataset(payload, str(path)), RowNames(str(path))
+    return _rows_to_dataset(payload, RowNames(str(path))), RowNames(str(path))
 
 
 def _read_parquet(path: Path) -> tuple[datasets.Dataset, RowNames]:
@@ -135,7 +165,8 @@ def _read_saved_dataset(path: Path, split: str | None) -> tuple[datasets.Dataset
     return loaded, RowNames(source)
 
 
-def load_rows(path: str | os.PathLike, split: str | None = None) -> tuple[datasets.Dataset, RowNames]:
+def load_rows(path: str | os.PathLike,
+              split: str | None = None) -> tuple[datasets.Dataset, RowNames]:
     """Load preference data from `path`.
 
     Args:
@@ -165,6 +196,17 @@ def load_rows(path: str | os.PathLike, split: str | None = None) -> tuple[datase
         return reader(path)
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not a UTF-8 text file ({error.reason})") from None
+    except PermissionError as error:
+        raise ValueError(f"{path}: cannot read ({error.strerror})") from None
+
+
+def load_pretrained(factory, path: str, what: str, **kwargs):
+    """`factory.from_pretrained(path, **kwargs)` (a transformers Auto class), with a missing
+    or broken model directory reported as a ValueError naming `what` and `path`."""
+    try:
+        return factory.from_pretrained(path, **kwargs)
+    except OSError as error:
+        raise ValueError(f"cannot load a {what} from {path!r}: {error}") from None
 
 
 def output_kind(path: str | os.PathLike) -> str:
@@ -227,16 +269,24 @@ def save_rows(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
     """
     path = Path(path)
     kind = output_kind(path)
+    try:
+        _write_atomically(dataset, path, kind)
+    except OSError as error:  # permissions, a full disk: the user's to fix, not a crash
+        raise ValueError(f"{path}: cannot write ({error.strerror or error})") from None
+    return kind
+
+
+def _write_atomically(dataset: datasets.Dataset, path: Path, kind: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "dataset":
         staged = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
         try:
-            dataset.flatten_indices().save_to_disk(str(staged))
+            dataset.save_to_disk(str(staged))  # applies an indices mapping itself
             os.chmod(staged, _default_mode(directory=True))
             _replace_directory(staged, path)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        return kind
+        return
     handle, staged_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
@@ -251,4 +301,3 @@ def save_rows(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
     finally:
         if os.path.exists(staged_name):
             os.remove(staged_name)
-    return kind

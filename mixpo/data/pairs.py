@@ -52,7 +52,8 @@ def _pick_key(completion: dict, candidates: tuple[str, ...], given: str | None,
               where: str, what: str) -> str:
     if given is not None:
         if given not in completion:
-            raise ValueError(f"{where}: completion has no {given!r} key (keys: {sorted(completion)})")
+            raise ValueError(f"{where}: completion has no {given!r} key "
+                             f"(keys: {sorted(completion)})")
         return given
     for key in candidates:
         if key in completion:
@@ -81,7 +82,10 @@ def choose_pair(scores: np.ndarray, strategy: str, rng: np.random.Generator) -> 
 
 
 def _conversation(prompt, response: str) -> list[dict]:
-    prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if isinstance(prompt, str):
+        prompt_messages = [{"role": "user", "content": prompt}]
+    else:
+        prompt_messages = list(prompt)
     return prompt_messages + [{"role": "assistant", "content": response}]
 
 
@@ -122,7 +126,7 @@ def build_pairs(dataset: datasets.Dataset, strategy: str = "best-mu2sigma",
     for index, row in enumerate(dataset):
         where = row_names(index)
         prompt, completions = row[prompt_column], row[COMPLETIONS_COLUMN] or []
-        if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
+        if not (prompt.strip() if isinstance(prompt, str) else isinstance(prompt, list) and prompt):
             raise ValueError(f"{where}, column {prompt_column!r}: empty or missing prompt")
         responses, scores = [], []
         for position, completion in enumerate(completions):

@@ -159,3 +159,76 @@ register(KernelSpec(
                  config(BLOCK=MAX_SOLVE_SET, num_warps=8)),
     interpreter_config=config(BLOCK=MAX_SOLVE_SET),
     select=_select_by_solve_set, dtypes=("fp32",)))
+
+# ----------------------------------------------------------------------------------------------
+# Logit-free token log-probs (kernels/linear_logps.py): tiles of tokens x vocab, tl.dot over H.
+# The tiled kernels have separate 16-bit and fp32 entries (fp32 tiles take twice the shared
+# memory per BLOCK_H); the launch helper picks the entry by dtype. UPCAST (fp32 tl.dot operands)
+# is True only under the interpreter. ptxas registers / spill bytes / shared memory, sm_80 |
+# sm_90, compiled as the JIT specialises real launches (16-byte aligned pointers, H, row
+# strides multiples of 16; without those hints Triton neither vectorises nor pipelines them):
+#   linear_lse_fwd          bf16  250 / 0 /  64 KB | 187 / 0 / 96 KB
+#   linear_lse_fwd_fp32     fp32  255 / 0 /  32 KB | 164 / 0 / 48 KB
+#   linear_softmax_bwd      bf16  232 / 0 /  80 KB | 170 / 0 / 96 KB
+#   linear_softmax_bwd_fp32 fp32  255 / 0 /  64 KB | 255 / 0 / 64 KB
+#   linear_label_bwd        bf16  168 / 0 /   4 KB | 103 / 0 /  4 KB
+# ----------------------------------------------------------------------------------------------
+def _linear_signature(dt, kernel):
+    pointer = {"hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}", "bias_ptr": "*fp32",
+               "labels_ptr": "*i64", "rows_ptr": "*i64", "lse_ptr": "*fp32",
+               "coef_ptr": "*fp32", "part_lse_ptr": "*fp32", "label_logit_ptr": "*fp32",
+               "dhidden_ptr": "*fp32", "dweight_ptr": "*fp32", "dbias_ptr": "*fp32"}
+    scalar = {"filter_eps": "fp32"}
+    args = {
+        "linear_lse_fwd": ("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr", "rows_ptr",
+                           "part_lse_ptr", "label_logit_ptr", "n_tokens", "vocab_size",
+                           "hidden_size", "tiles_per_split", "stride_hn", "stride_wv",
+                           "has_bias"),
+        "linear_softmax_bwd": ("hidden_ptr", "weight_ptr", "bias_ptr", "rows_ptr", "lse_ptr",
+                               "coef_ptr", "dhidden_ptr", "dweight_ptr", "dbias_ptr",
+                               "n_tokens", "vocab_size", "hidden_size", "filter_eps",
+                               "stride_hn", "stride_wv", "stride_dhn", "stride_dwv",
+                               "has_bias", "dh_direct"),
+        "linear_label_bwd": ("hidden_ptr", "weight_ptr", "labels_ptr", "rows_ptr", "coef_ptr",
+                             "dhidden_ptr", "dweight_ptr", "dbias_ptr", "n_tokens",
+                             "hidden_size", "stride_hn", "stride_wv", "stride_dhn",
+                             "stride_dwv", "has_bias", "dh_direct"),
+    }[kernel]
+    return {name: pointer.get(name, scalar.get(name, "i32")) for name in args}
+
+
+_LINEAR_KERNELS = {"linear_lse_fwd": "_linear_lse_fwd_kernel",
+                   "linear_softmax_bwd": "_linear_softmax_bwd_kernel"}
+_LINEAR_GPU_CONFIGS = {
+    ("linear_lse_fwd", "16bit"): config(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8,
+                                        num_stages=3),
+    ("linear_lse_fwd", "fp32"): config(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4,
+                                       num_stages=3),
+    ("linear_softmax_bwd", "16bit"): config(BLOCK_N=128, BLOCK_V=128, BLOCK_H=32, GROUP_N=8,
+                                            num_warps=8, num_stages=3),
+    ("linear_softmax_bwd", "fp32"): config(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32, GROUP_N=8,
+                                           num_warps=4, num_stages=3),
+}
+# Interpreter: one program per 64 tokens x 8192 vocab (~0.6 ms a program, ~0.13 ms a step).
+_LINEAR_INTERPRETER_CONFIGS = {
+    "linear_lse_fwd": config(BLOCK_N=64, BLOCK_V=8192, BLOCK_H=128),
+    "linear_softmax_bwd": config(BLOCK_N=64, BLOCK_V=8192, BLOCK_H=128, GROUP_N=1),
+}
+
+for _kernel, _function in _LINEAR_KERNELS.items():
+    for _suffix, _kind, _dtypes in (("", "16bit", ("bf16", "fp16")), ("_fp32", "fp32", ("fp32",))):
+        register(KernelSpec(
+            name=_kernel + _suffix, module="mixpo.kernels.linear_logps", function=_function,
+            signature=lambda dt, kernel=_kernel: _linear_signature(dt, kernel),
+            gpu_configs=(_LINEAR_GPU_CONFIGS[_kernel, _kind],),
+            interpreter_config=_LINEAR_INTERPRETER_CONFIGS[_kernel],
+            select=lambda configs, **_: configs[0], flags={"UPCAST": (False,)},
+            dtypes=_dtypes))
+
+register(KernelSpec(
+    name="linear_label_bwd", module="mixpo.kernels.linear_logps",
+    function="_linear_label_bwd_kernel",
+    signature=lambda dt: _linear_signature(dt, "linear_label_bwd"),
+    gpu_configs=(config(BLOCK_N=32, BLOCK_H=128, num_warps=4),),
+    interpreter_config=config(BLOCK_N=128, BLOCK_H=512),
+    select=lambda configs, **_: configs[0]))

@@ -1,248 +1,243 @@
 """Logit-free token log-probs under an LM head: hidden [N, H] x weight [V, H]^T, never [N, V].
 
 Twin of `mixpo.reference.linear_token_logps_forward / _backward` (same inputs and outputs).
-Cut-Cross-Entropy-style tiling: each program multiplies a tile of tokens by a tile of vocab
-rows of the weight in SRAM (tl.dot over BLOCK_H chunks of H, fp32 accumulation), and only
-per-token quantities leave the forward (log-sum-exp and the label's logit); the backward
-recomputes each [BLOCK_N, BLOCK_V] logits tile, turns it into coef * (onehot - softmax) and
-scatters its two products into dHidden and dWeight with fp32 atomics.
+Cut-Cross-Entropy-style tiling: a program multiplies a tile of tokens by a tile of vocab rows
+of the weight in SRAM (tl.dot over BLOCK_H chunks of H, fp32 accumulation); only per-token
+values leave the forward (log-sum-exp, label logit), and the backward recomputes each
+[BLOCK_N, BLOCK_V] logits tile instead of storing anything of size N x V.
 
-Forward grid  (token tiles, vocab splits): a program loops over the vocab tiles of its split
-              with an online log-sum-exp; the splits' partial LSEs ([splits, n] floats) are
-              combined on the host side. Splits exist only to fill the GPU when n is small.
-Backward grid (token tiles x vocab tiles), grouped so GROUP_N token tiles sweep the vocab
-              together (weight tiles are shared in L2, atomics to one address are spread).
-              Tiles whose gradient is negligible skip the two products (see FILTER below),
-              and token tiles whose coefficients are all zero (e.g. the rejected responses of
-              MixDPO's hard pairs) skip everything.
+Forward (`_linear_lse_fwd_kernel`), grid (token tiles, vocab splits): each program runs an
+    online log-sum-exp over the vocab tiles of its split and writes one partial LSE per token
+    into a [splits, n] buffer, combined on the host. Splits exist only to give every SM work
+    when n is small. The label's logit is a dot product hidden[row] . weight[label], computed
+    by the split-0 programs, so the tile loop carries no label gather.
+Backward, d logp / d logits = onehot(label) - softmax, times each token's coefficient, in two
+    parts whose sum is the gradient:
+    - `_linear_softmax_bwd_kernel`, grid (token tiles x vocab tiles) in grouped order: the
+      dense part -coef * softmax of a recomputed tile, scattered as dHidden += G @ W_tile and
+      dWeight_tile += G^T @ E with fp32 atomics. Tiles whose softmax mass is negligible for
+      every token skip both products (`filter_eps`), and token tiles whose coefficients are all
+      zero (e.g. the rejected responses of MixDPO's hard pairs) skip everything.
+    - `_linear_label_bwd_kernel`, grid (token tiles, H tiles): the sparse one-hot part,
+      dHidden[row] += coef * weight[label] and dWeight[label] += coef * hidden[row].
 
-Compacted rows: the kernels read hidden rows through the `rows` index array, so prompt and
-padding rows are never copied or multiplied. All offsets into hidden, weight and the gradient
-buffers are int64.
+Hidden rows are read through the `rows` index array (prompt and padding rows are never copied
+or multiplied). Offsets into hidden, weight and the gradient buffers are int64 (n * H, V * H
+and N * V pass 2^31 at LLM sizes). Loads are cast to fp32 at once; tl.dot gets 16-bit operands
+on GPUs (tensor cores, fp32 accumulation) and fp32 ones under the interpreter (whose 16-bit
+dot is wrong) or for fp32 inputs ("tf32x3": three tf32 products, about fp32 accuracy).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# Filtering in the backward: a [BLOCK_N, BLOCK_V] tile is skipped when, for every token row i
-# of the tile, sum_v |coef_i * (onehot - p_iv)| <= eps * |coef_i|. The gradient mass dropped for
-# one token over the whole vocab is then at most (V / BLOCK_V) * eps * |coef_i|: with the values
-# below that is < 2^-19 |coef_i| for fp32 and < 2^-9 |coef_i| for 16-bit dtypes at V = 256k,
-# under their rounding. Random (untrained) heads have a flat softmax and never skip; a trained
-# LM's peaked softmax skips most tiles.
+from mixpo.kernels.configs import DTYPE_TAGS, INTERPRET, choose
+
+# Backward tile skipping: a [BLOCK_N, BLOCK_V] tile skips its dHidden / dWeight products when
+# every token with a nonzero coefficient has softmax mass <= eps inside the tile. The mass
+# dropped for one token over the whole vocab is then at most (V / BLOCK_V) * eps, so the
+# gradient error is below coef * that * max|W| (or max|hidden|): < 2^-19 coef at V = 256k
+# for fp32 and < 2^-9 coef (under bf16 rounding) for 16-bit dtypes. An untrained head has a
+# flat softmax and skips nothing; a trained LM's peaked softmax skips most tiles.
 FILTER_EPS = {torch.float32: 2.0**-30, torch.bfloat16: 2.0**-20, torch.float16: 2.0**-20}
-
-_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _logits_tile(h_row_ptrs, mask_n, weight_ptr, bias_ptr, offs_v, mask_v, hidden_size,
-                 stride_hh, stride_wv, stride_wh,
-                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """fp32 logits [BLOCK_N, BLOCK_V] of the token rows `h_row_ptrs` (pointers to the start
-    of each hidden row) against vocab rows `offs_v`; columns outside the vocab are -inf."""
-    # Pointers to the start of each weight row of the tile (int64: V * H may pass 2^31).
-    w_row_ptrs = weight_ptr + offs_v.to(tl.int64) * stride_wv
+def _logits_tile(h_rows, mask_n, weight_ptr, bias_ptr, has_bias, offs_v, mask_v, hidden_size,
+                 stride_wv, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """fp32 logits [BLOCK_N, BLOCK_V] of the hidden rows starting at pointers `h_rows` [BN]
+    against weight rows `offs_v` [BV]; columns outside `mask_v` are -inf."""
+    # Pointer to the start of each weight row of the tile (int64: V * H may pass 2^31).
+    w_rows = weight_ptr + offs_v.to(tl.int64) * stride_wv
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for h0 in range(0, hidden_size, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < hidden_size
-        e = tl.load(h_row_ptrs[:, None] + offs_h[None, :] * stride_hh,
-                    mask=mask_n[:, None] & mask_h[None, :], other=0.0)       # [BN, BH]
-        w = tl.load(w_row_ptrs[:, None] + offs_h[None, :] * stride_wh,
-                    mask=mask_v[:, None] & mask_h[None, :], other=0.0)       # [BV, BH]
-        if DOT_FP32:  # fp32 inputs, or the interpreter (its 16-bit tl.dot is wrong)
-            e = e.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(e, tl.trans(w), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        e = tl.load(h_rows[:, None] + offs_h[None, :],
+                    mask=mask_n[:, None] & mask_h[None, :], other=0.0)             # [BN, BH]
+        w = tl.load(w_rows[:, None] + offs_h[None, :],
+                    mask=mask_v[:, None] & mask_h[None, :], other=0.0)             # [BV, BH]
+        if UPCAST or (e.dtype == tl.float32):
+            acc = tl.dot(e.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
+                         input_precision="tf32x3")
+        else:  # tensor cores: 16-bit operands, fp32 accumulator
+            acc = tl.dot(e, tl.trans(w), acc)
+    if has_bias:
+        acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0)[None, :]
     return tl.where(mask_v[None, :], acc, float("-inf"))
 
 
 @triton.jit
-def _linear_logps_fwd_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, rows_ptr,
-    part_lse_ptr, label_logit_ptr,
-    n_tokens, vocab_size, hidden_size, tiles_per_split,
-    stride_hn, stride_hh, stride_wv, stride_wh,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+def _linear_lse_fwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, rows_ptr, part_lse_ptr, label_logit_ptr,
+    n_tokens, vocab_size, hidden_size, tiles_per_split, stride_hn, stride_wv, has_bias,
+    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_tokens
-    # Compacted token i lives in hidden row rows[i]; pointer to the start of that row.
-    rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0)
-    h_row_ptrs = hidden_ptr + rows.to(tl.int64) * stride_hn
-    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
+    # Compacted token i is hidden row rows[i]: pointer to the start of that row (int64).
+    rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    h_rows = hidden_ptr + rows * stride_hn
 
-    # This split covers vocab [v_begin, v_end): `tiles_per_split` whole tiles, the last split
-    # ending at the vocab size.
+    # This split covers the vocab range [v_begin, v_end): `tiles_per_split` whole tiles, the
+    # last split stopping at the vocab size.
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, vocab_size)
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    label_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < v_end
-        logits = _logits_tile(h_row_ptrs, mask_n, weight_ptr, bias_ptr, offs_v, mask_v,
-                              hidden_size, stride_hh, stride_wv, stride_wh,
-                              HAS_BIAS, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        logits = _logits_tile(h_rows, mask_n, weight_ptr, bias_ptr, has_bias, offs_v,
+                              offs_v < v_end, hidden_size, stride_wv,
+                              UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
         # Online log-sum-exp: rescale the running sum to the new running max.
         new_max = tl.maximum(run_max, tl.max(logits, 1))
         run_sum = run_sum * tl.exp(run_max - new_max) \
             + tl.sum(tl.exp(logits - new_max[:, None]), 1)
         run_max = new_max
-        # Gather: the label's column, if it falls in this tile, adds its logit.
-        label_logit += tl.sum(tl.where(offs_v[None, :] == labels[:, None], logits, 0.0), 1)
-
-    # Partial LSE of this split in row `split` of the [splits, n] buffer.
+    # Row `split` of the [splits, n] partial-LSE buffer.
     tl.store(part_lse_ptr + split.to(tl.int64) * n_tokens + offs_n,
              run_max + tl.log(run_sum), mask=mask_n)
-    # Exactly one split holds each label: only that one writes its logit.
-    mine = mask_n & (labels >= v_begin) & (labels < v_end)
-    tl.store(label_logit_ptr + offs_n, label_logit, mask=mine)
+
+    if split == 0:
+        # The label's logit: hidden[row] . weight[label] (+ bias[label]), in fp32.
+        labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+        w_rows = weight_ptr + labels * stride_wv
+        label_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for h0 in range(0, hidden_size, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            mask = mask_n[:, None] & (offs_h < hidden_size)[None, :]
+            e = tl.load(h_rows[:, None] + offs_h[None, :], mask=mask, other=0.0)
+            w = tl.load(w_rows[:, None] + offs_h[None, :], mask=mask, other=0.0)
+            label_logit += tl.sum(e.to(tl.float32) * w.to(tl.float32), 1)
+        if has_bias:
+            label_logit += tl.load(bias_ptr + labels, mask=mask_n, other=0.0)
+        tl.store(label_logit_ptr + offs_n, label_logit, mask=mask_n)
 
 
 @triton.jit
-def _linear_logps_bwd_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, rows_ptr, lse_ptr, coef_ptr,
+def _linear_softmax_bwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, rows_ptr, lse_ptr, coef_ptr,
     dhidden_ptr, dweight_ptr, dbias_ptr,
-    n_tokens, vocab_size, hidden_size, filter_eps,
-    stride_hn, stride_hh, stride_wv, stride_wh, stride_dhn, stride_dwv,
-    HAS_BIAS: tl.constexpr, DH_DIRECT: tl.constexpr, FILTER: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_N: tl.constexpr,
+    n_tokens, vocab_size, hidden_size, filter_eps, stride_hn, stride_wv, stride_dhn,
+    stride_dwv, has_bias, dh_direct,
+    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     # Grouped order (Triton matmul tutorial): GROUP_N consecutive token tiles visit every
     # vocab tile before the next group starts, so a weight tile is reused from L2 GROUP_N
     # times and concurrent atomics land on different dHidden / dWeight rows.
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(n_tokens, BLOCK_N)
-    num_v_tiles = tl.cdiv(vocab_size, BLOCK_V)
-    programs_per_group = GROUP_N * num_v_tiles
+    programs_per_group = GROUP_N * tl.cdiv(vocab_size, BLOCK_V)
     first_n_tile = (pid // programs_per_group) * GROUP_N
-    group_n = tl.minimum(num_n_tiles - first_n_tile, GROUP_N)   # last group may be short
+    group_n = tl.minimum(num_n_tiles - first_n_tile, GROUP_N)   # the last group may be short
     pid_n = first_n_tile + (pid % programs_per_group) % group_n
     pid_v = (pid % programs_per_group) // group_n
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_tokens
     coef = tl.load(coef_ptr + offs_n, mask=mask_n, other=0.0)
-    # A token tile whose coefficients are all zero contributes nothing: skip it entirely.
+    # A token tile whose coefficients are all zero contributes nothing.
     if tl.max(tl.abs(coef), 0) > 0:
         rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
-        h_row_ptrs = hidden_ptr + rows * stride_hn
-        labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
+        h_rows = hidden_ptr + rows * stride_hn
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
         offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_v = offs_v < vocab_size
-        logits = _logits_tile(h_row_ptrs, mask_n, weight_ptr, bias_ptr, offs_v, mask_v,
-                              hidden_size, stride_hh, stride_wv, stride_wh,
-                              HAS_BIAS, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        # d logp / d logits = onehot(label) - softmax, times each token's coefficient.
-        # Columns past the vocab have logits -inf, so softmax 0 and no label: g is 0 there.
-        onehot = tl.where(offs_v[None, :] == labels[:, None], 1.0, 0.0)
-        g = coef[:, None] * (onehot - tl.exp(logits - lse[:, None]))          # [BN, BV]
-        keep = True
-        if FILTER:
-            # Skip when every row's gradient mass in this tile is below eps * |coef|.
-            excess = tl.sum(tl.abs(g), 1) - filter_eps * tl.abs(coef)
-            keep = tl.max(excess, 0) > 0
-        if keep:
-            if HAS_BIAS:
+        logits = _logits_tile(h_rows, mask_n, weight_ptr, bias_ptr, has_bias, offs_v, mask_v,
+                              hidden_size, stride_wv, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+        probs = tl.exp(logits - lse[:, None])          # softmax; 0 past the vocab
+        # Softmax mass of the tile for each token that has a gradient; skip if all negligible.
+        mass = tl.where(coef != 0.0, tl.sum(probs, 1), 0.0)
+        if tl.max(mass, 0) > filter_eps:
+            g = -coef[:, None] * probs                                            # [BN, BV]
+            if has_bias:
                 tl.atomic_add(dbias_ptr + offs_v, tl.sum(g, 0), mask=mask_v, sem="relaxed")
-            if DOT_FP32:
+            if UPCAST or (hidden_ptr.dtype.element_ty == tl.float32):
                 gd = g
-            else:  # tensor cores: 16-bit operands, fp32 accumulation
-                gd = g.to(weight_ptr.dtype.element_ty)
-            # dHidden rows: the hidden row itself (DH_DIRECT, fp32 output) or the compacted
-            # token index into an [n, H] fp32 buffer.
-            if DH_DIRECT:
-                dh_row_ptrs = dhidden_ptr + rows * stride_dhn
-            else:
-                dh_row_ptrs = dhidden_ptr + offs_n.to(tl.int64) * stride_dhn
-            dw_row_ptrs = dweight_ptr + offs_v.to(tl.int64) * stride_dwv
-            w_row_ptrs = weight_ptr + offs_v.to(tl.int64) * stride_wv
+            else:  # tensor cores: 16-bit operands, fp32 accumulators
+                gd = g.to(hidden_ptr.dtype.element_ty)
+            # dHidden row of each token: its hidden row (fp32 outputs, written in place) or
+            # its compacted index (an [n, H] fp32 buffer for 16-bit outputs).
+            dh_rows = dhidden_ptr + tl.where(dh_direct != 0, rows, offs_n.to(tl.int64)) \
+                * stride_dhn
+            dw_rows = dweight_ptr + offs_v.to(tl.int64) * stride_dwv
+            w_rows = weight_ptr + offs_v.to(tl.int64) * stride_wv
             for h0 in range(0, hidden_size, BLOCK_H):
                 offs_h = h0 + tl.arange(0, BLOCK_H)
                 mask_h = offs_h < hidden_size
                 mask_nh = mask_n[:, None] & mask_h[None, :]
                 mask_vh = mask_v[:, None] & mask_h[None, :]
-                e = tl.load(h_row_ptrs[:, None] + offs_h[None, :] * stride_hh,
-                            mask=mask_nh, other=0.0)                           # [BN, BH]
-                w = tl.load(w_row_ptrs[:, None] + offs_h[None, :] * stride_wh,
-                            mask=mask_vh, other=0.0)                           # [BV, BH]
-                if DOT_FP32:
-                    e = e.to(tl.float32)
-                    w = w.to(tl.float32)
-                dh = tl.dot(gd, w, input_precision=PRECISION)                  # [BN, BH]
-                tl.atomic_add(dh_row_ptrs[:, None] + offs_h[None, :], dh, mask=mask_nh,
+                e = tl.load(h_rows[:, None] + offs_h[None, :], mask=mask_nh, other=0.0)
+                w = tl.load(w_rows[:, None] + offs_h[None, :], mask=mask_vh, other=0.0)
+                if UPCAST or (e.dtype == tl.float32):
+                    dh = tl.dot(gd, w.to(tl.float32), input_precision="tf32x3")     # [BN, BH]
+                    dw = tl.dot(tl.trans(gd), e.to(tl.float32), input_precision="tf32x3")
+                else:
+                    dh = tl.dot(gd, w)                                             # [BN, BH]
+                    dw = tl.dot(tl.trans(gd), e)                                   # [BV, BH]
+                tl.atomic_add(dh_rows[:, None] + offs_h[None, :], dh, mask=mask_nh,
                               sem="relaxed")
-                dw = tl.dot(tl.trans(gd), e, input_precision=PRECISION)        # [BV, BH]
-                tl.atomic_add(dw_row_ptrs[:, None] + offs_h[None, :], dw, mask=mask_vh,
+                tl.atomic_add(dw_rows[:, None] + offs_h[None, :], dw, mask=mask_vh,
                               sem="relaxed")
+
+
+@triton.jit
+def _linear_label_bwd_kernel(
+    hidden_ptr, weight_ptr, labels_ptr, rows_ptr, coef_ptr, dhidden_ptr, dweight_ptr,
+    dbias_ptr, n_tokens, hidden_size, stride_hn, stride_wv, stride_dhn, stride_dwv,
+    has_bias, dh_direct, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_tokens
+    coef = tl.load(coef_ptr + offs_n, mask=mask_n, other=0.0)
+    rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = mask_n[:, None] & (offs_h < hidden_size)[None, :]
+    # The one-hot part of the gradient touches one weight row per token: weight[label].
+    e = tl.load(hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    w = tl.load(weight_ptr + labels[:, None] * stride_wv + offs_h[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    dh_rows = tl.where(dh_direct != 0, rows, offs_n.to(tl.int64)) * stride_dhn
+    tl.atomic_add(dhidden_ptr + dh_rows[:, None] + offs_h[None, :], coef[:, None] * w,
+                  mask=mask, sem="relaxed")
+    # Atomics: several tokens may share a label.
+    tl.atomic_add(dweight_ptr + labels[:, None] * stride_dwv + offs_h[None, :],
+                  coef[:, None] * e, mask=mask, sem="relaxed")
+    if has_bias:
+        if pid_h == 0:
+            tl.atomic_add(dbias_ptr + labels, coef, mask=mask_n, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configurations
+# Launch helpers
 # ----------------------------------------------------------------------------------------------
-# GPU: one config per (kernel, dtype); compile-checked for sm_80 and sm_90 (shared memory
-# in bytes per block noted as sm_80 / sm_90). 16-bit dtypes feed tl.dot directly (tensor
-# cores), fp32 uses exact "ieee" products.
-GPU_CONFIGS = {
-    "fwd": {
-        "bf16": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
-        "fp16": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
-        "fp32": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3),
-    },
-    "bwd": {
-        "bf16": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8,
-                     num_stages=3),
-        "fp16": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8,
-                     num_stages=3),
-        "fp32": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, GROUP_N=8, num_warps=8,
-                     num_stages=3),
-    },
-}
-# Interpreter: few programs with big blocks (each program costs ~0.6 ms, each loop step
-# ~0.13 ms); any dtype.
-INTERPRET_CONFIGS = {
-    "fwd": dict(BLOCK_N=64, BLOCK_V=8192, BLOCK_H=128, num_warps=4, num_stages=1),
-    "bwd": dict(BLOCK_N=64, BLOCK_V=8192, BLOCK_H=128, GROUP_N=1, num_warps=4, num_stages=1),
-}
+def _spec_name(kernel: str, dtype: torch.dtype) -> str:
+    """configs.py registers 16-bit and fp32 variants of the tiled kernels separately."""
+    return f"{kernel}_fp32" if dtype == torch.float32 else kernel
 
 
-def _config(kernel: str, dtype: torch.dtype) -> dict:
-    if _interpreting():
-        return dict(INTERPRET_CONFIGS[kernel])
-    return dict(GPU_CONFIGS[kernel][_TL_DTYPE[dtype]])
+def _unit_stride(tensor: torch.Tensor) -> torch.Tensor:
+    """The kernels need H contiguous (unit stride); other strides are free."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _dot_flags(dtype: torch.dtype) -> dict:
-    """fp32 operands (fp32 inputs, or any input under the interpreter) use exact products."""
-    dot_fp32 = dtype == torch.float32 or _interpreting()
-    return {"DOT_FP32": dot_fp32, "PRECISION": "ieee" if dot_fp32 else "tf32"}
-
-
-def _num_programs_wanted(device: torch.device) -> int:
-    if _interpreting() or device.type != "cuda":
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that keep a GPU busy (two per SM); 1 under the interpreter."""
+    if INTERPRET or device.type != "cuda":
         return 1
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -251,50 +246,48 @@ def _check(hidden, weight, bias, labels, rows):
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, H] and weight [V, H] expected, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype or hidden.dtype not in _TL_DTYPE:
+    if hidden.dtype != weight.dtype or hidden.dtype not in DTYPE_TAGS:
         raise ValueError(f"hidden and weight must share one of fp32/bf16/fp16, got "
                          f"{hidden.dtype} and {weight.dtype}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
-    if labels.shape != rows.shape or labels.ndim != 1:
+    if labels.ndim != 1 or labels.shape != rows.shape:
         raise ValueError(f"labels and rows must both be [n], got {tuple(labels.shape)} and "
                          f"{tuple(rows.shape)}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Launch helpers
-# ----------------------------------------------------------------------------------------------
 def linear_token_logps_forward(hidden, weight, bias, labels, rows):
     """Label log-prob and log-sum-exp of the tokens hidden[rows] under the LM head.
 
-    hidden [N, H] and weight [V, H] (fp32, bf16 or fp16, same dtype, any strides); bias [V]
-    or None; labels [n] int64 in [0, V); rows [n] int64 indices into hidden (the completion
-    tokens). Returns (token_logps [n] fp32, lse [n] fp32). Memory: O(n * splits) floats.
+    hidden [N, H] and weight [V, H]: fp32, bf16 or fp16, same dtype, unit stride along H
+    (copied otherwise); bias [V] (any float dtype) or None; labels [n] int64 in [0, V);
+    rows [n] int64 indices into hidden (the completion tokens).
+    Returns (token_logps [n] fp32, lse [n] fp32). Extra memory: [splits, n] fp32.
     """
     _check(hidden, weight, bias, labels, rows)
+    hidden, weight = _unit_stride(hidden), _unit_stride(weight)
     num_tokens, (vocab_size, hidden_size) = rows.shape[0], weight.shape
-    token_logps = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+    device = hidden.device
     if num_tokens == 0:
-        return token_logps, torch.empty_like(token_logps)
-    cfg = _config("fwd", hidden.dtype)
-    block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return empty, empty.clone()
+    launch = choose(_spec_name("linear_lse_fwd", hidden.dtype), dtype=hidden.dtype,
+                    num_tokens=num_tokens)
+    block_n, block_v = launch.block("BLOCK_N"), launch.block("BLOCK_V")
     n_tiles, v_tiles = triton.cdiv(num_tokens, block_n), triton.cdiv(vocab_size, block_v)
-    # Split the vocab only as much as needed to give every SM work (when n is small).
-    splits = min(v_tiles, max(1, triton.cdiv(_num_programs_wanted(hidden.device), n_tiles)))
+    # Split the vocab only as far as needed to give every SM work (small n).
+    splits = min(v_tiles, max(1, triton.cdiv(_programs_wanted(device), n_tiles)))
     tiles_per_split = triton.cdiv(v_tiles, splits)
-    splits = triton.cdiv(v_tiles, tiles_per_split)        # no empty split
-    part_lse = torch.empty(splits, num_tokens, dtype=torch.float32, device=hidden.device)
-    label_logit = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
-    rows, labels = rows.contiguous(), labels.contiguous()
-    _linear_logps_fwd_kernel[(n_tiles, splits)](
-        hidden, weight, weight if bias is None else bias, labels, rows,
-        part_lse, label_logit,
-        num_tokens, vocab_size, hidden_size, tiles_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, **_dot_flags(hidden.dtype), **cfg)
+    splits = triton.cdiv(v_tiles, tiles_per_split)                # no empty split
+    part_lse = torch.empty(splits, num_tokens, dtype=torch.float32, device=device)
+    label_logit = torch.empty(num_tokens, dtype=torch.float32, device=device)
+    bias32 = label_logit if bias is None else bias.float().contiguous()   # dummy when unused
+    _linear_lse_fwd_kernel[(n_tiles, splits)](
+        hidden, weight, bias32, labels.contiguous(), rows.contiguous(), part_lse, label_logit,
+        num_tokens, vocab_size, hidden_size, tiles_per_split, hidden.stride(0),
+        weight.stride(0), int(bias is not None), UPCAST=INTERPRET, **launch.launch_kwargs())
     lse = part_lse[0] if splits == 1 else torch.logsumexp(part_lse, dim=0)
-    torch.sub(label_logit, lse, out=token_logps)
-    return token_logps, lse
+    return label_logit - lse, lse
 
 
 def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_token,
@@ -302,37 +295,47 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
     """Gradients of sum(grad_token * token_logps) w.r.t. hidden, weight and bias.
 
     Same inputs as the forward plus its lse [n] fp32 and grad_token [n] fp32. Returns
-    (dhidden [N, H], zero on rows not listed; dweight [V, H]; dbias [V] or None) in the input
-    dtypes, accumulated in fp32 (fp32 inputs accumulate in the outputs themselves; 16-bit
-    ones in an [n, H] and a [V, H] fp32 buffer, then cast). `filter_eps` overrides the
-    tile-skipping threshold (`FILTER_EPS[dtype]`; 0 disables skipping).
+    (dhidden [N, H] contiguous, zero on rows not listed; dweight [V, H]; dbias [V] or None)
+    in the input dtypes, accumulated in fp32: fp32 dhidden in place, otherwise in an [n, H]
+    fp32 buffer; dweight in a [V, H] fp32 buffer (returned as is for fp32 weights).
+    `filter_eps` overrides the tile-skipping threshold `FILTER_EPS[dtype]` (0: skip only
+    tiles whose softmax underflows to exactly 0).
     """
     _check(hidden, weight, bias, labels, rows)
+    hidden, weight = _unit_stride(hidden), _unit_stride(weight)
     num_tokens, (vocab_size, hidden_size) = rows.shape[0], weight.shape
     dtype, device = hidden.dtype, hidden.device
-    fp32 = dtype == torch.float32
-    dhidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+    direct = dtype == torch.float32
+    dhidden = torch.zeros(hidden.shape, dtype=dtype, device=device)
     dweight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
     dbias = None if bias is None else torch.zeros(vocab_size, dtype=torch.float32,
                                                   device=device)
     if num_tokens:
-        # fp32: atomics straight into dhidden rows; 16-bit: a compact fp32 [n, H] buffer.
-        dh_acc = dhidden if fp32 else torch.zeros(num_tokens, hidden_size,
-                                                  dtype=torch.float32, device=device)
+        rows, labels = rows.contiguous(), labels.contiguous()
+        coef = grad_token.float().contiguous()
+        # fp32: atomics straight into dhidden's rows; 16-bit: into a compact fp32 buffer.
+        dh_acc = dhidden if direct else torch.zeros(num_tokens, hidden_size,
+                                                    dtype=torch.float32, device=device)
+        bias32 = coef if bias is None else bias.float().contiguous()      # dummy when unused
+        dbias_acc = coef if dbias is None else dbias
         eps = FILTER_EPS[dtype] if filter_eps is None else float(filter_eps)
-        cfg = _config("bwd", dtype)
-        grid = (triton.cdiv(num_tokens, cfg["BLOCK_N"]) * triton.cdiv(vocab_size,
-                                                                      cfg["BLOCK_V"]),)
-        _linear_logps_bwd_kernel[grid](
-            hidden, weight, weight if bias is None else bias, labels.contiguous(),
-            rows.contiguous(), lse.contiguous(), grad_token.float().contiguous(),
-            dh_acc, dweight, dweight if dbias is None else dbias,
-            num_tokens, vocab_size, hidden_size, eps,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            dh_acc.stride(0), dweight.stride(0),
-            HAS_BIAS=bias is not None, DH_DIRECT=fp32, FILTER=eps > 0,
-            **_dot_flags(dtype), **cfg)
-        if not fp32:
+        launch = choose(_spec_name("linear_softmax_bwd", dtype), dtype=dtype,
+                        num_tokens=num_tokens)
+        grid = (triton.cdiv(num_tokens, launch.block("BLOCK_N"))
+                * triton.cdiv(vocab_size, launch.block("BLOCK_V")),)
+        _linear_softmax_bwd_kernel[grid](
+            hidden, weight, bias32, rows, lse.contiguous(), coef, dh_acc, dweight, dbias_acc,
+            num_tokens, vocab_size, hidden_size, eps, hidden.stride(0), weight.stride(0),
+            dh_acc.stride(0), dweight.stride(0), int(bias is not None), int(direct),
+            UPCAST=INTERPRET, **launch.launch_kwargs())
+        launch = choose("linear_label_bwd", num_tokens=num_tokens)
+        grid = (triton.cdiv(num_tokens, launch.block("BLOCK_N")),
+                triton.cdiv(hidden_size, launch.block("BLOCK_H")))
+        _linear_label_bwd_kernel[grid](
+            hidden, weight, labels, rows, coef, dh_acc, dweight, dbias_acc,
+            num_tokens, hidden_size, hidden.stride(0), weight.stride(0), dh_acc.stride(0),
+            dweight.stride(0), int(bias is not None), int(direct), **launch.launch_kwargs())
+        if not direct:
             dhidden[rows] = dh_acc.to(dtype)
     return (dhidden, dweight.to(weight.dtype),
             None if dbias is None else dbias.to(bias.dtype))

@@ -1,0 +1,96 @@
+"""Tokenize preference rows for training: prompt, chosen and rejected as token ids with
+HF-style labels (label t = token t; prompt tokens = IGNORE_INDEX).
+
+Rendering follows `mixpo.data.formats.render_example`: conversational rows go through the
+tokenizer's chat template when it has one (the completion is the templated conversation minus
+the templated prompt), everything else is plain concatenation. Each part is tokenized without
+special tokens, then, as TRL does, EOS is appended to each completion (not doubled when the
+rendered completion already ends with it) and BOS is put in front of the prompt when the
+tokenizer adds one by default and the rendered prompt does not already start with it.
+
+Truncation (TRL's order): when prompt + longest completion exceeds `max_length`, the prompt
+keeps its last `max_prompt_length` tokens; if still too long, both completions keep their
+first `max_length - len(prompt)` tokens. A prompt that leaves no room for a single completion
+token is an error naming the row.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from mixpo.data.formats import render_example, split_example
+from mixpo.data.io import RowNamer, default_row_names
+
+IGNORE_INDEX = -100
+# Per-pair columns carried through tokenization and collation (TRL drops them; we must not).
+PASSTHROUGH_COLUMNS = ("hard", "score_chosen", "score_rejected", "difficulty",
+                       "ref_chosen_logps", "ref_rejected_logps")
+
+
+def _adds_bos_by_default(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    return tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int | None = None,
+                  where: str = "row") -> dict:
+    """One preference row -> token ids and HF-style labels for both completions.
+
+    Args:
+        row: a preference row (standard strings or message lists; see mixpo.data.formats).
+        tokenizer: a Hugging Face tokenizer (fast or slow).
+        max_length: the most tokens of prompt + completion.
+        max_prompt_length: the most prompt tokens kept (its end) when truncation is needed;
+            None = the prompt is never cut.
+        where: names the row in error messages ("data.jsonl line 7").
+    Returns a dict with `chosen_input_ids`, `chosen_labels`, `rejected_input_ids`,
+    `rejected_labels` (lists of ints; labels are IGNORE_INDEX on prompt tokens), `prompt_length`,
+    and every PASSTHROUGH_COLUMNS entry the row has.
+    """
+    example = split_example(row, where)
+    prompt_text, chosen_text, rejected_text = render_example(example, tokenizer)
+    prompt = _encode(tokenizer, prompt_text)
+    if _adds_bos_by_default(tokenizer) and prompt[:1] != [tokenizer.bos_token_id]:
+        prompt = [tokenizer.bos_token_id] + prompt
+    eos = tokenizer.eos_token_id
+    completions = []
+    for text in (chosen_text, rejected_text):
+        ids = _encode(tokenizer, text)
+        if eos is not None and ids[-1:] != [eos]:
+            ids.append(eos)
+        completions.append(ids)
+
+    if len(prompt) + max(map(len, completions)) > max_length:
+        if max_prompt_length is not None and len(prompt) > max_prompt_length:
+            prompt = prompt[len(prompt) - max_prompt_length:]
+        if len(prompt) >= max_length:
+            raise ValueError(f"{where}: the prompt has {len(prompt)} tokens, which leaves no room "
+                             f"for a completion within max_length={max_length}; raise max_length "
+                             f"or set max_prompt_length below it")
+        completions = [ids[:max_length - len(prompt)] for ids in completions]
+
+    tokenized = {"prompt_length": len(prompt)}
+    for name, ids in zip(("chosen", "rejected"), completions):
+        tokenized[f"{name}_input_ids"] = prompt + ids
+        tokenized[f"{name}_labels"] = [IGNORE_INDEX] * len(prompt) + ids
+    for column in PASSTHROUGH_COLUMNS:
+        if column in row and row[column] is not None:
+            tokenized[column] = row[column]
+    return tokenized
+
+
+def tokenize_rows(rows: Sequence[dict], tokenizer, max_length: int,
+                  max_prompt_length: int | None = None,
+                  row_names: RowNamer = default_row_names) -> list[dict]:
+    """`tokenize_pair` over every row (a datasets.Dataset or a list of dicts), in order."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be positive or None, got {max_prompt_length}")
+    return [tokenize_pair(row, tokenizer, max_length, max_prompt_length, row_names(index))
+            for index, row in enumerate(rows)]

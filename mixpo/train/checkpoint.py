@@ -1,0 +1,154 @@
+"""Checkpoints that are either complete or absent, and the final Hugging Face export.
+
+`OUTPUT/checkpoint-STEP/` holds
+  state/                  model + optimizer, torch.distributed.checkpoint format (sharded under
+                          FSDP2, one file set per rank; also used by a single process)
+  trainer_state.pt        step, sampler position, config (rank 0)
+  rank_state_R.pt         per rank: RNG states (python, numpy, torch CPU/CUDA), the gamma-PO
+                          margin solver (each rank keeps its own queue) and metrics not yet logged
+Everything is written into `.checkpoint-STEP.tmp/` and renamed to `checkpoint-STEP/` by rank 0
+as the very last action (a directory rename is atomic), so a crash mid-write leaves only a
+`.tmp` directory, which the next run deletes. Multi-node runs need a shared output directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixpo.train import distributed
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+FINAL_DIR, RUN_INFO = "final", "mixpo_run.json"
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    found = []
+    if output_dir.is_dir():
+        for path in output_dir.iterdir():
+            match = _CHECKPOINT.match(path.name)
+            if match and (path / "trainer_state.pt").is_file():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = complete_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def remove_partial_checkpoints(output_dir: Path) -> None:
+    """Delete the `.tmp` directories a crashed save left behind (rank 0 only)."""
+    for path in output_dir.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizers: list, trainer_state: dict,
+                    rank_state: dict, env, save_total_limit: int = 0) -> Path:
+    """Write checkpoint-`step` atomically (every rank calls this); returns its path."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = output_dir / f"checkpoint-{step}"
+    staging = output_dir / f".checkpoint-{step}.tmp"
+    if env.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    distributed.barrier(env)
+    model_state, optimizer_state = get_state_dict(model, optimizers)
+    with warnings.catch_warnings():  # one process: DCP warns that there is no process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_state, "optimizer": optimizer_state},
+                 checkpoint_id=str(staging / "state"))
+    torch.save({**rank_state, "rng": rng_states()}, staging / f"rank_state_{env.rank}.pt")
+    if env.is_main:
+        torch.save(trainer_state, staging / "trainer_state.pt")
+    distributed.barrier(env)
+    if env.is_main:
+        if final.exists():  # a rerun that went past its own checkpoint (same step)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if save_total_limit > 0:
+            for _, old in complete_checkpoints(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier(env)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizers: list, env) -> tuple[dict, dict]:
+    """Load model and optimizer state in place and restore this rank's RNG states.
+    Returns (trainer_state, rank_state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if trainer_state["world_size"] != env.world_size:
+        raise ValueError(f"{path} was written by {trainer_state['world_size']} processes; resume "
+                         f"it with the same number (this run has {env.world_size})")
+    model_state, optimizer_state = get_state_dict(model, optimizers)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path / "state"))
+    set_state_dict(model, optimizers, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    rank_state = torch.load(path / f"rank_state_{env.rank}.pt", map_location="cpu",
+                            weights_only=False)
+    restore_rng_states(rank_state.pop("rng"))  # last: loading must not move the RNG after this
+    return trainer_state, rank_state
+
+
+def finished_run(output_dir: Path, total_steps: int) -> bool:
+    """True when `OUTPUT/final/` holds the export of a run that reached `total_steps`."""
+    info = output_dir / FINAL_DIR / RUN_INFO
+    if not info.is_file():
+        return False
+    return json.loads(info.read_text()).get("completed_steps") == total_steps
+
+
+def export_final(output_dir: Path, model, causal_lm, tokenizer, run_info: dict, env) -> Path:
+    """`OUTPUT/final/`: the policy in Hugging Face format (safetensors) plus the tokenizer,
+    loadable with AutoModelForCausalLM.from_pretrained. Gathered to rank 0, written atomically."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                      cpu_offload=True))
+    final = output_dir / FINAL_DIR
+    if env.is_main:
+        prefix = "causal_lm."
+        state = {name[len(prefix):]: tensor for name, tensor in full_state.items()
+                 if name.startswith(prefix)}
+        staging = output_dir / f".{FINAL_DIR}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        causal_lm.save_pretrained(staging, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / RUN_INFO).write_text(json.dumps(run_info, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    distributed.barrier(env)
+    return final

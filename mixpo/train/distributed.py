@@ -1,0 +1,116 @@
+"""Process group and FSDP2 sharding.
+
+`torchrun --nproc_per_node N -m mixpo train ...` (or multi-node through torchrun's rendezvous)
+sets RANK / WORLD_SIZE / LOCAL_RANK; we then start NCCL on GPUs or gloo on CPU and shard the
+model with FSDP2 (`fully_shard`): one group per decoder layer plus the root (embeddings, final
+norm, LM head). A plain `python -m mixpo train` is one process with no process group at all.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: object = None  # a 1-D DeviceMesh when world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(preference: str) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(preference)
+
+
+def setup(device_preference: str = "auto") -> DistributedEnv:
+    """Join the process group torchrun describes (if any) and pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_preference)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size == 1:
+        return DistributedEnv(0, 1, 0, device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    return DistributedEnv(rank, world_size, local_rank, device, mesh)
+
+
+def shard(module: torch.nn.Module, decoder_layers, env: DistributedEnv) -> torch.nn.Module:
+    """FSDP2: each decoder layer is its own unit, the rest (embeddings, norm, LM head) belongs
+    to the root unit `module`, whose forward therefore sees the head weight unsharded."""
+    if not env.distributed:
+        return module
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # Reduce gradients in fp32 even when the parameters are bf16.
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for layer in decoder_layers:
+        fully_shard(layer, mesh=env.mesh, mp_policy=policy)
+    fully_shard(module, mesh=env.mesh, mp_policy=policy)
+    return module
+
+
+def barrier(env: DistributedEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_gather_cat(tensor: torch.Tensor, env: DistributedEnv) -> torch.Tensor:
+    """Concatenate equally shaped tensors from every rank along dim 0 (rank order)."""
+    if not env.distributed:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(env.world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_sum(value: float, env: DistributedEnv) -> float:
+    if not env.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor)
+    return tensor.item()
+
+
+def all_gather_objects(obj, env: DistributedEnv) -> list:
+    if not env.distributed:
+        return [obj]
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj, env: DistributedEnv):
+    """rank 0's `obj` on every rank."""
+    if not env.distributed:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def teardown(env: DistributedEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,141 @@
+"""Optimizers, the learning-rate schedule and step-in-backward.
+
+- "adamw": torch.optim.AdamW, fused on GPU; its states take the parameters' dtype.
+- "adamw_bf16": `BF16StateAdamW`, exp_avg / exp_avg_sq kept in bfloat16 (4 bytes per
+  parameter instead of 8 for fp32 states), math in fp32. Every bf16 store (states, and the
+  parameters themselves when they are bf16) uses stochastic rounding: at lr 1e-6 an update is
+  far below bf16's resolution (2^-8 relative), and round-to-nearest would drop it every time;
+  stochastic rounding keeps it in expectation.
+- "adamw_8bit": torchao.optim.AdamW8bit (optional dependency).
+
+Step-in-backward: each parameter is updated by its own optimizer from a
+`register_post_accumulate_grad_hook` as soon as its gradient is complete, and the gradient is
+freed at once, so at most a few gradients exist at any time instead of all of them. It is
+only correct when each step has a single backward (no gradient accumulation) and no clipping
+by the global norm (unknown until every gradient exists).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup from 0, then cosine to 0
+    (Hugging Face's get_cosine_schedule_with_warmup)."""
+    if step < warmup_steps:
+        return base_lr * step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 DTensor (a view: in-place updates reach the parameter)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def stochastic_round_to_bf16(values: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 rounding up or down with probability proportional to the distance, so
+    E[result] = values. Adds uniform noise to the 16 low bits that bf16 drops, then
+    truncates them."""
+    bits = values.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _store(target: torch.Tensor, values32: torch.Tensor) -> None:
+    if target.dtype == torch.bfloat16:
+        target.copy_(stochastic_round_to_bf16(values32))
+    else:
+        target.copy_(values32)
+
+
+class BF16StateAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, as torch.optim.AdamW) with bf16 moment estimates.
+
+    Works on plain tensors and on FSDP2's sharded DTensor parameters (each rank updates its
+    shard). Randomness for stochastic rounding comes from the global torch RNG, which the
+    trainer's checkpoints save, so resumed runs stay on the same trajectory.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, group)
+        return loss
+
+    def _update(self, param: torch.Tensor, group: dict) -> None:
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(param, dtype=torch.bfloat16)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.bfloat16)
+        state["step"] += 1
+        step = state["step"].item()
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        grad = _local(param.grad).float()
+        exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+        mean = exp_avg.float().mul_(beta1).add_(grad, alpha=1 - beta1)
+        second = exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        _store(exp_avg, mean)
+        _store(exp_avg_sq, second)
+        denom = (second / (1 - beta2 ** step)).sqrt_().add_(eps)
+        weights = _local(param)
+        updated = weights.float().mul_(1 - lr * weight_decay)
+        updated.addcdiv_(mean, denom, value=-lr / (1 - beta1 ** step))
+        _store(weights, updated)
+
+
+def _make_optimizer(params: list, cfg, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    if cfg.optim == "adamw":
+        return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
+    if cfg.optim == "adamw_bf16":
+        return BF16StateAdamW(params, **kwargs)
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        raise ValueError("optim 'adamw_8bit' needs torchao (pip install torchao)") from None
+    return AdamW8bit(params, **kwargs)
+
+
+def build_optimizers(model: torch.nn.Module, cfg, device: torch.device) -> list:
+    """One optimizer over all trainable parameters, or (step_in_backward) one per parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [[p] for p in params] if cfg.step_in_backward else [params]
+    return [_make_optimizer(group, cfg, device) for group in groups]
+
+
+def set_lr(optimizers: list, lr: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+def attach_step_in_backward(optimizers: list, device: torch.device) -> torch.Tensor:
+    """Hook every parameter of the per-parameter `optimizers` so that it is updated and its
+    gradient freed as soon as backward has accumulated it. Returns a one-element fp32 tensor
+    that accumulates the squared gradient norm (the caller zeroes it every step)."""
+    grad_sq_sum = torch.zeros(1, device=device)
+
+    def make_hook(optimizer):
+        def hook(param):
+            grad_sq_sum.add_(_local(param.grad).float().pow(2).sum())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return hook
+
+    for optimizer in optimizers:
+        (param,) = optimizer.param_groups[0]["params"]
+        param.register_post_accumulate_grad_hook(make_hook(optimizer))
+    return grad_sq_sum

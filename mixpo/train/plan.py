@@ -1,0 +1,269 @@
+"""`mixpo plan`: memory per GPU for full-parameter preference training, mixpo vs TRL defaults.
+
+Parameter counts are exact: the model is built from its config on the meta device (no
+memory, no download). Everything else is arithmetic with the assumptions listed below, in
+GiB (2^30 bytes), per GPU, with the model sharded over N GPUs by FSDP (ZeRO-3 for TRL).
+
+mixpo column (the trainer's options):
+  weights      bf16, 2 B/param / N
+  gradients    bf16, 2 B/param / N; with step-in-backward (one GPU) only the largest
+               parameter's gradient is alive at once
+  optimizer    AdamW moments: 4 B/param (adamw / adamw_bf16: two bf16 moments),
+               2 B/param (adamw_8bit) / N
+  reference    0 when precomputed (a file of 2 floats per pair), bf16 copy / N when live
+  loss head    logit-free: an fp32 [V, H] accumulator for the head's gradient, plus the final
+               hidden states and their gradient [tokens, H] bf16 (no [tokens, V] tensor)
+TRL-default column (DPOTrainer with bf16 mixed precision, as usually launched):
+  weights 4 B (fp32 master) + gradients 4 B + AdamW fp32 moments 8 B per param / N;
+  a live bf16 reference model 2 B/param / N; logits materialised over every position of
+  every sequence: bf16 logits and the saved bf16 log-softmax (forward) plus their bf16
+  gradients (backward), 8 B per (token, vocab) entry.
+Both: activations of the same micro-batch (2 sequences per pair); with gradient checkpointing
+the bf16 input of every decoder layer plus one layer recomputed with its gradients (2x its
+saved tensors); without, every layer's saved tensors. A Llama-style layer saves per token
+4H (norms, residuals) + q + k + v + rotated q, k + attention output + 4I (MLP) values.
+With N > 1, FSDP also holds the unsharded root unit (embeddings, head) and two decoder layers
+in flight. A fixed 3 GiB covers the CUDA context, NCCL buffers and allocator slack.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 2 ** 30
+RUNTIME_RESERVE_BYTES = 3 * GIB
+
+# Shapes of popular checkpoints (their config.json values), so planning needs no download.
+KNOWN_SHAPES = {
+    "llama-3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                 num_hidden_layers=32, num_attention_heads=32,
+                                 num_key_value_heads=8, tie_word_embeddings=False)),
+    "llama-3-70b": ("llama", dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                                  num_hidden_layers=80, num_attention_heads=64,
+                                  num_key_value_heads=8, tie_word_embeddings=False)),
+    "qwen-2.5-7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                  num_hidden_layers=28, num_attention_heads=28,
+                                  num_key_value_heads=4, tie_word_embeddings=False)),
+    "gemma-2-9b": ("gemma2", dict(vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+                                  num_hidden_layers=42, num_attention_heads=16,
+                                  num_key_value_heads=8, head_dim=256, tie_word_embeddings=True)),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    num_params: int
+    largest_param: int       # elements of the biggest single tensor (embedding / LM head)
+    layer_params: int        # elements of one decoder layer
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    q_dim: int               # heads * head_dim
+    kv_dim: int              # key/value heads * head_dim
+    logit_transform: str = ""  # e.g. "final_logit_softcapping=30.0" (not a plain head)
+
+    @property
+    def root_params(self) -> int:
+        """Parameters outside the decoder layers (embeddings, final norm, head)."""
+        return self.num_params - self.num_layers * self.layer_params
+
+    @property
+    def layer_activation_values(self) -> int:
+        """Values a Llama-style decoder layer saves for backward, per token."""
+        return (4 * self.hidden_size + 2 * self.q_dim + 3 * self.kv_dim + self.q_dim
+                + 4 * self.intermediate_size)
+
+
+def _load_config(name_or_path: str):
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    if name_or_path in KNOWN_SHAPES:
+        model_type, values = KNOWN_SHAPES[name_or_path]
+        return CONFIG_MAPPING[model_type](**values)
+    path = Path(name_or_path)
+    if not path.exists():
+        raise ValueError(f"--model {name_or_path!r}: not a config.json, a model directory, or "
+                         f"one of {', '.join(KNOWN_SHAPES)}")
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--model {name_or_path}: cannot read a model config ({error})") from None
+
+
+def model_shape(name_or_path: str) -> ModelShape:
+    """Exact parameter counts of the model `name_or_path` describes (built on 'meta')."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mixpo.train.model import LOGIT_TRANSFORMS, decoder_layers
+
+    config = _load_config(name_or_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = decoder_layers(model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    transforms = [f"{name}={getattr(text, name)}" for name in LOGIT_TRANSFORMS
+                  if getattr(text, name, None) not in (None, 0, 1, 1.0)]
+    return ModelShape(
+        logit_transform=", ".join(transforms), name=name_or_path, num_params=sum(p.numel() for p in model.parameters()),
+        largest_param=max(p.numel() for p in model.parameters()),
+        layer_params=sum(p.numel() for p in layers[0].parameters()), num_layers=len(layers),
+        hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        vocab_size=text.vocab_size, q_dim=heads * head_dim, kv_dim=kv_heads * head_dim)
+
+
+@dataclass(frozen=True)
+class Workload:
+    gpus: int = 1
+    seq_len: int = 1024
+    micro_batch_size: int = 1          # pairs per forward on one GPU
+    gradient_checkpointing: bool = True
+
+    @property
+    def tokens(self) -> int:
+        """Positions per forward on one GPU (chosen + rejected sequences)."""
+        return 2 * self.micro_batch_size * self.seq_len
+
+
+def activation_bytes(shape: ModelShape, work: Workload) -> int:
+    per_layer = work.tokens * shape.layer_activation_values * 2          # bf16
+    if work.gradient_checkpointing:
+        layer_inputs = shape.num_layers * work.tokens * shape.hidden_size * 2
+        return layer_inputs + 2 * per_layer
+    return shape.num_layers * per_layer
+
+
+def fsdp_transient_bytes(shape: ModelShape, work: Workload) -> int:
+    """Unsharded parameters FSDP holds at once (bf16): the root unit and two layers."""
+    if work.gpus == 1:
+        return 0
+    return (shape.root_params + 2 * shape.layer_params) * 2
+
+
+def materialised_logits_bytes(shape: ModelShape, work: Workload) -> int:
+    """bf16 logits + saved bf16 log-softmax + both gradients: 8 B per (position, vocab)."""
+    return work.tokens * shape.vocab_size * 8
+
+
+def mixpo_plan(shape: ModelShape, work: Workload, optim: str = "adamw_bf16",
+               step_in_backward: bool = False, reference: str = "precomputed",
+               logit_free: bool = True) -> dict:
+    """Bytes per GPU for each component of a mixpo run."""
+    params, gpus = shape.num_params, work.gpus
+    state_bytes = {"adamw": 4, "adamw_bf16": 4, "adamw_8bit": 2}[optim]
+    hidden = work.tokens * shape.hidden_size * 2
+    head = (shape.vocab_size * shape.hidden_size * 4 + 2 * hidden if logit_free
+            else materialised_logits_bytes(shape, work))
+    return {
+        "weights": params * 2 // gpus + fsdp_transient_bytes(shape, work),
+        "gradients": shape.largest_param * 2 if step_in_backward else params * 2 // gpus,
+        "optimizer states": params * state_bytes // gpus,
+        "activations": activation_bytes(shape, work),
+        "loss head": head,
+        "reference model": params * 2 // gpus if reference == "live" else 0,
+        "runtime reserve": RUNTIME_RESERVE_BYTES,
+    }
+
+
+def trl_default_plan(shape: ModelShape, work: Workload) -> dict:
+    """Bytes per GPU for TRL's DPOTrainer defaults (module docstring)."""
+    params, gpus = shape.num_params, work.gpus
+    return {
+        "weights": params * 4 // gpus + fsdp_transient_bytes(shape, work),
+        "gradients": params * 4 // gpus,
+        "optimizer states": params * 8 // gpus,
+        "activations": activation_bytes(shape, work),
+        "loss head": materialised_logits_bytes(shape, work),
+        "reference model": params * 2 // gpus,
+        "runtime reserve": RUNTIME_RESERVE_BYTES,
+    }
+
+
+NOTES = {
+    "weights": ("bf16", "fp32 master weights"),
+    "gradients": ("bf16", "fp32"),
+    "optimizer states": ("AdamW moments", "fp32 AdamW moments"),
+    "activations": ("same micro-batch", "same micro-batch"),
+    "loss head": ("logit-free", "logits materialised"),
+    "reference model": ("", "live bf16 copy"),
+    "runtime reserve": ("CUDA context, buffers", ""),
+}
+
+
+def _gib(value: int) -> str:
+    return f"{value / GIB:.2f} GiB"
+
+
+def _verdict(total: int, gpu_memory_gib: float) -> str:
+    room = gpu_memory_gib * GIB - total
+    return f"yes, {room / GIB:.1f} GiB free" if room >= 0 else f"no, {-room / GIB:.1f} GiB over"
+
+
+def format_plan(shape: ModelShape, work: Workload, gpu_memory_gib: float, mixpo: dict,
+                trl: dict, mixpo_options: str, variants: list[tuple[str, int]]) -> str:
+    """The report: a per-component table, the verdicts, and each mixpo option's effect."""
+    lines = [
+        f"model {shape.name}: {shape.num_params / 1e9:.2f} B parameters, hidden "
+        f"{shape.hidden_size}, {shape.num_layers} layers, vocab {shape.vocab_size}",
+        f"{work.gpus} GPU(s) x {gpu_memory_gib:g} GiB; micro-batch {work.micro_batch_size} "
+        f"pair(s) = {work.tokens} tokens per forward; gradient checkpointing "
+        f"{'on' if work.gradient_checkpointing else 'off'}",
+        f"mixpo: {mixpo_options}",
+        "",
+        f"{'per GPU':18s}{'mixpo':>12s}{'TRL default':>14s}   mixpo | TRL default",
+    ]
+    for component in mixpo:
+        ours, theirs = NOTES[component]
+        lines.append(f"{component:18s}{_gib(mixpo[component]):>12s}{_gib(trl[component]):>14s}"
+                     f"   {f'{ours} | {theirs}'.strip(' |')}")
+    mixpo_total, trl_total = sum(mixpo.values()), sum(trl.values())
+    lines += [f"{'total':18s}{_gib(mixpo_total):>12s}{_gib(trl_total):>14s}",
+              f"fits? mixpo: {_verdict(mixpo_total, gpu_memory_gib)}; "
+              f"TRL default: {_verdict(trl_total, gpu_memory_gib)}",
+              "", "mixpo with one option changed (total per GPU):"]
+    for label, total in variants:
+        lines.append(f"  {label:58s}{_gib(total):>12s}  ({_verdict(total, gpu_memory_gib)})")
+    if shape.logit_transform:
+        lines.append(f"note: this model's config sets {shape.logit_transform}; the logit-free "
+                     "loss needs a plain linear head, so `mixpo train` refuses it")
+    return "\n".join(lines)
+
+
+def plan_command(args) -> str:
+    """The `mixpo plan` report for parsed arguments (see mixpo.train.cli)."""
+    for name in ("gpus", "gpu_memory", "seq_len", "micro_batch_size", "global_batch_size"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    no_accumulation = args.global_batch_size == args.micro_batch_size and args.gpus == 1
+    if args.step_in_backward and not no_accumulation:
+        raise ValueError("step-in-backward needs one backward per step on one GPU: "
+                         "--gpus 1 and --global-batch-size equal to --micro-batch-size")
+    shape = model_shape(args.model)
+    work = Workload(args.gpus, args.seq_len, args.micro_batch_size, args.gradient_checkpointing)
+    options = dict(optim=args.optim, step_in_backward=args.step_in_backward,
+                   reference=args.reference, logit_free=True)
+    mixpo = mixpo_plan(shape, work, **options)
+
+    def total(**changes) -> int:
+        return sum(mixpo_plan(shape, work, **{**options, **changes}).values())
+
+    variants = [("reference live (a frozen bf16 copy)", total(reference="live")),
+                ("logits materialised instead of logit-free", total(logit_free=False))]
+    for optim in ("adamw_bf16", "adamw_8bit"):
+        if optim != args.optim:
+            variants.append((f"optimizer {optim}", total(optim=optim)))
+    if not args.step_in_backward:
+        variants.append(("step-in-backward (only without accumulation, 1 GPU)",
+                         total(step_in_backward=True) if args.gpus == 1 else sum(mixpo.values())))
+    accumulation = args.global_batch_size // (args.micro_batch_size * args.gpus)
+    description = (f"{args.optim}, {'step-in-backward' if args.step_in_backward else 'gradients kept'}"
+                   f", reference {args.reference}, logit-free loss; global batch "
+                   f"{args.global_batch_size} pairs = {accumulation} accumulated micro-batch(es)"
+                   f" x {args.gpus} GPU(s)")
+    return format_plan(shape, work, args.gpu_memory, mixpo, trl_default_plan(shape, work),
+                       description, variants)

@@ -1,0 +1,117 @@
+"""Reference log-probs computed once, before training, and cached on disk.
+
+DPO-style losses need log pi_ref(y|x) of every chosen and rejected completion. The reference
+is the initial policy, so one forward-only pass over the data (`mixpo.sequence_logps`,
+logit-free) gives them all; training then never holds a reference model in memory.
+
+The cache file (`OUTPUT/reference_logps.pt`) is keyed by a hash of the model (directory,
+config, weight files' names, sizes and modification times), the compute dtype and the
+tokenized data itself (every token id and prompt length, which covers the data file, its
+order and selection, the tokenizer and the truncation settings). Any change gives a new key
+and the pass runs again; a matching key reuses the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixpo.train import distributed
+
+CACHE_NAME = "reference_logps.pt"
+
+
+def _model_fingerprint(model_path: str) -> dict:
+    path = Path(model_path).resolve()
+    files = []
+    for item in sorted(path.iterdir()) if path.is_dir() else []:
+        if item.suffix in (".safetensors", ".bin", ".pt", ".json") and item.is_file():
+            stat = item.stat()
+            files.append([item.name, stat.st_size, stat.st_mtime_ns])
+    config = (path / "config.json").read_text(encoding="utf-8") if (path / "config.json").is_file() else ""
+    return {"path": str(path), "config": config, "files": files}
+
+
+def cache_key(model_path: str, dtype: torch.dtype, examples: list[dict]) -> str:
+    """sha256 over the model fingerprint, dtype and every tokenized pair."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"model": _model_fingerprint(model_path), "dtype": str(dtype)},
+                             sort_keys=True).encode())
+    for example in examples:
+        for name in ("chosen_input_ids", "rejected_input_ids"):
+            ids = np.asarray(example[name], dtype=np.int64)
+            digest.update(np.int64(len(ids)).tobytes())
+            digest.update(ids.tobytes())
+        digest.update(np.int64(example["prompt_length"]).tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def compute_reference_logps(model, examples: list[dict], collator, env, batch_size: int,
+                            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of every pair under `model` (a PreferenceModel, possibly
+    FSDP-sharded): (chosen [N], rejected [N]) fp32 on the CPU, identical on every rank.
+
+    Rounds of `batch_size` pairs per rank; every rank runs every round (FSDP's collectives
+    need all ranks), a rank whose slice is empty re-scores pair 0 and discards it.
+    """
+    from tqdm.auto import tqdm
+
+    count = len(examples)
+    per_round = batch_size * env.world_size
+    results = []
+    rounds = range(0, count, per_round)
+    for start in tqdm(rounds, desc="reference log-probs", disable=not (progress and env.is_main)):
+        first = start + env.rank * batch_size
+        indices = list(range(first, min(first + batch_size, count)))
+        batch = collator([examples[i] for i in (indices or [0])])
+        logps = model(batch["input_ids"].to(env.device), batch["attention_mask"].to(env.device),
+                      batch["labels"].to(env.device), logps_only=True).float().cpu()
+        pairs = logps.shape[0] // 2
+        if indices:
+            results.append((indices, logps[:pairs].tolist(), logps[pairs:].tolist()))
+    if hasattr(model, "reshard"):
+        # FSDP2 keeps the root unit unsharded after a forward without backward; reshard it so
+        # the optimizer and the training forward see the sharded parameters again.
+        model.reshard()
+    chosen, rejected = torch.zeros(count), torch.zeros(count)
+    for rank_results in distributed.all_gather_objects(results, env):
+        for indices, chosen_values, rejected_values in rank_results:
+            chosen[indices] = torch.tensor(chosen_values)
+            rejected[indices] = torch.tensor(rejected_values)
+    return chosen, rejected
+
+
+def attach_reference_logps(examples: list[dict], model, collator, env, *, model_path: str,
+                           dtype: torch.dtype, output_dir: Path, batch_size: int,
+                           progress: bool = False) -> str:
+    """Set `ref_chosen_logps` / `ref_rejected_logps` on every example, from the cache when its
+    key matches, else by `compute_reference_logps` (then cached by rank 0, atomically).
+    Returns 'cached' or 'computed'."""
+    key = cache_key(model_path, dtype, examples)
+    path = Path(output_dir) / CACHE_NAME
+    cached = None
+    if env.is_main and path.is_file():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored.get("key") == key and len(stored["chosen"]) == len(examples):
+            cached = (stored["chosen"], stored["rejected"])
+    cached = distributed.broadcast_object(cached, env)  # only rank 0 reads the file
+    if cached is None:
+        chosen, rejected = compute_reference_logps(model, examples, collator, env, batch_size,
+                                                   progress)
+        if env.is_main:
+            staging = path.with_name(f".{path.name}.tmp")
+            torch.save({"key": key, "chosen": chosen, "rejected": rejected}, staging)
+            os.replace(staging, path)
+        origin = "computed"
+    else:
+        chosen, rejected = cached
+        origin = "cached"
+    for example, chosen_logp, rejected_logp in zip(examples, chosen.tolist(), rejected.tolist()):
+        example["ref_chosen_logps"] = chosen_logp
+        example["ref_rejected_logps"] = rejected_logp
+    return origin

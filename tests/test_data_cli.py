@@ -1,0 +1,174 @@
+"""`mixpo data ...` end to end through mixpo.cli.main, and once as `python -m mixpo`."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixpo.cli import main
+from mixpo.data.io import load_rows
+from mixpo.testing import (argilla_rows, raw_completion_rows, save_tiny_model, torch_threads,
+                           ultrafeedback_rows, write_jsonl)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def uf_file(tmp_path):
+    return write_jsonl(tmp_path / "uf.jsonl", ultrafeedback_rows(20))
+
+
+def _run(capsys, *argv):
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_pairs(tmp_path, capsys):
+    raw = write_jsonl(tmp_path / "raw.jsonl", raw_completion_rows())
+    code, out, _ = _run(capsys, "data", "pairs", raw, "-o", tmp_path / "pairs.parquet")
+    assert code == 0 and "4 prompts in, 3 pairs out; dropped 1 with <2 completions" in out
+    pairs, _ = load_rows(tmp_path / "pairs.parquet")
+    assert pairs.column_names == ["source", "prompt", "chosen", "rejected", "score_chosen",
+                                  "score_rejected"]
+    code, out, _ = _run(capsys, "data", "pairs", raw, "-o", tmp_path / "random.jsonl",
+                        "--strategy", "best-random", "--seed", "4", "--min-margin", "0.5")
+    assert code == 0 and "1 below --min-margin" in out and "(best-random)" in out
+    assert len(load_rows(tmp_path / "random.jsonl")[0]) == 2
+
+
+def test_prepare_formats_and_options(tmp_path, capsys, uf_file):
+    code, out, _ = _run(capsys, "data", "prepare", uf_file, "-o", tmp_path / "uf.parquet",
+                        "--route-below", "0.5")
+    prepared, _ = load_rows(tmp_path / "uf.parquet")
+    margins = prepared["difficulty"]
+    assert code == 0 and margins == sorted(margins, reverse=True)
+    assert f"20 rows in, 20 out, {sum(m < 0.5 for m in margins)} hard" in out
+    assert set(prepared.column_names) >= set(ultrafeedback_rows(1)[0]) | {"difficulty", "hard"}
+
+    argilla = tmp_path / "argilla.json"
+    argilla.write_text(json.dumps(argilla_rows(10)))
+    code, out, _ = _run(capsys, "data", "prepare", argilla, "-o", tmp_path / "argilla_prepared",
+                        "--route-fraction", "0.25", "--select-easiest", "0.8", "--order", "shuffle",
+                        "--seed", "1")
+    assert code == 0 and "10 rows in, 8 out, 2 hard" in out
+    assert "2 dropped by --select-easiest" in out
+    assert len(load_rows(tmp_path / "argilla_prepared")[0]) == 8
+
+    renamed = [{**{k: v for k, v in r.items() if not k.endswith("_rating")},
+                "judge_chosen": r["chosen_rating"], "judge_rejected": r["rejected_rating"]}
+               for r in argilla_rows(10)]
+    write_jsonl(tmp_path / "renamed.jsonl", renamed)
+    code, out, _ = _run(capsys, "data", "prepare", tmp_path / "renamed.jsonl",
+                        "-o", tmp_path / "r.json", "--score-columns", "judge_chosen",
+                        "judge_rejected", "--swap-band")
+    assert code == 0 and "easy-first +swap-band" in out
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert [r["difficulty"] for r in written] == [r["judge_chosen"] - r["judge_rejected"]
+                                                  for r in written]
+
+
+def test_inspect_with_plot(tmp_path, capsys, uf_file):
+    code, out, _ = _run(capsys, "data", "inspect", uf_file, "--plot", tmp_path / "margins.png",
+                        "--route-below", "0.5")
+    ties = sum(r["score_chosen"] == r["score_rejected"] for r in ultrafeedback_rows(20))
+    assert code == 0 and "rows: 20" in out and f"ties (difficulty == 0): {ties}" in out
+    assert "would be hard with --route-below 0.5" in out and "q50=" in out
+    assert (tmp_path / "margins.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_score_reward_then_prepare(tmp_path, capsys, uf_file):
+    model = save_tiny_model(tmp_path / "rm", ultrafeedback_rows(20), kind="reward")
+    code, out, _ = _run(capsys, "data", "score-reward", uf_file, "-o", tmp_path / "scored.jsonl",
+                        "--model", model, "--batch-size", "4")
+    assert code == 0 and "20 pairs scored" in out
+    code, out, _ = _run(capsys, "data", "prepare", tmp_path / "scored.jsonl", "-o",
+                        tmp_path / "prepared.jsonl", "--difficulty", "reward",
+                        "--route-fraction", "0.1")
+    prepared, _ = load_rows(tmp_path / "prepared.jsonl")
+    assert code == 0 and "2 hard" in out
+    assert prepared["difficulty"] == pytest.approx(
+        [c - r for c, r in zip(prepared["reward_chosen"], prepared["reward_rejected"])])
+
+
+def test_score_validation_then_select(tmp_path, capsys):
+    rows = ultrafeedback_rows(8)
+    source = write_jsonl(tmp_path / "uf.jsonl", rows)
+    model = save_tiny_model(tmp_path / "policy", rows, kind="causal-lm")
+    code, out, _ = _run(capsys, "data", "score-validation", source, "-o", tmp_path / "vl.parquet",
+                        "--model", model, "--seeds", "41,42", "--evals", "2", "--batch-size", "2",
+                        "--lr", "1e-3")
+    assert code == 0 and "4 reference models, 4 scores per pair" in out
+    scored, _ = load_rows(tmp_path / "vl.parquet")
+    assert all(math.isfinite(v) and v > 0 for v in scored["validation_loss"])
+    code, out, _ = _run(capsys, "data", "prepare", tmp_path / "vl.parquet",
+                        "-o", tmp_path / "easy.jsonl", "--difficulty", "validation-loss",
+                        "--select-easiest", "0.5")
+    easy, _ = load_rows(tmp_path / "easy.jsonl")
+    assert code == 0 and easy["validation_loss"] == sorted(scored["validation_loss"])[:4]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "{bad}", "-o", "{out}"], "bad.jsonl line 3, column 'score_chosen': score is nan"),
+    (["prepare", "{uf}", "-o", "{out}", "--order", "shuffle", "--swap-band"],
+     "needs --order easy-first"),
+    (["prepare", "{uf}", "-o", "{out}", "--difficulty", "reward"], "score-reward"),
+    (["prepare", "{raw}", "-o", "{out}"], "build pairs first"),
+    (["prepare", "{missing}", "-o", "{out}"], "no such file"),
+    (["prepare", "{uf}", "-o", "{tmp}/out.csv"], "unsupported output format"),
+    (["pairs", "{uf}", "-o", "{out}"], "no 'completions' column"),
+    (["inspect", "{fake}"], "not a readable Parquet file"),
+    (["prepare", "{uf}", "-o", "{uf}/out.jsonl"], "cannot write"),
+    (["score-reward", "{uf}", "-o", "{out}", "--model", "{tmp}/no-model"],
+     "cannot load a tokenizer"),
+    (["score-validation", "{uf}", "-o", "{out}", "--model", "{tmp}", "--seeds", "4,x"],
+     "--seeds takes comma-separated integers"),
+])
+def test_user_errors_exit_2_with_one_line_and_no_output(tmp_path, capsys, uf_file, argv, message):
+    bad_rows = ultrafeedback_rows(4)
+    bad_rows[2]["score_chosen"] = float("nan")
+    # json.dumps writes the NaN literal, which Python's json (and so load_rows) accepts.
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad_rows))
+    write_jsonl(tmp_path / "raw.jsonl", raw_completion_rows())
+    (tmp_path / "fake.parquet").write_text("prompt,chosen\n")
+    paths = {"bad": tmp_path / "bad.jsonl", "uf": uf_file, "raw": tmp_path / "raw.jsonl",
+             "missing": tmp_path / "missing.jsonl", "fake": tmp_path / "fake.parquet",
+             "out": tmp_path / "out.jsonl", "tmp": tmp_path}
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = _run(capsys, "data", *[a.format(**paths) for a in argv])
+    assert code == 2 and message in err and "Traceback" not in err
+    assert err.startswith("mixpo data: error:") and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == before  # no output, no temporary files
+
+
+def test_conflicting_options_are_rejected_by_argparse(capsys, uf_file, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "prepare", str(uf_file), "-o", str(tmp_path / "o.jsonl"),
+              "--route-below", "0.5", "--route-fraction", "0.1"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_python_dash_m_mixpo(tmp_path, uf_file):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "mixpo", "data", "prepare", str(uf_file), "-o",
+               str(tmp_path / "out.jsonl"), "--route-fraction", "0.1"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "20 rows in, 20 out, 2 hard" in done.stdout
+    assert len(load_rows(tmp_path / "out.jsonl")[0]) == 20
+    missing_input = [str(tmp_path / "absent.jsonl"), "-o", str(tmp_path / "x.jsonl")]
+    failed = subprocess.run(command[:5] + missing_input, capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=120)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert not (tmp_path / "x.jsonl").exists()

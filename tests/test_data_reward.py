@@ -1,0 +1,88 @@
+"""mixpo.data.reward: reward-model margins with a tiny LlamaForSequenceClassification."""
+import datasets
+import pytest
+import torch
+
+from mixpo.data.difficulty import prepare_dataset
+from mixpo.data.reward import load_reward_model, score_with_reward_model
+from mixpo.testing import (build_tiny_reward_model, build_tiny_tokenizer, corpus_texts,
+                           save_tiny_model, torch_threads, ultrafeedback_rows)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return ultrafeedback_rows(7)
+
+
+@pytest.fixture(scope="module")
+def reward_model(rows):
+    tokenizer = build_tiny_tokenizer(corpus_texts(rows))
+    return build_tiny_reward_model(tokenizer, seed=3), tokenizer
+
+
+def _direct_reward(model, tokenizer, conversation, keep_last=None):
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if keep_last is not None:
+        ids = ids[:, -keep_last:]
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0, 0].item()
+
+
+def test_rewards_match_unbatched_model_calls(rows, reward_model):
+    model, tokenizer = reward_model
+    dataset = datasets.Dataset.from_list(rows)
+    scored = score_with_reward_model(dataset, model, tokenizer, batch_size=3)
+    assert scored.column_names == dataset.column_names + ["reward_chosen", "reward_rejected"]
+    for row, chosen, rejected in zip(rows, scored["reward_chosen"], scored["reward_rejected"]):
+        # Padded batches must read the reward at each sequence's own last token.
+        assert chosen == pytest.approx(_direct_reward(model, tokenizer, row["chosen"]), abs=1e-5)
+        assert rejected == pytest.approx(_direct_reward(model, tokenizer, row["rejected"]),
+                                         abs=1e-5)
+    prepared, summary = prepare_dataset(scored, difficulty="reward", route_fraction=0.3)
+    margins = sorted((c - r for c, r in zip(scored["reward_chosen"], scored["reward_rejected"])),
+                     reverse=True)
+    assert prepared["difficulty"] == pytest.approx(margins) and summary.hard == 2
+
+
+def test_standard_rows_and_truncation(rows, reward_model):
+    model, tokenizer = reward_model
+    standard = datasets.Dataset.from_list([
+        {"prompt": r["prompt"], "chosen": r["chosen"][1]["content"],
+         "rejected": r["rejected"][1]["content"]} for r in rows])
+    # With a chat template, plain strings are scored as the same one-turn chat.
+    as_chat = score_with_reward_model(standard, model, tokenizer, batch_size=2)
+    assert as_chat["reward_chosen"] == pytest.approx(
+        [_direct_reward(model, tokenizer, r["chosen"]) for r in rows], abs=1e-5)
+    scored = score_with_reward_model(standard, model, tokenizer, batch_size=2, max_length=6)
+    assert scored["reward_rejected"] == pytest.approx(  # truncation keeps the end
+        [_direct_reward(model, tokenizer, r["rejected"], keep_last=6) for r in rows], abs=1e-5)
+    rescored = score_with_reward_model(scored, model, tokenizer, batch_size=2, max_length=6)
+    assert rescored.column_names == scored.column_names  # old reward columns replaced
+    assert rescored["reward_chosen"] == pytest.approx(scored["reward_chosen"], abs=1e-5)
+
+
+def test_load_reward_model_checks_outputs(tmp_path, rows):
+    path = save_tiny_model(tmp_path / "rm", rows, kind="reward")
+    model, tokenizer = load_reward_model(str(path))
+    assert model.config.num_labels == 1 and tokenizer.pad_token == "<pad>"
+    two_labels = build_tiny_reward_model(tokenizer, num_labels=2)
+    two_labels.save_pretrained(tmp_path / "classifier")
+    tokenizer.save_pretrained(tmp_path / "classifier")
+    with pytest.raises(ValueError, match="num_labels=1"):
+        load_reward_model(str(tmp_path / "classifier"))
+
+
+def test_empty_completion_is_named(rows, reward_model):
+    bad = [dict(r) for r in rows]
+    bad[5] = dict(bad[5], chosen=[bad[5]["chosen"][0], {"role": "assistant", "content": ""}])
+    with pytest.raises(ValueError, match="row 5, column 'chosen': empty completion"):
+        score_with_reward_model(datasets.Dataset.from_list(bad), *reward_model)
+    with pytest.raises(ValueError, match="--batch-size"):
+        score_with_reward_model(datasets.Dataset.from_list(rows), *reward_model, batch_size=0)

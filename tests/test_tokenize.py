@@ -1,0 +1,70 @@
+"""mixpo.data.tokenize: rendering, masking, EOS/BOS, truncation, errors, carried columns."""
+import pytest
+
+from mixpo.data.tokenize import IGNORE_INDEX, tokenize_pair, tokenize_rows
+from mixpo.testing import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer(["the cat sat on the mat", "why is the sky blue"])
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_plain_rows_mask_the_prompt_and_append_eos(tokenizer):
+    row = {"prompt": "why is the sky", "chosen": "blue", "rejected": "the cat sat",
+           "score_chosen": 8.0, "score_rejected": 3.0, "hard": False, "extra": "dropped"}
+    out = tokenize_pair(row, tokenizer, max_length=32)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    prompt = [bos] + ids(tokenizer, "why is the sky")  # this tokenizer adds <s> by default
+    assert out["prompt_length"] == len(prompt)
+    assert out["chosen_input_ids"] == prompt + ids(tokenizer, "blue") + [eos]
+    assert out["rejected_input_ids"] == prompt + ids(tokenizer, "the cat sat") + [eos]
+    assert out["chosen_labels"] == [IGNORE_INDEX] * len(prompt) + ids(tokenizer, "blue") + [eos]
+    assert out["rejected_labels"][len(prompt):] == out["rejected_input_ids"][len(prompt):]
+    assert (out["score_chosen"], out["score_rejected"], out["hard"]) == (8.0, 3.0, False)
+    assert "extra" not in out
+
+
+def test_conversational_rows_use_the_chat_template_and_never_double_eos(tokenizer):
+    prompt = [{"role": "user", "content": "why is the sky blue"}]
+    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "the sun"}],
+           "rejected": [{"role": "assistant", "content": "the cat"}]}
+    out = tokenize_pair(row, tokenizer, max_length=64)
+    templated_prompt = tokenizer.apply_chat_template(prompt, tokenize=False,
+                                                     add_generation_prompt=True)
+    prompt_ids = [tokenizer.bos_token_id] + ids(tokenizer, templated_prompt)
+    assert out["chosen_input_ids"][:len(prompt_ids)] == prompt_ids
+    completion = out["chosen_input_ids"][len(prompt_ids):]
+    # The template closes the turn with </s> (= EOS here): it must not be appended twice.
+    assert completion == ids(tokenizer, "the sun </s>")
+    assert completion.count(tokenizer.eos_token_id) == 1
+    assert out["chosen_labels"][:len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+
+
+def test_truncation_keeps_the_prompt_end_then_cuts_completions(tokenizer):
+    prompt_words = "the cat sat on the mat why is the sky blue"
+    row = {"prompt": prompt_words, "chosen": "the cat sat on the mat", "rejected": "blue"}
+    out = tokenize_pair(row, tokenizer, max_length=8, max_prompt_length=4)
+    assert out["prompt_length"] == 4
+    assert out["chosen_input_ids"][:4] == ids(tokenizer, "is the sky blue")  # the end survives
+    assert len(out["chosen_input_ids"]) == 8  # completion cut to max_length - prompt
+    assert out["chosen_input_ids"][4:] == ids(tokenizer, "the cat sat on")
+    assert out["rejected_input_ids"][4:] == ids(tokenizer, "blue") + [tokenizer.eos_token_id]
+    # Short enough: nothing is cut, even with a small max_prompt_length.
+    short = tokenize_pair({"prompt": "why is the sky", "chosen": "blue", "rejected": "the"},
+                          tokenizer, max_length=64, max_prompt_length=2)
+    assert short["prompt_length"] == 5
+
+
+def test_a_prompt_filling_max_length_is_an_error_naming_the_row(tokenizer):
+    rows = [{"prompt": "why", "chosen": "blue", "rejected": "the"},
+            {"prompt": "the cat sat on the mat why is", "chosen": "blue", "rejected": "the"}]
+    with pytest.raises(ValueError, match=r"row 1: the prompt has 9 tokens"):
+        tokenize_rows(rows, tokenizer, max_length=6, max_prompt_length=None)
+    with pytest.raises(ValueError, match="data.jsonl line 4, column 'chosen'"):
+        tokenize_rows([{"prompt": "why", "chosen": " ", "rejected": "x"}], tokenizer, 16,
+                      row_names=lambda i: "data.jsonl line 4")
