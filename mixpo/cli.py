@@ -11,11 +11,11 @@ import argparse
 import importlib
 import sys
 
-# (module, description) of each command group; the module defines `register(subparsers)`.
+# Command groups; each module defines `register(subparsers)`.
 COMMAND_MODULES = (
     "mixpo.train.cli",   # demo, train, plan
     "mixpo.data.cli",    # data pairs | prepare | score-validation | score-reward | inspect
-    "mixpo.bench",       # bench roofline | loss
+    "mixpo.bench",       # bench roofline | compile
 )
 
 

@@ -156,27 +156,30 @@ def test_backward_matches_twin_and_formula(dtype, with_bias):
     assert not_listed.any() and out[0][not_listed].abs().max() == 0
 
 
-def test_large_vocab_few_tokens():
-    """V = 128256 (Llama-3): 16 vocab tiles of 8192, the last one partial."""
-    for dtype in (torch.float32, torch.bfloat16):
-        hidden, weight, _, labels = make_batch(num_seqs=2, seq_len=6, hidden_size=32,
-                                               vocab_size=128256, dtype=dtype, seed=3)
-        labels[1, -1] = 128256 - 1
-        rows, row_labels = compact(labels)
-        hidden2d = hidden.reshape(-1, 32)
-        logps, lse = linear_logps.linear_token_logps_forward(hidden2d, weight, None,
-                                                             row_labels, rows)
-        twin_logps, twin_lse = reference.linear_token_logps_forward(hidden2d, weight, None,
-                                                                    row_labels, rows)
-        assert_close(logps, twin_logps, 1e-5, "token_logps")
-        assert_close(lse, twin_lse, 1e-5, "lse")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_vocab_few_tokens(dtype):
+    """V = 128256 (Llama-3): 16 vocab tiles of 8192, the last one partial. (The interpreter
+    pays per element loaded: H is small, and bf16 runs the forward only; its backward is
+    covered at V = 10000 above.)"""
+    hidden, weight, _, labels = make_batch(num_seqs=2, seq_len=6, hidden_size=16,
+                                           vocab_size=128256, dtype=dtype, seed=3)
+    labels[1, -1] = 128256 - 1
+    rows, row_labels = compact(labels)
+    hidden2d = hidden.reshape(-1, 16)
+    logps, lse = linear_logps.linear_token_logps_forward(hidden2d, weight, None, row_labels,
+                                                         rows)
+    twin_logps, twin_lse = reference.linear_token_logps_forward(hidden2d, weight, None,
+                                                                row_labels, rows)
+    assert_close(logps, twin_logps, 1e-5, "token_logps")
+    assert_close(lse, twin_lse, 1e-5, "lse")
+    if dtype == torch.float32:
         coef = torch.linspace(-1, 1, rows.shape[0])
         got = linear_logps.linear_token_logps_backward(hidden2d, weight, None, row_labels,
                                                        rows, lse, coef)
         want = reference.linear_token_logps_backward(hidden2d, weight, None, row_labels, rows,
                                                      twin_lse, coef)
         for name, a, b in zip(("dhidden", "dweight"), got[:2], want[:2]):
-            assert_close(a, b, TOLERANCE[dtype], name)
+            assert_close(a, b, 1e-4, name)
 
 
 def test_forward_row_offsets_past_int32():

@@ -122,12 +122,36 @@ def load_checkpoint(path: Path, model, optimizers: list, env) -> tuple[dict, dic
     return trainer_state, rank_state
 
 
-def finished_run(output_dir: Path, total_steps: int) -> bool:
-    """True when `OUTPUT/final/` holds the export of a run that reached `total_steps`."""
+# Keys a rerun may change and still continue the run in the same output directory.
+RESUMABLE_CHANGES = ("max_steps", "num_epochs", "save_steps", "logging_steps",
+                     "save_total_limit", "progress_bar", "reference_batch_size", "output_dir",
+                     "device")
+
+
+def previous_run(output_dir: Path) -> dict | None:
+    """{'config': ..., 'completed_steps': ...} of the run already in `output_dir`: its final
+    export if there is one, else its latest checkpoint; None for a fresh directory."""
     info = output_dir / FINAL_DIR / RUN_INFO
-    if not info.is_file():
-        return False
-    return json.loads(info.read_text()).get("completed_steps") == total_steps
+    if info.is_file():
+        return json.loads(info.read_text())
+    latest = latest_checkpoint(output_dir)
+    if latest is None:
+        return None
+    state = torch.load(latest / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return {"config": state["config"], "completed_steps": None}
+
+
+def check_same_run(previous: dict | None, config: dict, output_dir: Path) -> None:
+    """ValueError when `output_dir` holds a run whose settings differ from `config` in a way
+    that changes the trajectory (anything but RESUMABLE_CHANGES)."""
+    if previous is None:
+        return
+    changed = [f"{key}: {previous['config'].get(key)!r} -> {value!r}"
+               for key, value in config.items()
+               if key not in RESUMABLE_CHANGES and previous["config"].get(key) != value]
+    if changed:
+        raise ValueError(f"{output_dir} holds a run with other settings ({'; '.join(changed)}); "
+                         "use another output_dir, or delete that one to start over")
 
 
 def export_final(output_dir: Path, model, causal_lm, tokenizer, run_info: dict, env) -> Path:

@@ -117,7 +117,10 @@ def _train(cfg: TrainConfig, env) -> dict:
                          f"(now {sampler.accumulation_steps} micro-batches x {env.world_size} "
                          "processes)")
     total_steps = sampler.total_steps
-    if checkpoint.finished_run(output_dir, total_steps):
+    previous = distributed.broadcast_object(
+        checkpoint.previous_run(output_dir) if env.is_main else None, env)
+    checkpoint.check_same_run(previous, cfg.to_dict(), output_dir)
+    if previous is not None and previous["completed_steps"] == total_steps:
         if env.is_main:
             print(f"{output_dir / checkpoint.FINAL_DIR} already holds this run's {total_steps} "
                   "steps; nothing to do")

@@ -1,0 +1,78 @@
+"""PreferenceCollator layout and CurriculumSampler order, sharding and resume."""
+import pytest
+import torch
+
+from mixpo.data.collate import PreferenceCollator
+from mixpo.data.sampler import CurriculumSampler
+from mixpo.data.tokenize import IGNORE_INDEX
+
+
+def example(prompt, chosen, rejected, **columns):
+    return {"chosen_input_ids": prompt + chosen, "rejected_input_ids": prompt + rejected,
+            "chosen_labels": [IGNORE_INDEX] * len(prompt) + chosen,
+            "rejected_labels": [IGNORE_INDEX] * len(prompt) + rejected,
+            "prompt_length": len(prompt), **columns}
+
+
+def test_collator_puts_chosen_rows_first_and_pads_right():
+    batch = PreferenceCollator(pad_token_id=0)([
+        example([5, 6], [7], [8, 9, 10], hard=True, score_chosen=9.0, score_rejected=9.0,
+                ref_chosen_logps=-1.5, ref_rejected_logps=-2.5),
+        example([5], [11, 12], [13], hard=False, score_chosen=8.0, score_rejected=2.0,
+                ref_chosen_logps=-3.0, ref_rejected_logps=-4.0),
+    ])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0], [5, 11, 12, 0, 0],
+                                           [5, 6, 8, 9, 10], [5, 13, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0],
+                                                [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, -100, -100], [-100, 11, 12, -100, -100],
+                                        [-100, -100, 8, 9, 10], [-100, 13, -100, -100, -100]]
+    assert batch["hard"].dtype == torch.bool and batch["hard"].tolist() == [True, False]
+    assert batch["score_chosen"].tolist() == [9.0, 8.0]
+    assert batch["ref_chosen_logps"].tolist() == [-1.5, -3.0]
+    assert batch["ref_rejected_logps"].dtype == torch.float32
+    assert "difficulty" not in batch
+
+
+def test_collator_rounds_length_and_refuses_partial_columns():
+    batch = PreferenceCollator(pad_token_id=3, pad_to_multiple_of=4)([example([1], [2], [2])])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 3], [1, 2, 3, 3]]
+    with pytest.raises(ValueError, match="'hard' is set on some pairs"):
+        PreferenceCollator(0)([example([1], [2], [2], hard=True), example([1], [2], [2])])
+
+
+def test_global_batch_k_covers_rows_k_times_g_in_order_on_any_world_size():
+    rows, global_batch = 40, 8
+    single = CurriculumSampler(rows, global_batch, micro_batch_size=2)
+    assert single.total_steps == 5 and single.accumulation_steps == 4
+    for step in range(5):
+        expected = list(range(step * 8, step * 8 + 8))
+        assert sum(single.micro_batches(step), []) == expected
+        # Two ranks: contiguous halves, in rank order; micro-batches of 2 -> 2 accumulated.
+        ranks = [CurriculumSampler(rows, global_batch, 2, world_size=2, rank=r) for r in (0, 1)]
+        assert ranks[0].accumulation_steps == 2
+        assert ranks[0].rank_rows(step) + ranks[1].rank_rows(step) == expected
+        assert ranks[1].micro_batches(step) == [expected[4:6], expected[6:8]]
+
+
+def test_resume_epochs_and_dropped_tail():
+    sampler = CurriculumSampler(num_rows=21, global_batch_size=4, micro_batch_size=4,
+                                num_epochs=2)
+    assert (sampler.steps_per_epoch, sampler.total_steps, sampler.dropped_rows_per_epoch) == (5, 10, 1)
+    full = list(sampler)
+    assert full[5] == (5, [[0, 1, 2, 3]])  # the second epoch repeats the curriculum
+    resumed = CurriculumSampler(21, 4, 4, num_epochs=2)
+    resumed.load_state_dict({**sampler.state_dict(), "start_step": 7})
+    assert list(resumed) == full[7:] and len(resumed) == 3
+    assert len(list(CurriculumSampler(21, 4, 4, max_steps=12))) == 12
+    with pytest.raises(ValueError, match="num_rows=21"):
+        CurriculumSampler(22, 4, 4).load_state_dict(sampler.state_dict())
+
+
+def test_sampler_rejects_inconsistent_sizes():
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        CurriculumSampler(100, 10, 4)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        CurriculumSampler(7, 8, 2)
+    with pytest.raises(ValueError, match="rank 2 is outside"):
+        CurriculumSampler(16, 8, 2, world_size=2, rank=2)

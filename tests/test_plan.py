@@ -1,0 +1,93 @@
+"""`mixpo plan` arithmetic against numbers worked out by hand for Llama-3-8B."""
+import argparse
+
+import pytest
+
+from mixpo.cli import main
+from mixpo.train.plan import (GIB, Workload, mixpo_plan, model_shape, plan_command,
+                              trl_default_plan)
+
+# Llama-3-8B by hand: V 128256, H 4096, 32 layers, MLP 14336, 8 KV heads of 128 (1024).
+V, H, L, I, KV = 128256, 4096, 32, 14336, 1024
+EMBED = V * H                                               # 525,336,576 (head: the same)
+LAYER = (2 * H * H + 2 * H * KV) + 3 * H * I + 2 * H        # attention + MLP + 2 norms
+PARAMS = 2 * EMBED + L * LAYER + H                          # + final norm
+TOKENS = 2 * 1 * 1024                                       # 1 pair = 2 sequences of 1024
+LAYER_VALUES = 4 * H + 3 * H + 3 * KV + 4 * I               # saved per token per layer
+
+
+@pytest.fixture(scope="module")
+def llama3_8b():
+    return model_shape("llama-3-8b")
+
+
+def test_parameter_counts_match_the_released_models(llama3_8b):
+    assert PARAMS == 8_030_261_248 == llama3_8b.num_params
+    assert llama3_8b.largest_param == EMBED and llama3_8b.layer_params == LAYER
+    assert LAYER_VALUES == 89_088 == llama3_8b.layer_activation_values
+    assert model_shape("qwen-2.5-7b").num_params == 7_615_616_512
+    gemma = model_shape("gemma-2-9b")
+    assert gemma.num_params == 9_241_705_984 and "final_logit_softcapping" in gemma.logit_transform
+
+
+def test_mixpo_components_on_one_gpu(llama3_8b):
+    work = Workload(gpus=1, seq_len=1024, micro_batch_size=1)
+    plan = mixpo_plan(llama3_8b, work, optim="adamw_bf16", reference="precomputed")
+    activations = L * TOKENS * H * 2 + 2 * TOKENS * LAYER_VALUES * 2
+    assert plan == {
+        "weights": 2 * PARAMS,                       # bf16
+        "gradients": 2 * PARAMS,                     # accumulation keeps every gradient
+        "optimizer states": 4 * PARAMS,              # two bf16 moments
+        "activations": activations,                  # 1,266,679,808
+        "loss head": V * H * 4 + 2 * TOKENS * H * 2,  # fp32 dW accumulator + hidden, dHidden
+        "reference model": 0,
+        "runtime reserve": 3 * GIB,
+    }
+    assert activations == 1_266_679_808
+    assert sum(plan.values()) == 70_864_896_000       # 66.00 GiB: fits in 80
+    stepped = mixpo_plan(llama3_8b, work, step_in_backward=True)
+    assert stepped["gradients"] == 2 * EMBED          # only the largest gradient is alive
+    assert sum(stepped.values()) / GIB == pytest.approx(52.02, abs=0.005)
+    assert mixpo_plan(llama3_8b, work, optim="adamw_8bit")["optimizer states"] == 2 * PARAMS
+    assert mixpo_plan(llama3_8b, work, reference="live")["reference model"] == 2 * PARAMS
+
+
+def test_trl_default_and_sharding(llama3_8b):
+    trl = trl_default_plan(llama3_8b, Workload())
+    assert trl["weights"] + trl["gradients"] + trl["optimizer states"] == 16 * PARAMS
+    assert trl["reference model"] == 2 * PARAMS
+    assert trl["loss head"] == TOKENS * V * 8
+    assert sum(trl.values()) == 151_133_954_048       # 140.75 GiB: does not fit in 80
+    # Four GPUs: states shard by 4; FSDP holds the root unit and two layers unsharded.
+    four = mixpo_plan(llama3_8b, Workload(gpus=4))
+    assert four["optimizer states"] == PARAMS
+    assert four["weights"] == 2 * PARAMS // 4 + (2 * EMBED + H + 2 * LAYER) * 2
+
+
+def _args(**overrides):
+    values = dict(model="llama-3-8b", gpus=1, gpu_memory=80.0, seq_len=1024,
+                  micro_batch_size=1, global_batch_size=128, optim="adamw_bf16",
+                  step_in_backward=False, reference="precomputed", gradient_checkpointing=True)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_report_says_llama3_8b_fits_one_80gb_gpu_and_trl_does_not():
+    report = plan_command(_args(step_in_backward=True, global_batch_size=1))
+    assert "8.03 B parameters" in report
+    assert "total" in report and "52.02 GiB" in report and "140.75 GiB" in report
+    assert "fits? mixpo: yes, 28.0 GiB free; TRL default: no, 60.8 GiB over" in report
+    default = plan_command(_args())
+    assert "66.00 GiB" in default and "mixpo: yes" in default
+    with pytest.raises(ValueError, match="step-in-backward needs one backward per step"):
+        plan_command(_args(step_in_backward=True))
+
+
+def test_plan_reads_a_local_config_and_reports_user_errors(tmp_path, capsys):
+    from mixpo.testing import build_tiny_causal_lm, build_tiny_tokenizer
+
+    model = build_tiny_causal_lm(build_tiny_tokenizer())
+    model.config.save_pretrained(tmp_path)
+    shape = model_shape(str(tmp_path / "config.json"))
+    assert shape.num_params == sum(p.numel() for p in model.parameters())
+    assert main(["plan", "--model", "no-such-model"]) == 2
+    assert "not a config.json, a model directory, or one of" in capsys.readouterr().err

@@ -1,0 +1,181 @@
+"""The trainer end to end on a tiny Llama: metrics, checkpoints, resume after SIGKILL, the
+HF export, the reference cache, and a 2-process FSDP2 run against the 1-process run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixpo.testing import save_tiny_model, ultrafeedback_rows
+from mixpo.train.checkpoint import complete_checkpoints
+from mixpo.train.config import TrainConfig, build_config
+from mixpo.train.metrics import read_metrics
+from mixpo.train.trainer import train
+
+REPO = Path(__file__).resolve().parent.parent
+COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+            "logps/rejected", "gamma/mean", "grad_norm", "lr")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny model directory, 32 UltraFeedback-style pairs and a recipe for them."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    rows = ultrafeedback_rows(32)
+    save_tiny_model(root / "model", rows)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = root / "recipe.yaml"
+    recipe.write_text(f"model_name_or_path: {root / 'model'}\ntrain_file: {data}\n"
+                      "max_length: 48\nmax_prompt_length: 16\nbeta: 0.1\nlearning_rate: 1.0e-3\n"
+                      "global_batch_size: 8\nmicro_batch_size: 4\nlogging_steps: 1\n"
+                      "progress_bar: false\n")
+    return root, recipe
+
+
+def run(recipe, output_dir, **overrides) -> list[dict]:
+    train(build_config(TrainConfig, recipe, {"output_dir": str(output_dir), **overrides}))
+    return read_metrics(output_dir)
+
+
+def assert_same_trajectory(expected, actual, rel=1e-5):
+    assert [row["step"] for row in actual] == [row["step"] for row in expected]
+    for want, got in zip(expected, actual):
+        for key in COMPARED:
+            assert got[key] == pytest.approx(want[key], rel=rel, abs=1e-6), (want["step"], key)
+
+
+def cli_env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_mixdpo_gamma_po_run_metrics_checkpoints_and_export(tiny_run, tmp_path):
+    root, recipe = tiny_run
+    out = tmp_path / "run"
+    metrics = run(recipe, out, max_steps=6, save_steps=3, difficulty="rating", route_below=1.0,
+                  adaptive_margin=True, gamma=0.5, save_total_limit=1)
+    assert [row["step"] for row in metrics] == list(range(1, 7))
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                "rewards/margins", "logps/chosen", "logps/rejected", "gamma/mean", "gamma/std",
+                "routing/sft_fraction", "lr", "grad_norm", "tokens_per_second", "memory/peak_gb"):
+        assert all(isinstance(row[key], float) for row in metrics), key
+    assert metrics[0]["rewards/margins"] == 0.0 and metrics[0]["lr"] == 0.0  # policy == ref
+    assert any(row["routing/sft_fraction"] > 0 for row in metrics)  # tied pairs go to SFT
+    assert any(row["gamma/std"] > 0 for row in metrics)  # per-pair adaptive margins
+    assert [step for step, _ in complete_checkpoints(out)] == [6]  # save_total_limit=1
+    state = torch.load(out / "checkpoint-6" / "rank_state_0.pt", weights_only=False)
+    assert len(state["margin"]["queue"]) == 8 + 6 * 8  # initial queue + every pair's gap
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    initial = AutoModelForCausalLM.from_pretrained(root / "model")
+    assert (out / "final" / "model.safetensors").is_file()
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), initial.parameters()))
+    ids = tokenizer("why is the sky", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    # Rerunning a finished command does nothing.
+    assert run(recipe, out, max_steps=6, save_steps=3, difficulty="rating", route_below=1.0,
+               adaptive_margin=True, gamma=0.5, save_total_limit=1) == metrics
+
+
+def test_reference_cache_and_live_reference_agree(tiny_run, tmp_path, capsys):
+    _, recipe = tiny_run
+    precomputed = run(recipe, tmp_path / "a", max_steps=3)
+    assert "reference log-probs: computed" in capsys.readouterr().out
+    cache = torch.load(tmp_path / "a" / "reference_logps.pt", weights_only=True)
+    assert cache["chosen"].shape == (32,) and torch.all(cache["chosen"] < 0)
+    # A longer run of the same data and model reuses them; other settings are refused.
+    run(recipe, tmp_path / "a", max_steps=4)
+    assert "reference log-probs: cached" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="holds a run with other settings "
+                                         r"\(max_length: 48 -> 40\)"):
+        run(recipe, tmp_path / "a", max_steps=4, max_length=40)
+    live = run(recipe, tmp_path / "b", max_steps=3, reference="live")
+    assert_same_trajectory(precomputed, live)
+
+
+def test_reference_cache_key_follows_model_tokens_and_dtype(tiny_run):
+    from transformers import AutoTokenizer
+
+    from mixpo.data.tokenize import tokenize_rows
+    from mixpo.train.ref_logps import cache_key
+
+    root, _ = tiny_run
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    rows = ultrafeedback_rows(32)
+    examples = tokenize_rows(rows, tokenizer, max_length=48, max_prompt_length=16)
+    key = cache_key(str(root / "model"), torch.float32, examples)
+    assert key == cache_key(str(root / "model"), torch.float32,
+                            tokenize_rows(rows, tokenizer, 48, 16))
+    assert key != cache_key(str(root / "model"), torch.bfloat16, examples)
+    assert key != cache_key(str(root / "model"), torch.float32,
+                            tokenize_rows(rows, tokenizer, 20, 8))
+    assert key != cache_key(str(root / "model"), torch.float32,
+                            tokenize_rows(rows[::-1], tokenizer, 48, 16))
+    weights = root / "model" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert key != cache_key(str(root / "model"), torch.float32, examples)
+
+
+def test_step_in_backward_matches_a_normal_step(tiny_run, tmp_path):
+    _, recipe = tiny_run
+    common = dict(max_steps=4, micro_batch_size=8, max_grad_norm=0.0)
+    normal = run(recipe, tmp_path / "normal", **common)
+    stepped = run(recipe, tmp_path / "stepped", step_in_backward=True, **common)
+    assert_same_trajectory(normal, stepped)
+    with pytest.raises(ValueError, match="step_in_backward needs one backward per step"):
+        run(recipe, tmp_path / "bad", step_in_backward=True, max_steps=2, max_grad_norm=0.0)
+
+
+def test_sigkill_mid_run_then_rerun_resumes_on_the_same_trajectory(tiny_run, tmp_path):
+    _, recipe = tiny_run
+    settings = ["--max_steps", "60", "--save_steps", "4"]
+    reference = run(recipe, tmp_path / "uninterrupted", max_steps=60, save_steps=4)
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "mixpo", "train", str(recipe), "--output_dir", str(out),
+               *settings]
+    process = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not complete_checkpoints(out) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, stderr[-2000:]
+    assert not (out / "final").exists()
+    killed_at = complete_checkpoints(out)[-1][0]
+    assert killed_at < 60
+
+    resumed = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {out / f'checkpoint-{killed_at}'}" in resumed.stdout
+    assert not list(out.glob(".checkpoint-*.tmp"))
+    assert_same_trajectory(reference, read_metrics(out), rel=1e-6)
+
+
+def test_two_process_fsdp_run_follows_the_one_process_run(tiny_run, tmp_path):
+    _, recipe = tiny_run
+    single = run(recipe, tmp_path / "one", max_steps=4, save_steps=2)
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", "0", "-m", "mixpo", "train", str(recipe), "--output_dir",
+               str(out), "--max_steps", "4", "--save_steps", "2", "--micro_batch_size", "2"]
+    result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_trajectory(single, read_metrics(out))
+    assert {p.name for p in (out / "checkpoint-4").iterdir()} >= {"rank_state_0.pt",
+                                                                 "rank_state_1.pt", "state"}
+    from transformers import AutoModelForCausalLM
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "final")
+    two = AutoModelForCausalLM.from_pretrained(out / "final")
+    for a, b in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
