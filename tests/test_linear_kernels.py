@@ -349,7 +349,7 @@ def test_sequence_logps_triton_vs_torch(dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# CPU peak memory: torch backend vs materialised logits, 4096 tokens x V 128256 x H 256
+# CPU peak memory: torch backend vs materialised logits, 2048 tokens x V 128256 x H 64
 # ----------------------------------------------------------------------------------------------
 MEMORY_SCRIPT = textwrap.dedent("""
     import re, sys
@@ -361,12 +361,12 @@ MEMORY_SCRIPT = textwrap.dedent("""
         return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read())[1])
 
     torch.manual_seed(0)
-    pairs, seq_len, hidden_size, vocab_size = 4, 1024, 256, 128256   # 4096 tokens
+    pairs, seq_len, hidden_size, vocab_size = 2, 512, 64, 128256      # 2048 tokens
     hidden = torch.randn(2 * pairs, seq_len, hidden_size).requires_grad_()
     weight = (torch.randn(vocab_size, hidden_size) / 16).requires_grad_()
     labels = torch.randint(0, vocab_size, (2 * pairs, seq_len))
-    labels[:, :256] = -100                                              # prompts
-    ref = torch.full((2 * pairs,), -3000.0)
+    labels[:, :128] = -100                                              # prompts
+    ref = torch.full((2 * pairs,), -4500.0)
     base = status("VmRSS")
     try:
         open("/proc/self/clear_refs", "w").write("5")                    # reset the peak
@@ -396,9 +396,12 @@ def peak_extra_memory_mib(path):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
 def test_cpu_peak_memory_vs_materialised_logits():
+    """Forward + backward, fp32, each path in a fresh process (peak RSS minus RSS once the
+    inputs exist). H is small to keep the CPU matmuls short: logits memory does not depend
+    on it. Measured here: materialised ~4.0 GiB, mixpo's torch backend ~0.33 GiB."""
     naive_mib, naive_loss = peak_extra_memory_mib("materialised")
     ours_mib, our_loss = peak_extra_memory_mib("mixpo")
     assert our_loss == pytest.approx(naive_loss, rel=1e-4, abs=1e-5)
-    logits_mib = 4096 * 128256 * 4 / 2**20                  # one fp32 [N, V] tensor: 2004 MiB
+    logits_mib = 2048 * 128256 * 4 / 2**20                  # one fp32 [N, V] tensor: 1002 MiB
     assert naive_mib > 2.5 * logits_mib                     # logits, log-probs, their grads
     assert ours_mib < naive_mib / 4 and ours_mib < logits_mib / 2, (ours_mib, naive_mib)

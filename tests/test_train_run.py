@@ -2,6 +2,7 @@
 HF export, the reference cache, and a 2-process FSDP2 run against the 1-process run."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,16 @@ from mixpo.train.trainer import train
 REPO = Path(__file__).resolve().parent.parent
 COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
             "logps/rejected", "gamma/mean", "grad_norm", "lr")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared machine extra OpenMP threads spin
+    and make a run several times slower. Subprocesses get OMP_NUM_THREADS=1 to match."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +64,7 @@ def assert_same_trajectory(expected, actual, rel=1e-5):
 def cli_env():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
@@ -135,10 +147,25 @@ def test_step_in_backward_matches_a_normal_step(tiny_run, tmp_path):
         run(recipe, tmp_path / "bad", step_in_backward=True, max_steps=2, max_grad_norm=0.0)
 
 
+def test_bf16_optimizer_states_resume_exactly(tiny_run, tmp_path):
+    """BF16StateAdamW's bf16 moments and the RNG its stochastic rounding draws from come back
+    from the checkpoint, so a resumed run repeats the uninterrupted one bit for bit."""
+    _, recipe = tiny_run
+    out = tmp_path / "bf16"
+    settings = dict(max_steps=6, save_steps=3, optim="adamw_bf16")
+    uninterrupted = run(recipe, out, **settings)
+    for path in (out / "final", out / "checkpoint-6"):
+        shutil.rmtree(path)
+    resumed = run(recipe, out, **settings)
+    assert resumed == [{**row, "tokens_per_second": resumed[i]["tokens_per_second"],
+                        "memory/peak_gb": resumed[i]["memory/peak_gb"]}
+                       for i, row in enumerate(uninterrupted)]
+
+
 def test_sigkill_mid_run_then_rerun_resumes_on_the_same_trajectory(tiny_run, tmp_path):
     _, recipe = tiny_run
-    settings = ["--max_steps", "60", "--save_steps", "4"]
-    reference = run(recipe, tmp_path / "uninterrupted", max_steps=60, save_steps=4)
+    settings = ["--max_steps", "40", "--save_steps", "4"]
+    reference = run(recipe, tmp_path / "uninterrupted", max_steps=40, save_steps=4)
 
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "mixpo", "train", str(recipe), "--output_dir", str(out),
@@ -153,7 +180,7 @@ def test_sigkill_mid_run_then_rerun_resumes_on_the_same_trajectory(tiny_run, tmp
     assert process.returncode == -signal.SIGKILL, stderr[-2000:]
     assert not (out / "final").exists()
     killed_at = complete_checkpoints(out)[-1][0]
-    assert killed_at < 60
+    assert killed_at < 40
 
     resumed = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -166,8 +193,8 @@ def test_two_process_fsdp_run_follows_the_one_process_run(tiny_run, tmp_path):
     _, recipe = tiny_run
     single = run(recipe, tmp_path / "one", max_steps=4, save_steps=2)
     out = tmp_path / "two"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", "0", "-m", "mixpo", "train", str(recipe), "--output_dir",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "mixpo", "train", str(recipe), "--output_dir",
                str(out), "--max_steps", "4", "--save_steps", "2", "--micro_batch_size", "2"]
     result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,0 +1,62 @@
+"""Low-memory AdamW (bf16 states, stochastic rounding) and the learning-rate schedule."""
+import pytest
+import torch
+
+from mixpo.train.optim import BF16StateAdamW, cosine_lr, stochastic_round_to_bf16
+
+
+def test_stochastic_rounding_is_unbiased_between_the_two_neighbours():
+    torch.manual_seed(0)
+    value = 1.0 + 2.0 ** -10                      # bf16 neighbours: 1 and 1 + 2^-7
+    rounded = stochastic_round_to_bf16(torch.full((200_000,), value)).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2.0 ** -7}
+    assert rounded.mean().item() == pytest.approx(value, abs=2e-5)
+    exact = torch.tensor([0.5, -3.0, 1.0 + 2.0 ** -7])  # representable values stay put
+    assert torch.equal(stochastic_round_to_bf16(exact).float(), exact)
+
+
+def test_tiny_updates_survive_on_bf16_weights_only_with_stochastic_rounding():
+    torch.manual_seed(0)
+    lr = 1e-5                                     # far below bf16's spacing at 1.0 (2^-8)
+    ours = torch.nn.Parameter(torch.ones(100_000, dtype=torch.bfloat16))
+    plain = torch.nn.Parameter(torch.ones(100_000, dtype=torch.bfloat16))
+    for param, optimizer in ((ours, BF16StateAdamW([ours], lr=lr)),
+                             (plain, torch.optim.AdamW([plain], lr=lr, weight_decay=0.0))):
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+    assert torch.equal(plain.float(), torch.ones(100_000))          # rounded away
+    assert ours.float().mean().item() == pytest.approx(1 - lr, abs=2e-6)  # kept on average
+    state = BF16StateAdamW([ours]).state  # states are bf16 (2 B each)
+    assert state == {} or all(v.dtype == torch.bfloat16 for v in state.values())
+
+
+def test_fp32_weights_follow_torch_adamw_within_bf16_state_precision():
+    torch.manual_seed(0)
+    start = torch.randn(256)
+    ours, reference = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    settings = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    optimizers = BF16StateAdamW([ours], **settings), torch.optim.AdamW([reference], **settings)
+    for _ in range(10):
+        grad = torch.randn(256)
+        for param, optimizer in zip((ours, reference), optimizers):
+            param.grad = grad.clone()
+            optimizer.step()
+    moved = (reference - start).abs().mean()
+    assert ((ours - reference).abs().mean() / moved).item() < 0.02
+    state = optimizers[0].state[ours]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_cosine_schedule_matches_hugging_face():
+    from transformers import get_cosine_schedule_with_warmup
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1e-6)
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=3,
+                                               num_training_steps=20)
+    for step in range(20):
+        assert cosine_lr(step, 20, 3, 1e-6) == pytest.approx(optimizer.param_groups[0]["lr"],
+                                                             rel=1e-12, abs=1e-20)
+        optimizer.step()
+        schedule.step()
+    assert cosine_lr(0, 20, 3, 1.0) == 0.0 and cosine_lr(3, 20, 3, 1.0) == 1.0
