@@ -14,10 +14,15 @@ def ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def as_lists(tokenized):
+    """Token arrays (int32 numpy) as lists, for readable comparisons."""
+    return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in tokenized.items()}
+
+
 def test_plain_rows_mask_the_prompt_and_append_eos(tokenizer):
     row = {"prompt": "why is the sky", "chosen": "blue", "rejected": "the cat sat",
            "score_chosen": 8.0, "score_rejected": 3.0, "hard": False, "extra": "dropped"}
-    out = tokenize_pair(row, tokenizer, max_length=32)
+    out = as_lists(tokenize_pair(row, tokenizer, max_length=32))
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     prompt = [bos] + ids(tokenizer, "why is the sky")  # this tokenizer adds <s> by default
     assert out["prompt_length"] == len(prompt)
@@ -33,7 +38,7 @@ def test_conversational_rows_use_the_chat_template_and_never_double_eos(tokenize
     prompt = [{"role": "user", "content": "why is the sky blue"}]
     row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "the sun"}],
            "rejected": [{"role": "assistant", "content": "the cat"}]}
-    out = tokenize_pair(row, tokenizer, max_length=64)
+    out = as_lists(tokenize_pair(row, tokenizer, max_length=64))
     templated_prompt = tokenizer.apply_chat_template(prompt, tokenize=False,
                                                      add_generation_prompt=True)
     prompt_ids = [tokenizer.bos_token_id] + ids(tokenizer, templated_prompt)
@@ -48,7 +53,7 @@ def test_conversational_rows_use_the_chat_template_and_never_double_eos(tokenize
 def test_truncation_keeps_the_prompt_end_then_cuts_completions(tokenizer):
     prompt_words = "the cat sat on the mat why is the sky blue"
     row = {"prompt": prompt_words, "chosen": "the cat sat on the mat", "rejected": "blue"}
-    out = tokenize_pair(row, tokenizer, max_length=8, max_prompt_length=4)
+    out = as_lists(tokenize_pair(row, tokenizer, max_length=8, max_prompt_length=4))
     assert out["prompt_length"] == 4
     assert out["chosen_input_ids"][:4] == ids(tokenizer, "is the sky blue")  # the end survives
     assert len(out["chosen_input_ids"]) == 8  # completion cut to max_length - prompt
@@ -57,6 +62,7 @@ def test_truncation_keeps_the_prompt_end_then_cuts_completions(tokenizer):
     # Short enough: nothing is cut, even with a small max_prompt_length.
     short = tokenize_pair({"prompt": "why is the sky", "chosen": "blue", "rejected": "the"},
                           tokenizer, max_length=64, max_prompt_length=2)
+    assert short["chosen_input_ids"].dtype.name == "int32"
     assert short["prompt_length"] == 5
 
 

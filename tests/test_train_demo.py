@@ -28,7 +28,7 @@ def test_demo_short_run_end_to_end(tmp_path, capsys):
             "--save_steps", "2", "--logging_steps", "1", "--progress_bar", "false"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "task accuracy (greedy, all sums)" in printed and "reward margin" in printed
+    assert "task accuracy (greedy decoding, all sums)" in printed and "reward margin" in printed
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "demo_results.json").read_text())
     for phase in ("before", "after"):

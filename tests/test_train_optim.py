@@ -45,6 +45,11 @@ def test_fp32_weights_follow_torch_adamw_within_bf16_state_precision():
     assert ((ours - reference).abs().mean() / moved).item() < 0.02
     state = optimizers[0].state[ours]
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    # torch.optim would cast loaded moments to the fp32 parameter dtype; they stay bf16.
+    reloaded = BF16StateAdamW([ours], **settings)
+    reloaded.load_state_dict(optimizers[0].state_dict())
+    assert reloaded.state[ours]["exp_avg"].dtype == torch.bfloat16
+    assert torch.equal(reloaded.state[ours]["exp_avg_sq"], state["exp_avg_sq"])
 
 
 def test_cosine_schedule_matches_hugging_face():

@@ -15,7 +15,7 @@ FLOAT_COLUMNS = ("score_chosen", "score_rejected", "difficulty", "ref_chosen_log
 
 
 class PreferenceCollator:
-    """Pads a list of `tokenize_pair` outputs (B pairs) on the right into tensors.
+    """Pads a list of `tokenize_pair` outputs (B pairs; ids as lists or arrays) on the right.
 
     Returns a dict:
         input_ids [2B, T] int64 (padding = pad_token_id), attention_mask [2B, T] int64,
@@ -46,8 +46,8 @@ class PreferenceCollator:
         label_ids = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
         for row, (ids, row_labels) in enumerate(zip(sequences, labels)):
-            input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            label_ids[row, :len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
+            input_ids[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            label_ids[row, :len(row_labels)] = torch.as_tensor(row_labels, dtype=torch.long)
             attention_mask[row, :len(ids)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
 

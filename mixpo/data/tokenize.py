@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from mixpo.data.formats import render_example, split_example
 from mixpo.data.io import RowNamer, default_row_names
 
@@ -26,7 +28,8 @@ PASSTHROUGH_COLUMNS = ("hard", "score_chosen", "score_rejected", "difficulty",
                        "ref_chosen_logps", "ref_rejected_logps")
 
 
-def _adds_bos_by_default(tokenizer) -> bool:
+def adds_bos_by_default(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of a plain `tokenizer(text)` encoding."""
     bos = tokenizer.bos_token_id
     if bos is None:
         return False
@@ -38,7 +41,7 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int | None = None,
-                  where: str = "row") -> dict:
+                  where: str = "row", add_bos: bool | None = None) -> dict:
     """One preference row -> token ids and HF-style labels for both completions.
 
     Args:
@@ -48,14 +51,18 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int 
         max_prompt_length: the most prompt tokens kept (its end) when truncation is needed;
             None = the prompt is never cut.
         where: names the row in error messages ("data.jsonl line 7").
+        add_bos: put BOS in front of the prompt; None = `adds_bos_by_default(tokenizer)`.
     Returns a dict with `chosen_input_ids`, `chosen_labels`, `rejected_input_ids`,
-    `rejected_labels` (lists of ints; labels are IGNORE_INDEX on prompt tokens), `prompt_length`,
-    and every PASSTHROUGH_COLUMNS entry the row has.
+    `rejected_labels` (int32 numpy arrays, 4 bytes a token however large the dataset; labels
+    are IGNORE_INDEX on prompt tokens), `prompt_length`, and every PASSTHROUGH_COLUMNS entry
+    the row has.
     """
     example = split_example(row, where)
     prompt_text, chosen_text, rejected_text = render_example(example, tokenizer)
     prompt = _encode(tokenizer, prompt_text)
-    if _adds_bos_by_default(tokenizer) and prompt[:1] != [tokenizer.bos_token_id]:
+    if add_bos is None:
+        add_bos = adds_bos_by_default(tokenizer)
+    if add_bos and prompt[:1] != [tokenizer.bos_token_id]:
         prompt = [tokenizer.bos_token_id] + prompt
     eos = tokenizer.eos_token_id
     completions = []
@@ -76,8 +83,9 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int 
 
     tokenized = {"prompt_length": len(prompt)}
     for name, ids in zip(("chosen", "rejected"), completions):
-        tokenized[f"{name}_input_ids"] = prompt + ids
-        tokenized[f"{name}_labels"] = [IGNORE_INDEX] * len(prompt) + ids
+        tokenized[f"{name}_input_ids"] = np.asarray(prompt + ids, dtype=np.int32)
+        tokenized[f"{name}_labels"] = np.asarray([IGNORE_INDEX] * len(prompt) + ids,
+                                                 dtype=np.int32)
     for column in PASSTHROUGH_COLUMNS:
         if column in row and row[column] is not None:
             tokenized[column] = row[column]
@@ -92,5 +100,6 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, max_length: int,
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be positive or None, got {max_prompt_length}")
-    return [tokenize_pair(row, tokenizer, max_length, max_prompt_length, row_names(index))
+    add_bos = adds_bos_by_default(tokenizer)
+    return [tokenize_pair(row, tokenizer, max_length, max_prompt_length, row_names(index), add_bos)
             for index, row in enumerate(rows)]

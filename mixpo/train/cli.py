@@ -47,7 +47,8 @@ def register(subparsers) -> None:
     train = subparsers.add_parser(
         "train", help="full-parameter MixDPO / Selective DPO / gamma-PO / DPO / SimPO training",
         description="Train from a YAML recipe; any config key can be overridden as --key VALUE.",
-        usage="%(prog)s CONFIG.yaml [--key VALUE ...]", epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s CONFIG.yaml [--key VALUE ...]", epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False)
     train.add_argument("config", metavar="CONFIG.yaml", help="recipe (see recipes/)")
     add_config_arguments(train, TrainConfig)

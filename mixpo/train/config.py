@@ -144,8 +144,7 @@ def _field_types(config_class) -> dict:
 
 def coerce_value(key: str, value, annotation):
     """`value` (from YAML or the command line) as the type `annotation`, or ValueError."""
-    optional = typing.get_origin(annotation) is typing.Union and type(None) in typing.get_args(annotation)
-    if optional:
+    if typing.get_origin(annotation) is typing.Union and type(None) in typing.get_args(annotation):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
@@ -190,8 +189,12 @@ def _field_comments(config_class) -> dict:
     for klass in reversed(config_class.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source shipped: --help just lacks the comments
+            continue
         current = None
-        for line in inspect.getsource(klass).splitlines():
+        for line in source.splitlines():
             code, _, comment = line.partition("#")
             match = re.match(r"\s+(\w+): [^=]+=", code)
             if match:

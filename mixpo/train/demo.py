@@ -127,6 +127,23 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _sft_batch(tokenizer, problems):
+    """input_ids, attention_mask, labels [n, T] for `problems`, right-padded; only the answer
+    and its EOS are labelled."""
+    import torch
+
+    rows = []
+    for a, b in problems:
+        prompt = _encode(tokenizer, f"{a}+{b}=")
+        answer = _encode(tokenizer, str(a + b)) + [tokenizer.eos_token_id]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    length = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([ids + [pad] * (length - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([answer + [-100] * (length - len(answer)) for _, answer in rows])
+    return input_ids, (input_ids != pad).long(), labels
+
+
 def sft_warmup(model, tokenizer, problems, cfg: DemoConfig, device) -> list[float]:
     """Cross-entropy on the answer tokens (prompt masked). Returns the loss per step."""
     import torch
@@ -136,17 +153,9 @@ def sft_warmup(model, tokenizer, problems, cfg: DemoConfig, device) -> list[floa
     model.train()
     losses = []
     for _ in range(cfg.sft_steps):
-        sequences, labels = [], []
-        for a, b in rng.sample(problems, min(cfg.sft_batch_size, len(problems))):
-            prompt = _encode(tokenizer, f"{a}+{b}=")
-            answer = _encode(tokenizer, str(a + b)) + [tokenizer.eos_token_id]
-            sequences.append(prompt + answer)
-            labels.append([-100] * len(prompt) + answer)
-        length = max(map(len, sequences))
-        input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (length - len(s)) for s in sequences])
-        label_ids = torch.tensor([l + [-100] * (length - len(l)) for l in labels])
-        loss = model(input_ids=input_ids.to(device), attention_mask=(input_ids != tokenizer.pad_token_id).long().to(device),
-                     labels=label_ids.to(device)).loss
+        batch = rng.sample(problems, min(cfg.sft_batch_size, len(problems)))
+        input_ids, attention_mask, labels = (t.to(device) for t in _sft_batch(tokenizer, batch))
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -171,13 +180,14 @@ def greedy_accuracy(model, tokenizer, problems, device, max_new_tokens: int = 4)
             for _ in range(max_new_tokens):
                 next_ids = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
                 ids = torch.cat([ids, next_ids], dim=1)
-            for (a, b), row in zip(group, ids[:, prompt_length:].tolist()):
-                row = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
-                correct += tokenizer.decode(row) == str(a + b)
+            for (a, b), answer in zip(group, ids[:, prompt_length:].tolist()):
+                if tokenizer.eos_token_id in answer:
+                    answer = answer[:answer.index(tokenizer.eos_token_id)]
+                correct += tokenizer.decode(answer) == str(a + b)
     return correct / len(problems)
 
 
-def pair_logps(model, tokenizer, rows, device) -> tuple:
+def pair_logps(model, tokenizer, rows, cfg: DemoConfig, device) -> tuple:
     """Summed completion log-probs (chosen [N], rejected [N]) with the trainer's own
     tokenization, collation and logit-free scoring."""
     import torch
@@ -186,7 +196,7 @@ def pair_logps(model, tokenizer, rows, device) -> tuple:
     from mixpo.data.tokenize import tokenize_rows
     from mixpo.train.model import PreferenceModel
 
-    examples = tokenize_rows(rows, tokenizer, max_length=16, max_prompt_length=8)
+    examples = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
     batch = PreferenceCollator(tokenizer.pad_token_id)(examples)
     scorer = PreferenceModel(model, {}).eval()
     logps = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device),
@@ -227,13 +237,17 @@ def warm_started_model(cfg: DemoConfig, output_dir: Path, device) -> Path:
     return sft_dir
 
 
-def evaluate(model_dir: Path, reference_logps, cfg: DemoConfig, eval_rows, device) -> dict:
+def evaluate(model_dir: Path, cfg: DemoConfig, eval_rows, device, reference_logps=None):
+    """Task accuracy and pair statistics of the model in `model_dir`; with the reference's
+    (chosen, rejected) log-probs also the implicit reward accuracy and margin.
+    Returns (results dict, this model's (chosen, rejected) log-probs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
-    chosen, rejected = pair_logps(model, tokenizer, eval_rows, device)
-    result = {"task_accuracy": greedy_accuracy(model, tokenizer, all_problems(cfg.operand_max), device),
+    chosen, rejected = pair_logps(model, tokenizer, eval_rows, cfg, device)
+    problems = all_problems(cfg.operand_max)
+    result = {"task_accuracy": greedy_accuracy(model, tokenizer, problems, device),
               "logp_preference_accuracy": (chosen > rejected).float().mean().item(),
               "logps_chosen": chosen.mean().item(), "logps_rejected": rejected.mean().item()}
     if reference_logps is not None:
@@ -242,6 +256,31 @@ def evaluate(model_dir: Path, reference_logps, cfg: DemoConfig, eval_rows, devic
         result["reward_accuracy"] = (margins > 0).float().mean().item()
         result["reward_margin"] = margins.mean().item()
     return result, (chosen, rejected)
+
+
+def results_table(before: dict, after: dict, hard_pairs: int, total_pairs: int,
+                  last_metrics: dict | None) -> str:
+    def row(label, old, new):
+        old = f"{old:9.3f}" if isinstance(old, float) else f"{old:>9s}"
+        return f"{label:46s}{old}{new:9.3f}"
+
+    lines = [f"{'':46s}{'before':>9s}{'after':>9s}",
+             row("task accuracy (greedy decoding, all sums)", before["task_accuracy"],
+                 after["task_accuracy"]),
+             row("fresh pairs with logp(chosen) > logp(rejected)",
+                 before["logp_preference_accuracy"], after["logp_preference_accuracy"]),
+             row("mean logp chosen (fresh pairs)", before["logps_chosen"],
+                 after["logps_chosen"]),
+             row("mean logp rejected (fresh pairs)", before["logps_rejected"],
+                 after["logps_rejected"]),
+             row("reward accuracy (fresh pairs)", "-", after["reward_accuracy"]),
+             row("reward margin (fresh pairs)", "-", after["reward_margin"]),
+             f"{'training pairs routed to SFT (hard)':46s}{hard_pairs:>18d} / {total_pairs}"]
+    if last_metrics:
+        lines.append(f"{'last log: loss, reward accuracy, gamma mean':46s}"
+                     f"{last_metrics['loss']:>18.3f}, {last_metrics['rewards/accuracies']:.2f}, "
+                     f"{last_metrics['gamma/mean']:.2f}")
+    return "\n".join(lines)
 
 
 def plot_run(metrics: list[dict], before: dict, after: dict, path: Path) -> None:
@@ -286,11 +325,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _run_demo(cfg: DemoConfig, device) -> dict:
+    import datasets
+
     from mixpo.data.io import save_rows
     from mixpo.train.metrics import read_metrics
     from mixpo.train.trainer import train
-
-    import datasets
 
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -298,36 +337,25 @@ def _run_demo(cfg: DemoConfig, device) -> dict:
 
     problems = all_problems(cfg.operand_max)
     pairs_file = output_dir / "pairs.jsonl"
-    save_rows(datasets.Dataset.from_list(preference_rows(problems, cfg.seed)), pairs_file)
-    # Held-out pairs: the same sums with freshly drawn wrong answers.
+    train_rows = preference_rows(problems, cfg.seed)
+    save_rows(datasets.Dataset.from_list(train_rows), pairs_file)
+    # Fresh pairs for evaluation: the same sums with newly drawn wrong answers.
     eval_rows = preference_rows(problems, cfg.seed + 1)
 
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train_cfg = TrainConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in train_fields})
+    train_cfg = TrainConfig(**{k: v for k, v in dataclasses.asdict(cfg).items()
+                               if k in train_fields})
     train_cfg.model_name_or_path, train_cfg.train_file = str(sft_dir), str(pairs_file)
     result = train(train_cfg.validate())
 
-    before, reference = evaluate(sft_dir, None, cfg, eval_rows, device)
-    after, _ = evaluate(Path(result["final_dir"]), reference, cfg, eval_rows, device)
+    before, reference_logps = evaluate(sft_dir, cfg, eval_rows, device)
+    after, _ = evaluate(Path(result["final_dir"]), cfg, eval_rows, device, reference_logps)
     metrics = read_metrics(output_dir)
     plot_run(metrics, before, after, output_dir / "demo.png")
-    hard_pairs = sum(1 for row in preference_rows(problems, cfg.seed)
-                     if row["score_chosen"] - row["score_rejected"] < cfg.route_below)
-
-    lines = [f"{'':44s}{'before':>9s}{'after':>9s}",
-             f"{'task accuracy (greedy, all sums)':44s}{before['task_accuracy']:9.3f}{after['task_accuracy']:9.3f}",
-             f"{'held-out pairs with logp(chosen) > logp(rej)':44s}"
-             f"{before['logp_preference_accuracy']:9.3f}{after['logp_preference_accuracy']:9.3f}",
-             f"{'mean logp chosen':44s}{before['logps_chosen']:9.3f}{after['logps_chosen']:9.3f}",
-             f"{'mean logp rejected':44s}{before['logps_rejected']:9.3f}{after['logps_rejected']:9.3f}",
-             f"{'reward accuracy (held-out pairs)':44s}{'-':>9s}{after['reward_accuracy']:9.3f}",
-             f"{'reward margin (held-out pairs)':44s}{'-':>9s}{after['reward_margin']:9.3f}",
-             f"{'training pairs routed to SFT (hard)':44s}{'':9s}{hard_pairs:>9d}"]
-    if metrics:
-        last = metrics[-1]
-        lines.append(f"{'last logged: loss / reward acc / gamma mean':44s}{'':9s}"
-                     f"{last['loss']:.3f} / {last['rewards/accuracies']:.2f} / {last['gamma/mean']:.2f}")
-    table = "\n".join(lines)
+    hard_pairs = sum(row["score_chosen"] - row["score_rejected"] < cfg.route_below
+                     for row in train_rows)
+    table = results_table(before, after, hard_pairs, len(train_rows),
+                          metrics[-1] if metrics else None)
     print("\n" + table)
     print(f"\nplot: {output_dir / 'demo.png'}   metrics: {output_dir / 'metrics.jsonl'}   "
           f"model: {result['final_dir']}")

@@ -63,6 +63,15 @@ class BF16StateAdamW(torch.optim.Optimizer):
                  weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch.optim casts floating-point states to the parameter's dtype on load; the
+        # moments must stay bf16 (their values were bf16, so the round trip is exact).
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(torch.bfloat16)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None

@@ -110,7 +110,8 @@ def model_shape(name_or_path: str) -> ModelShape:
     transforms = [f"{name}={getattr(text, name)}" for name in LOGIT_TRANSFORMS
                   if getattr(text, name, None) not in (None, 0, 1, 1.0)]
     return ModelShape(
-        logit_transform=", ".join(transforms), name=name_or_path, num_params=sum(p.numel() for p in model.parameters()),
+        name=name_or_path, logit_transform=", ".join(transforms),
+        num_params=sum(p.numel() for p in model.parameters()),
         largest_param=max(p.numel() for p in model.parameters()),
         layer_params=sum(p.numel() for p in layers[0].parameters()), num_layers=len(layers),
         hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
@@ -184,14 +185,14 @@ def trl_default_plan(shape: ModelShape, work: Workload) -> dict:
     }
 
 
-NOTES = {
+NOTES = {  # (mixpo, TRL default) column notes
     "weights": ("bf16", "fp32 master weights"),
     "gradients": ("bf16", "fp32"),
-    "optimizer states": ("AdamW moments", "fp32 AdamW moments"),
-    "activations": ("same micro-batch", "same micro-batch"),
+    "optimizer states": ("bf16 or 8-bit moments", "fp32 moments"),
+    "activations": ("the same micro-batch in both", ""),
     "loss head": ("logit-free", "logits materialised"),
-    "reference model": ("", "live bf16 copy"),
-    "runtime reserve": ("CUDA context, buffers", ""),
+    "reference model": ("precomputed or live", "live bf16 copy"),
+    "runtime reserve": ("CUDA context, buffers, slack", ""),
 }
 
 
@@ -219,8 +220,9 @@ def format_plan(shape: ModelShape, work: Workload, gpu_memory_gib: float, mixpo:
     ]
     for component in mixpo:
         ours, theirs = NOTES[component]
+        note = f"{ours} | {theirs}" if theirs else ours
         lines.append(f"{component:18s}{_gib(mixpo[component]):>12s}{_gib(trl[component]):>14s}"
-                     f"   {f'{ours} | {theirs}'.strip(' |')}")
+                     f"   {note}")
     mixpo_total, trl_total = sum(mixpo.values()), sum(trl.values())
     lines += [f"{'total':18s}{_gib(mixpo_total):>12s}{_gib(trl_total):>14s}",
               f"fits? mixpo: {_verdict(mixpo_total, gpu_memory_gib)}; "
@@ -239,6 +241,8 @@ def plan_command(args) -> str:
     for name in ("gpus", "gpu_memory", "seq_len", "micro_batch_size", "global_batch_size"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.global_batch_size % (args.micro_batch_size * args.gpus):
+        raise ValueError("--global-batch-size must be a multiple of --micro-batch-size x --gpus")
     no_accumulation = args.global_batch_size == args.micro_batch_size and args.gpus == 1
     if args.step_in_backward and not no_accumulation:
         raise ValueError("step-in-backward needs one backward per step on one GPU: "
@@ -257,13 +261,13 @@ def plan_command(args) -> str:
     for optim in ("adamw_bf16", "adamw_8bit"):
         if optim != args.optim:
             variants.append((f"optimizer {optim}", total(optim=optim)))
-    if not args.step_in_backward:
-        variants.append(("step-in-backward (only without accumulation, 1 GPU)",
-                         total(step_in_backward=True) if args.gpus == 1 else sum(mixpo.values())))
+    if not args.step_in_backward and args.gpus == 1:
+        variants.append(("step-in-backward (needs global batch = micro-batch)",
+                         total(step_in_backward=True)))
     accumulation = args.global_batch_size // (args.micro_batch_size * args.gpus)
-    description = (f"{args.optim}, {'step-in-backward' if args.step_in_backward else 'gradients kept'}"
-                   f", reference {args.reference}, logit-free loss; global batch "
-                   f"{args.global_batch_size} pairs = {accumulation} accumulated micro-batch(es)"
-                   f" x {args.gpus} GPU(s)")
+    gradients = "step-in-backward" if args.step_in_backward else "gradients kept"
+    description = (f"{args.optim}, {gradients}, reference {args.reference}, logit-free loss; "
+                   f"global batch {args.global_batch_size} pairs = {accumulation} accumulated "
+                   f"micro-batch(es) x {args.gpus} GPU(s)")
     return format_plan(shape, work, args.gpu_memory, mixpo, trl_default_plan(shape, work),
                        description, variants)

@@ -5,7 +5,7 @@ is the initial policy, so one forward-only pass over the data (`mixpo.sequence_l
 logit-free) gives them all; training then never holds a reference model in memory.
 
 The cache file (`OUTPUT/reference_logps.pt`) is keyed by a hash of the model (directory,
-config, weight files' names, sizes and modification times), the compute dtype and the
+config, weight files' names, sizes and modification times; a Hub id by its name), the dtype and the
 tokenized data itself (every token id and prompt length, which covers the data file, its
 order and selection, the tokenizer and the truncation settings). Any change gives a new key
 and the pass runs again; a matching key reuses the file.
@@ -32,7 +32,8 @@ def _model_fingerprint(model_path: str) -> dict:
         if item.suffix in (".safetensors", ".bin", ".pt", ".json") and item.is_file():
             stat = item.stat()
             files.append([item.name, stat.st_size, stat.st_mtime_ns])
-    config = (path / "config.json").read_text(encoding="utf-8") if (path / "config.json").is_file() else ""
+    config_file = path / "config.json"
+    config = config_file.read_text(encoding="utf-8") if config_file.is_file() else ""
     return {"path": str(path), "config": config, "files": files}
 
 

@@ -168,6 +168,9 @@ def _train(cfg: TrainConfig, env) -> dict:
         trainer_state, rank_state = checkpoint.load_checkpoint(resume_from, policy, optimizers,
                                                                env)
         sampler.load_state_dict(trainer_state["sampler"])
+        if sampler.start_step > total_steps:
+            raise ValueError(f"{resume_from} is past this run's last step ({total_steps}); "
+                             "raise max_steps / num_epochs or use another output_dir")
         window.load_state_dict(rank_state["metrics_window"])
         if margin is not None:
             margin.load_state_dict(rank_state["margin"])
@@ -184,7 +187,8 @@ def _train(cfg: TrainConfig, env) -> dict:
         lr = cosine_lr(step, total_steps, warmup_steps, cfg.learning_rate)
         set_lr(optimizers, lr)
         for indices in micro_batches:
-            batch = {k: v.to(env.device) for k, v in collator([examples[i] for i in indices]).items()}
+            batch = collator([examples[i] for i in indices])
+            batch = {name: tensor.to(env.device) for name, tensor in batch.items()}
             if reference_model is not None:
                 ref_logps = reference_model(batch["input_ids"], batch["attention_mask"],
                                             batch["labels"], logps_only=True)
