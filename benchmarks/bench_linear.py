@@ -31,7 +31,6 @@ import argparse
 import datetime
 import importlib.metadata
 import json
-import os
 import pathlib
 import platform
 import statistics
@@ -41,6 +40,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from bench_preference_loss import _rss_bytes, device_name  # same folder: sys.path[0]
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("trl_torch", "mixpo", "liger", "cce")
@@ -107,14 +108,6 @@ def make_inputs(case, device):
     labels[:, :case["prompt_len"]] = -100
     ref_logps = -torch.rand(rows, generator=generator, device=device) * 100 - seq_len * 10
     return hidden.to(dtype), weight.to(dtype), labels, ref_logps
-
-
-def _rss_bytes(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _measure_peak(device, run):
@@ -201,12 +194,6 @@ def versions():
         except importlib.metadata.PackageNotFoundError:
             found[package] = None
     return found
-
-
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
 def build_cases(args, device):
