@@ -124,7 +124,7 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
         grad_logits = -coef * torch.exp(block - lse[t0:t1, None])
         grad_logits.scatter_add_(-1, labels[t0:t1, None], coef)
         dhidden[rows[t0:t1]] = (grad_logits @ weight32).to(hidden.dtype)
-        dweight += grad_logits.T @ hidden_block
+        dweight.addmm_(grad_logits.T, hidden_block)  # accumulate without a [V, H] temporary
         if dbias is not None:
             dbias += grad_logits.sum(0)
     return dhidden, dweight.to(weight.dtype), None if dbias is None else dbias.to(bias.dtype)
