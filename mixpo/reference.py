@@ -27,26 +27,37 @@ def _row_chunks(num_rows: int, chunk: int):
 # ----------------------------------------------------------------------------------------------
 # Token log-probs from materialised logits (twin of kernels/logits_logps.py)
 # ----------------------------------------------------------------------------------------------
+def _completion_span(labels_row, ignore_index):
+    """(first, end) bounding the completion positions of one row; prompt before, padding
+    after are outside it (positions inside that are ignored get masked)."""
+    positions = torch.nonzero(labels_row != ignore_index)
+    if positions.numel() == 0:
+        return 0, 0
+    return int(positions[0]), int(positions[-1]) + 1
+
+
 def token_logps_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
     """Per-token log-prob of the label and log-sum-exp, chunked over positions.
 
     logits [S, T, V] (any float dtype, last dim contiguous), labels [S, T] int64.
     Returns (token_logps [S, T] fp32, 0 where ignored; lse [S, T] fp32, 0 where ignored).
-    Ignored positions (prompt, padding) are skipped.
+    Only the span of completion positions of each row is read (prompt and padding are not).
     """
     num_seqs, seq_len, vocab_size = logits.shape
     token_logps = torch.zeros(num_seqs, seq_len, dtype=torch.float32, device=logits.device)
     lse = torch.zeros_like(token_logps)
     chunk = _rows_per_chunk(vocab_size)
     for seq in range(num_seqs):
-        positions = torch.nonzero(labels[seq] != ignore_index).squeeze(1)
-        for c0, c1 in _row_chunks(positions.shape[0], chunk):
-            pos = positions[c0:c1]
-            block = logits[seq, pos].float()                           # [t, V] fp32, one chunk
+        first, end = _completion_span(labels[seq], ignore_index)
+        for t0, t1 in _row_chunks(end - first, chunk):
+            t0, t1 = first + t0, first + t1
+            block = logits[seq, t0:t1].float()           # [t, V]; a view when already fp32
+            label = labels[seq, t0:t1]
+            valid = label != ignore_index
             block_lse = torch.logsumexp(block, dim=-1)
-            label_logit = block.gather(-1, labels[seq, pos, None]).squeeze(-1)
-            lse[seq, pos] = block_lse
-            token_logps[seq, pos] = label_logit - block_lse
+            label_logit = block.gather(-1, label.clamp(min=0)[:, None]).squeeze(-1)
+            lse[seq, t0:t1] = torch.where(valid, block_lse, 0.0)
+            token_logps[seq, t0:t1] = torch.where(valid, label_logit - block_lse, 0.0)
     return token_logps, lse
 
 
@@ -60,17 +71,18 @@ def token_logps_backward(logits, labels, lse, grad_seq, ignore_index=-100, inpla
     dlogits = logits if inplace else torch.empty_like(logits)
     chunk = _rows_per_chunk(vocab_size)
     for seq in range(num_seqs):
-        completion = labels[seq] != ignore_index
-        dlogits[seq, ~completion] = 0
-        positions = torch.nonzero(completion).squeeze(1)
-        for c0, c1 in _row_chunks(positions.shape[0], chunk):
-            pos = positions[c0:c1]
+        first, end = _completion_span(labels[seq], ignore_index)
+        dlogits[seq, :first] = 0
+        dlogits[seq, end:] = 0
+        for t0, t1 in _row_chunks(end - first, chunk):
+            t0, t1 = first + t0, first + t1
+            label = labels[seq, t0:t1]
+            coef = torch.where(label != ignore_index, grad_seq[seq].float(), 0.0)[:, None]
             # In-place ops on one fp32 chunk buffer: exp(x - lse) * -coef, + coef at label.
-            grad = logits[seq, pos].float() - lse[seq, pos, None]
-            coef = grad_seq[seq].float()
+            grad = logits[seq, t0:t1].float() - lse[seq, t0:t1, None]
             grad.exp_().mul_(-coef)
-            grad.scatter_add_(-1, labels[seq, pos, None], coef.expand(pos.shape[0], 1))
-            dlogits[seq, pos] = grad.to(logits.dtype)
+            grad.scatter_add_(-1, label.clamp(min=0)[:, None], coef)
+            dlogits[seq, t0:t1].copy_(grad)
     return dlogits
 
 

@@ -190,25 +190,36 @@ def make_workload(shape, tokens: int, prompt_share: float = 0.0, pairs: int | No
 # ----------------------------------------------------------------------------------------------
 # Per-element operation counts, read from the kernel source (vector ops; exp adds one SFU op)
 # ----------------------------------------------------------------------------------------------
-# mixpo/kernels/logits_logps.py, forward, per logit read (BLOCK_N = 1 on GPUs):
+# Loads of 16-bit data are cast to fp32 at once (`_cast_ops`: one op per element, none for
+# fp32); the casts are not in the lists below but added where the kernel does them.
+#
+# mixpo/kernels/logits_logps.py (BLOCK_N = 1 on GPUs), per element of every row's vocab loop:
+# prompt and padding rows run the loop too (their loads are masked off, the arithmetic is not
+# skipped), so these lists count N x V elements. Forward (`_token_logps_fwd_kernel`):
 TOKEN_LOGPS_FWD_VECTOR_OPS = ("vocab-bound compare", "mask and", "row max", "subtract max",
                               "scale by log2(e)", "sum of exp", "label compare",
                               "label select", "label sum")
-# backward, per logit read and gradient written:
-TOKEN_LOGPS_BWD_VECTOR_OPS = ("vocab-bound compare", "mask and", "subtract lse",
+# backward (`_token_logps_bwd_kernel`), per element read (masked) and dlogits element written:
+TOKEN_LOGPS_BWD_VECTOR_OPS = ("vocab-bound compare", "load mask and", "subtract lse",
                               "scale by log2(e)", "label compare", "one-hot convert",
-                              "one-hot minus prob", "times coefficient", "select active row")
-# mixpo/kernels/linear_logps.py, forward, per logit of a tile (after tl.dot):
+                              "one-hot minus prob", "times coefficient", "select active row",
+                              "store mask and")
+# mixpo/kernels/linear_logps.py. `_linear_lse_fwd_kernel`, per logit of a tile (after tl.dot;
+# the tile loop has no label ops):
 LINEAR_FWD_VECTOR_OPS = ("vocab-bound select", "row max", "subtract max", "scale by log2(e)",
                          "sum of exp")
-# ... and per (token, hidden unit) of the label logit hidden[row] . weight[label]:
-LINEAR_LABEL_LOGIT_VECTOR_OPS = ("convert hidden", "convert weight", "multiply", "sum")
-# softmax backward, per logit of a recomputed tile (plus a cast of G for 16-bit tl.dot):
+# ... and, in its split-0 programs, per (token, hidden unit) of the label logit
+# hidden[row] . weight[label] (plus a cast of each operand for 16-bit inputs):
+LINEAR_LABEL_LOGIT_VECTOR_OPS = ("multiply", "sum")
+# `_linear_softmax_bwd_kernel`, per logit of every recomputed tile, before the filter
+# (`tl.max(mass) > filter_eps`):
 LINEAR_SOFTMAX_BWD_VECTOR_OPS = ("vocab-bound select", "subtract lse", "scale by log2(e)",
-                                 "softmax mass sum", "times -coefficient")
-# label backward, per (token, hidden unit): coef * weight[label] and coef * hidden[row]:
-LINEAR_LABEL_BWD_VECTOR_OPS = ("convert hidden", "convert weight", "coefficient x weight",
-                               "coefficient x hidden")
+                                 "softmax mass sum")
+# ... and per logit of a tile the filter keeps (plus the cast of G for a 16-bit tl.dot):
+LINEAR_SOFTMAX_BWD_KEPT_VECTOR_OPS = ("times -coefficient",)
+# `_linear_label_bwd_kernel`, per (token, hidden unit) (plus a cast of each operand for 16-bit
+# inputs):
+LINEAR_LABEL_BWD_VECTOR_OPS = ("coefficient x weight[label]", "coefficient x hidden[row]")
 # mixpo/kernels/pair_loss.py per pair (sigmoid kind, normalised: the longest branch), rounded
 # up: two log-sigmoids, one sigmoid, three reciprocals.
 PAIR_LOSS_VECTOR_OPS_PER_PAIR = 40
@@ -301,28 +312,34 @@ def lm_head_bwd(w: Workload) -> KernelCost:
 
 
 def token_logps_fwd(w: Workload) -> KernelCost:
-    """`token_logps_forward`: one pass over the completion rows' logits; prompt and padding
-    rows are masked off (their loads issue no memory traffic)."""
+    """`token_logps_forward` and the sequence sums after it (losses.py): one program per
+    position (BLOCK_N = 1) runs an online LSE over the vocab. The logits loads of prompt and
+    padding rows are masked off (`active`: no memory traffic), but those programs still run the
+    vocab loop, so the vector and SFU work covers all N rows while the logits read covers the
+    n completion rows. Token log-probs and LSE are written for every row (0 where ignored)."""
     s, (N, n, V) = DTYPE_BYTES[w.dtype], (w.tokens, w.completion_tokens, w.shape.vocab_size)
     vector = len(TOKEN_LOGPS_FWD_VECTOR_OPS) + _cast_ops(w.dtype)
     return KernelCost(
-        "token_logps_fwd", "kernel", vector_ops=n * V * vector, special_ops=n * V,
+        "token_logps_fwd", "kernel", vector_ops=N * V * vector, special_ops=N * V,
         bytes_moved={"logits read (completion rows)": n * V * s,
                      "labels read": N * INDEX_BYTES,
-                     "token log-probs and lse write": 2 * N * FP32_BYTES,
-                     "sequence sums (torch)": N * FP32_BYTES + 2 * w.pairs * FP32_BYTES})
+                     "token log-probs and lse write (all rows)": 2 * N * FP32_BYTES,
+                     "sequence sums (torch: token_logps.sum(dim=1))":
+                     N * FP32_BYTES + 2 * w.pairs * FP32_BYTES})
 
 
 def token_logps_bwd(w: Workload) -> KernelCost:
-    """`token_logps_backward`: reads the completion rows' logits, writes dlogits for every
-    row (zeros on prompt and padding), in place or into a new buffer: the same bytes."""
+    """`token_logps_backward`: reads the completion rows' logits (loads masked by `active`)
+    and writes dlogits for every row (store masked by the row range only: zeros on prompt and
+    padding), in place or into a new buffer: the same bytes. Every row runs the vocab loop
+    (vector and SFU work over N x V); lse is loaded for the completion rows only."""
     s, (N, n, V) = DTYPE_BYTES[w.dtype], (w.tokens, w.completion_tokens, w.shape.vocab_size)
     vector = len(TOKEN_LOGPS_BWD_VECTOR_OPS) + 2 * _cast_ops(w.dtype)
     return KernelCost(
-        "token_logps_bwd", "kernel", vector_ops=n * V * vector, special_ops=n * V,
+        "token_logps_bwd", "kernel", vector_ops=N * V * vector, special_ops=N * V,
         bytes_moved={"logits read (completion rows)": n * V * s,
                      "dlogits write (all rows)": N * V * s,
-                     "labels read": N * INDEX_BYTES, "lse read": n * FP32_BYTES,
+                     "labels read": N * INDEX_BYTES, "lse read (completion rows)": n * FP32_BYTES,
                      "sequence gradients read": 2 * w.pairs * FP32_BYTES})
 
 
