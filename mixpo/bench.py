@@ -47,8 +47,9 @@ def register(subparsers) -> None:
     roofline.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
                           help="device peaks by name (mixpo.roofline.DEVICES; default: all)")
     roofline.add_argument("--kept-tile-fraction", type=float, default=1.0,
-                          help="share of the logit-free backward's tiles not skipped by its "
-                               "gradient filter (1 = none skipped, a random-weight head)")
+                          help="share of the logit-free backward's tiles that pass its "
+                               "softmax-mass filter (filter_eps) and run the dHidden/dWeight "
+                               "products (1 = none skipped, a random-weight head)")
     roofline.add_argument("-o", "--output", default=DEFAULT_ROOFLINE_OUTPUT,
                           help="JSON output path")
     roofline.set_defaults(func=run_roofline)

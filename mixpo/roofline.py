@@ -5,7 +5,9 @@ For every kernel the model counts, from the kernel source:
     the logit-free kernels use "tf32x3" (three TF32 tensor-core products: a third of the TF32
     peak) and torch's GEMMs the CUDA cores (TF32 is off for matmuls by default);
   - vector operations: elementwise fp32 instructions per element (compare, select, max, add,
-    multiply, casts), excluding address arithmetic, one instruction = one operation;
+    multiply, casts), one instruction = one operation, executed whether or not the element's
+    load was masked off; excluded: address arithmetic, including the pointers and masks of the
+    hidden/weight tiles loaded for tl.dot, and tf32x3's splitting of fp32 operands;
   - special-function operations: exp / log / reciprocal, run on the SFU (Triton's exp is a
     multiply by log2(e), counted as a vector op, plus one ex2 on the SFU);
   - HBM bytes: the compulsory traffic of the implementation as written, i.e. every tensor it
@@ -25,7 +27,8 @@ their parts' floors. The entry "matmul_flop_floor_fwd_bwd" is the FLOP floor of 
 matmuls alone, 6 n V H (forward 2nVH, dHidden 2nVH, dWeight 2nVH: what an ideal
 implementation that kept the logits would do) over the matmul peak; the logit-free path
 recomputes the logits in its backward and does 8 n V H, 4/3 of that floor, unless its
-backward skips tiles of negligible gradient (`Workload.kept_tile_fraction` < 1).
+backward skips the products of tiles whose softmax mass is negligible (`filter_eps`,
+`Workload.kept_tile_fraction` < 1).
 
 Usage from a GPU benchmark script:
 
@@ -78,7 +81,8 @@ class DevicePeaks:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "tensor_flops_16bit": self.tensor_flops_16bit,
-                "tensor_flops_tf32": self.tensor_flops_tf32, "fp32_flops": self.fp32_flops, "vector_ops_per_s": self.vector_ops_per_s,
+                "tensor_flops_tf32": self.tensor_flops_tf32, "fp32_flops": self.fp32_flops,
+                "vector_ops_per_s": self.vector_ops_per_s,
                 "special_ops_per_s": self.special_ops_per_s,
                 "hbm_bytes_per_s": self.hbm_bytes_per_s, "source": self.source}
 
@@ -135,8 +139,9 @@ class Workload:
     tokens: N, positions in the batch [2B, T] (prompt, completion and padding);
     completion_tokens: n, positions with a label (the logit-free path computes only these);
     pairs: B (2B sequences); dtype: of logits / hidden / weight ("bf16", "fp16", "fp32");
-    kept_tile_fraction: share of the logit-free backward's [BLOCK_N, BLOCK_V] tiles that run
-    the dHidden/dWeight products (1.0 = no tile skipped, as with a random-weight head).
+    kept_tile_fraction: share of the logit-free backward's [BLOCK_N, BLOCK_V] tiles that pass
+    its softmax-mass filter (`filter_eps`) and run G = -coef * softmax and the dHidden/dWeight
+    products (1.0 = no tile skipped, as with a random-weight head's flat softmax).
     """
     shape: ModelShape
     tokens: int
@@ -344,29 +349,55 @@ def token_logps_bwd(w: Workload) -> KernelCost:
 
 
 def linear_logps_fwd(w: Workload) -> KernelCost:
-    """`linear_token_logps_forward` (`_linear_lse_fwd_kernel`) plus the compaction in
-    losses.py: logits tiles hidden[rows] @ weight^T in SRAM with an online LSE, only the n
-    completion tokens. Weight read once (tiles shared via L2; the rows weight[label] of the
-    label-logit dot product are counted in that read). The vocab split for small n adds
-    [splits, n] partial LSEs: negligible, counted as one."""
+    """`_LinearSequenceLogps.forward` (losses.py): the compaction of the completion tokens,
+    `linear_token_logps_forward` (`_linear_lse_fwd_kernel`) and the sequence sums.
+
+    The kernel computes logits tiles hidden[rows] @ weight^T in SRAM with an online LSE, only
+    for the n completion tokens; its tile loop has no label ops. The label logit is a separate
+    dot product hidden[row] . weight[label] (n H multiply-adds on the CUDA cores, not tensor
+    cores) in the split-0 programs; its weight rows are counted in the weight read (read once,
+    tiles shared via L2), its hidden rows in the hidden read. The vocab split for small n
+    writes a [splits, n] partial-LSE buffer and, with more than one split, adds a torch
+    logsumexp over it; both are counted as one split (splits depend on the SM count, and the
+    difference is a few [n] fp32 vectors). No bias (none of SHAPES has one).
+    """
     s, (N, n, V, H) = DTYPE_BYTES[w.dtype], (w.tokens, w.completion_tokens,
                                              w.shape.vocab_size, w.shape.hidden_size)
+    sequences = 2 * w.pairs
+    label_logit = len(LINEAR_LABEL_LOGIT_VECTOR_OPS) + 2 * _cast_ops(w.dtype)
     return KernelCost(
         "linear_logps_fwd", "kernel", matmul_flops=2 * n * V * H,
-        vector_ops=n * V * len(LINEAR_FWD_VECTOR_OPS)
-        + n * H * len(LINEAR_LABEL_LOGIT_VECTOR_OPS), special_ops=n * V,
-        bytes_moved={"hidden read (completion rows)": n * H * s, "weight read": V * H * s,
-                     "label scan and compaction (torch)": N * (INDEX_BYTES + 2)
-                     + 3 * n * INDEX_BYTES,
-                     "rows and labels read": 2 * n * INDEX_BYTES,
-                     "partial lse, label logit, log-prob, sequence sums": 5 * n * FP32_BYTES},
+        vector_ops=n * V * len(LINEAR_FWD_VECTOR_OPS) + n * H * label_logit,
+        special_ops=n * V,
+        bytes_moved={
+            # labels != ignore_index (labels read, bool written), nonzero (bool read, rows
+            # written), labels[rows] (rows and gathered labels read, row labels written).
+            "label scan (torch)": N * (INDEX_BYTES + 2) + n * INDEX_BYTES,
+            "label compaction (torch)": 3 * n * INDEX_BYTES,
+            "hidden read (completion rows)": n * H * s, "weight read": V * H * s,
+            "rows and labels read": 2 * n * INDEX_BYTES,
+            "partial lse and label logit write": 2 * n * FP32_BYTES,
+            "log-prob = label logit - lse (torch)": 3 * n * FP32_BYTES,
+            # rows // T (rows read, indices written), zeros [2B], index_add_ (indices and
+            # log-probs read, [2B] read and written).
+            "sequence sums (torch)": 3 * n * INDEX_BYTES + n * FP32_BYTES
+            + 3 * sequences * FP32_BYTES},
         fp32_matmul="tf32x3")
 
 
 def linear_softmax_bwd(w: Workload) -> KernelCost:
-    """`_linear_softmax_bwd_kernel`: recompute each logits tile (2nVH), then, for the tiles
-    its filter keeps, dHidden += G @ W (2nVH) and dWeight += G^T @ E (2nVH) with fp32 atomics
-    into fp32 accumulators (each element read and written once at best).
+    """`_linear_softmax_bwd_kernel`: the dense part -coef * softmax of the gradient. Every
+    [BLOCK_N, BLOCK_V] tile is recomputed (2nVH) and its softmax mass per token summed; the
+    filter keeps a tile when some token with a nonzero coefficient has mass > `filter_eps`
+    (`FILTER_EPS[dtype]`). Kept tiles (`Workload.kept_tile_fraction`) form G = -coef * probs
+    and run dHidden += G @ W (2nVH) and dWeight += G^T @ E (2nVH) with fp32 atomics into fp32
+    accumulators (each element read and written once at best).
+
+    Token tiles whose coefficients are all zero (the rejected responses of MixDPO's hard
+    pairs) skip the whole tile, recompute included; the model assumes no such tile. The
+    atomics bytes are counted in full whatever the kept fraction: each token keeps at least
+    the tile holding most of its softmax mass, so every dHidden row is touched; dWeight rows
+    that no token tile keeps would move less.
 
     Counting each dWeight element once is the floor: the grouped launch order revisits it
     once per group of token tiles, so unless L2 keeps it between groups the atomics move up
@@ -374,8 +405,10 @@ def linear_softmax_bwd(w: Workload) -> KernelCost:
     """
     s, (n, V, H) = DTYPE_BYTES[w.dtype], (w.completion_tokens, w.shape.vocab_size,
                                           w.shape.hidden_size)
-    products = 4 * n * V * H * w.kept_tile_fraction
-    vector = len(LINEAR_SOFTMAX_BWD_VECTOR_OPS) + _cast_ops(w.dtype)
+    kept = w.kept_tile_fraction
+    products = 4 * n * V * H * kept
+    vector = len(LINEAR_SOFTMAX_BWD_VECTOR_OPS) \
+        + kept * (len(LINEAR_SOFTMAX_BWD_KEPT_VECTOR_OPS) + _cast_ops(w.dtype))
     return KernelCost(
         "linear_softmax_bwd", "kernel", matmul_flops=2 * n * V * H + products,
         vector_ops=n * V * vector, special_ops=n * V,
@@ -387,14 +420,16 @@ def linear_softmax_bwd(w: Workload) -> KernelCost:
 
 
 def linear_label_bwd(w: Workload) -> KernelCost:
-    """`_linear_label_bwd_kernel`: the one-hot part of the gradient, dHidden[row] +=
-    coef * weight[label] and dWeight[label] += coef * hidden[row], fp32 atomics. Labels are
-    taken as distinct rows of the weight (at most min(n, V) rows)."""
+    """`_linear_label_bwd_kernel`, grid (token tiles, H tiles): the one-hot part of the
+    gradient, dHidden[row] += coef * weight[label] and dWeight[label] += coef * hidden[row],
+    fp32 atomics into the accumulators the softmax kernel used. No matmul. Labels are taken as
+    distinct rows of the weight (at most min(n, V) rows)."""
     s, (n, V, H) = DTYPE_BYTES[w.dtype], (w.completion_tokens, w.shape.vocab_size,
                                           w.shape.hidden_size)
     label_rows = min(n, V)
+    vector = len(LINEAR_LABEL_BWD_VECTOR_OPS) + 2 * _cast_ops(w.dtype)
     return KernelCost(
-        "linear_label_bwd", "kernel", vector_ops=n * H * len(LINEAR_LABEL_BWD_VECTOR_OPS),
+        "linear_label_bwd", "kernel", vector_ops=n * H * vector,
         bytes_moved={"hidden read (completion rows)": n * H * s,
                      "weight[label] rows read": label_rows * H * s,
                      "rows, labels, coefficients read": n * (2 * INDEX_BYTES + FP32_BYTES),
@@ -404,22 +439,29 @@ def linear_label_bwd(w: Workload) -> KernelCost:
 
 
 def linear_bwd_buffers(w: Workload) -> KernelCost:
-    """The torch work around the two backward kernels in `linear_token_logps_backward` and
-    losses.py: zero-filled outputs and fp32 accumulators, the casts back to the input dtype.
+    """The torch work around the two backward kernels in `_LinearSequenceLogps.backward`
+    (losses.py) and `linear_token_logps_backward`: the per-token coefficients, zero-filled
+    outputs and fp32 accumulators, the casts back to the input dtype.
 
-    dWeight accumulates in a zero-filled fp32 [V, H] buffer, cast to the weight dtype after
-    (no copy for fp32). 16-bit dHidden accumulates in a zero-filled fp32 [n, H] buffer, then
-    is cast and scattered into the zero-filled [N, H] output; fp32 dHidden accumulates in the
-    output itself. Accumulating dWeight into `weight.grad` (autograd) is not counted.
+    coef = grad_seq[rows // T]: a division (rows read, indices written) and a gather (indices
+    and the [2B] gradients read, [n] fp32 written). dWeight accumulates in a zero-filled fp32
+    [V, H] buffer, cast to the weight dtype after (no copy for fp32). 16-bit dHidden
+    accumulates in a zero-filled fp32 [n, H] buffer; `dhidden[rows] = dh_acc.to(dtype)` casts
+    it into a temporary (fp32 read, 16-bit written) that index_put_ reads and scatters into
+    the zero-filled [N, H] output. fp32 dHidden accumulates in the output itself. Accumulating
+    dWeight into `weight.grad` (autograd) is not counted.
     """
     s, (N, n, V, H) = DTYPE_BYTES[w.dtype], (w.tokens, w.completion_tokens,
                                              w.shape.vocab_size, w.shape.hidden_size)
-    moved = {"coefficient gather (torch)": n * (INDEX_BYTES + 2 * FP32_BYTES),
+    moved = {"coefficient gather (torch)": 3 * n * INDEX_BYTES + n * FP32_BYTES
+             + 2 * w.pairs * FP32_BYTES,
              "dHidden zero fill": N * H * s,
              "dWeight fp32 zero fill": V * H * FP32_BYTES}
     if w.dtype != "fp32":
         moved.update({"dHidden fp32 buffer zero fill": n * H * FP32_BYTES,
-                      "dHidden cast and scatter": n * H * (FP32_BYTES + s) + n * INDEX_BYTES,
+                      "dHidden cast (fp32 read, temporary written)": n * H * (FP32_BYTES + s),
+                      "dHidden scatter (rows and temporary read, rows written)":
+                      n * INDEX_BYTES + 2 * n * H * s,
                       "dWeight cast to weight dtype": V * H * (FP32_BYTES + s)})
     return KernelCost("linear_bwd_buffers", "torch", bytes_moved=moved,
                       note="torch fills and casts around the logit-free backward kernels")
@@ -577,18 +619,27 @@ ASSUMPTIONS = (
     "HBM bytes / bandwidth) per kernel; totals sum their parts' floors",
     "bytes: compulsory traffic of the implementation as written, each tensor moved once "
     "(perfect SRAM/L2 reuse of tiles); itemized per row in bytes_moved",
-    "logits path: masked loads skip prompt/padding rows, so token_logps reads n x V; its "
-    "backward writes dlogits for all N rows; the LM-head GEMMs (context) cover all N",
+    "logits path: token_logps's masked loads never read prompt/padding rows (n x V logits "
+    "read), but every row runs the vocab loop (vector and SFU work over N x V); its backward "
+    "writes dlogits for all N rows (zeros on prompt/padding); the LM-head GEMMs (context) "
+    "cover all N",
     "logit-free path: only the n completion tokens; backward recomputes logits: "
     "2nVH + 2nVH + 2nVH + 2nVH = 8nVH fwd+bwd, 4/3 of the 6nVH matmul FLOP floor",
-    "logit-free backward: softmax kernel (recompute + dHidden + dWeight products) and label "
-    "kernel (one-hot part); dWeight in a zero-filled fp32 [V, H] buffer, atomics read+write "
-    "it once at best, then cast to the weight dtype; 16-bit dHidden via an fp32 [n, H] buffer",
+    "logit-free forward: LSE tiles without label ops; the label logit is a separate "
+    "hidden[row] . weight[label] dot product (vector ops, n x H) in the split-0 programs",
+    "logit-free backward: softmax kernel (recompute every tile; for the kept_tile_fraction "
+    "of tiles whose softmax mass passes filter_eps: G = -coef * softmax, dHidden and dWeight "
+    "products) and label kernel (one-hot part, n x H, no matmul); dWeight in a zero-filled "
+    "fp32 [V, H] buffer, atomics read+write it once at best, then cast to the weight dtype; "
+    "16-bit dHidden via an fp32 [n, H] buffer",
     "fp32 inputs: logit-free kernels at TF32 peak / 3 (tf32x3), torch GEMMs at fp32 peak",
     "matmul_flop_floor_fwd_bwd = 6nVH / matmul peak: the issue-6 goal (fwd+bwd within 1.25x "
     "of it) needs the backward's tile skipping, since dense recompute alone is 1.33x",
     "vector/SFU rates: one fp32 instruction per CUDA core per clock, 16 SFU results per SM "
-    "per clock; op counts from the kernel source, excluding address arithmetic",
+    "per clock; op counts from the kernel source, masked-off elements included, excluding "
+    "address arithmetic (with the tl.dot operand tiles' masks) and tf32x3 operand splitting",
+    "torch ops inside the launch paths (compaction, sequence sums, coefficient gather, fills, "
+    "casts): each reads its inputs and writes its output once",
     "[B]-sized kernels (pair_loss, margin_solve): launch latency, not in the model, dominates",
 )
 

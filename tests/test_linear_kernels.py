@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import mixpo
 from mixpo import reference
 from mixpo.kernels import linear_logps
+from formulas import pair_losses
 
 IGNORE = -100
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -58,30 +59,11 @@ def formula_token_logps(hidden, weight, bias, labels):
     return token * mask, mask
 
 
-def formula_loss(hidden, weight, bias, labels, *, ref_logps=None, loss_type="sigmoid",
-                 beta=0.1, gamma=0.0, label_smoothing=0.0, average_log_prob=False, hard=None,
-                 sft_weight=0.0):
-    """Per-pair losses of ANCHORS.md / TRL written out, differentiable by autograd."""
+def formula_loss(hidden, weight, bias, labels, **kwargs):
+    """Per-pair losses and summed log-probs from hidden @ W^T and the written-out formulas."""
     token, mask = formula_token_logps(hidden, weight, bias, labels)
-    logps, counts = token.sum(1), mask.sum(1)
-    num_pairs = logps.shape[0] // 2
-    ratio = logps if ref_logps is None else logps - ref_logps
-    if average_log_prob or loss_type in ("ipo", "simpo"):
-        ratio = ratio / counts
-    h = ratio[:num_pairs] - ratio[num_pairs:]
-    z, eps = beta * h - gamma, label_smoothing
-    if loss_type in ("sigmoid", "simpo"):
-        loss = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    elif loss_type == "robust":
-        loss = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
-    elif loss_type == "hinge":
-        loss = torch.relu(1 - z)
-    else:  # ipo: (h - 1/(2 beta))^2 on per-token log-ratios, margin inside
-        loss = (h - gamma / beta - 1 / (2 * beta)) ** 2
-    nll = -logps[:num_pairs] / counts[:num_pairs]
-    if hard is not None:
-        loss = torch.where(hard, nll, loss)
-    return loss + sft_weight * nll, logps
+    logps = token.sum(1)
+    return pair_losses(logps, mask.sum(1), **kwargs), logps
 
 
 def compact(labels):

@@ -4,41 +4,18 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mixpo
+from formulas import pair_losses, sequence_logps_from_logits
 
 LOSS_TYPES = ["sigmoid", "ipo", "hinge", "robust", "simpo"]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def independent_loss(logits, labels, *, ref_logps, loss_type, beta, gamma, label_smoothing,
-                     average_log_prob, hard, sft_weight, ignore_index=-100):
-    """The per-pair losses straight from ANCHORS.md / TRL, differentiable by autograd."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    mask = labels != ignore_index
-    token = logprobs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask
-    logps, counts = token.sum(1), mask.sum(1)
-    num_pairs = logits.shape[0] // 2
-    ref = torch.zeros_like(logps) if ref_logps is None else ref_logps
-    ratio = logps - ref
-    if average_log_prob or loss_type in ("ipo", "simpo"):
-        ratio = ratio / counts
-    h = ratio[:num_pairs] - ratio[num_pairs:]
-    z = beta * h - gamma
-    eps = label_smoothing
-    if loss_type in ("sigmoid", "simpo"):
-        loss = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    elif loss_type == "robust":
-        loss = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
-    elif loss_type == "hinge":
-        loss = torch.relu(1 - z)
-    else:  # TRL's ipo (h - 1/(2 beta))^2 with the margin subtracted from beta * h
-        loss = (h - gamma / beta - 1 / (2 * beta)) ** 2
-    nll = -logps[:num_pairs] / counts[:num_pairs]
-    if hard is not None:
-        loss = torch.where(hard, nll, loss)
-    return loss + sft_weight * nll, logps
+def independent_loss(logits, labels, **kwargs):
+    """Per-pair losses and summed log-probs from log_softmax + the written-out formulas."""
+    logps, counts = sequence_logps_from_logits(logits, labels)
+    return pair_losses(logps, counts, **kwargs), logps
 
 
 def make_batch(num_pairs=2, seq_len=6, vocab_size=300, dtype=torch.float32, seed=0):

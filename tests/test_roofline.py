@@ -29,26 +29,36 @@ def test_linear_path_counts_match_hand_arithmetic():
     assert label.matmul_flops == buffers.matmul_flops == 0
     assert roofline.kernel_cost("linear_logps_fwd_bwd", SMALL).matmul_flops == 8e8
     assert roofline.kernel_cost("matmul_flop_floor_fwd_bwd", SMALL).matmul_flops == 6e8
-    # 5 ops per logit and 4 per (token, hidden unit) of the label logit.
+    # 5 ops per logit of a tile (no label ops in the tile loop) and, for the label logit
+    # hidden[row] . weight[label], 4 per (token, hidden unit): 2 bf16 casts, multiply, sum.
     assert forward.vector_ops == 5e6 + 4e5
-    # Forward bytes: hidden 2e5 + weight 2e5 + label scan N*10 + compaction n*24 + rows and
-    # labels n*16 + five fp32 per-token values n*20.
-    assert forward.total_bytes == 2e5 + 2e5 + 1e4 + 2.4e4 + 1.6e4 + 2e4
+    assert forward.special_ops == n * V
+    # Forward bytes: hidden 2e5 + weight 2e5; torch label scan N*10 + rows write n*8 and
+    # compaction n*24; kernel rows and labels n*16, partial lse and label logit n*8; torch
+    # log-prob n*12; sequence sums: rows // T n*16, index_add_ n*12, [2B] fill + add 3*2*4.
+    assert forward.total_bytes == 2e5 + 2e5 + 1e4 + 8e3 + 2.4e4 + 1.6e4 + 8e3 + 1.2e4 \
+        + 1.6e4 + 1.2e4 + 24
     # Softmax backward: hidden 2e5, weight 2e5, rows/lse/coef n*16, dHidden fp32 atomics
     # 2*n*H*4 = 8e5, dWeight fp32 atomics 2*V*H*4 = 8e5.
     assert softmax.total_bytes == 2e5 + 2e5 + 1.6e4 + 8e5 + 8e5
+    # Softmax backward per logit: select, subtract lse, scale, mass sum on every tile; on kept
+    # tiles, times -coefficient and the bf16 cast of G.
+    assert softmax.vector_ops == (4 + 2) * n * V and softmax.special_ops == n * V
     # Label backward: hidden 2e5, weight[label] rows (1000 distinct) 2e5, rows/labels/coef
     # n*20, dHidden atomics 8e5, dWeight[label] atomics 8e5.
     assert label.total_bytes == 2e5 + 2e5 + 2e4 + 8e5 + 8e5
-    # Buffers: coef gather n*16, dHidden zero fill N*H*2, dWeight fp32 zero fill V*H*4,
-    # dHidden fp32 buffer zero fill n*H*4, cast and scatter n*H*6 + n*8, dWeight cast V*H*6.
-    assert buffers.total_bytes == 1.6e4 + 2e5 + 4e5 + 4e5 + 6.08e5 + 6e5
+    # Label backward per (token, hidden unit): two bf16 casts and two products, no matmul.
+    assert label.vector_ops == 4 * n * H and label.special_ops == 0
+    # Buffers: coef = grad_seq[rows // T] n*24 + n*4 + 2B*4, dHidden zero fill N*H*2,
+    # dWeight fp32 zero fill V*H*4, dHidden fp32 buffer zero fill n*H*4, cast to a temporary
+    # n*H*6, scatter n*8 + n*H*4, dWeight cast V*H*6.
+    assert buffers.total_bytes == 2.8008e4 + 2e5 + 4e5 + 4e5 + 6e5 + 4.08e5 + 6e5
 
 
 def test_linear_path_floors_on_h100_and_a100():
     # H100: forward and softmax backward are matmul-bound (vector 5.4e6 ops / 33.45e12,
-    # SFU 1e6 / 4.18e12 and memory 4.7e5 B / 3e12 are below 2e8 / 800e12); at H = 100 the
-    # label backward (2.02e6 B) and the buffers (2.224e6 B) are memory-bound.
+    # SFU 1e6 / 4.18e12 and memory 5.1e5 B / 3e12 are below 2e8 / 800e12); at H = 100 the
+    # label backward (2.02e6 B) and the buffers (2.636008e6 B) are memory-bound.
     h100 = {kernel: roofline.floor_seconds(kernel, SMALL, "h100") for kernel in
             ("linear_logps_fwd", "linear_softmax_bwd", "linear_label_bwd",
              "linear_bwd_buffers", "linear_logps_fwd_bwd")}
@@ -57,12 +67,12 @@ def test_linear_path_floors_on_h100_and_a100():
     assert 1e6 / H100_SFU_PER_S < h100["linear_logps_fwd"]
     assert h100["linear_softmax_bwd"] == pytest.approx(6e8 / 800e12)
     assert h100["linear_label_bwd"] == pytest.approx(2.02e6 / 3e12)
-    assert h100["linear_bwd_buffers"] == pytest.approx(2.224e6 / 3e12)
+    assert h100["linear_bwd_buffers"] == pytest.approx(2.636008e6 / 3e12)
     assert roofline.kernel_cost("linear_label_bwd", SMALL).bound(
         roofline.DEVICES["h100"], "bf16") == "memory"
     # A total is its parts run one after another.
     assert h100["linear_logps_fwd_bwd"] == pytest.approx(
-        8e8 / 800e12 + (2.02e6 + 2.224e6) / 3e12)
+        8e8 / 800e12 + (2.02e6 + 2.636008e6) / 3e12)
     # A100: the forward's SFU work (1e6 exp at 2.44e12/s) stays below its matmul time.
     assert roofline.floor_seconds("linear_logps_fwd", SMALL, "a100") == pytest.approx(
         2e8 / 312e12)
@@ -79,6 +89,37 @@ def test_fp32_matmul_rates():
     # torch's fp32 GEMM runs on the CUDA cores (19.5 TFLOP/s on A100).
     assert roofline.floor_seconds("lm_head_fwd", small_fp32, "a100") == \
         pytest.approx(2e8 / 19.5e12)
+
+
+def test_casts_and_softmax_mass_filter_in_linear_counts():
+    small_fp32 = roofline.Workload(SMALL.shape, N, n, 1, dtype="fp32")
+    # fp32 loads need no cast: the label logit and the label backward do 2 ops per (token,
+    # hidden unit), the softmax backward 5 per logit (no cast of G).
+    assert roofline.kernel_cost("linear_logps_fwd", small_fp32).vector_ops == 5e6 + 2e5
+    assert roofline.kernel_cost("linear_label_bwd", small_fp32).vector_ops == 2 * n * H
+    assert roofline.kernel_cost("linear_softmax_bwd", small_fp32).vector_ops == 5 * n * V
+    # A quarter of the tiles pass the softmax-mass filter: every tile is still recomputed,
+    # exponentiated and summed; only the kept ones form G (multiply, bf16 cast) and run the
+    # dHidden / dWeight products.
+    skipping = roofline.Workload(SMALL.shape, N, n, 1, kept_tile_fraction=0.25)
+    softmax = roofline.kernel_cost("linear_softmax_bwd", skipping)
+    assert softmax.vector_ops == pytest.approx((4 + 0.25 * 2) * n * V)
+    assert softmax.special_ops == n * V
+    assert softmax.matmul_flops == pytest.approx(2e8 + 0.25 * 4e8)
+
+
+def test_logits_path_prompt_rows_run_the_loop_but_are_not_read():
+    half = roofline.Workload(SMALL.shape, tokens=N, completion_tokens=n // 2, pairs=1)
+    forward = roofline.kernel_cost("token_logps_fwd", half)
+    backward = roofline.kernel_cost("token_logps_bwd", half)
+    # No early exit: every row's program runs the vocab loop on its (masked) block.
+    assert forward.vector_ops == 10 * N * V and forward.special_ops == N * V
+    # 10 listed ops (load and store masks included) + bf16 load and store casts.
+    assert backward.vector_ops == 12 * N * V and backward.special_ops == N * V
+    # Only completion rows are read; dlogits is written for every row.
+    assert forward.bytes_moved["logits read (completion rows)"] == 500 * V * 2
+    # read n*V*2 + write N*V*2 + labels N*8 + lse n*4 + sequence gradients 2B*4.
+    assert backward.total_bytes == 1e6 + 2e6 + 8e3 + 2e3 + 8
 
 
 def test_logits_path_counts_match_hand_arithmetic():
