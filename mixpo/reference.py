@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import torch
 
-# fp32 bytes of logits alive at once in the chunked loops (per chunk of tokens).
+# fp32 bytes of logits alive at once in the chunked loops (per chunk of tokens). The
+# logit-free path takes bigger chunks: each chunk re-reads the whole [V, H] weight.
 CHUNK_BYTES = 64 * 2**20
+LINEAR_CHUNK_BYTES = 128 * 2**20
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
 
 
-def _rows_per_chunk(vocab_size: int) -> int:
-    return max(1, CHUNK_BYTES // (4 * vocab_size))
+def _rows_per_chunk(vocab_size: int, budget: int | None = None) -> int:
+    return max(1, (budget or CHUNK_BYTES) // (4 * vocab_size))
 
 
 def _row_chunks(num_rows: int, chunk: int):
@@ -105,12 +107,16 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows):
     num_tokens = rows.shape[0]
     token_logps = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(token_logps)
-    for t0, t1 in _row_chunks(num_tokens, _rows_per_chunk(weight.shape[0])):
+    chunk = _rows_per_chunk(weight.shape[0], LINEAR_CHUNK_BYTES)
+    for t0, t1 in _row_chunks(num_tokens, chunk):
         block = hidden[rows[t0:t1]].float() @ weight32.T                # [t, V] fp32
         if bias32 is not None:
             block += bias32
-        lse[t0:t1] = torch.logsumexp(block, dim=-1)
-        token_logps[t0:t1] = block.gather(-1, labels[t0:t1, None]).squeeze(-1) - lse[t0:t1]
+        label_logit = block.gather(-1, labels[t0:t1, None]).squeeze(-1)
+        # log-sum-exp in place on the chunk (torch.logsumexp would allocate a second one).
+        row_max = block.max(dim=-1, keepdim=True).values
+        lse[t0:t1] = row_max.squeeze(-1) + block.sub_(row_max).exp_().sum(-1).log()
+        token_logps[t0:t1] = label_logit - lse[t0:t1]
     return token_logps, lse
 
 
@@ -126,14 +132,15 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
     dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     dbias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32,
                                                   device=bias.device)
-    for t0, t1 in _row_chunks(rows.shape[0], _rows_per_chunk(weight.shape[0])):
+    chunk = _rows_per_chunk(weight.shape[0], LINEAR_CHUNK_BYTES)
+    for t0, t1 in _row_chunks(rows.shape[0], chunk):
         hidden_block = hidden[rows[t0:t1]].float()
         block = hidden_block @ weight32.T
         if bias32 is not None:
             block += bias32
         coef = grad_token[t0:t1, None].float()
         # d logp / d logits = onehot(label) - softmax, scaled by each token's coefficient.
-        grad_logits = -coef * torch.exp(block - lse[t0:t1, None])
+        grad_logits = block.sub_(lse[t0:t1, None]).exp_().mul_(-coef)  # in place, one buffer
         grad_logits.scatter_add_(-1, labels[t0:t1, None], coef)
         dhidden[rows[t0:t1]] = (grad_logits @ weight32).to(hidden.dtype)
         dweight.addmm_(grad_logits.T, hidden_block)  # accumulate without a [V, H] temporary
