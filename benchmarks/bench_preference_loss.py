@@ -60,6 +60,20 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+class _LogitsProducer(torch.autograd.Function):
+    """Stands for the lm_head matmul that produced the logits: it takes d loss / d logits
+    and drops it, so the measurement covers the loss alone (a leaf tensor would add an
+    accumulated .grad copy that no real training step has)."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        return None
+
+
 def _prepare(implementation, logits, forward_only):
     """A fresh leaf for one step; in-place backward consumes its buffer, so it gets a copy."""
     source = logits.detach().clone() if implementation == "mixpo_inplace" else logits.detach()
@@ -69,14 +83,14 @@ def _prepare(implementation, logits, forward_only):
 def _step(implementation, leaf, labels, ref_logps, forward_only):
     import mixpo
 
+    logits = _LogitsProducer.apply(leaf) if leaf.requires_grad else leaf
     if implementation == "trl_torch":
-        loss = trl_style_loss(leaf, labels, ref_logps)
+        loss = trl_style_loss(logits, labels, ref_logps)
     else:
-        loss = mixpo.preference_loss(leaf, labels, ref_logps=ref_logps,
+        loss = mixpo.preference_loss(logits, labels, ref_logps=ref_logps,
                                      inplace_backward=implementation == "mixpo_inplace").loss
     if not forward_only:
         loss.backward()
-    leaf.grad = None
     return loss
 
 

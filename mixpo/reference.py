@@ -80,8 +80,11 @@ def token_logps_backward(logits, labels, lse, grad_seq, ignore_index=-100, inpla
             t0, t1 = first + t0, first + t1
             label = labels[seq, t0:t1]
             coef = torch.where(label != ignore_index, grad_seq[seq].float(), 0.0)[:, None]
-            # In-place ops on one fp32 chunk buffer: exp(x - lse) * -coef, + coef at label.
-            grad = logits[seq, t0:t1].float() - lse[seq, t0:t1, None]
+            # In-place ops on one fp32 chunk buffer: exp(x - lse) * -coef, + coef at label
+            # (.float() of 16-bit logits is already a fresh buffer; of fp32 ones, a view).
+            block = logits[seq, t0:t1]
+            grad = block.float().sub_(lse[seq, t0:t1, None]) if block.dtype != torch.float32 \
+                else block - lse[seq, t0:t1, None]
             grad.exp_().mul_(-coef)
             grad.scatter_add_(-1, label.clamp(min=0)[:, None], coef)
             dlogits[seq, t0:t1].copy_(grad)
