@@ -72,9 +72,9 @@ def run_roofline(args) -> int:
     """Handler of `mixpo bench roofline`: writes the JSON report and prints the table."""
     import pathlib
 
-    from mixpo import roofline
+    from mixpo import roofline, roofline_report
 
-    report = roofline.build_report(
+    report = roofline_report.build_report(
         shapes=tuple(args.shapes or roofline.SHAPES),
         tokens=tuple(args.tokens or roofline.DEFAULT_TOKENS),
         prompt_shares=tuple(roofline.DEFAULT_PROMPT_SHARES if args.prompt_share is None
@@ -84,8 +84,8 @@ def run_roofline(args) -> int:
         kept_tile_fraction=args.kept_tile_fraction)
     output = pathlib.Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(roofline.report_json(report))
-    print(roofline.format_table(report))
+    output.write_text(roofline_report.report_json(report))
+    print(roofline_report.format_table(report))
     print(f"\nwrote {output}")
     return 0
 

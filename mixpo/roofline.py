@@ -39,10 +39,6 @@ Usage from a GPU benchmark script:
 """
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
-import json
-import platform
 from dataclasses import dataclass, field
 
 # ----------------------------------------------------------------------------------------------
@@ -560,60 +556,6 @@ def floor_seconds(kernel: str, workload: Workload, device) -> float:
     return kernel_cost(kernel, workload).floor_seconds(device_peaks(device), workload.dtype)
 
 
-# ----------------------------------------------------------------------------------------------
-# Report: rows, JSON, table
-# ----------------------------------------------------------------------------------------------
-def cost_row(cost: KernelCost, workload: Workload, devices: dict) -> dict:
-    """One JSON row: a kernel on a workload, its counts and its floor on each device."""
-    floor = matmul_flop_floor_fwd_bwd(workload).matmul_flops
-    return {
-        "shape": workload.shape.name, "hidden_size": workload.shape.hidden_size,
-        "vocab_size": workload.shape.vocab_size, "tokens": workload.tokens,
-        "prompt_share": round(workload.prompt_share, 6),
-        "completion_tokens": workload.completion_tokens, "pairs": workload.pairs,
-        "dtype": workload.dtype, "kernel": cost.kernel, "role": cost.role,
-        "matmul_flops": cost.matmul_flops, "vector_ops": cost.vector_ops,
-        "special_ops": cost.special_ops, "bytes": cost.total_bytes,
-        "matmul_flops_over_6nvh": cost.matmul_flops / floor if cost.matmul_flops else 0.0,
-        "floor_seconds": {key: cost.floor_seconds(peaks, workload.dtype)
-                          for key, peaks in devices.items()},
-        "bound": {key: cost.bound(peaks, workload.dtype) for key, peaks in devices.items()},
-        # A total lists its parts (their rows itemize the bytes) instead of repeating them.
-        **({"parts": [part.kernel for part in cost.parts]} if cost.parts
-           else {"bytes_moved": dict(cost.bytes_moved)}),
-    }
-
-
-def workloads(shapes, tokens, prompt_shares, pairs_per_batch=None, dtype="bf16",
-              seq_len=DEFAULT_SEQ_LEN, kept_tile_fraction=1.0) -> list:
-    """Every (shape, tokens, prompt share) Workload. pairs_per_batch: None (derived from
-    seq_len), one value for all token counts, or one value per token count."""
-    if pairs_per_batch is not None and len(pairs_per_batch) not in (1, len(tokens)):
-        raise ValueError(f"--pairs-per-batch takes one value or one per --tokens value "
-                         f"({len(tokens)}), got {len(pairs_per_batch)}")
-    result = []
-    for shape in shapes:
-        for index, count in enumerate(tokens):
-            pairs = None if pairs_per_batch is None else \
-                pairs_per_batch[index if len(pairs_per_batch) > 1 else 0]
-            for share in prompt_shares:
-                result.append(make_workload(shape, count, share, pairs, dtype, seq_len,
-                                            kept_tile_fraction))
-    return result
-
-
-def _versions() -> dict:
-    from mixpo import __version__ as mixpo_version
-
-    versions = {"mixpo": mixpo_version, "python": platform.python_version()}
-    for package in ("torch", "triton"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
 ASSUMPTIONS = (
     "floor = max(matmul FLOPs / matmul peak, vector ops / vector rate, SFU ops / SFU rate, "
     "HBM bytes / bandwidth) per kernel; totals sum their parts' floors",
@@ -643,92 +585,5 @@ ASSUMPTIONS = (
     "[B]-sized kernels (pair_loss, margin_solve): launch latency, not in the model, dominates",
 )
 
-
-def build_report(shapes=tuple(SHAPES), tokens=DEFAULT_TOKENS,
-                 prompt_shares=DEFAULT_PROMPT_SHARES, pairs_per_batch=None, dtype="bf16",
-                 devices=tuple(DEVICES), seq_len=DEFAULT_SEQ_LEN,
-                 kept_tile_fraction=1.0) -> dict:
-    """The roofline report as a JSON-ready dict: metadata, device peaks, shapes, rows."""
-    peaks = {name: device_peaks(name) for name in devices}
-    for name in shapes:
-        if name not in SHAPES:
-            raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {name!r}")
-    problems = workloads(shapes, tokens, prompt_shares, pairs_per_batch, dtype, seq_len,
-                         kept_tile_fraction)
-    if not problems:
-        raise ValueError("shapes, tokens and prompt_shares must each name at least one value")
-    rows = [cost_row(model(workload), workload, peaks)
-            for workload in problems for model in KERNEL_MODELS.values()]
-    example = problems[0]
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "dtype": dtype, "seq_len_for_derived_pairs": seq_len,
-        "kept_tile_fraction": kept_tile_fraction,
-        "devices": {name: device.as_dict() for name, device in peaks.items()},
-        "shapes": {name: {"name": SHAPES[name].name, "hidden_size": SHAPES[name].hidden_size,
-                          "vocab_size": SHAPES[name].vocab_size} for name in shapes},
-        "units": {"matmul_flops": "FLOP", "vector_ops": "instructions",
-                  "special_ops": "SFU results", "bytes": "bytes", "floor_seconds": "seconds"},
-        "assumptions": list(ASSUMPTIONS),
-        "kernel_notes": {name: model(example).note for name, model in KERNEL_MODELS.items()
-                         if model(example).note},
-        "rows": rows,
-    }
-
-
-def report_json(report: dict) -> str:
-    """The report as JSON text: metadata indented, one line per row (diff-friendly)."""
-    head = json.dumps({key: value for key, value in report.items() if key != "rows"},
-                      indent=1)
-    rows = ",\n".join("  " + json.dumps(row) for row in report["rows"])
-    return f'{head[:-2]},\n "rows": [\n{rows}\n ]\n}}\n'
-
-
-def _engineering(value: float) -> str:
-    """A count with a G/T suffix, 3 significant digits (0 as '-')."""
-    if value == 0:
-        return "-"
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}"
-    return f"{value:.3g}"
-
-
-def _milliseconds(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f}" if seconds >= 1e-5 else f"{seconds * 1e3:.1e}"
-
-
-def format_table(report: dict) -> str:
-    """The report's rows as a text table, one block per workload."""
-    devices = list(report["devices"])
-    header = f"{'kernel':<27} {'role':<7} {'matmul FLOP':>11} {'vector op':>9} " \
-             f"{'SFU op':>8} {'bytes':>8} {'x6nVH':>6}" \
-             + "".join(f" {name + ' ms':>10} {'bound':<7}" for name in devices)
-    lines, workload_key = [], None
-    for row in report["rows"]:
-        key = (row["shape"], row["tokens"], row["prompt_share"], row["pairs"])
-        if key != workload_key:
-            workload_key = key
-            lines += ["", f"{row['shape']} (H {row['hidden_size']}, V {row['vocab_size']}), "
-                      f"{row['tokens']} tokens, {100 * row['prompt_share']:.0f} % prompt -> "
-                      f"{row['completion_tokens']} completion tokens, {row['pairs']} pairs, "
-                      f"{row['dtype']}", header, "-" * len(header)]
-        ratio = f"{row['matmul_flops_over_6nvh']:.3f}" if row["matmul_flops"] else "-"
-        lines.append(
-            f"{row['kernel']:<27} {row['role']:<7} {_engineering(row['matmul_flops']):>11} "
-            f"{_engineering(row['vector_ops']):>9} {_engineering(row['special_ops']):>8} "
-            f"{_engineering(row['bytes']) + ('B' if row['bytes'] else ''):>8} {ratio:>6}"
-            + "".join(f" {_milliseconds(row['floor_seconds'][name]):>10} "
-                      f"{row['bound'][name]:<7}" for name in devices))
-    peaks = "; ".join(
-        f"{name}: {device['tensor_flops_16bit'] / 1e12:.0f} TFLOP/s 16-bit, "
-        f"{device['fp32_flops'] / 1e12:.1f} TFLOP/s fp32, "
-        f"{device['hbm_bytes_per_s'] / 1e12:.1f} TB/s" for name, device in
-        report["devices"].items())
-    return "\n".join([f"roofline floors ({peaks})", *lines])
-
-
-__all__ = ["DEVICES", "SHAPES", "DevicePeaks", "KernelCost", "ModelShape", "Workload",
-           "build_report", "device_peaks", "floor_seconds", "format_table", "kernel_cost",
-           "make_workload", "report_json", "workloads"]
+__all__ = ["ASSUMPTIONS", "DEVICES", "SHAPES", "DevicePeaks", "KernelCost", "ModelShape",
+           "Workload", "device_peaks", "floor_seconds", "kernel_cost", "make_workload"]

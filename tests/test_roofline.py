@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mixpo import bench, roofline
+from mixpo import bench, roofline, roofline_report
 
 # One small problem, counted by hand: N = n = 1000 tokens, V = 1000, H = 100, bf16, 1 pair.
 N = n = 1000
@@ -196,7 +196,7 @@ def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="kernel"):
         roofline.floor_seconds("attention", SMALL, "h100")
     with pytest.raises(ValueError, match="pairs-per-batch"):
-        roofline.workloads(["llama3"], [2048, 4096, 8192], [0.0], pairs_per_batch=[1, 2])
+        roofline_report.workloads(["llama3"], [2048, 4096, 8192], [0.0], pairs_per_batch=[1, 2])
 
 
 def _own_parser():
