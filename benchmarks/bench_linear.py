@@ -41,7 +41,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_preference_loss import _rss_bytes, device_name  # same folder: sys.path[0]
+from bench_preference_loss import (  # same folder: sys.path[0]
+    PEAK_MEMORY_METHOD, _rss_bytes, device_name, write_report)
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("trl_torch", "mixpo", "liger", "cce")
@@ -279,14 +280,9 @@ def main(argv=None):
                            "liger_reference": "use_ref_model=False (reference-free loss)"},
               "shapes": {name: {"hidden_size": args.hidden_size or h, "vocab": v}
                          for name, (h, v) in SHAPES.items() if name in args.shapes},
-              "peak_memory_method": "torch.cuda.max_memory_allocated - allocated before"
-              if on_gpu else "VmHWM - VmRSS of a fresh process (reset via /proc/self/clear_refs)",
-              "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = pathlib.Path(args.output) if args.output else RESULTS / f"linear_{device}.json"
-    path.write_text(json.dumps(report, indent=1))
-    plot(report, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+              "peak_memory_method": PEAK_MEMORY_METHOD[device], "rows": rows}
+    write_report(report, pathlib.Path(args.output) if args.output
+                 else RESULTS / f"linear_{device}.json", plot)
     return 0
 
 

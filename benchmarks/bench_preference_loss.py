@@ -202,15 +202,22 @@ def main(argv=None):
               "device": device_name(device), "versions": versions(),
               "shape": {"rows_2B": 2 * args.pairs, "seq_len": args.seq_len,
                         "vocab": args.vocab, "prompt_share": args.prompt_share},
-              "peak_memory_method": "torch.cuda.max_memory_allocated" if on_gpu else
-              "VmHWM - VmRSS of a fresh process (reset via /proc/self/clear_refs)",
-              "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"preference_loss_{device}.json"
-    path.write_text(json.dumps(report, indent=1))
-    plot(report, path.with_suffix(".png"))
-    print(f"wrote {path}")
+              "peak_memory_method": PEAK_MEMORY_METHOD[device], "rows": rows}
+    write_report(report, RESULTS / f"preference_loss_{device}.json", plot)
     return 0
+
+
+PEAK_MEMORY_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated - allocated before",
+    "cpu": "VmHWM - VmRSS of a fresh process (reset via /proc/self/clear_refs)"}
+
+
+def write_report(report: dict, path: pathlib.Path, plot_report) -> None:
+    """The JSON report and its PNG plot beside it (shared by the benchmark scripts)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    plot_report(report, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 def plot(report, path):
