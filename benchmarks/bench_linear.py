@@ -41,14 +41,16 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mixpo import roofline
+
 from bench_preference_loss import (  # same folder: sys.path[0]
-    PEAK_MEMORY_METHOD, _rss_bytes, device_name, write_report)
+    PEAK_MEMORY_METHOD, device_name, measure_peak, write_report)
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("trl_torch", "mixpo", "liger", "cce")
 PEER_PACKAGES = {"liger": "liger-kernel", "cce": "cut-cross-entropy"}
 # (hidden size, vocab size) of the models the shapes are named after.
-SHAPES = {"llama3": (4096, 128256), "qwen25": (3584, 152064), "gemma2": (3584, 256000)}
+SHAPES = {name: (shape.hidden_size, shape.vocab_size) for name, shape in roofline.SHAPES.items()}
 BETA = 0.1
 
 
@@ -111,22 +113,6 @@ def make_inputs(case, device):
     return hidden.to(dtype), weight.to(dtype), labels, ref_logps
 
 
-def _measure_peak(device, run):
-    """Extra memory above what is allocated now, while `run()` executes."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")                       # resets VmHWM to the current RSS
-    base = _rss_bytes("VmRSS")
-    run()
-    return _rss_bytes("VmHWM") - base
-
-
 def worker(case):
     device = case["device"]
     loss_fn = make_loss(case["implementation"], device, case["liger_compiled"])
@@ -156,7 +142,7 @@ def worker(case):
             step()
             sync()
             times.append(time.perf_counter() - start)
-        peak = _measure_peak(device, step)
+        peak = measure_peak(device, step)
         result[mode] = {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
                         "warmup_s": warmup_s, "peak_extra_mib": peak / 2**20,
                         "loss": loss_value}

@@ -74,6 +74,23 @@ class _LogitsProducer(torch.autograd.Function):
         return None
 
 
+def measure_peak(device, run):
+    """Extra memory above what is allocated now, while `run()` executes: CUDA peak allocated,
+    or on the CPU the resident-set high-water mark (VmHWM, reset via /proc/self/clear_refs)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")                       # resets VmHWM to the current RSS
+    base = _rss_bytes("VmRSS")
+    run()
+    return _rss_bytes("VmHWM") - base
+
+
 def _prepare(implementation, logits, forward_only):
     """A fresh leaf for one step; in-place backward consumes its buffer, so it gets a copy."""
     source = logits.detach().clone() if implementation == "mixpo_inplace" else logits.detach()
@@ -117,19 +134,7 @@ def worker(case: dict) -> dict:
             sync()
             times.append(time.perf_counter() - start)
         leaf = _prepare(implementation, logits, forward_only)
-        if device == "cuda":
-            sync()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            run(leaf)
-            sync()
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            with open("/proc/self/clear_refs", "w") as clear:
-                clear.write("5")  # resets VmHWM to the current RSS
-            base = _rss_bytes("VmRSS")
-            run(leaf)
-            peak = _rss_bytes("VmHWM") - base
+        peak = measure_peak(device, lambda leaf=leaf: run(leaf))
         del leaf
         result[mode] = {"median_ms": 1e3 * statistics.median(times),
                         "min_ms": 1e3 * min(times), "peak_extra_mib": peak / 2**20}

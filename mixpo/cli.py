@@ -19,10 +19,6 @@ COMMAND_MODULES = (
 )
 
 
-class UserError(Exception):
-    """An error caused by the user's input: printed without a traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixpo",
@@ -40,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except (UserError, ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"mixpo {args.command}: error: {error}", file=sys.stderr)
         return 2
     return int(result or 0)

@@ -16,6 +16,7 @@ the test oracle), `"auto"` picks triton for CUDA tensors.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -78,24 +79,11 @@ def _use_triton(backend: str, tensor: torch.Tensor) -> bool:
     raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
 
 
-def _token_ops(use_triton: bool):
+def _ops(use_triton: bool, kernel_module: str):
+    """The module implementing a stage: mixpo.kernels.<kernel_module>, or its torch twins in
+    mixpo.reference (same function names and signatures)."""
     if use_triton:  # imported lazily: TRITON_INTERPRET must be decided before kernels load
-        from mixpo.kernels import logits_logps
-        return logits_logps
-    return reference
-
-
-def _linear_ops(use_triton: bool):
-    if use_triton:
-        from mixpo.kernels import linear_logps
-        return linear_logps
-    return reference
-
-
-def _pair_ops(use_triton: bool):
-    if use_triton:
-        from mixpo.kernels import pair_loss
-        return pair_loss
+        return importlib.import_module(f"mixpo.kernels.{kernel_module}")
     return reference
 
 
@@ -105,7 +93,7 @@ def _pair_ops(use_triton: bool):
 class _LogitsSequenceLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, use_triton, inplace_backward):
-        ops = _token_ops(use_triton)
+        ops = _ops(use_triton, "logits_logps")
         token_logps, lse = ops.token_logps_forward(logits, labels, ignore_index)
         ctx.save_for_backward(logits, labels, lse)
         ctx.ignore_index, ctx.use_triton, ctx.inplace = ignore_index, use_triton, inplace_backward
@@ -114,7 +102,7 @@ class _LogitsSequenceLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_seq):
         logits, labels, lse = ctx.saved_tensors
-        ops = _token_ops(ctx.use_triton)
+        ops = _ops(ctx.use_triton, "logits_logps")
         dlogits = ops.token_logps_backward(logits, labels, lse, grad_seq.float().contiguous(),
                                            ctx.ignore_index, inplace=ctx.inplace)
         return dlogits, None, None, None, None
@@ -129,7 +117,7 @@ class _LinearSequenceLogps(torch.autograd.Function):
         # Compact the completion tokens: prompt and padding never reach a matmul.
         rows = torch.nonzero(flat_labels != ignore_index).squeeze(1)
         row_labels = flat_labels[rows]
-        token_logps, lse = _linear_ops(use_triton).linear_token_logps_forward(
+        token_logps, lse = _ops(use_triton, "linear_logps").linear_token_logps_forward(
             hidden2d, weight, bias, row_labels, rows)
         seq_of_row = torch.div(rows, seq_len, rounding_mode="floor")
         seq_logps = torch.zeros(num_seqs, dtype=torch.float32, device=hidden.device)
@@ -143,7 +131,7 @@ class _LinearSequenceLogps(torch.autograd.Function):
         hidden, weight, bias, row_labels, rows, lse = ctx.saved_tensors
         grad_token = grad_seq.float()[torch.div(rows, ctx.seq_len, rounding_mode="floor")]
         hidden2d = hidden.reshape(-1, hidden.shape[-1])
-        dhidden, dweight, dbias = _linear_ops(ctx.use_triton).linear_token_logps_backward(
+        dhidden, dweight, dbias = _ops(ctx.use_triton, "linear_logps").linear_token_logps_backward(
             hidden2d, weight, bias, row_labels, rows, lse, grad_token.contiguous())
         return (dhidden.view_as(hidden), dweight if ctx.needs_input_grad[1] else None,
                 dbias if ctx.needs_input_grad[2] else None, None, None, None)
@@ -155,7 +143,7 @@ class _LinearSequenceLogps(torch.autograd.Function):
 class _PairLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logps, counts, ref_logps, hard, gamma, config, use_triton):
-        out = _pair_ops(use_triton).pair_loss(logps, counts, ref_logps, hard, gamma, **config)
+        out = _ops(use_triton, "pair_loss").pair_loss(logps, counts, ref_logps, hard, gamma, **config)
         ctx.save_for_backward(out["d_chosen"], out["d_rejected"])
         ctx.mark_non_differentiable(out["chosen_rewards"], out["rejected_rewards"])
         return out["per_pair_loss"], out["chosen_rewards"], out["rejected_rewards"]
@@ -239,6 +227,14 @@ def _pair_config(loss_type, beta, label_smoothing, average_log_prob, sft_weight,
             "average_log_prob": bool(average_log_prob), "sft_weight": float(sft_weight)}
 
 
+def _check_finite_logps(seq_logps, input_name):
+    """NaN/inf in the inputs surface as non-finite sequence log-probs: one [S] check."""
+    bad = torch.nonzero(~torch.isfinite(seq_logps.detach())).flatten().tolist()
+    if bad:
+        raise ValueError(f"{input_name} produced non-finite log-probs for sequence(s) "
+                         f"{bad[:8]}: the input contains NaN/inf or the label's logit is -inf")
+
+
 def _pair_head(seq_logps, counts, *, input_name, ref_logps, loss_type, beta, gamma,
                label_smoothing, average_log_prob, hard, sft_weight, margin, backend):
     """Shared by both front ends: checks, gamma (fixed or adaptive), the epilogue."""
@@ -246,10 +242,7 @@ def _pair_head(seq_logps, counts, *, input_name, ref_logps, loss_type, beta, gam
     num_pairs = seq_logps.shape[0] // 2
     config = _pair_config(loss_type, beta, label_smoothing, average_log_prob, sft_weight,
                           ref_logps)
-    bad = torch.nonzero(~torch.isfinite(seq_logps.detach())).flatten().tolist()
-    if bad:
-        raise ValueError(f"{input_name} produced non-finite log-probs for sequence(s) "
-                         f"{bad[:8]}: the input contains NaN/inf or the label's logit is -inf")
+    _check_finite_logps(seq_logps, input_name)
     if ref_logps is not None:
         ref_logps = _pair_vector("ref_logps", ref_logps, num_pairs, device, 2 * num_pairs)
     if hard is not None:
@@ -387,8 +380,7 @@ def sequence_logps(hidden, weight, labels, *, bias=None, average=False, ignore_i
     labels, counts = _check_linear_inputs(hidden, weight, bias, labels, ignore_index, False)
     seq_logps = _LinearSequenceLogps.apply(hidden, weight, bias, labels, ignore_index,
                                            _use_triton(backend, hidden))
-    if not torch.isfinite(seq_logps).all():
-        raise ValueError("hidden produced non-finite log-probs (NaN/inf in the inputs)")
+    _check_finite_logps(seq_logps, "hidden")
     return seq_logps / counts if average else seq_logps
 
 

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mixpo.data.tokenize import IGNORE_INDEX
-
-FLOAT_COLUMNS = ("score_chosen", "score_rejected", "difficulty", "ref_chosen_logps",
-                 "ref_rejected_logps")
+from mixpo.data.tokenize import IGNORE_INDEX, PASSTHROUGH_COLUMNS
 
 
 class PreferenceCollator:
@@ -51,7 +48,7 @@ class PreferenceCollator:
             attention_mask[row, :len(ids)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
 
-        for column in ("hard",) + FLOAT_COLUMNS:
+        for column in PASSTHROUGH_COLUMNS:
             present = [column in e for e in examples]
             if not any(present):
                 continue

@@ -33,7 +33,9 @@ from mixpo.data.collate import PreferenceCollator
 from mixpo.data.formats import VALIDATION_LOSS_COLUMN, check_preference_rows
 from mixpo.data.io import RowNamer, default_row_names, load_pretrained
 from mixpo.data.tokenize import tokenize_rows
+from mixpo.train.distributed import DistributedEnv
 from mixpo.train.model import PreferenceModel
+from mixpo.train.ref_logps import compute_reference_logps
 
 
 @dataclass(frozen=True)
@@ -117,19 +119,6 @@ class _Batches:
 
 
 @torch.no_grad()
-def reference_logps(policy: PreferenceModel, batches: _Batches, count: int,
-                    batch_size: int) -> torch.Tensor:
-    """Summed completion log-probs of the frozen starting model, [count, 2] (chosen, rejected)
-    on CPU, through `mixpo.sequence_logps` (PreferenceModel's logps_only path)."""
-    result = torch.empty(count, 2)
-    for indices in _batches(np.arange(count), batch_size):
-        (input_ids, attention_mask, labels), _ = batches(indices)
-        logps = policy(input_ids, attention_mask, labels, logps_only=True).float().cpu()
-        result[indices] = logps.view(2, -1).T
-    return result
-
-
-@torch.no_grad()
 def held_out_losses(policy: PreferenceModel, batches: _Batches, indices: np.ndarray,
                     ref: torch.Tensor, batch_size: int) -> np.ndarray:
     """Unreduced sigmoid DPO loss of the pairs at `indices`, float64 [len(indices)]."""
@@ -190,7 +179,10 @@ def score_pairs(dataset: datasets.Dataset, model, tokenizer,
                              tokenizer, settings.max_length, settings.max_prompt_length, row_names)
     policy = PreferenceModel(model, {"loss_type": "sigmoid", "beta": settings.beta}).eval()
     batches = _Batches(examples, pad_token_id, next(model.parameters()).device)
-    ref = reference_logps(policy, batches, len(examples), settings.forward_batch)
+    chosen, rejected = compute_reference_logps(policy, examples, batches.collate,
+                                               DistributedEnv(0, 1, 0, batches.device),
+                                               settings.forward_batch)
+    ref = torch.stack([chosen, rejected], dim=1)                       # [count, 2] on CPU
     totals, counts = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
     for seed in settings.seeds:
         shuffled = np.random.default_rng(seed).permutation(len(examples))

@@ -30,7 +30,7 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
     """Registers and spill bytes reported by ptxas -v for the kernel in `ptx`."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas(arch).path if hasattr(get_ptxas(arch), "path") else get_ptxas(arch)[0]
+    ptxas = get_ptxas(arch).path
     with tempfile.TemporaryDirectory() as tmp:
         ptx_file = os.path.join(tmp, "kernel.ptx")
         with open(ptx_file, "w") as handle:
@@ -98,13 +98,6 @@ def compile_all(archs=(80, 90), kernels=None):
         raise RuntimeError("unset TRITON_INTERPRET to compile kernels for the GPU")
     from mixpo.kernels import configs
 
-    # Importing the kernel modules registers every kernel, including optional ones.
-    for module in sorted({spec.module for spec in configs.KERNELS.values()}
-                         | {"mixpo.kernels.linear_logps"}):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError:
-            pass
     records = []
     for spec in configs.KERNELS.values():
         if kernels and spec.name not in kernels:

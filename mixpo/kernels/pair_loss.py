@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from mixpo.kernels.configs import LOSS_KINDS, choose
+from mixpo.reference import normalizes_length
 
 
 @triton.jit
@@ -79,8 +80,6 @@ def _pair_loss_kernel(logps_ptr, counts_ptr, ref_ptr, hard_ptr, gamma_ptr, loss_
 def pair_loss(logps, counts, ref_logps, hard, gamma, *, loss_type="sigmoid", beta=0.1,
               label_smoothing=0.0, average_log_prob=False, sft_weight=0.0):
     """Same contract as `mixpo.reference.pair_loss` (all inputs [2B] or [B], fp32)."""
-    from mixpo.reference import normalizes_length
-
     num_pairs = logps.shape[0] // 2
     logps, counts = logps.float().contiguous(), counts.float().contiguous()
     ref_logps = torch.zeros_like(logps) if ref_logps is None else ref_logps.float().contiguous()

@@ -190,8 +190,6 @@ def greedy_accuracy(model, tokenizer, problems, device, max_new_tokens: int = 4)
 def pair_logps(model, tokenizer, rows, cfg: DemoConfig, device) -> tuple:
     """Summed completion log-probs (chosen [N], rejected [N]) with the trainer's own
     tokenization, collation and logit-free scoring."""
-    import torch
-
     from mixpo.data.collate import PreferenceCollator
     from mixpo.data.tokenize import tokenize_rows
     from mixpo.train.model import PreferenceModel
@@ -346,7 +344,7 @@ def _run_demo(cfg: DemoConfig, device) -> dict:
     train_cfg = TrainConfig(**{k: v for k, v in dataclasses.asdict(cfg).items()
                                if k in train_fields})
     train_cfg.model_name_or_path, train_cfg.train_file = str(sft_dir), str(pairs_file)
-    result = train(train_cfg.validate())
+    result = train(train_cfg)
 
     before, reference_logps = evaluate(sft_dir, cfg, eval_rows, device)
     after, _ = evaluate(Path(result["final_dir"]), cfg, eval_rows, device, reference_logps)

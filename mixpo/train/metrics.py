@@ -24,7 +24,8 @@ PAIR_FIELDS = ("per_pair_loss", "chosen_logps", "rejected_logps", "chosen_reward
 
 
 class MetricsWindow:
-    """Per-pair results accumulated on this rank since the last log (CPU fp32 tensors)."""
+    """Per-pair results accumulated on this rank since the last log (fp32 tensors, kept on
+    the training device so that adding a micro-batch never waits for it)."""
 
     def __init__(self):
         self.pairs: dict[str, list[torch.Tensor]] = {name: [] for name in PAIR_FIELDS + ("hard",)}
@@ -33,14 +34,15 @@ class MetricsWindow:
 
     def add(self, out: PreferenceLossOutput, tokens: int) -> None:
         for name in PAIR_FIELDS:
-            self.pairs[name].append(getattr(out, name).detach().float().cpu())
+            self.pairs[name].append(getattr(out, name).detach().float())
         if out.hard is not None:
-            self.pairs["hard"].append(out.hard.detach().cpu())
+            self.pairs["hard"].append(out.hard.detach())
         self.tokens += int(tokens)
 
     def state_dict(self) -> dict:
         """Saved in checkpoints so a resumed run logs the same numbers."""
-        return {"pairs": self.pairs, "tokens": self.tokens}
+        return {"pairs": {name: [tensor.cpu() for tensor in tensors]
+                          for name, tensors in self.pairs.items()}, "tokens": self.tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.pairs, self.tokens = state["pairs"], state["tokens"]
@@ -48,12 +50,15 @@ class MetricsWindow:
     def summarize(self, env) -> dict:
         """TRL-named metrics over all pairs of all ranks; then the window starts afresh.
         Every rank must call it (it gathers)."""
-        gathered = {name: distributed.all_gather_cat(torch.cat(self.pairs[name]).to(env.device),
-                                                     env).cpu()
+        # Per-tensor .to: entries restored from a checkpoint live on the CPU.
+        def local(name):
+            return torch.cat([tensor.to(env.device) for tensor in self.pairs[name]])
+
+        gathered = {name: distributed.all_gather_cat(local(name), env).cpu()
                     for name in PAIR_FIELDS}
         hard = None
         if self.pairs["hard"]:
-            flags = torch.cat(self.pairs["hard"]).to(env.device, torch.uint8)  # gloo: no bool
+            flags = local("hard").to(torch.uint8)  # gloo: no bool
             hard = distributed.all_gather_cat(flags, env).cpu().bool()
         summary = PreferenceLossOutput(loss=gathered["per_pair_loss"].mean(), hard=hard,
                                        **gathered).metrics()

@@ -188,6 +188,7 @@ def _train(cfg: TrainConfig, env) -> dict:
         set_lr(optimizers, lr)
         for indices in micro_batches:
             batch = collator([examples[i] for i in indices])
+            tokens = int(batch["attention_mask"].sum())  # counted on the CPU: no device sync
             batch = {name: tensor.to(env.device) for name, tensor in batch.items()}
             if reference_model is not None:
                 ref_logps = reference_model(batch["input_ids"], batch["attention_mask"],
@@ -202,14 +203,13 @@ def _train(cfg: TrainConfig, env) -> dict:
                                ref_logps=ref_logps, hard=batch.get("hard"), margin=margin)
             # Mean over the global batch: every micro-batch holds the same number of pairs.
             (loss / sampler.accumulation_steps).backward()
-            window.add(out, tokens=batch["attention_mask"].sum().item())
+            window.add(out, tokens=tokens)
 
         if grad_sq_sum is not None:  # parameters were already updated inside backward
-            grad_norm = grad_sq_sum.sqrt().item()
+            grad_norm = grad_sq_sum.sqrt()  # a tensor: read on the host only when logged
             grad_sq_sum.zero_()
         else:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
             for optimizer in optimizers:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -217,7 +217,10 @@ def _train(cfg: TrainConfig, env) -> dict:
         progress.update(1)
 
         if done % cfg.logging_steps == 0 or done == total_steps:
-            row = {"step": done, **window.summarize(env), "lr": lr, "grad_norm": grad_norm,
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2 DTensor (collective: every rank)
+                grad_norm = grad_norm.full_tensor()
+            row = {"step": done, **window.summarize(env), "lr": lr,
+                   "grad_norm": grad_norm.item(),
                    "memory/peak_gb": peak_memory_gb(env.device)}
             log.write(row)
             progress.set_postfix(loss=f"{row['loss']:.4f}",
