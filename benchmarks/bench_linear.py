@@ -41,7 +41,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mixpo import roofline
+import roofline  # beside this script (sys.path[0])
 
 from bench_preference_loss import (  # same folder: sys.path[0]
     PEAK_MEMORY_METHOD, device_name, measure_peak, write_report)
@@ -218,7 +218,8 @@ def summarise(rows):
 def main(argv=None):
     on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=list(roofline.DEFAULT_SHAPES),
+                        choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int,
                         default=[2048, 4096, 8192, 16384, 32768] if on_gpu else [1024, 2048],
                         help="tokens per batch (2B x T), prompt included")

@@ -1,4 +1,4 @@
-"""`mixpo` command line: demo | train | data | bench | plan.
+"""`mixpo` command line: demo | train | plan | data | bench.
 
 Each command group lives beside the code it drives and exposes `register(subparsers)`, which
 only builds argparse parsers (cheap) and sets `func`, a handler that imports the heavy modules
@@ -8,26 +8,87 @@ on stderr with exit code 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from pathlib import Path
 
-# Command groups; each module defines `register(subparsers)`.
-COMMAND_MODULES = (
-    "mixpo.train.cli",   # demo, train, plan
-    "mixpo.data.cli",    # data pairs | prepare | score-validation | score-reward | inspect
-    "mixpo.bench",       # bench roofline | compile
-)
+# benchmarks/ of a source checkout (the roofline model lives there, not in the package).
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run_compile(args) -> int:
+    """`mixpo bench compile`: mixpo.kernels.compile_check, with TRITON_INTERPRET removed
+    (the kernels must load as JIT functions, so it runs in a subprocess when it is set)."""
+    import os
+    import subprocess
+
+    from mixpo.kernels import configs
+
+    argv = ["--arch", *map(str, args.arch)]
+    if args.kernel:
+        unknown = sorted(set(args.kernel) - set(configs.KERNELS))
+        if unknown:
+            raise ValueError(f"--kernel: unknown kernel(s) {unknown}; registered: "
+                             f"{sorted(configs.KERNELS)}")
+        argv += ["--kernel", *args.kernel]
+    if args.json:
+        argv += ["--json", args.json]
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "mixpo.kernels.compile_check", *argv],
+                          env=environment).returncode
+
+
+def _run_roofline(args) -> int:
+    """`mixpo bench roofline ...`: benchmarks/roofline_report.py of the source checkout."""
+    import subprocess
+
+    script = BENCHMARKS / "roofline_report.py"
+    if not script.is_file():
+        raise ValueError("the roofline model lives in benchmarks/ of a source checkout: run "
+                         "`python benchmarks/roofline_report.py` there")
+    return subprocess.run([sys.executable, str(script), *args.roofline_args]).returncode
+
+
+def _register_bench(subparsers) -> None:
+    bench = subparsers.add_parser(
+        "bench", help="GPU compile check of the kernels; roofline floors (source checkout)",
+        description="Checks that need no GPU: compile every launch configuration of every "
+                    "kernel for sm_80/sm_90, and the roofline model of the kernels.")
+    commands = bench.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND")
+    commands.required = True
+    compile_parser = commands.add_parser(
+        "compile", help="compile every kernel configuration for sm_80/sm_90 (no GPU needed)",
+        description="Runs mixpo.kernels.compile_check: Triton's GPU pipeline on the CPU for "
+                    "every launch configuration in mixpo.kernels.configs, with shared "
+                    "memory, registers and spills. Exit code 1 if any fails.")
+    compile_parser.add_argument("--arch", nargs="+", type=int, default=[80, 90],
+                                help="compute capabilities to target")
+    compile_parser.add_argument("--kernel", nargs="+", default=None, metavar="NAME",
+                                help="only these kernels (names in mixpo.kernels.configs)")
+    compile_parser.add_argument("--json", default=None, metavar="PATH",
+                                help="write the per-variant records here")
+    compile_parser.set_defaults(func=_run_compile)
+    roofline = commands.add_parser(
+        "roofline", add_help=False, prefix_chars="\0",  # every argument goes to the script
+        help="FLOPs, HBM bytes and floor time of each kernel (benchmarks/roofline_report.py)")
+    roofline.add_argument("roofline_args", nargs=argparse.REMAINDER)
+    roofline.set_defaults(func=_run_roofline)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mixpo import __version__
+    from mixpo.data import cli as data_cli
+    from mixpo.scoring import cli as scoring_cli
+    from mixpo.train import cli as train_cli
+
     parser = argparse.ArgumentParser(
         prog="mixpo",
-        description="Difficulty-aware preference optimization with fused Triton kernels.",
-    )
+        description="Difficulty-aware preference optimization with fused Triton kernels.")
+    parser.add_argument("--version", action="version", version=f"mixpo {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+    train_cli.register(subparsers)                       # demo, train, plan
+    scoring_cli.register(data_cli.register(subparsers))  # data pairs|prepare|inspect|score-*
+    _register_bench(subparsers)                          # bench compile|roofline
     return parser
 
 

@@ -1,29 +1,27 @@
-"""Public loss API: autograd Functions, functional wrappers and backend dispatch.
+"""Public loss API: argument checks and the functional front ends over `mixpo.functions`.
 
-Two stages, each its own autograd Function so that either front end can feed the shared
-per-pair epilogue:
+    preference_loss(logits, labels, ...)          fused loss over materialised logits
+    linear_preference_loss(hidden, weight, ...)   logit-free: no [tokens x vocab] logits ever
+    sequence_logps(hidden, weight, labels, ...)   forward-only summed log-probs (reference models)
 
-1. summed completion log-prob of every sequence, [S] fp32:
-   - from materialised logits [S, T, V]   (`_LogitsSequenceLogps`, one read in forward, one
-     read + write in backward, optionally in place);
-   - from hidden states and the LM-head weight, never materialising logits
-     (`_LinearSequenceLogps`, the logit-free path; ignored tokens are compacted away);
-2. the per-pair epilogue on [B]-sized data (`_PairLoss`): loss type, target margin gamma,
-   MixDPO routing, SFT weight; its backward hands d loss / d logp per sequence to stage 1.
-
-`backend="triton"` runs `mixpo.kernels`, `"torch"` runs `mixpo.reference` (the CPU path and
-the test oracle), `"auto"` picks triton for CUDA tensors.
+Each front end checks its tensors (ValueError naming the argument), builds one frozen
+`LossConfig` from its keywords, runs stage 1 (sequence log-probs) and hands the result to the
+shared per-pair head (stage 2). `backend="triton"` runs `mixpo.kernels`, `"torch"` their
+torch twins (the CPU path and the test oracle), `"auto"` picks triton for CUDA tensors
+(`mixpo.kernels.dispatch`).
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from mixpo import reference
+from mixpo.functions import LinearSequenceLogps, LogitsSequenceLogps, PairLoss
+from mixpo.kernels.dispatch import use_triton
+from mixpo.loss_config import LossConfig
+from mixpo.loss_spec import sequence_rewards
 from mixpo.margins import AdaptiveMargin
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -67,95 +65,6 @@ class PreferenceLossOutput:
 
 
 # ----------------------------------------------------------------------------------------------
-# Backend dispatch
-# ----------------------------------------------------------------------------------------------
-def _use_triton(backend: str, tensor: torch.Tensor) -> bool:
-    if backend == "auto":
-        return tensor.is_cuda
-    if backend == "triton":
-        return True
-    if backend == "torch":
-        return False
-    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-
-
-def _ops(use_triton: bool, kernel_module: str):
-    """The module implementing a stage: mixpo.kernels.<kernel_module>, or its torch twins in
-    mixpo.reference (same function names and signatures)."""
-    if use_triton:  # imported lazily: TRITON_INTERPRET must be decided before kernels load
-        return importlib.import_module(f"mixpo.kernels.{kernel_module}")
-    return reference
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 1: sequence log-probs
-# ----------------------------------------------------------------------------------------------
-class _LogitsSequenceLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index, use_triton, inplace_backward):
-        ops = _ops(use_triton, "logits_logps")
-        token_logps, lse = ops.token_logps_forward(logits, labels, ignore_index)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.ignore_index, ctx.use_triton, ctx.inplace = ignore_index, use_triton, inplace_backward
-        return token_logps.sum(dim=1)
-
-    @staticmethod
-    def backward(ctx, grad_seq):
-        logits, labels, lse = ctx.saved_tensors
-        ops = _ops(ctx.use_triton, "logits_logps")
-        dlogits = ops.token_logps_backward(logits, labels, lse, grad_seq.float().contiguous(),
-                                           ctx.ignore_index, inplace=ctx.inplace)
-        return dlogits, None, None, None, None
-
-
-class _LinearSequenceLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, use_triton):
-        num_seqs, seq_len, hidden_size = hidden.shape
-        hidden2d = hidden.reshape(num_seqs * seq_len, hidden_size)
-        flat_labels = labels.reshape(-1)
-        # Compact the completion tokens: prompt and padding never reach a matmul.
-        rows = torch.nonzero(flat_labels != ignore_index).squeeze(1)
-        row_labels = flat_labels[rows]
-        token_logps, lse = _ops(use_triton, "linear_logps").linear_token_logps_forward(
-            hidden2d, weight, bias, row_labels, rows)
-        seq_of_row = torch.div(rows, seq_len, rounding_mode="floor")
-        seq_logps = torch.zeros(num_seqs, dtype=torch.float32, device=hidden.device)
-        seq_logps.index_add_(0, seq_of_row, token_logps)
-        ctx.save_for_backward(hidden, weight, bias, row_labels, rows, lse)
-        ctx.use_triton, ctx.seq_len = use_triton, seq_len
-        return seq_logps
-
-    @staticmethod
-    def backward(ctx, grad_seq):
-        hidden, weight, bias, row_labels, rows, lse = ctx.saved_tensors
-        grad_token = grad_seq.float()[torch.div(rows, ctx.seq_len, rounding_mode="floor")]
-        hidden2d = hidden.reshape(-1, hidden.shape[-1])
-        dhidden, dweight, dbias = _ops(ctx.use_triton, "linear_logps").linear_token_logps_backward(
-            hidden2d, weight, bias, row_labels, rows, lse, grad_token.contiguous())
-        return (dhidden.view_as(hidden), dweight if ctx.needs_input_grad[1] else None,
-                dbias if ctx.needs_input_grad[2] else None, None, None, None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 2: the per-pair epilogue
-# ----------------------------------------------------------------------------------------------
-class _PairLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logps, counts, ref_logps, hard, gamma, config, use_triton):
-        out = _ops(use_triton, "pair_loss").pair_loss(logps, counts, ref_logps, hard, gamma, **config)
-        ctx.save_for_backward(out["d_chosen"], out["d_rejected"])
-        ctx.mark_non_differentiable(out["chosen_rewards"], out["rejected_rewards"])
-        return out["per_pair_loss"], out["chosen_rewards"], out["rejected_rewards"]
-
-    @staticmethod
-    def backward(ctx, grad_pair, _grad_chosen_rewards, _grad_rejected_rewards):
-        d_chosen, d_rejected = ctx.saved_tensors
-        grad_logps = torch.cat([grad_pair * d_chosen, grad_pair * d_rejected])
-        return grad_logps, None, None, None, None, None, None
-
-
-# ----------------------------------------------------------------------------------------------
 # Argument checks (ValueError naming the argument)
 # ----------------------------------------------------------------------------------------------
 def _check_labels(labels, expected_shape, vocab_size, ignore_index, device, name_of_rows):
@@ -189,9 +98,16 @@ def _check_float_tensor(name, tensor, device):
         raise ValueError(f"{name} is on {tensor.device}, expected {device}")
 
 
-def _pair_vector(name, value, num_pairs, device, length=None):
+def _check_pair_count(name, tensor, last_dim, paired=True):
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
+        raise ValueError(f"{name} must be a tensor of shape [2B, T, {last_dim}]")
+    if paired and (tensor.shape[0] % 2 or tensor.shape[0] == 0):
+        raise ValueError(f"{name} must have an even, non-zero number of rows (chosen then "
+                         f"rejected), got {tensor.shape[0]}")
+
+
+def _pair_vector(name, value, length, device):
     """A per-pair (or per-sequence) float vector as fp32 on `device`, checked finite."""
-    length = num_pairs if length is None else length
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
@@ -208,23 +124,18 @@ def _pair_vector(name, value, num_pairs, device, length=None):
     return value.contiguous()
 
 
-def _pair_config(loss_type, beta, label_smoothing, average_log_prob, sft_weight, ref_logps):
-    if loss_type not in reference.LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {reference.LOSS_TYPES}, got {loss_type!r}")
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite float > 0, got {beta!r}")
-    if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 0.5):
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
-    if label_smoothing and loss_type in ("ipo", "hinge"):
-        raise ValueError(f"label_smoothing is not defined for loss_type={loss_type!r}")
-    if not (isinstance(sft_weight, (int, float)) and math.isfinite(sft_weight)
-            and sft_weight >= 0):
-        raise ValueError(f"sft_weight must be a finite float >= 0, got {sft_weight!r}")
-    if loss_type == "simpo" and ref_logps is not None:
-        raise ValueError("ref_logps must be None for loss_type='simpo' (reference-free)")
-    return {"loss_type": loss_type, "beta": float(beta),
-            "label_smoothing": float(label_smoothing),
-            "average_log_prob": bool(average_log_prob), "sft_weight": float(sft_weight)}
+def _check_hard(hard, num_pairs, device):
+    if hard is None:
+        return None
+    if not isinstance(hard, torch.Tensor) or tuple(hard.shape) != (num_pairs,):
+        raise ValueError(f"hard must be a bool tensor of shape [{num_pairs}]")
+    if hard.device != device:
+        raise ValueError(f"hard is on {hard.device}, expected {device}")
+    if hard.dtype != torch.bool:
+        if hard.dtype.is_floating_point or not ((hard == 0) | (hard == 1)).all():
+            raise ValueError(f"hard must be a bool tensor (or 0/1 ints), got {hard.dtype}")
+        hard = hard.bool()
+    return hard
 
 
 def _check_finite_logps(seq_logps, input_name):
@@ -235,38 +146,48 @@ def _check_finite_logps(seq_logps, input_name):
                          f"{bad[:8]}: the input contains NaN/inf or the label's logit is -inf")
 
 
-def _pair_head(seq_logps, counts, *, input_name, ref_logps, loss_type, beta, gamma,
-               label_smoothing, average_log_prob, hard, sft_weight, margin, backend):
-    """Shared by both front ends: checks, gamma (fixed or adaptive), the epilogue."""
-    device = seq_logps.device
-    num_pairs = seq_logps.shape[0] // 2
-    config = _pair_config(loss_type, beta, label_smoothing, average_log_prob, sft_weight,
-                          ref_logps)
+def _loss_config(loss_type, beta, gamma, label_smoothing, average_log_prob, sft_weight,
+                 ignore_index) -> LossConfig:
+    """The keywords of a functional call as a LossConfig; a tensor gamma is per call."""
+    fixed_gamma = 0.0 if isinstance(gamma, torch.Tensor) else gamma
+    return LossConfig(loss_type=loss_type, beta=beta, gamma=fixed_gamma,
+                      label_smoothing=label_smoothing, average_log_prob=average_log_prob,
+                      sft_weight=sft_weight, ignore_index=ignore_index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2, shared by both front ends
+# ----------------------------------------------------------------------------------------------
+def _pair_gamma(config, gamma, margin, seq_logps, counts, ref_logps, num_pairs):
+    """The [B] target margins: `margin`'s adaptive solve, a per-pair tensor, or the fixed
+    `config.gamma`."""
+    if margin is None:
+        return _pair_vector("gamma", config.gamma if gamma is None else gamma, num_pairs,
+                            seq_logps.device)
+    if not isinstance(margin, AdaptiveMargin):
+        raise ValueError("margin must be a mixpo.AdaptiveMargin")
+    if gamma is not None or config.gamma != 0:
+        raise ValueError("pass either gamma or margin, not both")
+    rewards, _ = sequence_rewards(seq_logps.detach(), counts, ref_logps, config.beta,
+                                  config.normalized)
+    return margin(rewards[:num_pairs] - rewards[num_pairs:])
+
+
+def pair_head(seq_logps, counts, config: LossConfig, *, ref_logps=None, hard=None, gamma=None,
+              margin=None, backend="auto", input_name="logps") -> "PreferenceLossOutput":
+    """Stage 2 on summed sequence log-probs [2B] (differentiable) and completion counts [2B]:
+    checks the per-pair inputs, resolves gamma, runs the epilogue, builds the output."""
+    device, num_pairs = seq_logps.device, seq_logps.shape[0] // 2
     _check_finite_logps(seq_logps, input_name)
     if ref_logps is not None:
-        ref_logps = _pair_vector("ref_logps", ref_logps, num_pairs, device, 2 * num_pairs)
-    if hard is not None:
-        if not isinstance(hard, torch.Tensor) or tuple(hard.shape) != (num_pairs,):
-            raise ValueError(f"hard must be a bool tensor of shape [{num_pairs}]")
-        if hard.device != device:
-            raise ValueError(f"hard is on {hard.device}, expected {device}")
-        if hard.dtype != torch.bool:
-            if hard.dtype.is_floating_point or not ((hard == 0) | (hard == 1)).all():
-                raise ValueError(f"hard must be a bool tensor (or 0/1 ints), got {hard.dtype}")
-            hard = hard.bool()
-    use_triton = _use_triton(backend, seq_logps)
-    if margin is not None:
-        if not isinstance(margin, AdaptiveMargin):
-            raise ValueError("margin must be a mixpo.AdaptiveMargin")
-        if isinstance(gamma, torch.Tensor) or gamma != 0:
-            raise ValueError("pass either gamma or margin, not both")
-        rewards, _ = reference.sequence_rewards(
-            seq_logps.detach(), counts, ref_logps, config["beta"],
-            reference.normalizes_length(loss_type, average_log_prob))
-        gamma = margin(rewards[:num_pairs] - rewards[num_pairs:])
-    gamma = _pair_vector("gamma", gamma, num_pairs, device)
-    per_pair_loss, chosen_rewards, rejected_rewards = _PairLoss.apply(
-        seq_logps, counts, ref_logps, hard, gamma, config, use_triton)
+        if config.reference_free:
+            raise ValueError(f"ref_logps must be None for loss_type={config.loss_type!r} "
+                             "(reference-free)")
+        ref_logps = _pair_vector("ref_logps", ref_logps, 2 * num_pairs, device)
+    hard = _check_hard(hard, num_pairs, device)
+    gamma = _pair_gamma(config, gamma, margin, seq_logps, counts, ref_logps, num_pairs)
+    per_pair_loss, chosen_rewards, rejected_rewards = PairLoss.apply(
+        seq_logps, counts, ref_logps, hard, gamma, config, use_triton(backend, seq_logps))
     detached = seq_logps.detach()
     return PreferenceLossOutput(
         loss=per_pair_loss.mean(), per_pair_loss=per_pair_loss.detach(),
@@ -276,8 +197,23 @@ def _pair_head(seq_logps, counts, *, input_name, ref_logps, loss_type, beta, gam
 
 
 # ----------------------------------------------------------------------------------------------
-# Functional API
+# Front ends
 # ----------------------------------------------------------------------------------------------
+def logits_loss(logits, labels, config: LossConfig, *, ref_logps=None, hard=None, gamma=None,
+                margin=None, backend="auto", inplace_backward=False):
+    """`preference_loss` with its hyper-parameters as one LossConfig (what PreferenceLoss calls)."""
+    _check_pair_count("logits", logits, "V")
+    _check_float_tensor("logits", logits, logits.device)
+    if logits.stride(-1) != 1:
+        raise ValueError("logits must be contiguous in its last (vocab) dimension")
+    labels, counts = _check_labels(labels, logits.shape[:2], logits.shape[2],
+                                   config.ignore_index, logits.device, "logits")
+    seq_logps = LogitsSequenceLogps.apply(logits, labels, config.ignore_index,
+                                          use_triton(backend, logits), inplace_backward)
+    return pair_head(seq_logps, counts, config, ref_logps=ref_logps, hard=hard, gamma=gamma,
+                     margin=margin, backend=backend, input_name="logits")
+
+
 def preference_loss(logits, labels, *, ref_logps=None, loss_type="sigmoid", beta=0.1, gamma=0.0,
                     label_smoothing=0.0, average_log_prob=False, hard=None, sft_weight=0.0,
                     margin=None, ignore_index=-100, backend="auto", inplace_backward=False):
@@ -308,32 +244,16 @@ def preference_loss(logits, labels, *, ref_logps=None, loss_type="sigmoid", beta
 
     Returns a `PreferenceLossOutput`; only `.loss` carries gradient (to `logits`).
     """
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
-        raise ValueError("logits must be a tensor of shape [2B, T, V]")
-    _check_float_tensor("logits", logits, logits.device)
-    if logits.shape[0] % 2 or logits.shape[0] == 0:
-        raise ValueError(f"logits must have an even, non-zero number of rows (chosen then "
-                         f"rejected), got {logits.shape[0]}")
-    if logits.stride(-1) != 1:
-        raise ValueError("logits must be contiguous in its last (vocab) dimension")
-    labels, counts = _check_labels(labels, logits.shape[:2], logits.shape[2], ignore_index,
-                                   logits.device, "logits")
-    use_triton = _use_triton(backend, logits)
-    seq_logps = _LogitsSequenceLogps.apply(logits, labels, ignore_index, use_triton,
-                                           inplace_backward)
-    return _pair_head(seq_logps, counts, input_name="logits", ref_logps=ref_logps,
-                      loss_type=loss_type, beta=beta, gamma=gamma,
-                      label_smoothing=label_smoothing, average_log_prob=average_log_prob,
-                      hard=hard, sft_weight=sft_weight, margin=margin, backend=backend)
+    config = _loss_config(loss_type, beta, gamma, label_smoothing, average_log_prob, sft_weight,
+                          ignore_index)
+    return logits_loss(logits, labels, config, ref_logps=ref_logps, hard=hard,
+                       gamma=gamma if isinstance(gamma, torch.Tensor) else None, margin=margin,
+                       backend=backend, inplace_backward=inplace_backward)
 
 
 def _check_linear_inputs(hidden, weight, bias, labels, ignore_index, paired):
-    if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:
-        raise ValueError("hidden must be a tensor of shape [2B, T, H]")
+    _check_pair_count("hidden", hidden, "H", paired)
     _check_float_tensor("hidden", hidden, hidden.device)
-    if paired and (hidden.shape[0] % 2 or hidden.shape[0] == 0):
-        raise ValueError(f"hidden must have an even, non-zero number of rows (chosen then "
-                         f"rejected), got {hidden.shape[0]}")
     _check_float_tensor("weight", weight, hidden.device)
     if weight.ndim != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"weight must have shape [V, {hidden.shape[2]}], "
@@ -348,6 +268,18 @@ def _check_linear_inputs(hidden, weight, bias, labels, ignore_index, paired):
                          hidden.device, "hidden")
 
 
+def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_logps=None,
+                hard=None, gamma=None, margin=None, backend="auto"):
+    """`linear_preference_loss` with its hyper-parameters as one LossConfig (what
+    LinearPreferenceLoss calls)."""
+    labels, counts = _check_linear_inputs(hidden, weight, bias, labels, config.ignore_index,
+                                          True)
+    seq_logps = LinearSequenceLogps.apply(hidden, weight, bias, labels, config.ignore_index,
+                                          use_triton(backend, hidden))
+    return pair_head(seq_logps, counts, config, ref_logps=ref_logps, hard=hard, gamma=gamma,
+                     margin=margin, backend=backend, input_name="hidden")
+
+
 def linear_preference_loss(hidden, weight, labels, *, bias=None, ref_logps=None,
                            loss_type="sigmoid", beta=0.1, gamma=0.0, label_smoothing=0.0,
                            average_log_prob=False, hard=None, sft_weight=0.0, margin=None,
@@ -359,14 +291,11 @@ def linear_preference_loss(hidden, weight, labels, *, bias=None, ref_logps=None,
     as in `preference_loss`. Prompt and padding tokens (labels == ignore_index) are compacted
     away before any matmul. Gradients flow to hidden, weight and bias.
     """
-    labels, counts = _check_linear_inputs(hidden, weight, bias, labels, ignore_index, True)
-    use_triton = _use_triton(backend, hidden)
-    seq_logps = _LinearSequenceLogps.apply(hidden, weight, bias, labels, ignore_index,
-                                           use_triton)
-    return _pair_head(seq_logps, counts, input_name="hidden", ref_logps=ref_logps,
-                      loss_type=loss_type, beta=beta, gamma=gamma,
-                      label_smoothing=label_smoothing, average_log_prob=average_log_prob,
-                      hard=hard, sft_weight=sft_weight, margin=margin, backend=backend)
+    config = _loss_config(loss_type, beta, gamma, label_smoothing, average_log_prob, sft_weight,
+                          ignore_index)
+    return linear_loss(hidden, weight, labels, config, bias=bias, ref_logps=ref_logps, hard=hard,
+                       gamma=gamma if isinstance(gamma, torch.Tensor) else None, margin=margin,
+                       backend=backend)
 
 
 @torch.no_grad()
@@ -378,8 +307,8 @@ def sequence_logps(hidden, weight, labels, *, bias=None, average=False, ignore_i
     log-probs over a dataset. hidden [S, T, H] (any S), weight [V, H], labels [S, T].
     """
     labels, counts = _check_linear_inputs(hidden, weight, bias, labels, ignore_index, False)
-    seq_logps = _LinearSequenceLogps.apply(hidden, weight, bias, labels, ignore_index,
-                                           _use_triton(backend, hidden))
+    seq_logps = LinearSequenceLogps.apply(hidden, weight, bias, labels, ignore_index,
+                                          use_triton(backend, hidden))
     _check_finite_logps(seq_logps, "hidden")
     return seq_logps / counts if average else seq_logps
 
@@ -389,6 +318,9 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
 
     The last position gets ignore_index, so logits[:, t] pairs with shifted[:, t].
     """
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 2:
+        raise ValueError(f"labels must be a [S, T] tensor, got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else labels!r}")
     shifted = torch.full_like(labels, ignore_index)
     shifted[:, :-1] = labels[:, 1:]
     return shifted

@@ -11,7 +11,7 @@ from collections import deque
 
 import torch
 
-from mixpo import reference
+from mixpo.kernels.dispatch import check_backend, kernel_ops, use_triton
 
 
 class AdaptiveMargin:
@@ -47,8 +47,7 @@ class AdaptiveMargin:
                             ("iters", iters)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        check_backend(backend)
         self.gamma0, self.tau = float(gamma0), float(tau)
         self.queue_size, self.solve_size, self.iters = queue_size, solve_size, iters
         self.center, self.backend = center, backend
@@ -83,12 +82,8 @@ class AdaptiveMargin:
         return gamma.detach()
 
     def _solve(self, solve_set: torch.Tensor) -> torch.Tensor:
-        use_triton = self.backend == "triton" or (self.backend == "auto" and solve_set.is_cuda)
-        if use_triton:
-            from mixpo.kernels.margin_solve import solve_margins
-        else:
-            solve_margins = reference.solve_margins
-        return solve_margins(solve_set, self.gamma0, self.tau, self.iters)
+        ops = kernel_ops("margin_solve", use_triton(self.backend, solve_set))
+        return ops.solve_margins(solve_set, self.gamma0, self.tau, self.iters)
 
     def state_dict(self) -> dict:
         return {"queue": list(self.queue), "generator": self.generator.get_state(),

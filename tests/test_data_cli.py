@@ -10,7 +10,7 @@ import pytest
 
 from mixpo.cli import main
 from mixpo.data.io import load_rows
-from mixpo.testing import (argilla_rows, raw_completion_rows, save_tiny_model, torch_threads,
+from fixtures import (argilla_rows, raw_completion_rows, save_tiny_model, torch_threads,
                            ultrafeedback_rows, write_jsonl)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pytest
 
 from mixpo.data.difficulty import (compute_difficulty, easy_first_order, prepare_dataset,
                                    route_hard, swap_band)
-from mixpo.testing import argilla_rows, ultrafeedback_rows
+from fixtures import argilla_rows, ultrafeedback_rows
 
 
 @pytest.fixture

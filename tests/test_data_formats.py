@@ -8,7 +8,7 @@ import pytest
 from mixpo.data.formats import (check_preference_rows, check_score, detect_format,
                                 read_column_scores, render_example, resolve_score_columns,
                                 split_example)
-from mixpo.testing import (argilla_rows, build_tiny_tokenizer, corpus_texts, raw_completion_rows,
+from fixtures import (argilla_rows, build_tiny_tokenizer, corpus_texts, raw_completion_rows,
                            ultrafeedback_rows)
 
 USER = {"role": "user", "content": "why is the sky blue"}

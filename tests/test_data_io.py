@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mixpo.data.io import load_rows, output_kind, save_rows
-from mixpo.testing import argilla_rows, raw_completion_rows, ultrafeedback_rows, write_jsonl
+from fixtures import argilla_rows, raw_completion_rows, ultrafeedback_rows, write_jsonl
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mixpo.data.pairs import build_pairs, choose_pair
-from mixpo.testing import GARBLED_RESPONSE, RAW_SCORES, raw_completion_rows
+from fixtures import GARBLED_RESPONSE, RAW_SCORES, raw_completion_rows
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """The logit-free path: Triton kernels of mixpo/kernels/linear_logps.py (interpreted on CPU)
-vs their torch twins in mixpo/reference.py vs `hidden @ weight.T` followed by log_softmax,
+vs their torch twins (linear_logps_torch.py) vs `hidden @ weight.T` followed by log_softmax,
 gather and the DPO formulas written out here and differentiated by autograd; and the CPU peak
 memory of the torch backend against a materialised-logits baseline."""
 import os
@@ -9,10 +9,9 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mixpo
-from mixpo import reference
+from mixpo.kernels import linear_logps_torch as linear_twin
 from mixpo.kernels import linear_logps
 from formulas import pair_losses
 
@@ -96,7 +95,7 @@ def test_forward_matches_twin_and_formula(dtype, with_bias):
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     logps, lse = linear_logps.linear_token_logps_forward(hidden2d, weight, bias, row_labels,
                                                          rows)
-    twin_logps, twin_lse = reference.linear_token_logps_forward(hidden2d, weight, bias,
+    twin_logps, twin_lse = linear_twin.linear_token_logps_forward(hidden2d, weight, bias,
                                                                 row_labels, rows)
     assert logps.dtype == lse.dtype == torch.float32 and logps.shape == rows.shape
     assert_close(logps, twin_logps, 1e-5, "token_logps vs twin")
@@ -112,12 +111,12 @@ def test_backward_matches_twin_and_formula(dtype, with_bias):
     hidden, weight, bias, labels = make_batch(dtype=dtype, bias=with_bias, seed=1)
     rows, row_labels = compact(labels)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    _, lse = reference.linear_token_logps_forward(hidden2d, weight, bias, row_labels, rows)
+    _, lse = linear_twin.linear_token_logps_forward(hidden2d, weight, bias, row_labels, rows)
     grad_token = torch.randn(rows.shape[0], generator=torch.Generator().manual_seed(2))
     grad_token[:5] = 0.0                   # some tokens without gradient
     out = linear_logps.linear_token_logps_backward(hidden2d, weight, bias, row_labels, rows,
                                                    lse, grad_token)
-    twin = reference.linear_token_logps_backward(hidden2d, weight, bias, row_labels, rows,
+    twin = linear_twin.linear_token_logps_backward(hidden2d, weight, bias, row_labels, rows,
                                                  lse, grad_token)
 
     def weighted_sum(h, w, b):
@@ -150,7 +149,7 @@ def test_large_vocab_few_tokens(dtype):
     hidden2d = hidden.reshape(-1, 16)
     logps, lse = linear_logps.linear_token_logps_forward(hidden2d, weight, None, row_labels,
                                                          rows)
-    twin_logps, twin_lse = reference.linear_token_logps_forward(hidden2d, weight, None,
+    twin_logps, twin_lse = linear_twin.linear_token_logps_forward(hidden2d, weight, None,
                                                                 row_labels, rows)
     assert_close(logps, twin_logps, 1e-5, "token_logps")
     assert_close(lse, twin_lse, 1e-5, "lse")
@@ -158,7 +157,7 @@ def test_large_vocab_few_tokens(dtype):
         coef = torch.linspace(-1, 1, rows.shape[0])
         got = linear_logps.linear_token_logps_backward(hidden2d, weight, None, row_labels,
                                                        rows, lse, coef)
-        want = reference.linear_token_logps_backward(hidden2d, weight, None, row_labels, rows,
+        want = linear_twin.linear_token_logps_backward(hidden2d, weight, None, row_labels, rows,
                                                      twin_lse, coef)
         for name, a, b in zip(("dhidden", "dweight"), got[:2], want[:2]):
             assert_close(a, b, 1e-4, name)
@@ -193,11 +192,11 @@ def test_gradient_filter_skips_negligible_tiles_within_tolerance():
     labels = labels % 8192                          # every label in the first tile
     rows, row_labels = compact(labels)
     hidden2d = hidden.reshape(-1, 16)
-    _, lse = reference.linear_token_logps_forward(hidden2d, weight, None, row_labels, rows)
+    _, lse = linear_twin.linear_token_logps_forward(hidden2d, weight, None, row_labels, rows)
     tail_mass = torch.exp(hidden2d[rows] @ weight[8192:].T - lse[:, None]).sum(1)
     assert 0 < tail_mass.max() < 1e-6
     coef = torch.ones(rows.shape[0])
-    twin = reference.linear_token_logps_backward(hidden2d, weight, None, row_labels, rows,
+    twin = linear_twin.linear_token_logps_backward(hidden2d, weight, None, row_labels, rows,
                                                  lse, coef)
     exact = linear_logps.linear_token_logps_backward(hidden2d, weight, None, row_labels, rows,
                                                      lse, coef, filter_eps=0.0)

@@ -83,7 +83,7 @@ def test_report_says_llama3_8b_fits_one_80gb_gpu_and_trl_does_not():
 
 
 def test_plan_reads_a_local_config_and_reports_user_errors(tmp_path, capsys):
-    from mixpo.testing import build_tiny_causal_lm, build_tiny_tokenizer
+    from fixtures import build_tiny_causal_lm, build_tiny_tokenizer
 
     model = build_tiny_causal_lm(build_tiny_tokenizer())
     model.config.save_pretrained(tmp_path)

@@ -169,8 +169,9 @@ def test_shift_labels():
 
 def test_module_wrapper_matches_functional():
     logits, labels, ref_logps = make_batch()
-    module = mixpo.PreferenceLoss(beta=0.3, loss_type="robust", label_smoothing=0.1)
-    via_module = module(logits, labels, ref_logps=ref_logps, backend="triton")
+    module = mixpo.PreferenceLoss(beta=0.3, loss_type="robust", label_smoothing=0.1,
+                                  backend="triton")
+    via_module = module(logits, labels, ref_logps=ref_logps)
     direct = mixpo.preference_loss(logits, labels, ref_logps=ref_logps, beta=0.3,
                                    loss_type="robust", label_smoothing=0.1, backend="triton")
     torch.testing.assert_close(via_module.loss, direct.loss)

@@ -1,12 +1,13 @@
-"""Roofline model (mixpo/roofline.py) against hand-computed numbers, and `mixpo bench`."""
-import argparse
-import importlib.util
+"""Roofline model (benchmarks/roofline.py) against hand-computed numbers, its report script,
+and `mixpo bench`."""
 import json
 import os
 
 import pytest
+import roofline  # benchmarks/ (conftest puts it on sys.path)
+import roofline_report
 
-from mixpo import bench, roofline, roofline_report
+from mixpo.cli import build_parser, main
 
 # One small problem, counted by hand: N = n = 1000 tokens, V = 1000, H = 100, bf16, 1 pair.
 N = n = 1000
@@ -138,7 +139,7 @@ def test_logits_path_counts_match_hand_arithmetic():
 
 
 def test_large_shape_linear_path_is_matmul_bound_at_8nvh():
-    workload = roofline.make_workload("llama3", tokens=16384, prompt_share=0.25)
+    workload = roofline.make_workload("llama-3-8b", tokens=16384, prompt_share=0.25)
     assert workload.completion_tokens == 12288 and workload.pairs == 8
     completion_flops = 12288 * 128256 * 4096
     assert roofline.floor_seconds("linear_logps_fwd", workload, "h100") == \
@@ -152,14 +153,14 @@ def test_large_shape_linear_path_is_matmul_bound_at_8nvh():
     assert roofline.floor_seconds("matmul_flop_floor_fwd_bwd", workload, "h100") == \
         pytest.approx(6 * completion_flops / 800e12)
     # Tile skipping in the backward removes dHidden/dWeight products only.
-    skipping = roofline.make_workload("llama3", 16384, 0.25, kept_tile_fraction=0.25)
+    skipping = roofline.make_workload("llama-3-8b", 16384, 0.25, kept_tile_fraction=0.25)
     assert roofline.kernel_cost("linear_logps_fwd_bwd", skipping).matmul_flops == \
         pytest.approx((2 + 2 + 0.25 * 4) * completion_flops)
 
 
 def test_prompt_share_shrinks_linear_work_not_logits_path_writes():
-    full = roofline.make_workload("qwen25", 8192, prompt_share=0.0)
-    half = roofline.make_workload("qwen25", 8192, prompt_share=0.5)
+    full = roofline.make_workload("qwen-2.5-7b", 8192, prompt_share=0.0)
+    half = roofline.make_workload("qwen-2.5-7b", 8192, prompt_share=0.5)
     for kernel in ("linear_logps_fwd", "linear_logps_bwd", "matmul_flop_floor_fwd_bwd"):
         assert roofline.kernel_cost(kernel, half).matmul_flops == \
             pytest.approx(roofline.kernel_cost(kernel, full).matmul_flops / 2)
@@ -177,7 +178,7 @@ def test_prompt_share_shrinks_linear_work_not_logits_path_writes():
 
 
 def test_pair_kernels_are_negligible():
-    workload = roofline.make_workload("gemma2", 32768, 0.25)
+    workload = roofline.make_workload("gemma-2-9b", 32768, 0.25)
     lm_bytes = roofline.kernel_cost("token_logps_fwd", workload).total_bytes
     for kernel in ("pair_loss", "margin_solve"):
         assert roofline.kernel_cost(kernel, workload).total_bytes < 1e-5 * lm_bytes
@@ -196,33 +197,12 @@ def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="kernel"):
         roofline.floor_seconds("attention", SMALL, "h100")
     with pytest.raises(ValueError, match="pairs-per-batch"):
-        roofline_report.workloads(["llama3"], [2048, 4096, 8192], [0.0], pairs_per_batch=[1, 2])
+        roofline_report.workloads(["llama-3-8b"], [2048, 4096, 8192], [0.0], pairs_per_batch=[1, 2])
 
 
-def _own_parser():
-    parser = argparse.ArgumentParser(prog="mixpo")
-    subparsers = parser.add_subparsers(dest="command")
-    bench.register(subparsers)
-    return parser
-
-
-def _run(argv):
-    """`mixpo ARGV` through the real CLI when every command group exists, else through a
-    parser holding only `bench` (handlers raise instead of returning 2 there)."""
-    if importlib.util.find_spec("mixpo.train.cli") and importlib.util.find_spec("mixpo.data.cli"):
-        from mixpo.cli import main
-
-        return main(argv)
-    args = _own_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError:
-        return 2
-
-
-def test_cli_roofline_writes_json_with_metadata(tmp_path, capsys):
+def test_cli_roofline_writes_json_with_metadata(tmp_path, capfd):
     output = tmp_path / "results" / "roofline.json"
-    code = _run(["bench", "roofline", "--shapes", "llama3", "gemma2", "--tokens", "2048",
+    code = main(["bench", "roofline", "--shapes", "llama-3-8b", "gemma2", "--tokens", "2048",
                  "16384", "--prompt-share", "0", "0.25", "-o", str(output)])
     assert code == 0
     report = json.loads(output.read_text())
@@ -231,27 +211,29 @@ def test_cli_roofline_writes_json_with_metadata(tmp_path, capsys):
     assert report["versions"]["mixpo"] and report["versions"]["torch"]
     assert report["devices"]["a100"]["tensor_flops_16bit"] == 312e12
     assert report["devices"]["h100"]["hbm_bytes_per_s"] == 3.0e12
-    assert report["shapes"]["gemma2"] == {"name": "Gemma-2-9B", "hidden_size": 3584,
-                                          "vocab_size": 256000}
+    # "gemma2" is the old spelling of the plan's "gemma-2-9b" (one shape table).
+    assert report["shapes"]["gemma-2-9b"] == {"name": "gemma-2-9b", "hidden_size": 3584,
+                                              "vocab_size": 256000}
     assert len(report["rows"]) == 2 * 2 * 2 * len(roofline.KERNEL_MODELS)
     row = next(row for row in report["rows"] if row["kernel"] == "linear_logps_fwd_bwd"
                and row["tokens"] == 16384 and row["prompt_share"] == 0.25
-               and row["shape"] == "Llama-3-8B")
+               and row["shape"] == "llama-3-8b")
     assert row["matmul_flops_over_6nvh"] == pytest.approx(4 / 3)
     assert row["parts"] == ["linear_logps_fwd", "linear_softmax_bwd", "linear_label_bwd",
                             "linear_bwd_buffers"]
     parts = [part for part in report["rows"] if part["kernel"] in row["parts"]
              and part["tokens"] == 16384 and part["prompt_share"] == 0.25
-             and part["shape"] == "Llama-3-8B"]
+             and part["shape"] == "llama-3-8b"]
     assert row["floor_seconds"]["h100"] == pytest.approx(
         sum(part["floor_seconds"]["h100"] for part in parts))
     assert row["floor_seconds"]["h100"] > 8 * 12288 * 128256 * 4096 / 800e12
-    table = capsys.readouterr().out
+    table = capfd.readouterr().out  # printed by the script's subprocess
     assert "linear_logps_fwd_bwd" in table and "16384 tokens, 25 % prompt" in table
+    assert "note: shape 'gemma2' is now called 'gemma-2-9b'" in table
 
 
 def test_cli_roofline_rejects_unknown_shape(tmp_path):
-    assert _run(["bench", "roofline", "--shapes", "gpt9", "-o", str(tmp_path / "r.json")]) == 2
+    assert main(["bench", "roofline", "--shapes", "gpt9", "-o", str(tmp_path / "r.json")]) == 2
     assert not (tmp_path / "r.json").exists()
 
 
@@ -269,13 +251,13 @@ def test_cli_compile_runs_compile_check_without_triton_interpret(monkeypatch, tm
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr("subprocess.run", fake_run)
     json_path = str(tmp_path / "compile.json")
-    args = _own_parser().parse_args(["bench", "compile", "--arch", "90", "--kernel",
-                                     "pair_loss", "--json", json_path])
+    args = build_parser().parse_args(["bench", "compile", "--arch", "90", "--kernel",
+                                      "pair_loss", "--json", json_path])
     assert args.func(args) == 0
     (command, env), = calls
     assert command[1:] == ["-m", "mixpo.kernels.compile_check", "--arch", "90", "--kernel",
                            "pair_loss", "--json", json_path]
     assert "TRITON_INTERPRET" not in env and env.get("PATH") == os.environ.get("PATH")
-    args = _own_parser().parse_args(["bench", "compile", "--kernel", "no_such_kernel"])
+    args = build_parser().parse_args(["bench", "compile", "--kernel", "no_such_kernel"])
     with pytest.raises(ValueError, match="no_such_kernel"):
         args.func(args)

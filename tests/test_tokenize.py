@@ -2,7 +2,7 @@
 import pytest
 
 from mixpo.data.tokenize import IGNORE_INDEX, tokenize_pair, tokenize_rows
-from mixpo.testing import build_tiny_tokenizer
+from fixtures import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

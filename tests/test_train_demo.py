@@ -21,22 +21,28 @@ def test_char_tokenizer_round_trips_and_wrong_answers_are_wrong():
     assert {row["chosen"] for row in rows} == {"7"} and len(rows) == 3
 
 
-def test_demo_short_run_end_to_end(tmp_path, capsys):
+def test_demo_short_run_learns_the_task_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--output_dir", str(out), "--operand_max", "6", "--sft_steps", "10",
-            "--global_batch_size", "8", "--micro_batch_size", "4", "--max_steps", "4",
-            "--save_steps", "2", "--logging_steps", "1", "--progress_bar", "false"]
+    # A shortened demo (about 20 s on 2 CPU cores): 100 sums, 300 pairs, 30 steps.
+    argv = ["demo", "--output_dir", str(out), "--operand_max", "10", "--sft_steps", "60",
+            "--max_steps", "30", "--save_steps", "15", "--logging_steps", "5",
+            "--progress_bar", "false"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "task accuracy (greedy decoding, all sums)" in printed and "reward margin" in printed
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "demo_results.json").read_text())
-    for phase in ("before", "after"):
-        assert 0.0 <= results[phase]["task_accuracy"] <= 1.0
-    assert "reward_accuracy" in results["after"] and results["hard_pairs"] == 36
+    before, after = results["before"], results["after"]
+    # Seeded and single-threaded: this run goes 0.59 -> 0.77 task accuracy on this machine;
+    # MixDPO + gamma-PO must lift it by at least 0.1 and separate the fresh pairs.
+    assert after["task_accuracy"] >= before["task_accuracy"] + 0.1
+    assert after["reward_accuracy"] > 0.6 and after["reward_margin"] > 0
+    assert after["logp_preference_accuracy"] > before["logp_preference_accuracy"]
+    # Every near miss (rating margin 0.5 < route_below 1.0) is routed: one per sum.
+    assert results["hard_pairs"] == 100
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1, 2, 3, 4]
-    assert (out / "checkpoint-4").is_dir() and (out / "final" / "model.safetensors").is_file()
+    assert [row["step"] for row in rows] == [5, 10, 15, 20, 25, 30]
+    assert (out / "checkpoint-30").is_dir() and (out / "final" / "model.safetensors").is_file()
     # A rerun reuses the warm-up and the finished training, and reports the same numbers.
     assert main(argv) == 0
     printed = capsys.readouterr().out

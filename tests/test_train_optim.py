@@ -20,14 +20,16 @@ def test_tiny_updates_survive_on_bf16_weights_only_with_stochastic_rounding():
     lr = 1e-5                                     # far below bf16's spacing at 1.0 (2^-8)
     ours = torch.nn.Parameter(torch.ones(100_000, dtype=torch.bfloat16))
     plain = torch.nn.Parameter(torch.ones(100_000, dtype=torch.bfloat16))
-    for param, optimizer in ((ours, BF16StateAdamW([ours], lr=lr)),
+    low_memory = BF16StateAdamW([ours], lr=lr)
+    for param, optimizer in ((ours, low_memory),
                              (plain, torch.optim.AdamW([plain], lr=lr, weight_decay=0.0))):
         param.grad = torch.ones_like(param)
         optimizer.step()
     assert torch.equal(plain.float(), torch.ones(100_000))          # rounded away
     assert ours.float().mean().item() == pytest.approx(1 - lr, abs=2e-6)  # kept on average
-    state = BF16StateAdamW([ours]).state  # states are bf16 (2 B each)
-    assert state == {} or all(v.dtype == torch.bfloat16 for v in state.values())
+    state = low_memory.state[ours]  # the moments it stepped with are bf16 (2 B each)
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    assert state["exp_avg"].shape == ours.shape and state["step"].item() == 1
 
 
 def test_fp32_weights_follow_torch_adamw_within_bf16_state_precision():

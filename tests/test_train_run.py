@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixpo.testing import save_tiny_model, ultrafeedback_rows
+from fixtures import save_tiny_model, ultrafeedback_rows
 from mixpo.train.checkpoint import complete_checkpoints
 from mixpo.train.config import TrainConfig, build_config
 from mixpo.train.metrics import read_metrics
@@ -74,12 +74,24 @@ def test_mixdpo_gamma_po_run_metrics_checkpoints_and_export(tiny_run, tmp_path):
     metrics = run(recipe, out, max_steps=6, save_steps=3, difficulty="rating", route_below=1.0,
                   adaptive_margin=True, gamma=0.5, save_total_limit=1)
     assert [row["step"] for row in metrics] == list(range(1, 7))
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                "rewards/margins", "logps/chosen", "logps/rejected", "gamma/mean", "gamma/std",
-                "routing/sft_fraction", "lr", "grad_norm", "tokens_per_second", "memory/peak_gb"):
-        assert all(isinstance(row[key], float) for row in metrics), key
+    # The data layer's own routing of these pairs, easy-first: step k trains rows 8k..8k+7
+    # (4 steps an epoch), and its routing/sft_fraction is the share of hard pairs there.
+    import datasets
+    from mixpo.data.difficulty import prepare_dataset
+    prepared, _ = prepare_dataset(datasets.Dataset.from_list(ultrafeedback_rows(32)),
+                                  route_below=1.0)
+    hard = prepared["hard"]
+    for row in metrics:
+        rows = range(8 * ((row["step"] - 1) % 4), 8 * ((row["step"] - 1) % 4) + 8)
+        assert row["routing/sft_fraction"] == sum(hard[i] for i in rows) / 8
+        assert row["rewards/margins"] == pytest.approx(row["rewards/chosen"]
+                                                       - row["rewards/rejected"], abs=1e-6)
+        assert (row["rewards/accuracies"] * 8) % 1 == 0     # a share of the step's 8 pairs
+        assert row["logps/chosen"] < 0 and row["logps/rejected"] < 0
+        assert row["tokens_per_second"] > 0 and row["memory/peak_gb"] > 0
+        assert row["grad_norm"] > 0 and row["gamma/mean"] >= 0 and row["loss"] > 0
+    assert 0 < sum(hard) < 32                        # the tied pairs (margin 0 < 1.0) only
     assert metrics[0]["rewards/margins"] == 0.0 and metrics[0]["lr"] == 0.0  # policy == ref
-    assert any(row["routing/sft_fraction"] > 0 for row in metrics)  # tied pairs go to SFT
     assert any(row["gamma/std"] > 0 for row in metrics)  # per-pair adaptive margins
     assert [step for step, _ in complete_checkpoints(out)] == [6]  # save_total_limit=1
     state = torch.load(out / "checkpoint-6" / "rank_state_0.pt", weights_only=False)

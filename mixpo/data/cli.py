@@ -1,4 +1,5 @@
-"""`mixpo data pairs | prepare | score-validation | score-reward | inspect`.
+"""`mixpo data pairs | prepare | inspect` (the model-based `score-*` commands of the same group
+live in `mixpo.scoring.cli`).
 
 `register` only builds argparse parsers; each handler imports the library code it runs, so
 `mixpo --help` stays fast. Handlers raise ValueError / FileNotFoundError for user errors,
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from mixpo.data.kinds import DIFFICULTY_KINDS, ORDERS, PAIR_STRATEGIES, describe
+
 
 def _quiet_datasets() -> None:
     """The CLI prints its own one-line summaries; datasets' progress bars would bury them."""
@@ -16,7 +19,7 @@ def _quiet_datasets() -> None:
     datasets.disable_progress_bars()
 
 
-def _add_input(parser: argparse.ArgumentParser, output: bool = True) -> None:
+def add_input(parser: argparse.ArgumentParser, output: bool = True) -> None:
     parser.add_argument("input", metavar="IN",
                         help=".jsonl, .json or .parquet file, or a save_to_disk directory")
     if output:
@@ -33,17 +36,15 @@ def _add_score_columns(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_difficulty(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--difficulty", choices=("rating", "reward", "validation-loss"),
-                        default="rating",
-                        help="rating margin (MixDPO), reward-model margin (after score-reward) "
-                        "or validation DPO loss (Selective DPO, after score-validation)")
+    parser.add_argument("--difficulty", choices=tuple(DIFFICULTY_KINDS), default="rating",
+                        help=describe(DIFFICULTY_KINDS) + " (default: rating)")
 
 
 def _score_columns(args: argparse.Namespace) -> tuple[str, str] | None:
     return tuple(args.score_columns) if args.score_columns else None
 
 
-def _rewrite(args: argparse.Namespace, transform) -> int:
+def rewrite(args: argparse.Namespace, transform) -> int:
     """Load IN, run `transform(dataset, row_names) -> (dataset, summary line)`, write OUT
     atomically and print the summary line."""
     _quiet_datasets()
@@ -65,7 +66,7 @@ def _handle_pairs(args: argparse.Namespace) -> int:
                                      response_key=args.response_key, score_key=args.score_key)
         return pairs, summary.line()
 
-    return _rewrite(args, transform)
+    return rewrite(args, transform)
 
 
 def _handle_prepare(args: argparse.Namespace) -> int:
@@ -79,41 +80,7 @@ def _handle_prepare(args: argparse.Namespace) -> int:
             score_columns=_score_columns(args), row_names=row_names)
         return prepared, summary.line()
 
-    return _rewrite(args, transform)
-
-
-def _handle_score_reward(args: argparse.Namespace) -> int:
-    from mixpo.data.reward import load_reward_model, score_with_reward_model
-
-    def transform(dataset, row_names):
-        model, tokenizer = load_reward_model(args.model, device=args.device, dtype=args.dtype)
-        scored = score_with_reward_model(dataset, model, tokenizer, batch_size=args.batch_size,
-                                         max_length=args.max_length, row_names=row_names)
-        positive = sum(c > r for c, r in zip(scored["reward_chosen"], scored["reward_rejected"]))
-        return scored, (f"score-reward: {len(scored)} pairs scored with {args.model}; "
-                        f"reward margin > 0 for {positive}")
-
-    return _rewrite(args, transform)
-
-
-def _handle_score_validation(args: argparse.Namespace) -> int:
-    from mixpo.data.validation import ValidationSettings, score_validation_loss
-
-    try:
-        seeds = tuple(int(seed) for seed in args.seeds.split(",") if seed.strip())
-    except ValueError:
-        raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
-    settings = ValidationSettings(
-        folds=args.folds, seeds=seeds, evals=args.evals, beta=args.beta, learning_rate=args.lr,
-        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, epochs=args.epochs,
-        max_length=args.max_length, max_prompt_length=args.max_prompt_length, dtype=args.dtype,
-        device=args.device)
-
-    def transform(dataset, row_names):
-        scored, summary = score_validation_loss(dataset, args.model, settings, row_names=row_names)
-        return scored, summary.line()
-
-    return _rewrite(args, transform)
+    return rewrite(args, transform)
 
 
 def _handle_inspect(args: argparse.Namespace) -> int:
@@ -136,8 +103,9 @@ def _handle_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    """Add `data` and its sub-commands to the top-level `mixpo` parser."""
+def register(subparsers):
+    """Add `data` and its sub-commands to the top-level `mixpo` parser; returns the group's
+    subparsers, where `mixpo.scoring.cli` adds the model-based commands."""
     data = subparsers.add_parser("data", help="build, score, order and inspect preference data",
                                  description="Everything before the loss: pairs, difficulty, "
                                  "curriculum order, selection and routing.")
@@ -145,10 +113,9 @@ def register(subparsers) -> None:
     commands.required = True
 
     pairs = commands.add_parser("pairs", help="one pair per prompt from scored completions")
-    _add_input(pairs)
-    pairs.add_argument("--strategy", choices=("best-worst", "best-random", "best-mu2sigma"),
-                       default="best-mu2sigma",
-                       help="rejected = worst, random, or nearest mean - 2 std (default)")
+    add_input(pairs)
+    pairs.add_argument("--strategy", choices=tuple(PAIR_STRATEGIES), default="best-mu2sigma",
+                       help=describe(PAIR_STRATEGIES) + " (default: best-mu2sigma)")
     pairs.add_argument("--min-margin", type=float, help="drop pairs with a smaller score gap")
     pairs.add_argument("--seed", type=int, default=0, help="seed for best-random")
     pairs.add_argument("--response-key", help="completion key of the text (default: response)")
@@ -160,59 +127,30 @@ def register(subparsers) -> None:
         description="Adds `difficulty` (bigger = easier: the rating or reward margin, or minus "
         "the validation loss) and `hard` (MixDPO routing flag), keeps every input column, "
         "optionally keeps only the easiest pairs, and orders the rows (easy-first by default).")
-    _add_input(prepare)
+    add_input(prepare)
     _add_difficulty(prepare)
     route = prepare.add_mutually_exclusive_group()
     route.add_argument("--route-below", type=float, metavar="D",
                        help="hard (SFT) pairs: difficulty < D (MixDPO: 0.5 on UltraFeedback)")
     route.add_argument("--route-fraction", type=float, metavar="Q",
-                       help="hard (SFT) pairs: the hardest Q fraction (MixDPO's best: 0.1)")
+                       help="hard (SFT) pairs: the hardest Q fraction (MixDPO's best run is "
+                       "--route-below 0.5, about 12 %% of UltraFeedback)")
     prepare.add_argument("--select-easiest", type=float, metavar="TAU",
                          help="keep the easiest TAU fraction (Selective DPO: 0.5)")
-    prepare.add_argument("--order", choices=("easy-first", "as-is", "shuffle"),
-                         default="easy-first", help="row order (default: easy-first)")
+    prepare.add_argument("--order", choices=tuple(ORDERS), default="easy-first",
+                         help=describe(ORDERS) + " (default: easy-first)")
     prepare.add_argument("--swap-band", action="store_true",
                          help="MixDPO's 10%% swap ablation: swap the 80-90%% and 90-100%% bands")
     prepare.add_argument("--seed", type=int, default=0, help="seed for --order shuffle")
     _add_score_columns(prepare)
     prepare.set_defaults(func=_handle_prepare)
 
-    validation = commands.add_parser(
-        "score-validation", help="Selective DPO difficulty: held-out DPO loss of reference models")
-    _add_input(validation)
-    validation.add_argument("--model", required=True, help="causal LM (local path or Hub name)")
-    validation.add_argument("--folds", type=int, default=2, help="data parts (default 2: halves)")
-    validation.add_argument("--seeds", default="41,42,43", help="split/training seeds")
-    validation.add_argument("--evals", type=int, default=5,
-                            help="scorings of the held-out part per reference model")
-    validation.add_argument("--beta", type=float, default=0.01)
-    validation.add_argument("--lr", type=float, default=1e-6)
-    validation.add_argument("--batch-size", type=int, default=64, help="pairs per optimizer step")
-    validation.add_argument("--micro-batch-size", type=int, default=8,
-                            help="pairs per forward/backward pass (gradient accumulation)")
-    validation.add_argument("--epochs", type=int, default=1)
-    validation.add_argument("--max-length", type=int, default=1024)
-    validation.add_argument("--max-prompt-length", type=int, default=512,
-                            help="prompt tokens kept (its end) when a pair is too long")
-    validation.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                            default="float32")
-    validation.add_argument("--device", default="cpu")
-    validation.set_defaults(func=_handle_score_validation)
-
-    reward = commands.add_parser("score-reward", help="reward-model scores of chosen/rejected")
-    _add_input(reward)
-    reward.add_argument("--model", required=True, help="sequence-classification reward model")
-    reward.add_argument("--batch-size", type=int, default=8)
-    reward.add_argument("--max-length", type=int, help="truncate from the left to this length")
-    reward.add_argument("--device", default="cpu")
-    reward.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    reward.set_defaults(func=_handle_score_reward)
-
     inspect = commands.add_parser("inspect", help="margin statistics and histogram")
-    _add_input(inspect, output=False)
+    add_input(inspect, output=False)
     _add_difficulty(inspect)
     inspect.add_argument("--plot", metavar="P.png", help="save a histogram of the margins")
     inspect.add_argument("--route-below", type=float, metavar="D",
                          help="also count the pairs this threshold would route to SFT")
     _add_score_columns(inspect)
     inspect.set_defaults(func=_handle_inspect)
+    return commands

@@ -9,10 +9,10 @@ One direction keeps every rule the same: easy-first = descending difficulty,
 `route_below=D` routes pairs with difficulty < D, the hardest fraction is the tail of the
 easy-first order, `select_easiest=TAU` keeps its head.
 
-Orders (MixDPO and Selective DPO both feed the data without shuffling):
-- 'easy-first': stable sort by difficulty, descending (ties keep input order);
-- 'as-is': input order; 'shuffle': a seeded permutation (MixDPO's shuffled ablation, which
-  keeps the routing and drops the curriculum).
+Orders (`mixpo.data.kinds.ORDERS`; MixDPO and Selective DPO both feed the data without
+shuffling): 'easy-first' is a stable sort by difficulty, descending (ties keep input order);
+'as-is' keeps the input order (MixDPO's "shuffled" ablation is the dataset's original order,
+routing kept and curriculum off); 'shuffle' is a seeded random permutation.
 `swap_band` is MixDPO's "10 % swap" robustness ablation: in the easy-first order the 80-90 %
 band and the 90-100 % band trade places.
 """
@@ -27,9 +27,8 @@ import numpy as np
 from mixpo.data.formats import (REWARD_COLUMNS, VALIDATION_LOSS_COLUMN, check_preference_rows,
                                 read_column_scores, resolve_score_columns)
 from mixpo.data.io import RowNamer, default_row_names
+from mixpo.data.kinds import DIFFICULTY_KINDS, ORDERS
 
-DIFFICULTY_KINDS = ("rating", "reward", "validation-loss")
-ORDERS = ("easy-first", "as-is", "shuffle")
 
 
 def compute_difficulty(dataset: datasets.Dataset, kind: str = "rating",
@@ -153,7 +152,8 @@ def prepare_dataset(dataset: datasets.Dataset, difficulty: str = "rating",
         route_below / route_fraction: MixDPO routing (see `route_hard`), at most one;
             applied to the rows left after selection.
         select_easiest: keep the easiest TAU fraction (Selective DPO; round(TAU * n) rows).
-        order: 'easy-first' (default), 'as-is' or 'shuffle' (seeded by `seed`).
+        order: 'easy-first' (default), 'as-is' (the input order) or 'shuffle' (a random
+            permutation seeded by `seed`).
         swap_band_ablation: MixDPO's 10 % swap of the easy-first order.
         score_columns: rating columns (chosen, rejected) when not one of the known names.
         row_names: names row i in error messages.

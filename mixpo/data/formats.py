@@ -32,8 +32,8 @@ RATING_COLUMNS = (
     ("chosen_rating", "rejected_rating"),  # argilla dpo-mix-7k, distilabel datasets
     ("chosen_score", "rejected_score"),
 )
-REWARD_COLUMNS = ("reward_chosen", "reward_rejected")  # written by mixpo.data.reward
-VALIDATION_LOSS_COLUMN = "validation_loss"              # written by mixpo.data.validation
+REWARD_COLUMNS = ("reward_chosen", "reward_rejected")  # written by mixpo.scoring.reward
+VALIDATION_LOSS_COLUMN = "validation_loss"              # written by mixpo.scoring.validation
 PROMPT_COLUMNS = ("prompt", "instruction")               # raw multi-completion rows
 COMPLETIONS_COLUMN = "completions"
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +17,8 @@ from typing import Callable
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from mixpo.files import atomic_output
 
 FILE_FORMATS = (".jsonl", ".json", ".parquet")
 
@@ -200,15 +200,6 @@ def load_rows(path: str | os.PathLike,
         raise ValueError(f"{path}: cannot read ({error.strerror})") from None
 
 
-def load_pretrained(factory, path: str, what: str, **kwargs):
-    """`factory.from_pretrained(path, **kwargs)` (a transformers Auto class), with a missing
-    or broken model directory reported as a ValueError naming `what` and `path`."""
-    try:
-        return factory.from_pretrained(path, **kwargs)
-    except OSError as error:
-        raise ValueError(f"cannot load a {what} from {path!r}: {error}") from None
-
-
 def output_kind(path: str | os.PathLike) -> str:
     """What `save_rows` writes to `path`: 'jsonl', 'json', 'parquet' or 'dataset' (a
     directory, for a path with no suffix or an existing directory)."""
@@ -233,28 +224,6 @@ def _write_json(dataset: datasets.Dataset, path: str) -> None:
         json.dump(dataset.to_list(), handle, ensure_ascii=False, allow_nan=False, indent=1)
 
 
-def _default_mode(directory: bool = False) -> int:
-    """Permissions a plain `open(path, "w")` / `mkdir` would give; mkstemp and mkdtemp make
-    private (0o600 / 0o700) paths, which would otherwise become the output's."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
-def _replace_directory(staged: Path, target: Path) -> None:
-    """Move a freshly written dataset directory over `target`, keeping the old one until the
-    new one is in place."""
-    if not target.exists():
-        os.replace(staged, target)
-        return
-    if not target.is_dir():
-        raise ValueError(f"{target} exists and is not a directory")
-    retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
-    os.replace(target, retired / target.name)
-    os.replace(staged, target)
-    shutil.rmtree(retired)
-
-
 def save_rows(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
     """Write `dataset` to `path` atomically, in the format `path`'s extension names.
 
@@ -277,27 +246,12 @@ def save_rows(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
 
 
 def _write_atomically(dataset: datasets.Dataset, path: Path, kind: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "dataset":
-        staged = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-        try:
+    with atomic_output(path, directory=kind == "dataset") as staged:
+        if kind == "dataset":
             dataset.save_to_disk(str(staged))  # applies an indices mapping itself
-            os.chmod(staged, _default_mode(directory=True))
-            _replace_directory(staged, path)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
-        return
-    handle, staged_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        if kind == "jsonl":
-            _write_json_lines(dataset, staged_name)
+        elif kind == "jsonl":
+            _write_json_lines(dataset, staged)
         elif kind == "json":
-            _write_json(dataset, staged_name)
+            _write_json(dataset, staged)
         else:
-            dataset.to_parquet(staged_name)
-        os.chmod(staged_name, _default_mode())
-        os.replace(staged_name, path)
-    finally:
-        if os.path.exists(staged_name):
-            os.remove(staged_name)
+            dataset.to_parquet(str(staged))

@@ -24,8 +24,8 @@ import numpy as np
 
 from mixpo.data.formats import COMPLETIONS_COLUMN, PROMPT_COLUMNS, check_score
 from mixpo.data.io import RowNamer, default_row_names
+from mixpo.data.kinds import PAIR_STRATEGIES
 
-STRATEGIES = ("best-worst", "best-random", "best-mu2sigma")
 RESPONSE_KEYS = ("response", "text", "completion", "content")
 SCORE_KEYS = ("overall_score", "score", "rating", "reward")
 OUTPUT_COLUMNS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
@@ -77,7 +77,7 @@ def choose_pair(scores: np.ndarray, strategy: str, rng: np.random.Generator) -> 
         target = scores.mean() - 2.0 * scores.std()
         rejected = others[int(np.argmin(np.abs(scores[others] - target)))]
     else:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(PAIR_STRATEGIES)}")
     return chosen, int(rejected)
 
 
@@ -110,8 +110,8 @@ def build_pairs(dataset: datasets.Dataset, strategy: str = "best-mu2sigma",
     Raises:
         ValueError naming the row and key for a missing/NaN score or an empty response.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if strategy not in PAIR_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(PAIR_STRATEGIES)}")
     if COMPLETIONS_COLUMN not in dataset.column_names:
         raise ValueError(f"no {COMPLETIONS_COLUMN!r} column (columns: {dataset.column_names}); "
                          "pairs are built from raw multi-completion rows")

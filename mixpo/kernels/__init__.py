@@ -1,6 +1,10 @@
-"""Triton kernels and their launch helpers (no autograd here; see mixpo/losses.py).
+"""Triton kernels, their launch helpers and a plain-torch twin of each (no autograd here; see
+mixpo/functions.py).
 
-Modules: logits_logps (token log-probs over materialised logits), linear_logps (logit-free,
+Kernels: logits_logps (token log-probs over materialised logits), linear_logps (logit-free,
 from hidden states and the LM-head weight), pair_loss (per-pair epilogue), margin_solve
-(gamma-PO), configs (the launch-configuration table), compile_check (sm_80/sm_90 compile).
+(gamma-PO). Each `<name>.py` has a twin `<name>_torch.py` with the same functions: the CPU
+backend and the test oracle. dispatch (backend choice, the one TRITON_INTERPRET flag),
+configs (the launch-configuration table), compile_check (sm_80/sm_90 compile without a GPU).
+Only the kernel modules import triton.
 """

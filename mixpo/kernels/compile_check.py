@@ -12,7 +12,6 @@ TRITON_INTERPRET unset (the kernels must load as JIT functions, not interpreted 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -66,7 +65,7 @@ def compile_variant(spec, dtype, flags, launch, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = getattr(importlib.import_module(spec.module), spec.function)
+    kernel = spec.kernel()
     constexprs = {**flags, **dict(launch.blocks)}
     signature = {**spec.signature(dtype), **{name: "constexpr" for name in constexprs}}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,

@@ -14,15 +14,15 @@ have not been tuned on hardware yet.
 """
 from __future__ import annotations
 
+import importlib
 import itertools
-import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-# Decided at import, like Triton itself: TRITON_INTERPRET must be set before kernels load.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from mixpo.kernels.dispatch import INTERPRET
+from mixpo.loss_spec import LOSS_TYPES
 
 DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -48,15 +48,45 @@ def config(num_warps=4, num_stages=1, **blocks) -> LaunchConfig:
 
 @dataclass(frozen=True)
 class KernelSpec:
+    """One @triton.jit kernel as dispatch and the compile check see it.
+
+    The argument types of a compile (`signature`) come from the kernel's own argument names:
+    `*_ptr` arguments are fp32 pointers unless `pointers` says otherwise ("{dtype}" = the input
+    dtype tag), other non-constexpr arguments are i32 unless `scalars` says otherwise.
+    `select` picks a launch configuration for a problem; a kernel with one GPU configuration
+    needs none.
+    """
     name: str
     module: str                       # module defining the @triton.jit function
     function: str                     # its name there
-    signature: Callable[[str], dict]  # dtype tag -> {argument: triton type} (non-constexpr)
     gpu_configs: tuple                # LaunchConfig, ...
     interpreter_config: LaunchConfig
-    select: Callable[..., LaunchConfig]  # (gpu_configs, **problem) -> one of gpu_configs
+    pointers: dict = field(default_factory=dict)   # pointer argument -> "*{dtype}", "*i64", ...
+    scalars: dict = field(default_factory=dict)    # scalar argument -> "fp32", "i64", ...
+    select: Optional[Callable[..., LaunchConfig]] = None  # (gpu_configs, **problem) -> config
     flags: dict = field(default_factory=dict)  # constexpr flag -> values dispatch may pass
     dtypes: tuple = ("fp32", "bf16", "fp16")
+
+    def kernel(self):
+        return getattr(importlib.import_module(self.module), self.function)
+
+    def signature(self, dtype: str) -> dict:
+        """{argument: triton type} of the non-constexpr arguments for inputs of `dtype`."""
+        kernel = self.kernel()
+        types = {}
+        for param in kernel.params:
+            if param.is_constexpr:
+                continue
+            name = param.name
+            if name.endswith("_ptr"):
+                types[name] = self.pointers.get(name, "*fp32").format(dtype=dtype)
+            else:
+                types[name] = self.scalars.get(name, "i32")
+        unknown = (set(self.pointers) | set(self.scalars)) - set(types)
+        if unknown:
+            raise ValueError(f"{self.name}: {sorted(unknown)} are not arguments of "
+                             f"{self.function}")
+        return types
 
     def variants(self):
         """Every (dtype tag, flags dict, config) the dispatcher can launch on a GPU."""
@@ -71,6 +101,8 @@ KERNELS: dict[str, KernelSpec] = {}
 
 
 def register(spec: KernelSpec) -> KernelSpec:
+    if spec.select is None and len(spec.gpu_configs) != 1:
+        raise ValueError(f"{spec.name}: several GPU configurations need a select rule")
     KERNELS[spec.name] = spec
     return spec
 
@@ -80,6 +112,8 @@ def choose(name: str, **problem) -> LaunchConfig:
     spec = KERNELS[name]
     if INTERPRET:
         return spec.interpreter_config
+    if spec.select is None:
+        return spec.gpu_configs[0]
     chosen = spec.select(spec.gpu_configs, **problem)
     assert chosen in spec.gpu_configs, f"{name}: selected config not in the table"
     return chosen
@@ -96,47 +130,34 @@ def _select_by_vocab(configs, vocab_size, **_):
 _LOGITS_GPU_CONFIGS = (config(BLOCK_N=1, BLOCK_V=4096, num_warps=8),
                        config(BLOCK_N=1, BLOCK_V=8192, num_warps=16))
 _LOGITS_INTERPRETER_CONFIG = config(BLOCK_N=16, BLOCK_V=8192)
+# Sequence strides of [S, T, V] logits pass 2^31 at LLM sizes.
+_LOGITS_POINTERS = {"logits_ptr": "*{dtype}", "dlogits_ptr": "*{dtype}", "labels_ptr": "*i64"}
+_LOGITS_SCALARS = {"stride_seq": "i64", "dstride_seq": "i64"}
 
-register(KernelSpec(
-    name="token_logps_fwd", module="mixpo.kernels.logits_logps",
-    function="_token_logps_fwd_kernel",
-    signature=lambda dt: {"logits_ptr": f"*{dt}", "labels_ptr": "*i64",
-                          "token_logps_ptr": "*fp32", "lse_ptr": "*fp32", "num_rows": "i32",
-                          "seq_len": "i32", "vocab_size": "i32", "stride_seq": "i64",
-                          "stride_pos": "i32", "ignore_index": "i32"},
-    gpu_configs=_LOGITS_GPU_CONFIGS, interpreter_config=_LOGITS_INTERPRETER_CONFIG,
-    select=_select_by_vocab))
-
-register(KernelSpec(
-    name="token_logps_bwd", module="mixpo.kernels.logits_logps",
-    function="_token_logps_bwd_kernel",
-    signature=lambda dt: {"logits_ptr": f"*{dt}", "dlogits_ptr": f"*{dt}",
-                          "labels_ptr": "*i64", "lse_ptr": "*fp32", "grad_seq_ptr": "*fp32",
-                          "num_rows": "i32", "seq_len": "i32", "vocab_size": "i32",
-                          "stride_seq": "i64", "stride_pos": "i32", "dstride_seq": "i64",
-                          "dstride_pos": "i32", "ignore_index": "i32"},
-    gpu_configs=_LOGITS_GPU_CONFIGS, interpreter_config=_LOGITS_INTERPRETER_CONFIG,
-    select=_select_by_vocab))
+for _name, _function in (("token_logps_fwd", "_token_logps_fwd_kernel"),
+                         ("token_logps_bwd", "_token_logps_bwd_kernel")):
+    register(KernelSpec(
+        name=_name, module="mixpo.kernels.logits_logps", function=_function,
+        pointers={k: v for k, v in _LOGITS_POINTERS.items()
+                  if _name.endswith("bwd") or k != "dlogits_ptr"},
+        scalars={k: v for k, v in _LOGITS_SCALARS.items()
+                 if _name.endswith("bwd") or k != "dstride_seq"},
+        gpu_configs=_LOGITS_GPU_CONFIGS, interpreter_config=_LOGITS_INTERPRETER_CONFIG,
+        select=_select_by_vocab))
 
 # ----------------------------------------------------------------------------------------------
-# Per-pair epilogue (kernels/pair_loss.py)
+# Per-pair epilogue (kernels/pair_loss.py); the epilogue reads fp32 sequence sums whatever the
+# logits dtype. LOSS_KIND takes every kernel code of mixpo.loss_spec.LOSS_TYPES.
 # ----------------------------------------------------------------------------------------------
-# LOSS_KIND codes of the pair kernel; simpo is the sigmoid kind, length-normalised, no ref.
-LOSS_KINDS = {"sigmoid": 0, "simpo": 0, "robust": 1, "hinge": 2, "ipo": 3}
-
 register(KernelSpec(
     name="pair_loss", module="mixpo.kernels.pair_loss", function="_pair_loss_kernel",
-    signature=lambda dt: {"logps_ptr": "*fp32", "counts_ptr": "*fp32", "ref_ptr": "*fp32",
-                          "hard_ptr": "*i8", "gamma_ptr": "*fp32", "loss_ptr": "*fp32",
-                          "d_chosen_ptr": "*fp32", "d_rejected_ptr": "*fp32",
-                          "chosen_rewards_ptr": "*fp32", "rejected_rewards_ptr": "*fp32",
-                          "num_pairs": "i32", "beta": "fp32", "label_smoothing": "fp32",
-                          "sft_weight": "fp32"},
+    pointers={"hard_ptr": "*i8"},
+    scalars={"beta": "fp32", "label_smoothing": "fp32", "sft_weight": "fp32"},
     gpu_configs=(config(BLOCK_B=128, num_warps=4),),
     interpreter_config=config(BLOCK_B=128),
-    select=lambda configs, **_: configs[0],
-    flags={"LOSS_KIND": tuple(sorted(set(LOSS_KINDS.values()))), "NORMALIZE": (False, True)},
-    dtypes=("fp32",)))  # the epilogue reads fp32 sequence sums whatever the logits dtype
+    flags={"LOSS_KIND": tuple(sorted({spec.kernel_code for spec in LOSS_TYPES.values()})),
+           "NORMALIZE": (False, True)},
+    dtypes=("fp32",)))
 
 # ----------------------------------------------------------------------------------------------
 # gamma-PO margin solve (kernels/margin_solve.py): one program holds the whole solve set.
@@ -153,8 +174,7 @@ def _select_by_solve_set(configs, num, **_):
 
 register(KernelSpec(
     name="margin_solve", module="mixpo.kernels.margin_solve", function="_margin_solve_kernel",
-    signature=lambda dt: {"gaps_ptr": "*fp32", "gamma_ptr": "*fp32", "num": "i32",
-                          "gamma0": "fp32", "tau": "fp32", "eta": "fp32", "updates": "i32"},
+    scalars={"gamma0": "fp32", "tau": "fp32", "eta": "fp32"},
     gpu_configs=(config(BLOCK=256, num_warps=4), config(BLOCK=1024, num_warps=4),
                  config(BLOCK=MAX_SOLVE_SET, num_warps=8)),
     interpreter_config=config(BLOCK=MAX_SOLVE_SET),
@@ -173,28 +193,17 @@ register(KernelSpec(
 #   linear_softmax_bwd_fp32 fp32  255 / 0 /  64 KB | 255 / 0 / 64 KB
 #   linear_label_bwd        bf16  168 / 0 /   4 KB | 103 / 0 /  4 KB
 # ----------------------------------------------------------------------------------------------
-def _linear_signature(dt, kernel):
-    pointer = {"hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}", "bias_ptr": "*fp32",
-               "labels_ptr": "*i64", "rows_ptr": "*i64", "lse_ptr": "*fp32",
-               "coef_ptr": "*fp32", "part_lse_ptr": "*fp32", "label_logit_ptr": "*fp32",
-               "dhidden_ptr": "*fp32", "dweight_ptr": "*fp32", "dbias_ptr": "*fp32"}
-    scalar = {"filter_eps": "fp32"}
-    args = {
-        "linear_lse_fwd": ("hidden_ptr", "weight_ptr", "bias_ptr", "labels_ptr", "rows_ptr",
-                           "part_lse_ptr", "label_logit_ptr", "n_tokens", "vocab_size",
-                           "hidden_size", "tiles_per_split", "stride_hn", "stride_wv",
-                           "has_bias"),
-        "linear_softmax_bwd": ("hidden_ptr", "weight_ptr", "bias_ptr", "rows_ptr", "lse_ptr",
-                               "coef_ptr", "dhidden_ptr", "dweight_ptr", "dbias_ptr",
-                               "n_tokens", "vocab_size", "hidden_size", "filter_eps",
-                               "stride_hn", "stride_wv", "stride_dhn", "stride_dwv",
-                               "has_bias", "dh_direct"),
-        "linear_label_bwd": ("hidden_ptr", "weight_ptr", "labels_ptr", "rows_ptr", "coef_ptr",
-                             "dhidden_ptr", "dweight_ptr", "dbias_ptr", "n_tokens",
-                             "hidden_size", "stride_hn", "stride_wv", "stride_dhn",
-                             "stride_dwv", "has_bias", "dh_direct"),
-    }[kernel]
-    return {name: pointer.get(name, scalar.get(name, "i32")) for name in args}
+_LINEAR_POINTERS = {"hidden_ptr": "*{dtype}", "weight_ptr": "*{dtype}", "labels_ptr": "*i64",
+                    "rows_ptr": "*i64"}
+_LINEAR_SCALARS = {"filter_eps": "fp32"}
+
+
+def _linear_pointers(kernel: str) -> dict:
+    """The pointer overrides that `kernel` has (the kernels share the names)."""
+    names = {"linear_lse_fwd": ("hidden_ptr", "weight_ptr", "labels_ptr", "rows_ptr"),
+             "linear_softmax_bwd": ("hidden_ptr", "weight_ptr", "rows_ptr"),
+             "linear_label_bwd": ("hidden_ptr", "weight_ptr", "labels_ptr", "rows_ptr")}[kernel]
+    return {name: _LINEAR_POINTERS[name] for name in names}
 
 
 _LINEAR_KERNELS = {"linear_lse_fwd": "_linear_lse_fwd_kernel",
@@ -219,16 +228,14 @@ for _kernel, _function in _LINEAR_KERNELS.items():
     for _suffix, _kind, _dtypes in (("", "16bit", ("bf16", "fp16")), ("_fp32", "fp32", ("fp32",))):
         register(KernelSpec(
             name=_kernel + _suffix, module="mixpo.kernels.linear_logps", function=_function,
-            signature=lambda dt, kernel=_kernel: _linear_signature(dt, kernel),
+            pointers=_linear_pointers(_kernel),
+            scalars=_LINEAR_SCALARS if _kernel == "linear_softmax_bwd" else {},
             gpu_configs=(_LINEAR_GPU_CONFIGS[_kernel, _kind],),
             interpreter_config=_LINEAR_INTERPRETER_CONFIGS[_kernel],
-            select=lambda configs, **_: configs[0], flags={"UPCAST": (False,)},
-            dtypes=_dtypes))
+            flags={"UPCAST": (False,)}, dtypes=_dtypes))
 
 register(KernelSpec(
     name="linear_label_bwd", module="mixpo.kernels.linear_logps",
-    function="_linear_label_bwd_kernel",
-    signature=lambda dt: _linear_signature(dt, "linear_label_bwd"),
+    function="_linear_label_bwd_kernel", pointers=_linear_pointers("linear_label_bwd"),
     gpu_configs=(config(BLOCK_N=32, BLOCK_H=128, num_warps=4),),
-    interpreter_config=config(BLOCK_N=128, BLOCK_H=512),
-    select=lambda configs, **_: configs[0]))
+    interpreter_config=config(BLOCK_N=128, BLOCK_H=512)))

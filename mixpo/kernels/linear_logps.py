@@ -1,6 +1,6 @@
 """Logit-free token log-probs under an LM head: hidden [N, H] x weight [V, H]^T, never [N, V].
 
-Twin of `mixpo.reference.linear_token_logps_forward / _backward` (same inputs and outputs).
+Twin: `mixpo.kernels.linear_logps_torch` (same functions, inputs and outputs).
 Cut-Cross-Entropy-style tiling: a program multiplies a tile of tokens by a tile of vocab rows
 of the weight in SRAM (tl.dot over BLOCK_H chunks of H, fp32 accumulation); only per-token
 values leave the forward (log-sum-exp, label logit), and the backward recomputes each
@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mixpo.kernels.configs import DTYPE_TAGS, INTERPRET, choose
+from mixpo.kernels.configs import DTYPE_TAGS, choose
+from mixpo.kernels.dispatch import INTERPRET
 
 # Backward tile skipping: a [BLOCK_N, BLOCK_V] tile skips its dHidden / dWeight products when
 # every token with a nonzero coefficient has softmax mass <= eps inside the tile. The mass

@@ -1,6 +1,6 @@
 """gamma-PO margin solve on the GPU: one program holds the whole solve set in registers and
 runs the multiplicative-weights updates (mirror descent on the simplex). Twin:
-`mixpo.reference.solve_margins`."""
+`mixpo.kernels.margin_solve_torch.solve_margins`."""
 from __future__ import annotations
 
 import torch

@@ -3,7 +3,7 @@
 Reads the summed sequence log-probs (chosen rows first), completion counts, reference
 log-probs, routing flags and margins; writes each pair's loss, its derivatives with respect to
 the chosen and rejected summed log-probs (handed to the token kernels' backward) and the
-implicit rewards. Formulas: `mixpo.reference.pair_loss`, its twin.
+implicit rewards. Formulas: `mixpo.kernels.pair_loss_torch.pair_loss`, its twin.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mixpo.kernels.configs import LOSS_KINDS, choose
-from mixpo.reference import normalizes_length
+from mixpo.kernels.configs import choose
+from mixpo.loss_spec import LOSS_TYPES
 
 
 @triton.jit
@@ -77,9 +77,8 @@ def _pair_loss_kernel(logps_ptr, counts_ptr, ref_ptr, hard_ptr, gamma_ptr, loss_
     tl.store(rejected_rewards_ptr + pairs, rejected_reward, mask=mask)
 
 
-def pair_loss(logps, counts, ref_logps, hard, gamma, *, loss_type="sigmoid", beta=0.1,
-              label_smoothing=0.0, average_log_prob=False, sft_weight=0.0):
-    """Same contract as `mixpo.reference.pair_loss` (all inputs [2B] or [B], fp32)."""
+def pair_loss(logps, counts, ref_logps, hard, gamma, config):
+    """Same contract as `mixpo.kernels.pair_loss_torch.pair_loss` (all inputs [2B] or [B], fp32)."""
     num_pairs = logps.shape[0] // 2
     logps, counts = logps.float().contiguous(), counts.float().contiguous()
     ref_logps = torch.zeros_like(logps) if ref_logps is None else ref_logps.float().contiguous()
@@ -91,9 +90,9 @@ def pair_loss(logps, counts, ref_logps, hard, gamma, *, loss_type="sigmoid", bet
     launch = choose("pair_loss", num_pairs=num_pairs)
     grid = (triton.cdiv(num_pairs, launch.block("BLOCK_B")),)
     _pair_loss_kernel[grid](logps, counts, ref_logps, hard, gamma, *outputs, num_pairs,
-                            float(beta), float(label_smoothing), float(sft_weight),
-                            LOSS_KIND=LOSS_KINDS[loss_type],
-                            NORMALIZE=normalizes_length(loss_type, average_log_prob),
+                            config.beta, config.label_smoothing, config.sft_weight,
+                            LOSS_KIND=LOSS_TYPES[config.loss_type].kernel_code,
+                            NORMALIZE=config.normalized,
                             **launch.launch_kwargs())
     names = ("per_pair_loss", "d_chosen", "d_rejected", "chosen_rewards", "rejected_rewards")
     return dict(zip(names, outputs))

@@ -13,7 +13,6 @@ as the very last action (a directory rename is atomic), so a crash mid-write lea
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixpo.files import atomic_output, replace_path
 from mixpo.train import distributed
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -89,9 +89,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizers: list, traine
         torch.save(trainer_state, staging / "trainer_state.pt")
     distributed.barrier(env)
     if env.is_main:
-        if final.exists():  # a rerun that went past its own checkpoint (same step)
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        replace_path(staging, final)  # over a rerun's own checkpoint of the same step, if any
         if save_total_limit > 0:
             for _, old in complete_checkpoints(output_dir)[:-save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -166,13 +164,9 @@ def export_final(output_dir: Path, model, causal_lm, tokenizer, run_info: dict, 
         prefix = "causal_lm."
         state = {name[len(prefix):]: tensor for name, tensor in full_state.items()
                  if name.startswith(prefix)}
-        staging = output_dir / f".{FINAL_DIR}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        causal_lm.save_pretrained(staging, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        (staging / RUN_INFO).write_text(json.dumps(run_info, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        with atomic_output(final, directory=True) as staging:
+            causal_lm.save_pretrained(staging, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            (staging / RUN_INFO).write_text(json.dumps(run_info, indent=1))
     distributed.barrier(env)
     return final

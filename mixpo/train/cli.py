@@ -41,8 +41,9 @@ def _plan(args) -> int:
 
 def register(subparsers) -> None:
     # Both config modules import only the standard library at module level.
-    from mixpo.train.config import TrainConfig, add_config_arguments
+    from mixpo.train.config import OPTIMIZERS, REFERENCES, TrainConfig, add_config_arguments
     from mixpo.train.demo import DemoConfig
+    from mixpo.train.plan import KNOWN_SHAPES
 
     train = subparsers.add_parser(
         "train", help="full-parameter MixDPO / Selective DPO / gamma-PO / DPO / SimPO training",
@@ -68,8 +69,8 @@ def register(subparsers) -> None:
         description="Estimate memory per GPU (weights, gradients, optimizer states, "
         "activations, loss head, reference) and whether training fits.", allow_abbrev=False)
     plan.add_argument("--model", required=True, metavar="NAME_OR_CONFIG",
-                      help="config.json, a model directory, or one of llama-3-8b, qwen-2.5-7b, "
-                      "gemma-2-9b, llama-3-70b")
+                      help="config.json, a model directory, or one of "
+                      + ", ".join(KNOWN_SHAPES))
     plan.add_argument("--gpus", type=int, default=1, help="GPUs sharing the model (FSDP)")
     plan.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB",
                       help="memory per GPU in GiB, default 80")
@@ -78,12 +79,12 @@ def register(subparsers) -> None:
                       help="pairs per forward on one GPU (both setups)")
     plan.add_argument("--global-batch-size", type=int, default=128,
                       help="pairs per optimizer step (default 128, the papers' setting)")
-    plan.add_argument("--optim", choices=("adamw", "adamw_bf16", "adamw_8bit"),
+    plan.add_argument("--optim", choices=OPTIMIZERS,
                       default="adamw_bf16", help="mixpo optimizer (default adamw_bf16)")
     plan.add_argument("--step-in-backward", action="store_true",
                       help="update each parameter inside backward (needs --gpus 1 and "
                       "--global-batch-size = --micro-batch-size)")
-    plan.add_argument("--reference", choices=("precomputed", "live", "none"),
+    plan.add_argument("--reference", choices=REFERENCES,
                       default="precomputed")
     plan.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing",
                       action="store_false")

@@ -9,98 +9,108 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import math
-import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
+from mixpo.data.kinds import DIFFICULTY_KINDS, ORDERS
+from mixpo.loss_spec import LOSS_TYPES
+
 OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_8bit")
 REFERENCES = ("precomputed", "live", "none")
-DIFFICULTIES = ("", "rating", "reward", "validation-loss")
-ORDERS = ("easy-first", "as-is", "shuffle")
+
+
+def option(default, help: str, choices=None):
+    """A config field whose `--help` text (and allowed values, checked by `validate`) live in
+    its metadata, TRL's `field(metadata={"help": ...})` convention."""
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of a training run; the comments are the documentation `mixpo train` shows."""
+    """Every knob of a training run; each field's help is what `mixpo train --help` shows."""
 
     # --- model ---
-    model_name_or_path: str = ""          # model directory (or Hugging Face Hub id)
-    tokenizer_name_or_path: str = ""      # "" = the model's directory
-    dtype: str = "auto"                   # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
-    attn_implementation: str = "auto"     # auto: flash_attention_2 if importable, else sdpa
-    gradient_checkpointing: bool = False  # recompute each decoder layer in backward
-    device: str = "auto"                  # auto | cpu | cuda
+    model_name_or_path: str = option("", "model directory (or Hugging Face Hub id)")
+    tokenizer_name_or_path: str = option("", "tokenizer directory; empty = the model's")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | "
+                        "float16", choices=("auto", "float32", "bfloat16", "float16"))
+    attn_implementation: str = option(
+        "auto", "auto: flash_attention_2 if importable, else sdpa",
+        choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    gradient_checkpointing: bool = option(False, "recompute each decoder layer in backward")
+    device: str = option("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
 
     # --- data ---
-    train_file: str = ""                  # .jsonl / .json / .parquet / save_to_disk directory
-    max_length: int = 1024                # prompt + completion tokens
-    max_prompt_length: int = 512          # prompt tokens kept (its end) when truncating
-    difficulty: str = ""                  # "" = use the file as prepared (its order, its
-                                          # `hard` column); rating | reward | validation-loss
-                                          # = score, select, route and order it here
-    order: str = "easy-first"             # with difficulty: easy-first | as-is | shuffle
-    route_below: typing.Optional[float] = None     # MixDPO: hard = difficulty < this
-    route_fraction: typing.Optional[float] = None  # or: the hardest fraction is hard
-    select_easiest: typing.Optional[float] = None  # Selective DPO tau: keep easiest fraction
-    routing: bool = True                  # hard pairs take the SFT loss (False: ignore `hard`)
+    train_file: str = option("", ".jsonl / .json / .parquet / save_to_disk directory")
+    max_length: int = option(1024, "prompt + completion tokens")
+    max_prompt_length: int = option(512, "prompt tokens kept (its end) when truncating")
+    difficulty: str = option(
+        "", "empty = use the file as prepared (its order, its `hard` column); otherwise score, "
+        "select, route and order it here: " + " | ".join(DIFFICULTY_KINDS),
+        choices=("",) + tuple(DIFFICULTY_KINDS))
+    order: str = option("easy-first", "with difficulty: " + "; ".join(
+        f"{name} = {meaning}" for name, meaning in ORDERS.items()), choices=ORDERS)
+    route_below: typing.Optional[float] = option(None, "MixDPO: hard = difficulty < this")
+    route_fraction: typing.Optional[float] = option(None, "or: the hardest fraction is hard")
+    select_easiest: typing.Optional[float] = option(
+        None, "Selective DPO tau: keep the easiest fraction")
+    routing: bool = option(True, "hard pairs take the SFT loss (False: ignore `hard`)")
 
     # --- reference ---
-    reference: str = "precomputed"        # precomputed (cached file, no reference model in
-                                          # memory) | live (frozen copy) | none (ref-free)
-    reference_batch_size: int = 8         # pairs per forward of the precompute pass
+    reference: str = option("precomputed", "precomputed (cached file, no reference model in "
+                            "memory) | live (frozen copy) | none (reference-free)",
+                            choices=REFERENCES)
+    reference_batch_size: int = option(8, "pairs per forward of the precompute pass")
 
     # --- loss ---
-    loss_type: str = "sigmoid"            # sigmoid | ipo | hinge | robust | simpo
-    beta: float = 0.1
-    gamma: float = 0.0                    # target margin (SimPO gamma = beta * gamma_beta_ratio)
-    adaptive_margin: bool = False         # gamma-PO: per-pair margins with mean `gamma`
-    margin_tau: float = 10.0              # gamma-PO tau
-    margin_center: bool = False           # gamma-DPO: use gamma_i - gamma (zero-mean shift)
-    label_smoothing: float = 0.0
-    average_log_prob: bool = False        # per-token log-ratios (gamma-DPO's default)
-    sft_weight: float = 0.0               # + sft_weight * NLL(chosen) on every pair
+    loss_type: str = option("sigmoid", " | ".join(LOSS_TYPES), choices=LOSS_TYPES)
+    beta: float = option(0.1, "inverse temperature")
+    gamma: float = option(0.0, "target margin (SimPO gamma = beta * gamma_beta_ratio)")
+    adaptive_margin: bool = option(False, "gamma-PO: per-pair margins with mean `gamma`")
+    margin_tau: float = option(10.0, "gamma-PO tau")
+    margin_center: bool = option(False, "gamma-DPO: use gamma_i - gamma (zero-mean shift)")
+    label_smoothing: float = option(0.0, "cDPO / rDPO label smoothing")
+    average_log_prob: bool = option(False, "per-token log-ratios (gamma-DPO's default)")
+    sft_weight: float = option(0.0, "+ sft_weight * NLL(chosen) on every pair")
 
     # --- optimisation ---
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    optim: str = "adamw"                  # adamw (torch, fused on GPU) | adamw_bf16 (bf16
-                                          # states, stochastic rounding) | adamw_8bit (torchao)
-    step_in_backward: bool = False        # update each parameter as soon as its gradient is
-                                          # ready, then free it; needs no accumulation and
-                                          # max_grad_norm 0; one process only
-    max_grad_norm: float = 1.0            # 0 = no clipping (the norm is still logged)
-    warmup_ratio: float = 0.1             # cosine schedule with linear warmup
-    global_batch_size: int = 128          # pairs per optimizer step, over all ranks
-    micro_batch_size: int = 2             # pairs per forward pass on one rank
-    num_epochs: int = 1
-    max_steps: int = 0                    # > 0 overrides num_epochs
+    learning_rate: float = option(1e-6, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    optim: str = option("adamw", "adamw (torch, fused on GPU) | adamw_bf16 (bf16 states, "
+                        "stochastic rounding) | adamw_8bit (torchao)", choices=OPTIMIZERS)
+    step_in_backward: bool = option(
+        False, "update each parameter as soon as its gradient is ready, then free it; needs "
+        "no accumulation and max_grad_norm 0; one process only")
+    max_grad_norm: float = option(1.0, "0 = no clipping (the norm is still logged)")
+    warmup_ratio: float = option(0.1, "cosine schedule with linear warmup")
+    global_batch_size: int = option(128, "pairs per optimizer step, over all ranks")
+    micro_batch_size: int = option(2, "pairs per forward pass on one rank")
+    num_epochs: int = option(1, "passes over the data")
+    max_steps: int = option(0, "> 0 overrides num_epochs")
 
     # --- run ---
-    output_dir: str = "outputs/mixpo"
-    seed: int = 42
-    logging_steps: int = 10
-    save_steps: int = 500                 # 0 = no intermediate checkpoints
-    save_total_limit: int = 0             # keep the newest N checkpoints (0 = all)
-    progress_bar: bool = True
+    output_dir: str = option("outputs/mixpo", "where checkpoints, metrics and final/ go")
+    seed: int = option(42, "seeds data order (shuffle), margins and the RNGs")
+    logging_steps: int = option(10, "log every this many optimizer steps")
+    save_steps: int = option(500, "0 = no intermediate checkpoints")
+    save_total_limit: int = option(0, "keep the newest N checkpoints (0 = all)")
+    progress_bar: bool = option(True, "show a tqdm progress bar")
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the first inconsistent option; returns self."""
-        choices = {"loss_type": LOSS_TYPES, "optim": OPTIMIZERS, "reference": REFERENCES,
-                   "difficulty": DIFFICULTIES, "order": ORDERS,
-                   "dtype": ("auto", "float32", "bfloat16", "float16"),
-                   "device": ("auto", "cpu", "cuda"),
-                   "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {', '.join(map(repr, allowed))}, "
-                                 f"got {getattr(self, key)!r}")
+        for item in dataclasses.fields(self):
+            allowed = item.metadata.get("choices")
+            if allowed is not None and getattr(self, item.name) not in allowed:
+                raise ValueError(f"{item.name} must be one of {', '.join(map(repr, allowed))}, "
+                                 f"got {getattr(self, item.name)!r}")
         positive = ("max_length", "max_prompt_length", "global_batch_size", "micro_batch_size",
                     "reference_batch_size", "logging_steps")
         for key in positive:
@@ -123,9 +133,16 @@ class TrainConfig:
                              "(rating, reward or validation-loss)")
         return self
 
+    @classmethod
+    def override(cls, name: str, default):
+        """Field `name` of this config with another default (for subclasses such as the
+        demo's config), keeping its help and choices."""
+        item = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return field(default=default, metadata=item.metadata)
+
     @property
     def reference_free(self) -> bool:
-        return self.loss_type == "simpo" or self.reference == "none"
+        return LOSS_TYPES[self.loss_type].reference_free or self.reference == "none"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -183,37 +200,12 @@ def _check_key(key: str, types: dict, source: str) -> str:
     return key
 
 
-def _field_comments(config_class) -> dict:
-    """The `# ...` comments after each field in the class bodies (base classes first)."""
-    comments = {}
-    for klass in reversed(config_class.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):  # no source shipped: --help just lacks the comments
-            continue
-        current = None
-        for line in source.splitlines():
-            code, _, comment = line.partition("#")
-            match = re.match(r"\s+(\w+): [^=]+=", code)
-            if match:
-                current = match.group(1)
-                comments[current] = comment.strip()
-            elif current and not code.strip() and comment.strip():
-                comments[current] += " " + comment.strip()  # a comment continued below
-            else:
-                current = None
-    return comments
-
-
 def add_config_arguments(parser, config_class=TrainConfig) -> None:
     """One `--key VALUE` option per config field (also spelled `--key-with-dashes`); values are
     kept as given and typed by `build_config`. Bool keys alone (`--gradient_checkpointing`)
     mean true. Options left out stay absent from the namespace."""
     import argparse
 
-    comments = _field_comments(config_class)
     types = _field_types(config_class)
     for item in dataclasses.fields(config_class):
         names = [f"--{item.name}"]
@@ -223,7 +215,7 @@ def add_config_arguments(parser, config_class=TrainConfig) -> None:
         parser.add_argument(*names, dest=item.name, default=argparse.SUPPRESS,
                             metavar="BOOL" if is_bool else "VALUE",
                             nargs="?" if is_bool else None, const="true" if is_bool else None,
-                            help=f"{comments.get(item.name, '')} (default {item.default!r})"
+                            help=f"{item.metadata.get('help', '')} (default {item.default!r})"
                             .replace("%", "%%"))
 
 

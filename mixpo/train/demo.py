@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixpo.train.config import TrainConfig
+from mixpo.files import atomic_output
+from mixpo.train.config import TrainConfig, option
 
 CHARS = "0123456789+="
 PAD, EOS = "<pad>", "<eos>"
@@ -32,30 +31,30 @@ class DemoConfig(TrainConfig):
     """TrainConfig with the demo's defaults, plus the task and SFT warm-up settings."""
 
     # --- task and warm-up (demo only) ---
-    operand_max: int = 20                 # additions a+b with 0 <= a, b < operand_max
-    hidden_size: int = 64                 # tiny Llama: width
-    num_layers: int = 2                   # tiny Llama: decoder layers
-    sft_steps: int = 120                  # SFT warm-up steps (kept short on purpose)
-    sft_batch_size: int = 64
-    sft_learning_rate: float = 3e-3
+    operand_max: int = option(20, "additions a+b with 0 <= a, b < operand_max")
+    hidden_size: int = option(64, "tiny Llama: width")
+    num_layers: int = option(2, "tiny Llama: decoder layers")
+    sft_steps: int = option(120, "SFT warm-up steps (kept short on purpose)")
+    sft_batch_size: int = option(64, "SFT warm-up batch size")
+    sft_learning_rate: float = option(3e-3, "SFT warm-up learning rate")
     # --- training defaults for the demo (every TrainConfig key can be overridden) ---
-    output_dir: str = "mixpo-demo"
-    max_length: int = 16
-    max_prompt_length: int = 8
-    difficulty: str = "rating"
-    route_below: float = 1.0              # near misses (rating margin 0.5) go to SFT
-    loss_type: str = "sigmoid"
-    beta: float = 0.1
-    gamma: float = 0.5
-    adaptive_margin: bool = True
-    learning_rate: float = 1e-4
-    global_batch_size: int = 32
-    micro_batch_size: int = 16
-    num_epochs: int = 3
-    reference_batch_size: int = 64
-    logging_steps: int = 5
-    save_steps: int = 25
-    seed: int = 0
+    output_dir: str = TrainConfig.override("output_dir", "mixpo-demo")
+    max_length: int = TrainConfig.override("max_length", 16)
+    max_prompt_length: int = TrainConfig.override("max_prompt_length", 8)
+    difficulty: str = TrainConfig.override("difficulty", "rating")
+    route_below: float = TrainConfig.override("route_below", 1.0)  # near misses (margin 0.5)
+    loss_type: str = TrainConfig.override("loss_type", "sigmoid")
+    beta: float = TrainConfig.override("beta", 0.1)
+    gamma: float = TrainConfig.override("gamma", 0.5)
+    adaptive_margin: bool = TrainConfig.override("adaptive_margin", True)
+    learning_rate: float = TrainConfig.override("learning_rate", 1e-4)
+    global_batch_size: int = TrainConfig.override("global_batch_size", 32)
+    micro_batch_size: int = TrainConfig.override("micro_batch_size", 16)
+    num_epochs: int = TrainConfig.override("num_epochs", 3)
+    reference_batch_size: int = TrainConfig.override("reference_batch_size", 64)
+    logging_steps: int = TrainConfig.override("logging_steps", 5)
+    save_steps: int = TrainConfig.override("save_steps", 25)
+    seed: int = TrainConfig.override("seed", 0)
 
     def validate(self) -> "DemoConfig":
         if self.model_name_or_path or self.train_file:
@@ -188,33 +187,25 @@ def greedy_accuracy(model, tokenizer, problems, device, max_new_tokens: int = 4)
 
 
 def pair_logps(model, tokenizer, rows, cfg: DemoConfig, device) -> tuple:
-    """Summed completion log-probs (chosen [N], rejected [N]) with the trainer's own
-    tokenization, collation and logit-free scoring."""
+    """Summed completion log-probs [2N] (chosen rows first) and completion token counts [2N]
+    with the trainer's own tokenization, collation and logit-free scoring."""
+    import torch
+
     from mixpo.data.collate import PreferenceCollator
     from mixpo.data.tokenize import tokenize_rows
-    from mixpo.train.model import PreferenceModel
+    from mixpo.hf import policy
 
     examples = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
-    batch = PreferenceCollator(tokenizer.pad_token_id)(examples)
-    scorer = PreferenceModel(model, {}).eval()
-    logps = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                   batch["labels"].to(device), logps_only=True).float().cpu()
-    return logps[:len(rows)], logps[len(rows):]
+    chosen, rejected = policy.pair_logps(policy.PreferenceModel(model, {}).eval(), examples,
+                                         PreferenceCollator(tokenizer.pad_token_id), device)
+    counts = [len(example[f"{name}_input_ids"]) - example["prompt_length"]
+              for name in ("chosen", "rejected") for example in examples]
+    return torch.cat([chosen, rejected]), torch.tensor(counts, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
 # The demo
 # ---------------------------------------------------------------------------------------------
-def _save_atomically(model, tokenizer, directory: Path, info: dict) -> None:
-    staging = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "demo_sft.json").write_text(json.dumps(info))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(staging, directory)
-
-
 def warm_started_model(cfg: DemoConfig, output_dir: Path, device) -> Path:
     """OUTPUT/sft-model: built and SFT-warmed once; reused by reruns with the same settings."""
     sft_dir = output_dir / "sft-model"
@@ -231,7 +222,10 @@ def warm_started_model(cfg: DemoConfig, output_dir: Path, device) -> Path:
     losses = sft_warmup(model, tokenizer, all_problems(cfg.operand_max), cfg, device)
     if losses:
         print(f"SFT loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    _save_atomically(model.cpu(), tokenizer, sft_dir, info)
+    with atomic_output(sft_dir, directory=True) as staging:
+        model.cpu().save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "demo_sft.json").write_text(json.dumps(info))
     return sft_dir
 
 
@@ -239,18 +233,24 @@ def evaluate(model_dir: Path, cfg: DemoConfig, eval_rows, device, reference_logp
     """Task accuracy and pair statistics of the model in `model_dir`; with the reference's
     (chosen, rejected) log-probs also the implicit reward accuracy and margin.
     Returns (results dict, this model's (chosen, rejected) log-probs)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mixpo.loss_spec import normalizes_length, sequence_rewards
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
-    chosen, rejected = pair_logps(model, tokenizer, eval_rows, cfg, device)
+    logps, counts = pair_logps(model, tokenizer, eval_rows, cfg, device)
+    chosen, rejected = logps[:len(eval_rows)], logps[len(eval_rows):]
     problems = all_problems(cfg.operand_max)
     result = {"task_accuracy": greedy_accuracy(model, tokenizer, problems, device),
               "logp_preference_accuracy": (chosen > rejected).float().mean().item(),
               "logps_chosen": chosen.mean().item(), "logps_rejected": rejected.mean().item()}
     if reference_logps is not None:
-        ref_chosen, ref_rejected = reference_logps
-        margins = cfg.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+        # The implicit rewards of the loss this demo trains (mixpo.loss_spec).
+        rewards, _ = sequence_rewards(logps, counts, torch.cat(reference_logps), cfg.beta,
+                                      normalizes_length(cfg.loss_type, cfg.average_log_prob))
+        margins = rewards[:len(eval_rows)] - rewards[len(eval_rows):]
         result["reward_accuracy"] = (margins > 0).float().mean().item()
         result["reward_margin"] = margins.mean().item()
     return result, (chosen, rejected)
@@ -325,6 +325,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _run_demo(cfg: DemoConfig, device) -> dict:
     import datasets
 
+    from mixpo.data.difficulty import compute_difficulty, route_hard
     from mixpo.data.io import save_rows
     from mixpo.train.metrics import read_metrics
     from mixpo.train.trainer import train
@@ -350,8 +351,10 @@ def _run_demo(cfg: DemoConfig, device) -> dict:
     after, _ = evaluate(Path(result["final_dir"]), cfg, eval_rows, device, reference_logps)
     metrics = read_metrics(output_dir)
     plot_run(metrics, before, after, output_dir / "demo.png")
-    hard_pairs = sum(row["score_chosen"] - row["score_rejected"] < cfg.route_below
-                     for row in train_rows)
+    # The routing the trainer applied, by the data layer's own rules.
+    hard_pairs = int(route_hard(compute_difficulty(datasets.Dataset.from_list(train_rows),
+                                                   cfg.difficulty),
+                                cfg.route_below, cfg.route_fraction).sum())
     table = results_table(before, after, hard_pairs, len(train_rows),
                           metrics[-1] if metrics else None)
     print("\n" + table)

@@ -34,6 +34,7 @@ GIB = 2 ** 30
 RUNTIME_RESERVE_BYTES = 3 * GIB
 
 # Shapes of popular checkpoints (their config.json values), so planning needs no download.
+# The one model-shape table: `mixpo plan`, the roofline model and the benchmarks read it.
 KNOWN_SHAPES = {
     "llama-3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                  num_hidden_layers=32, num_attention_heads=32,
@@ -48,6 +49,14 @@ KNOWN_SHAPES = {
                                   num_hidden_layers=42, num_attention_heads=16,
                                   num_key_value_heads=8, head_dim=256, tie_word_embeddings=True)),
 }
+
+# Earlier spellings (the roofline's), still accepted.
+SHAPE_ALIASES = {"llama3": "llama-3-8b", "qwen25": "qwen-2.5-7b", "gemma2": "gemma-2-9b"}
+
+
+def canonical_shape_name(name: str) -> str:
+    """`name` as a KNOWN_SHAPES key: old spellings (SHAPE_ALIASES) map to the current ones."""
+    return SHAPE_ALIASES.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,9 @@ class ModelShape:
 def _load_config(name_or_path: str):
     from transformers import AutoConfig, CONFIG_MAPPING
 
+    from mixpo.hf.loading import load_pretrained
+
+    name_or_path = canonical_shape_name(name_or_path)
     if name_or_path in KNOWN_SHAPES:
         model_type, values = KNOWN_SHAPES[name_or_path]
         return CONFIG_MAPPING[model_type](**values)
@@ -86,10 +98,7 @@ def _load_config(name_or_path: str):
     if not path.exists():
         raise ValueError(f"--model {name_or_path!r}: not a config.json, a model directory, or "
                          f"one of {', '.join(KNOWN_SHAPES)}")
-    try:
-        return AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as error:
-        raise ValueError(f"--model {name_or_path}: cannot read a model config ({error})") from None
+    return load_pretrained(AutoConfig, str(path), "model config")
 
 
 def model_shape(name_or_path: str) -> ModelShape:
@@ -97,7 +106,8 @@ def model_shape(name_or_path: str) -> ModelShape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mixpo.train.model import LOGIT_TRANSFORMS, decoder_layers
+    from mixpo.hf.loading import LOGIT_TRANSFORMS
+    from mixpo.hf.policy import decoder_layers
 
     config = _load_config(name_or_path)
     with torch.device("meta"):

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mixpo.files import atomic_output
+from mixpo.hf.policy import pair_logps
 from mixpo.train import distributed
 
 CACHE_NAME = "reference_logps.pt"
@@ -69,12 +70,10 @@ def compute_reference_logps(model, examples: list[dict], collator, env, batch_si
     for start in tqdm(rounds, desc="reference log-probs", disable=not (progress and env.is_main)):
         first = start + env.rank * batch_size
         indices = list(range(first, min(first + batch_size, count)))
-        batch = collator([examples[i] for i in (indices or [0])])
-        logps = model(batch["input_ids"].to(env.device), batch["attention_mask"].to(env.device),
-                      batch["labels"].to(env.device), logps_only=True).float().cpu()
-        pairs = logps.shape[0] // 2
+        chosen, rejected = pair_logps(model, [examples[i] for i in (indices or [0])], collator,
+                                      env.device)
         if indices:
-            results.append((indices, logps[:pairs].tolist(), logps[pairs:].tolist()))
+            results.append((indices, chosen.tolist(), rejected.tolist()))
     if hasattr(model, "reshard"):
         # FSDP2 keeps the root unit unsharded after a forward without backward; reshard it so
         # the optimizer and the training forward see the sharded parameters again.
@@ -105,9 +104,8 @@ def attach_reference_logps(examples: list[dict], model, collator, env, *, model_
         chosen, rejected = compute_reference_logps(model, examples, collator, env, batch_size,
                                                    progress)
         if env.is_main:
-            staging = path.with_name(f".{path.name}.tmp")
-            torch.save({"key": key, "chosen": chosen, "rejected": rejected}, staging)
-            os.replace(staging, path)
+            with atomic_output(path) as staging:
+                torch.save({"key": key, "chosen": chosen, "rejected": rejected}, staging)
         origin = "computed"
     else:
         chosen, rejected = cached

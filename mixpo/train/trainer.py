@@ -14,27 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixpo.hf.loading import attention_implementation, load_causal_lm, load_tokenizer, torch_dtype
+from mixpo.hf.policy import PreferenceModel, decoder_layers
 from mixpo.margins import AdaptiveMargin
 from mixpo.train import checkpoint, distributed
 from mixpo.train.config import TrainConfig
 from mixpo.train.metrics import MetricsLog, MetricsWindow, peak_memory_gb
-from mixpo.train.model import (PreferenceModel, attention_implementation, decoder_layers,
-                               load_causal_lm, torch_dtype)
 from mixpo.train.optim import attach_step_in_backward, build_optimizers, cosine_lr, set_lr
 from mixpo.train.ref_logps import attach_reference_logps
-
-
-def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
-
-    path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load a tokenizer from {path!r}: {error}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id works
-    return tokenizer
 
 
 def load_examples(cfg: TrainConfig, tokenizer, env) -> list[dict]:
@@ -106,7 +93,7 @@ def _train(cfg: TrainConfig, env) -> dict:
     torch.manual_seed(cfg.seed)
 
     # ---- data ------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     examples = load_examples(cfg, tokenizer, env)
     collator = PreferenceCollator(tokenizer.pad_token_id)
     sampler = CurriculumSampler(len(examples), cfg.global_batch_size, cfg.micro_batch_size,

@@ -30,16 +30,18 @@ recomputes the logits in its backward and does 8 n V H, 4/3 of that floor, unles
 backward skips the products of tiles whose softmax mass is negligible (`filter_eps`,
 `Workload.kept_tile_fraction` < 1).
 
-Usage from a GPU benchmark script:
+Usage from a GPU benchmark script (beside this file in benchmarks/):
 
-    from mixpo import roofline
-    workload = roofline.make_workload("llama3", tokens=16384, prompt_share=0.25)
+    import roofline
+    workload = roofline.make_workload("llama-3-8b", tokens=16384, prompt_share=0.25)
     floor = roofline.floor_seconds("linear_logps_fwd_bwd", workload, "h100")
     print(f"{measured_seconds / floor:.2f} x floor")
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from mixpo.train.plan import KNOWN_SHAPES, canonical_shape_name
 
 # ----------------------------------------------------------------------------------------------
 # Devices
@@ -116,11 +118,11 @@ class ModelShape:
     vocab_size: int
 
 
-SHAPES = {
-    "llama3": ModelShape("Llama-3-8B", hidden_size=4096, vocab_size=128256),
-    "qwen25": ModelShape("Qwen-2.5-7B", hidden_size=3584, vocab_size=152064),
-    "gemma2": ModelShape("Gemma-2-9B", hidden_size=3584, vocab_size=256000),
-}
+# The LM heads of mixpo.train.plan.KNOWN_SHAPES (the one model-shape table).
+SHAPES = {name: ModelShape(name, hidden_size=values["hidden_size"],
+                           vocab_size=values["vocab_size"])
+          for name, (_, values) in KNOWN_SHAPES.items()}
+DEFAULT_SHAPES = ("llama-3-8b", "qwen-2.5-7b", "gemma-2-9b")
 DEFAULT_TOKENS = (2048, 4096, 8192, 16384, 32768)
 DEFAULT_PROMPT_SHARES = (0.0, 0.25, 0.5)
 DEFAULT_SEQ_LEN = 1024      # positions per sequence when pairs per batch are derived
@@ -173,6 +175,7 @@ def make_workload(shape, tokens: int, prompt_share: float = 0.0, pairs: int | No
     tokens / (2 * seq_len), at least 1.
     """
     if isinstance(shape, str):
+        shape = canonical_shape_name(shape)
         if shape not in SHAPES:
             raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
         shape = SHAPES[shape]
@@ -585,5 +588,5 @@ ASSUMPTIONS = (
     "[B]-sized kernels (pair_loss, margin_solve): launch latency, not in the model, dominates",
 )
 
-__all__ = ["ASSUMPTIONS", "DEVICES", "SHAPES", "DevicePeaks", "KernelCost", "ModelShape",
+__all__ = ["ASSUMPTIONS", "DEFAULT_SHAPES", "DEVICES", "SHAPES", "DevicePeaks", "KernelCost", "ModelShape",
            "Workload", "device_peaks", "floor_seconds", "kernel_cost", "make_workload"]

@@ -1,4 +1,4 @@
-"""mixpo.data.validation: Selective DPO's held-out validation loss on a tiny Llama."""
+"""mixpo.scoring.validation: Selective DPO's held-out validation loss on a tiny Llama."""
 import math
 import random
 
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import mixpo.data.validation as validation
+import mixpo.scoring.validation as validation
 from mixpo.data.difficulty import prepare_dataset
-from mixpo.data.validation import ValidationSettings, score_pairs, score_validation_loss
-from mixpo.testing import (WORDS, build_tiny_causal_lm, build_tiny_tokenizer, corpus_texts,
+from mixpo.scoring.validation import ValidationSettings, score_pairs, score_validation_loss
+from fixtures import (WORDS, build_tiny_causal_lm, build_tiny_tokenizer, corpus_texts,
                            save_tiny_model, torch_threads, ultrafeedback_rows)
 
 GOOD = "yes good answer because energy"

@@ -11,7 +11,8 @@ import torch
 
 from mixpo.data.formats import (REWARD_COLUMNS, Example, check_preference_rows, render_example,
                                 split_example)
-from mixpo.data.io import RowNamer, default_row_names, load_pretrained
+from mixpo.data.io import RowNamer, default_row_names
+from mixpo.hf.loading import ensure_pad_token, load_pretrained
 
 
 def load_reward_model(model_path: str, device: str = "cpu", dtype: str | None = None):
@@ -39,17 +40,6 @@ def _as_chat(example: Example) -> Example:
                    [{"role": "assistant", "content": example.rejected}])
 
 
-def _pad_token_id(model, tokenizer) -> int:
-    """Padding must be known to both: the model finds each sequence's last token by it."""
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer.pad_token_id
-
-
 @torch.inference_mode()
 def reward_scores(texts: list[str], model, tokenizer, batch_size: int = 8,
                   max_length: int | None = None, add_special_tokens: bool = True) -> list[float]:
@@ -62,7 +52,7 @@ def reward_scores(texts: list[str], model, tokenizer, batch_size: int = 8,
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    _pad_token_id(model, tokenizer)
+    ensure_pad_token(tokenizer, model)  # the model finds each sequence's last token by it
     by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     scores = [0.0] * len(texts)
     device = next(model.parameters()).device

@@ -1,11 +1,11 @@
-"""mixpo.data.reward: reward-model margins with a tiny LlamaForSequenceClassification."""
+"""mixpo.scoring.reward: reward-model margins with a tiny LlamaForSequenceClassification."""
 import datasets
 import pytest
 import torch
 
 from mixpo.data.difficulty import prepare_dataset
-from mixpo.data.reward import load_reward_model, score_with_reward_model
-from mixpo.testing import (build_tiny_reward_model, build_tiny_tokenizer, corpus_texts,
+from mixpo.scoring.reward import load_reward_model, score_with_reward_model
+from fixtures import (build_tiny_reward_model, build_tiny_tokenizer, corpus_texts,
                            save_tiny_model, torch_threads, ultrafeedback_rows)
 
 

@@ -8,11 +8,12 @@ total_steps // evals optimizer steps) with the per-pair, unreduced sigmoid DPO l
 example's difficulty is the mean of every score it gets (seeds x evals; 3 x 5 = 15 with the
 defaults). Lower loss = easier.
 
-The pieces are the trainer's: rows are tokenized by `mixpo.data.tokenize_rows` and batched by
-`mixpo.data.PreferenceCollator`, and the model is `mixpo.train.model.PreferenceModel`
-(model body + logit-free `mixpo.linear_preference_loss`; reference log-probs through
-`mixpo.sequence_logps`). The trainer has no evaluate-during-training hook, so the short DPO
-loop that trains each reference model is `train_reference_model` below.
+The pieces are the trainer's: rows are tokenized by `mixpo.data.tokenize.tokenize_rows` and
+batched by `mixpo.data.collate.PreferenceCollator`, and the model is
+`mixpo.hf.policy.PreferenceModel` (model body + logit-free `mixpo.linear_preference_loss`;
+reference log-probs through `mixpo.sequence_logps`). The trainer has no
+evaluate-during-training hook, so the short DPO loop that trains each reference model is
+`train_reference_model` below.
 
 Differences from the authors' runs: reference models are trained with full parameters (they
 use LoRA r=16; this package does not depend on peft), with constant-lr torch AdamW, in one
@@ -31,11 +32,10 @@ import torch
 
 from mixpo.data.collate import PreferenceCollator
 from mixpo.data.formats import VALIDATION_LOSS_COLUMN, check_preference_rows
-from mixpo.data.io import RowNamer, default_row_names, load_pretrained
+from mixpo.data.io import RowNamer, default_row_names
 from mixpo.data.tokenize import tokenize_rows
-from mixpo.train.distributed import DistributedEnv
-from mixpo.train.model import PreferenceModel
-from mixpo.train.ref_logps import compute_reference_logps
+from mixpo.hf.loading import ensure_pad_token, load_causal_lm, load_tokenizer
+from mixpo.hf.policy import PreferenceModel, pair_logps
 
 
 @dataclass(frozen=True)
@@ -166,23 +166,21 @@ def score_pairs(dataset: datasets.Dataset, model, tokenizer,
     """Mean held-out DPO loss of every pair, float64 [n] (module docstring), and a summary.
 
     `model` is a transformers causal LM (the starting point of every reference model and the
-    frozen DPO reference), `tokenizer` its tokenizer; neither is changed. Raises ValueError for
-    bad rows (naming them) and for settings that cannot work on this many pairs.
+    frozen DPO reference; not changed), `tokenizer` its tokenizer (given EOS as its pad token
+    if it has none). Raises ValueError for bad rows (naming them) and for settings that cannot
+    work on this many pairs.
     """
     check_preference_rows(dataset, row_names)
     settings.check(len(dataset))
-    pad_token_id = tokenizer.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = tokenizer.eos_token_id
+    pad_token_id = ensure_pad_token(tokenizer)
     examples = tokenize_rows(dataset.select_columns([c for c in ("prompt", "chosen", "rejected")
                                                      if c in dataset.column_names]),
                              tokenizer, settings.max_length, settings.max_prompt_length, row_names)
     policy = PreferenceModel(model, {"loss_type": "sigmoid", "beta": settings.beta}).eval()
     batches = _Batches(examples, pad_token_id, next(model.parameters()).device)
-    chosen, rejected = compute_reference_logps(policy, examples, batches.collate,
-                                               DistributedEnv(0, 1, 0, batches.device),
-                                               settings.forward_batch)
-    ref = torch.stack([chosen, rejected], dim=1)                       # [count, 2] on CPU
+    ref = torch.cat([torch.stack(pair_logps(policy, examples[start:start + settings.forward_batch],
+                                            batches.collate, batches.device), dim=1)
+                     for start in range(0, len(examples), settings.forward_batch)])  # [n, 2]
     totals, counts = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
     for seed in settings.seeds:
         shuffled = np.random.default_rng(seed).permutation(len(examples))
@@ -213,14 +211,7 @@ def score_validation_loss(dataset: datasets.Dataset, model_path: str,
     tokenizer at `model_path` and add a `validation_loss` column (float, lower = easier) to
     `dataset` with `score_pairs`; `prepare --difficulty validation-loss` reads it. Replaces an
     existing column of that name."""
-    from transformers import AutoTokenizer
-
-    from mixpo.train.model import load_causal_lm
-
-    tokenizer = load_pretrained(AutoTokenizer, model_path, "tokenizer")
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
-        raise ValueError(f"{model_path}: the tokenizer has neither a pad nor an EOS token "
-                         "to pad with")
+    tokenizer = load_tokenizer(model_path)
     dtype = getattr(torch, settings.dtype)
     model = load_causal_lm(model_path, dtype, "sdpa", trainable=False).to(settings.device)
     scores, summary = score_pairs(dataset, model, tokenizer, settings, row_names)

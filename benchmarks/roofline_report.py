@@ -1,16 +1,32 @@
-"""The roofline report: every kernel of `mixpo.roofline` on every benchmark workload, as JSON
-rows (with date, versions and the device peaks used) and as a readable table. Backs
-`mixpo bench roofline`; the model itself (counts, floors) is in mixpo/roofline.py."""
+"""The roofline report: every kernel of the roofline model (`roofline.py` beside this file) on
+every benchmark workload, as JSON rows (with date, versions and the device peaks used) and as a
+readable table.
+
+    python benchmarks/roofline_report.py [--shapes llama-3-8b qwen-2.5-7b gemma-2-9b]
+        [--tokens 2048 ... 32768] [--prompt-share 0 0.25 0.5] [--pairs-per-batch B ...]
+        [--dtype bf16] [--devices a100 h100] [-o benchmarks/results/roofline.json]
+
+(`mixpo bench roofline ...` runs this script from a source checkout.)
+"""
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
+import pathlib
 import platform
+import sys
 
-from mixpo.roofline import (ASSUMPTIONS, DEFAULT_PROMPT_SHARES, DEFAULT_SEQ_LEN, DEFAULT_TOKENS,
-                            DEVICES, KERNEL_MODELS, SHAPES, KernelCost, Workload, device_peaks,
-                            make_workload, matmul_flop_floor_fwd_bwd)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from roofline import (ASSUMPTIONS, DEFAULT_PROMPT_SHARES, DEFAULT_SEQ_LEN,  # noqa: E402
+                      DEFAULT_SHAPES, DEFAULT_TOKENS, DEVICES, KERNEL_MODELS, SHAPES, KernelCost,
+                      Workload, device_peaks, make_workload, matmul_flop_floor_fwd_bwd)
+
+from mixpo.train.plan import SHAPE_ALIASES, canonical_shape_name  # noqa: E402
+
+DEFAULT_OUTPUT = pathlib.Path(__file__).resolve().parent / "results" / "roofline.json"
 
 
 def cost_row(cost: KernelCost, workload: Workload, devices: dict) -> dict:
@@ -66,12 +82,13 @@ def _versions() -> dict:
 
 
 
-def build_report(shapes=tuple(SHAPES), tokens=DEFAULT_TOKENS,
+def build_report(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS,
                  prompt_shares=DEFAULT_PROMPT_SHARES, pairs_per_batch=None, dtype="bf16",
                  devices=tuple(DEVICES), seq_len=DEFAULT_SEQ_LEN,
                  kept_tile_fraction=1.0) -> dict:
     """The roofline report as a JSON-ready dict: metadata, device peaks, shapes, rows."""
     peaks = {name: device_peaks(name) for name in devices}
+    shapes = tuple(canonical_shape_name(name) for name in shapes)
     for name in shapes:
         if name not in SHAPES:
             raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {name!r}")
@@ -150,3 +167,55 @@ def format_table(report: dict) -> str:
         report["devices"].items())
     return "\n".join([f"roofline floors ({peaks})", *lines])
 
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="For each model shape, token count and prompt share: every kernel's matmul "
+        "FLOPs, vector and SFU operations, HBM bytes and floor time max(work / peak, bytes / "
+        "bandwidth) per device, as JSON and a table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), metavar="SHAPE",
+                        help=f"model shapes by name: {', '.join(SHAPES)} (mixpo.train.plan."
+                        f"KNOWN_SHAPES; old names {', '.join(SHAPE_ALIASES)} still work)")
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS),
+                        metavar="N", help="tokens per batch, prompt and padding included")
+    parser.add_argument("--prompt-share", nargs="+", type=float,
+                        default=list(DEFAULT_PROMPT_SHARES), metavar="SHARE",
+                        help="share of tokens without a label, in [0, 1)")
+    parser.add_argument("--pairs-per-batch", nargs="+", type=int, default=None, metavar="B",
+                        help="pairs per batch: one value, or one per --tokens value (default: "
+                        "tokens / (2 x --seq-len))")
+    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                        help="positions per sequence when pairs per batch are derived")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                        help="dtype of logits, hidden states and weight")
+    parser.add_argument("--devices", nargs="+", default=list(DEVICES), metavar="DEVICE",
+                        help=f"device peaks by name: {', '.join(DEVICES)}")
+    parser.add_argument("--kept-tile-fraction", type=float, default=1.0,
+                        help="share of the logit-free backward's tiles that pass its softmax-mass "
+                        "filter (filter_eps) and run the dHidden/dWeight products (1 = none "
+                        "skipped, a random-weight head)")
+    parser.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT), help="JSON output path")
+    args = parser.parse_args(argv)
+    for name in args.shapes:
+        if name in SHAPE_ALIASES:
+            print(f"note: shape {name!r} is now called {SHAPE_ALIASES[name]!r}")
+    try:
+        report = build_report(shapes=tuple(args.shapes), tokens=tuple(args.tokens),
+                              prompt_shares=tuple(args.prompt_share),
+                              pairs_per_batch=args.pairs_per_batch, dtype=args.dtype,
+                              devices=tuple(args.devices), seq_len=args.seq_len,
+                              kept_tile_fraction=args.kept_tile_fraction)
+    except ValueError as error:
+        print(f"roofline: error: {error}", file=sys.stderr)
+        return 2
+    output = pathlib.Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report_json(report))
+    print(format_table(report))
+    print(f"\nwrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The data layer's vocabularies, each defined once with its help text: difficulty kinds,
+row orders and pair-construction strategies. The standard library only, so command-line
+parsers and the training config read them without loading the data stack."""
+from __future__ import annotations
+
+# kind -> what the difficulty is (bigger = easier for every kind).
+DIFFICULTY_KINDS = {
+    "rating": "rating margin score_chosen - score_rejected (MixDPO)",
+    "reward": "reward-model margin reward_chosen - reward_rejected (after `mixpo data "
+              "score-reward`)",
+    "validation-loss": "minus the validation DPO loss (Selective DPO, after `mixpo data "
+                       "score-validation`)",
+}
+
+# order -> how the rows are fed (MixDPO and Selective DPO both train without shuffling).
+ORDERS = {
+    "easy-first": "stable sort by difficulty, easiest first (the curriculum)",
+    "as-is": "the file's original order (MixDPO's 'shuffled' ablation: routing kept, "
+             "curriculum off)",
+    "shuffle": "a seeded random permutation",
+}
+
+# strategy -> which completion becomes the rejected response (chosen = the best one).
+PAIR_STRATEGIES = {
+    "best-worst": "rejected = the worst-scored other completion",
+    "best-random": "rejected = a uniformly random other completion",
+    "best-mu2sigma": "rejected = the completion nearest mean - 2 std of the scores",
+}
+
+
+def describe(vocabulary: dict) -> str:
+    """'a: what a is; b: ...' for help texts."""
+    return "; ".join(f"{name}: {meaning}" for name, meaning in vocabulary.items())

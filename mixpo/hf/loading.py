@@ -1,0 +1,94 @@
+"""Loading Hugging Face models and tokenizers for mixpo: one error wrapping, one pad-token
+fallback, one place that prepares a causal LM for preference training."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+# Config attributes of models whose logits are not simply hidden @ lm_head.weight.T (+ bias):
+# the logit-free loss would silently compute other log-probs for them.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                    "output_multiplier_scale")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_pretrained(factory, path: str, what: str, **kwargs):
+    """`factory.from_pretrained(path, **kwargs)` (a transformers Auto class), with a missing
+    or broken model directory reported as a ValueError naming `what` and `path`."""
+    if not path:
+        raise ValueError(f"no path given for the {what}")
+    try:
+        return factory.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:  # missing files, unknown model types, bad configs
+        raise ValueError(f"cannot load a {what} from {path!r}: "
+                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+                         ) from None
+
+
+def ensure_pad_token(tokenizer, model=None) -> int:
+    """The pad token id, falling back to EOS when the tokenizer has none (padding is masked
+    out, so any id works); a sequence-classification `model` gets the same id in its config,
+    which is how it finds each sequence's last token."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer.pad_token_id
+
+
+def load_tokenizer(path: str):
+    """AutoTokenizer from `path`, with a pad token (`ensure_pad_token`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = load_pretrained(AutoTokenizer, path, "tokenizer")
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' (bf16 on GPU, fp32 on CPU), 'float32', 'bfloat16' or 'float16'."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def attention_implementation(name: str, device: torch.device) -> str:
+    """'auto': flash_attention_2 on a GPU when flash-attn is importable, else sdpa."""
+    if name != "auto":
+        return name
+    flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if flash else "sdpa"
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str,
+                   gradient_checkpointing: bool = False, trainable: bool = True):
+    """AutoModelForCausalLM from a local directory, on CPU (moved later), dropout off."""
+    from transformers import AutoModelForCausalLM
+
+    if not path:
+        raise ValueError("model_name_or_path is empty: give a model directory")
+    model = load_pretrained(AutoModelForCausalLM, path, "causal LM", dtype=dtype,
+                            attn_implementation=attn_implementation)
+    for name in LOGIT_TRANSFORMS:
+        if getattr(model.config, name, None) not in (None, 0, 1, 1.0):
+            raise ValueError(f"{path}: config.{name}={getattr(model.config, name)} transforms "
+                             "the logits; the logit-free loss supports plain linear LM heads")
+    # Preference training runs without dropout (TRL's disable_dropout default): the policy
+    # and its reference must score a sequence identically at step 0.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if hasattr(model.config, "attention_dropout"):
+        model.config.attention_dropout = 0.0
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if trainable:
+        model.train()  # from_pretrained returns eval mode; checkpointing only acts in training
+    else:
+        model.requires_grad_(False).eval()
+    return model

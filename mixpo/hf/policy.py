@@ -1,0 +1,70 @@
+"""The policy: a Hugging Face causal LM whose forward ends in mixpo's logit-free loss.
+
+`PreferenceModel.forward` runs the model body (no LM head, so no [tokens x vocab] logits) and
+then `mixpo.LinearPreferenceLoss` on the last hidden states and the LM-head weight. Both run
+inside one module forward, so under FSDP2 the head weight (in the root unit) is unsharded
+when the loss reads it.
+"""
+from __future__ import annotations
+
+import torch
+
+from mixpo.losses import sequence_logps, shift_labels
+from mixpo.modules import LinearPreferenceLoss
+
+
+def decoder_layers(causal_lm) -> list[torch.nn.Module]:
+    """The repeated blocks of the body (FSDP units)."""
+    body = causal_lm.get_decoder()
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(body, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return list(layers)
+    raise ValueError(f"cannot find the decoder layers of {type(causal_lm).__name__}")
+
+
+class PreferenceModel(torch.nn.Module):
+    """A causal LM + the logit-free preference loss in one forward.
+
+    forward(input_ids [2B, T], attention_mask [2B, T], labels [2B, T] HF-style, ...):
+        returns (loss, PreferenceLossOutput) — the loss is also returned alone so that FSDP
+        finds the tensor to hook its backward on;
+        with `logps_only=True`: summed completion log-probs [2B] (no gradient), used for
+        reference log-probs.
+    `loss_kwargs` are the `mixpo.LinearPreferenceLoss` arguments (loss_type, beta, ...).
+    """
+
+    def __init__(self, causal_lm, loss_kwargs: dict):
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.loss = LinearPreferenceLoss(**loss_kwargs)
+
+    def hidden_states(self, input_ids, attention_mask):
+        body = self.causal_lm.get_decoder()
+        return body(input_ids=input_ids, attention_mask=attention_mask,
+                    use_cache=False).last_hidden_state                      # [2B, T, H]
+
+    def forward(self, input_ids, attention_mask, labels, ref_logps=None, hard=None, margin=None,
+                logps_only: bool = False):
+        head = self.causal_lm.get_output_embeddings()
+        # HF labels name token t at position t; the loss reads position t's prediction of t+1.
+        position_labels = shift_labels(labels)
+        if logps_only:
+            with torch.no_grad():
+                hidden = self.hidden_states(input_ids, attention_mask)
+                return sequence_logps(hidden, head.weight, position_labels, bias=head.bias)
+        hidden = self.hidden_states(input_ids, attention_mask)
+        out = self.loss(hidden, head, position_labels, ref_logps=ref_logps, hard=hard,
+                        margin=margin)
+        return out.loss, out
+
+
+@torch.no_grad()
+def pair_logps(model: PreferenceModel, examples: list[dict], collator,
+               device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs (chosen [n], rejected [n]) of tokenized pairs, fp32 on the
+    CPU: one forward of `model` over the collated batch."""
+    batch = collator(examples)
+    logps = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                  batch["labels"].to(device), logps_only=True).float().cpu()
+    return logps[:len(examples)], logps[len(examples):]
