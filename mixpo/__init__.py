@@ -1,5 +1,6 @@
 """mixpo: difficulty-aware preference optimization (MixDPO, Selective DPO, gamma-PO) with fused
 Triton kernels and a logit-free LM-head loss."""
+from mixpo.loss_config import LossConfig
 from mixpo.losses import (
     PreferenceLossOutput,
     linear_preference_loss,
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveMargin",
+    "LossConfig",
     "LinearPreferenceLoss",
     "PreferenceLoss",
     "PreferenceLossOutput",

@@ -6,8 +6,12 @@ front end can feed the shared per-pair epilogue.
      + write in backward, optionally in place);
    - `LinearSequenceLogps`: from hidden states and the LM-head weight, never materialising
      logits (the logit-free path; ignored tokens are compacted away first);
-2. `PairLoss`: the per-pair epilogue on [B]-sized data (loss type, target margin, MixDPO
-   routing, SFT weight); its backward hands d loss / d logp per sequence to stage 1.
+   both apply the logit transform (logit_scale, softcap), optionally also return the
+   LD-DPO-weighted sums (`token_weight`) and per-sequence sums of the per-token statistics
+   (mean logit, entropy, log sum p^2, label-is-argmax) from the same pass;
+2. `PairLoss`: the per-pair epilogue on [B]-sized data (every loss type, target margins,
+   MixDPO routing, NLL terms, WPO weights); returns the scalar loss, and its backward hands
+   d loss / d logp per sequence to stage 1.
 
 `triton` (a bool, from `mixpo.kernels.dispatch.use_triton`) selects the Triton kernels or
 their torch twins. No argument checking here: `mixpo.losses` does it.
@@ -16,68 +20,142 @@ from __future__ import annotations
 
 import torch
 
+from mixpo.kernels import pair_loss_torch
 from mixpo.kernels.dispatch import kernel_ops
+from mixpo.kernels.logits_logps_torch import STAT_NAMES
+
+
+def ld_token_weights(labels: torch.Tensor, ignore_index: int, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO's per-position weights [2B, T] fp32 (Liu et al. 2024, TRL's ld_alpha): the first
+    min(n_w, n_l) completion tokens of both responses of a pair count 1, the rest of the
+    longer one ld_alpha; prompt and padding 0."""
+    completion = labels != ignore_index
+    rank = completion.cumsum(dim=1)                     # 1-based index among completion tokens
+    counts = completion.sum(dim=1)
+    num_pairs = labels.shape[0] // 2
+    shared = torch.minimum(counts[:num_pairs], counts[num_pairs:]).repeat(2)
+    weights = torch.where(rank <= shared[:, None], 1.0, ld_alpha)
+    return torch.where(completion, weights, 0.0)
+
+
+def _stat_sums(stats: dict, sequence_of, num_seqs: int, device) -> torch.Tensor:
+    """[len(STAT_NAMES), S] per-sequence sums of per-token statistics."""
+    if sequence_of is None:                              # [S, T] statistics
+        return torch.stack([stats[name].sum(dim=1) for name in STAT_NAMES])
+    sums = torch.zeros(len(STAT_NAMES), num_seqs, dtype=torch.float32, device=device)
+    for index, name in enumerate(STAT_NAMES):
+        sums[index].index_add_(0, sequence_of, stats[name])
+    return sums
 
 
 class LogitsSequenceLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, triton, inplace_backward):
+    def forward(ctx, logits, labels, token_weight, config, triton, inplace_backward):
+        ctx.set_materialize_grads(False)
         ops = kernel_ops("logits_logps", triton)
-        token_logps, lse = ops.token_logps_forward(logits, labels, ignore_index)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.ignore_index, ctx.triton, ctx.inplace = ignore_index, triton, inplace_backward
-        return token_logps.sum(dim=1)
+        token_logps, lse, stats = ops.token_logps_forward(
+            logits, labels, config.ignore_index, config.logit_scale, config.softcap,
+            config.needs_stats)
+        ctx.save_for_backward(logits, labels, lse, token_weight)
+        ctx.config, ctx.triton, ctx.inplace = config, triton, inplace_backward
+        weighted = (token_logps * token_weight).sum(dim=1) if token_weight is not None \
+            else token_logps.new_empty(0)
+        stat_sums = _stat_sums(stats, None, logits.shape[0], logits.device) if stats \
+            else token_logps.new_empty(0)
+        ctx.mark_non_differentiable(stat_sums)
+        return token_logps.sum(dim=1), weighted, stat_sums
 
     @staticmethod
-    def backward(ctx, grad_seq):
-        logits, labels, lse = ctx.saved_tensors
-        ops = kernel_ops("logits_logps", ctx.triton)
-        dlogits = ops.token_logps_backward(logits, labels, lse, grad_seq.float().contiguous(),
-                                           ctx.ignore_index, inplace=ctx.inplace)
-        return dlogits, None, None, None, None
+    def backward(ctx, grad_seq, grad_weighted, _grad_stats):
+        logits, labels, lse, token_weight = ctx.saved_tensors
+        coef = _position_coefficients(grad_seq, grad_weighted, token_weight, labels.shape,
+                                      lse.device)
+        config = ctx.config
+        dlogits = kernel_ops("logits_logps", ctx.triton).token_logps_backward(
+            logits, labels, lse, coef, config.ignore_index, inplace=ctx.inplace,
+            logit_scale=config.logit_scale, softcap=config.softcap)
+        return dlogits, None, None, None, None, None
+
+
+def _position_coefficients(grad_seq, grad_weighted, token_weight, shape, device):
+    """d loss / d token log-prob of every position [S, T]: the plain sum's gradient plus the
+    LD-weighted sum's times each position's weight."""
+    coef = torch.zeros(shape, dtype=torch.float32, device=device)
+    if grad_seq is not None:
+        coef += grad_seq.float()[:, None]
+    if grad_weighted is not None and token_weight is not None:
+        coef += grad_weighted.float()[:, None] * token_weight
+    return coef
 
 
 class LinearSequenceLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, triton):
+    def forward(ctx, hidden, weight, bias, labels, token_weight, config, triton):
+        ctx.set_materialize_grads(False)
         num_seqs, seq_len, hidden_size = hidden.shape
         hidden2d = hidden.reshape(num_seqs * seq_len, hidden_size)
         flat_labels = labels.reshape(-1)
         # Compact the completion tokens: prompt and padding never reach a matmul.
-        rows = torch.nonzero(flat_labels != ignore_index).squeeze(1)
+        rows = torch.nonzero(flat_labels != config.ignore_index).squeeze(1)
         row_labels = flat_labels[rows]
-        token_logps, lse = kernel_ops("linear_logps", triton).linear_token_logps_forward(
-            hidden2d, weight, bias, row_labels, rows)
-        seq_of_row = torch.div(rows, seq_len, rounding_mode="floor")
+        token_logps, lse, aux = kernel_ops("linear_logps", triton).linear_token_logps_forward(
+            hidden2d, weight, bias, row_labels, rows, config.logit_scale, config.softcap,
+            config.needs_stats)
+        sequence_of = torch.div(rows, seq_len, rounding_mode="floor")
         seq_logps = torch.zeros(num_seqs, dtype=torch.float32, device=hidden.device)
-        seq_logps.index_add_(0, seq_of_row, token_logps)
-        ctx.save_for_backward(hidden, weight, bias, row_labels, rows, lse)
-        ctx.triton, ctx.seq_len = triton, seq_len
-        return seq_logps
+        seq_logps.index_add_(0, sequence_of, token_logps)
+        row_weight = None if token_weight is None else token_weight.reshape(-1)[rows]
+        weighted = token_logps.new_empty(0)
+        if row_weight is not None:
+            weighted = torch.zeros_like(seq_logps).index_add_(0, sequence_of,
+                                                               token_logps * row_weight)
+        stat_sums = _stat_sums(aux, sequence_of, num_seqs, hidden.device) \
+            if config.needs_stats else token_logps.new_empty(0)
+        ctx.mark_non_differentiable(stat_sums)
+        ctx.save_for_backward(hidden, weight, bias, row_labels, rows, lse, aux["label_logit"],
+                              row_weight)
+        ctx.config, ctx.triton, ctx.seq_len = config, triton, seq_len
+        return seq_logps, weighted, stat_sums
 
     @staticmethod
-    def backward(ctx, grad_seq):
-        hidden, weight, bias, row_labels, rows, lse = ctx.saved_tensors
-        grad_token = grad_seq.float()[torch.div(rows, ctx.seq_len, rounding_mode="floor")]
+    def backward(ctx, grad_seq, grad_weighted, _grad_stats):
+        hidden, weight, bias, row_labels, rows, lse, label_logit, row_weight = ctx.saved_tensors
+        sequence_of = torch.div(rows, ctx.seq_len, rounding_mode="floor")
+        grad_token = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device)
+        if grad_seq is not None:
+            grad_token += grad_seq.float()[sequence_of]
+        if grad_weighted is not None and row_weight is not None:
+            grad_token += grad_weighted.float()[sequence_of] * row_weight
         hidden2d = hidden.reshape(-1, hidden.shape[-1])
+        config = ctx.config
         dhidden, dweight, dbias = kernel_ops("linear_logps", ctx.triton) \
             .linear_token_logps_backward(hidden2d, weight, bias, row_labels, rows, lse,
-                                         grad_token.contiguous())
+                                         grad_token.contiguous(), label_logit,
+                                         config.logit_scale, config.softcap)
         return (dhidden.view_as(hidden), dweight if ctx.needs_input_grad[1] else None,
-                dbias if ctx.needs_input_grad[2] else None, None, None, None)
+                dbias if ctx.needs_input_grad[2] else None, None, None, None, None)
 
 
 class PairLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logps, counts, ref_logps, hard, gamma, config, triton):
-        out = kernel_ops("pair_loss", triton).pair_loss(logps, counts, ref_logps, hard, gamma,
-                                                         config)
-        ctx.save_for_backward(out["d_chosen"], out["d_rejected"])
-        ctx.mark_non_differentiable(out["chosen_rewards"], out["rejected_rewards"])
-        return out["per_pair_loss"], out["chosen_rewards"], out["rejected_rewards"]
+    """(loss, per_pair_loss) from the preference log-probs [2B] and the plain log-probs of
+    the NLL terms [2B] (the same tensor unless LD-DPO weights the first)."""
 
     @staticmethod
-    def backward(ctx, grad_pair, _grad_chosen_rewards, _grad_rejected_rewards):
-        d_chosen, d_rejected = ctx.saved_tensors
-        grad_logps = torch.cat([grad_pair * d_chosen, grad_pair * d_rejected])
-        return grad_logps, None, None, None, None, None, None
+    def forward(ctx, logps, nll_logps, counts, ref_logps, hard, gamma, weights, config,
+                triton):
+        out = kernel_ops("pair_loss", triton).pair_loss(logps, nll_logps, counts, ref_logps,
+                                                         hard, gamma, weights, config)
+        batch_loss, batch_d_logps, batch_d_nll = pair_loss_torch.batch_terms(
+            logps, nll_logps, counts, ref_logps, config)
+        per_pair_loss = out["per_pair_loss"] + batch_loss
+        num_pairs = per_pair_loss.shape[0]
+        # d mean / d logps: the per-pair ("diagonal") derivatives over B.
+        ctx.save_for_backward((out["d_logps"] + batch_d_logps) / num_pairs,
+                              (out["d_nll"] + batch_d_nll) / num_pairs)
+        ctx.mark_non_differentiable(per_pair_loss)
+        return per_pair_loss.mean(), per_pair_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_pair):
+        d_logps, d_nll = ctx.saved_tensors
+        return grad_loss * d_logps, grad_loss * d_nll, None, None, None, None, None, None, None

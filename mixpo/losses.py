@@ -1,40 +1,44 @@
-"""Public loss API: argument checks and the functional front ends over `mixpo.functions`.
+"""Public loss API: the functional front ends over `mixpo.functions`.
 
     preference_loss(logits, labels, ...)          fused loss over materialised logits
     linear_preference_loss(hidden, weight, ...)   logit-free: no [tokens x vocab] logits ever
     sequence_logps(hidden, weight, labels, ...)   forward-only summed log-probs (reference models)
 
-Each front end checks its tensors (ValueError naming the argument), builds one frozen
-`LossConfig` from its keywords, runs stage 1 (sequence log-probs) and hands the result to the
-shared per-pair head (stage 2). `backend="triton"` runs `mixpo.kernels`, `"torch"` their
-torch twins (the CPU path and the test oracle), `"auto"` picks triton for CUDA tensors
+Each front end checks its tensors (`mixpo.checks`: ValueError naming the argument), builds one
+frozen `LossConfig` from its keywords, runs stage 1 (sequence log-probs) and hands the result
+to the shared per-pair head (stage 2). `backend="triton"` runs `mixpo.kernels`, `"torch"`
+their torch twins (the CPU path and the test oracle), `"auto"` picks triton for CUDA tensors
 (`mixpo.kernels.dispatch`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from mixpo.functions import LinearSequenceLogps, LogitsSequenceLogps, PairLoss
+from mixpo.checks import (check_finite_logps, check_float_tensor, check_hard, check_labels,
+                          check_linear_inputs, check_pair_count, pair_vector)
+from mixpo.functions import LinearSequenceLogps, LogitsSequenceLogps, PairLoss, ld_token_weights
 from mixpo.kernels.dispatch import use_triton
+from mixpo.kernels.logits_logps_torch import STAT_NAMES
 from mixpo.loss_config import LossConfig
-from mixpo.loss_spec import sequence_rewards
+from mixpo.loss_spec import MARGIN, sequence_rewards
 from mixpo.margins import AdaptiveMargin
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
 class PreferenceLossOutput:
     """Result of a preference loss. `loss` is differentiable; every other field is detached.
 
-    loss: scalar, mean of per_pair_loss over pairs.
-    per_pair_loss [B]; chosen_logps / rejected_logps [B]: summed completion log-probs;
-    chosen_rewards / rejected_rewards [B]: beta * (logp - ref), per token for ipo/simpo or
-    average_log_prob; gamma [B]: the target margin each pair used; hard [B] bool or None.
+    loss: scalar, the mean of per_pair_loss over pairs.
+    per_pair_loss [B]; chosen_logps / rejected_logps [B]: summed completion log-probs (LD-DPO
+    weighted with ld_alpha, as TRL); chosen_rewards / rejected_rewards [B]:
+    beta * (logp - ref), summed as TRL reports them (per token for simpo, orpo and
+    average_log_prob=True); gamma [B]: the target margin each pair used; hard [B] bool or
+    None; chosen_counts / rejected_counts [B]: completion tokens; with token_metrics (or
+    use_weighting): chosen_token_sums / rejected_token_sums [B, 4], each response's sums over
+    its completion tokens of (mean logit, entropy, log sum p^2, label is the argmax).
     """
     loss: torch.Tensor
     per_pair_loss: torch.Tensor
@@ -44,179 +48,213 @@ class PreferenceLossOutput:
     rejected_rewards: torch.Tensor
     gamma: torch.Tensor
     hard: Optional[torch.Tensor] = None
+    chosen_counts: Optional[torch.Tensor] = None
+    rejected_counts: Optional[torch.Tensor] = None
+    chosen_token_sums: Optional[torch.Tensor] = None
+    rejected_token_sums: Optional[torch.Tensor] = None
 
-    def metrics(self) -> dict:
-        """TRL-named scalar metrics plus gamma and routing statistics (floats)."""
+    def metric_tensors(self) -> dict:
+        """The metrics as 0-d tensors on the loss's device (no host sync)."""
         margins = self.chosen_rewards - self.rejected_rewards
         stats = {
-            "loss": self.loss.item(),
-            "rewards/chosen": self.chosen_rewards.mean().item(),
-            "rewards/rejected": self.rejected_rewards.mean().item(),
-            "rewards/accuracies": (margins > 0).float().mean().item(),
-            "rewards/margins": margins.mean().item(),
-            "logps/chosen": self.chosen_logps.mean().item(),
-            "logps/rejected": self.rejected_logps.mean().item(),
-            "gamma/mean": self.gamma.mean().item(),
-            "gamma/std": self.gamma.std(unbiased=False).item(),
+            "loss": self.loss.detach(),
+            "rewards/chosen": self.chosen_rewards.mean(),
+            "rewards/rejected": self.rejected_rewards.mean(),
+            "rewards/accuracies": (margins > 0).float().mean(),
+            "rewards/margins": margins.mean(),
+            "logps/chosen": self.chosen_logps.mean(),
+            "logps/rejected": self.rejected_logps.mean(),
+            "gamma/mean": self.gamma.mean(),
+            "gamma/std": self.gamma.std(unbiased=False),
+            "routing/sft_fraction": self.gamma.new_zeros(()) if self.hard is None
+            else self.hard.float().mean(),
         }
-        stats["routing/sft_fraction"] = 0.0 if self.hard is None else \
-            self.hard.float().mean().item()
+        if self.chosen_token_sums is not None:
+            # TRL's definitions: token-weighted means over completion tokens.
+            chosen_tokens, rejected_tokens = self.chosen_counts.sum(), self.rejected_counts.sum()
+            chosen, rejected = self.chosen_token_sums.sum(0), self.rejected_token_sums.sum(0)
+            stats["logits/chosen"] = chosen[0] / chosen_tokens
+            stats["logits/rejected"] = rejected[0] / rejected_tokens
+            stats["entropy"] = (chosen[1] + rejected[1]) / (chosen_tokens + rejected_tokens)
+            stats["mean_token_accuracy"] = chosen[3] / chosen_tokens
         return stats
 
-
-# ----------------------------------------------------------------------------------------------
-# Argument checks (ValueError naming the argument)
-# ----------------------------------------------------------------------------------------------
-def _check_labels(labels, expected_shape, vocab_size, ignore_index, device, name_of_rows):
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError("labels must be a torch.Tensor")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(expected_shape):
-        raise ValueError(f"labels must have shape {tuple(expected_shape)} to match "
-                         f"{name_of_rows}, got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels is on {labels.device}, {name_of_rows} on {device}")
-    labels = labels.long()
-    completion = labels != ignore_index
-    if ((labels < 0) | (labels >= vocab_size))[completion].any():
-        raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}")
-    counts = completion.sum(dim=1)
-    empty = torch.nonzero(counts == 0).flatten().tolist()
-    if empty:
-        raise ValueError(f"labels: sequence(s) {empty[:8]} have no completion token "
-                         f"(every label is ignore_index)")
-    return labels, counts.float()
-
-
-def _check_float_tensor(name, tensor, device):
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor")
-    if tensor.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device}, expected {device}")
-
-
-def _check_pair_count(name, tensor, last_dim, paired=True):
-    if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
-        raise ValueError(f"{name} must be a tensor of shape [2B, T, {last_dim}]")
-    if paired and (tensor.shape[0] % 2 or tensor.shape[0] == 0):
-        raise ValueError(f"{name} must have an even, non-zero number of rows (chosen then "
-                         f"rejected), got {tensor.shape[0]}")
-
-
-def _pair_vector(name, value, length, device):
-    """A per-pair (or per-sequence) float vector as fp32 on `device`, checked finite."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
-        return torch.full((length,), float(value), dtype=torch.float32, device=device)
-    if not isinstance(value, torch.Tensor) or value.dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise ValueError(f"{name} must be a float or a float tensor of shape [{length}]")
-    if tuple(value.shape) != (length,):
-        raise ValueError(f"{name} must have shape [{length}], got {tuple(value.shape)}")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device}, expected {device}")
-    value = value.detach().float()
-    if not torch.isfinite(value).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return value.contiguous()
-
-
-def _check_hard(hard, num_pairs, device):
-    if hard is None:
-        return None
-    if not isinstance(hard, torch.Tensor) or tuple(hard.shape) != (num_pairs,):
-        raise ValueError(f"hard must be a bool tensor of shape [{num_pairs}]")
-    if hard.device != device:
-        raise ValueError(f"hard is on {hard.device}, expected {device}")
-    if hard.dtype != torch.bool:
-        if hard.dtype.is_floating_point or not ((hard == 0) | (hard == 1)).all():
-            raise ValueError(f"hard must be a bool tensor (or 0/1 ints), got {hard.dtype}")
-        hard = hard.bool()
-    return hard
-
-
-def _check_finite_logps(seq_logps, input_name):
-    """NaN/inf in the inputs surface as non-finite sequence log-probs: one [S] check."""
-    bad = torch.nonzero(~torch.isfinite(seq_logps.detach())).flatten().tolist()
-    if bad:
-        raise ValueError(f"{input_name} produced non-finite log-probs for sequence(s) "
-                         f"{bad[:8]}: the input contains NaN/inf or the label's logit is -inf")
-
-
-def _loss_config(loss_type, beta, gamma, label_smoothing, average_log_prob, sft_weight,
-                 ignore_index) -> LossConfig:
-    """The keywords of a functional call as a LossConfig; a tensor gamma is per call."""
-    fixed_gamma = 0.0 if isinstance(gamma, torch.Tensor) else gamma
-    return LossConfig(loss_type=loss_type, beta=beta, gamma=fixed_gamma,
-                      label_smoothing=label_smoothing, average_log_prob=average_log_prob,
-                      sft_weight=sft_weight, ignore_index=ignore_index)
+    def metrics(self) -> dict:
+        """TRL-named scalar metrics plus gamma and routing statistics (floats; one host
+        sync): loss, rewards/*, logps/*, gamma/*, routing/sft_fraction and, with token
+        metrics, logits/chosen, logits/rejected, entropy and mean_token_accuracy."""
+        tensors = self.metric_tensors()
+        values = torch.stack([value.float() for value in tensors.values()]).tolist()
+        return dict(zip(tensors, values))
 
 
 # ----------------------------------------------------------------------------------------------
 # Stage 2, shared by both front ends
 # ----------------------------------------------------------------------------------------------
-def _pair_gamma(config, gamma, margin, seq_logps, counts, ref_logps, num_pairs):
+def _pair_gamma(config, gamma, margin, logps, counts, ref_logps, num_pairs):
     """The [B] target margins: `margin`'s adaptive solve, a per-pair tensor, or the fixed
     `config.gamma`."""
+    explicit_gamma = gamma is not None or config.gamma not in (None, 0.0)
+    if (margin is not None or explicit_gamma) and not config.has_margin:
+        raise ValueError(f"gamma / margin apply to the margin loss types (sigmoid, ipo, simpo, "
+                         f"...), not to loss_type={config.loss_type!r}")
     if margin is None:
-        return _pair_vector("gamma", config.gamma if gamma is None else gamma, num_pairs,
-                            seq_logps.device)
+        return pair_vector("gamma", config.fixed_gamma if gamma is None else gamma, num_pairs,
+                           logps.device)
     if not isinstance(margin, AdaptiveMargin):
         raise ValueError("margin must be a mixpo.AdaptiveMargin")
-    if gamma is not None or config.gamma != 0:
+    if explicit_gamma:
         raise ValueError("pass either gamma or margin, not both")
-    rewards, _ = sequence_rewards(seq_logps.detach(), counts, ref_logps, config.beta,
-                                  config.normalized)
+    # gamma-PO's reward gaps: beta * h of the (first) margin type, per token when it is.
+    margin_type = next(spec for spec, _ in config.types if spec.family == MARGIN)
+    rewards, _ = sequence_rewards(logps.detach(), counts, ref_logps, config.beta,
+                                  config.normalized(margin_type))
     return margin(rewards[:num_pairs] - rewards[num_pairs:])
 
 
-def pair_head(seq_logps, counts, config: LossConfig, *, ref_logps=None, hard=None, gamma=None,
-              margin=None, backend="auto", input_name="logps") -> "PreferenceLossOutput":
+def _wpo_weights(seq_logps, stat_sums, counts, num_pairs):
+    """WPO's per-pair weights [B] (detached): exp(mean_t[log p_t - log sum_v p_v^2]) of the
+    chosen response times that of the rejected one (TRL's use_weighting)."""
+    log_sum_sq = stat_sums[STAT_NAMES.index("log_sum_sq")]
+    per_sequence = torch.exp((seq_logps.detach() - log_sum_sq) / counts)
+    return per_sequence[:num_pairs] * per_sequence[num_pairs:]
+
+
+def pair_head(seq_logps, counts, config: LossConfig, *, weighted_logps=None, stat_sums=None,
+              ref_logps=None, hard=None, gamma=None, margin=None, backend="auto",
+              inputs=None) -> PreferenceLossOutput:
     """Stage 2 on summed sequence log-probs [2B] (differentiable) and completion counts [2B]:
-    checks the per-pair inputs, resolves gamma, runs the epilogue, builds the output."""
+    checks the per-pair inputs, resolves gamma, runs the epilogue, builds the output.
+    `weighted_logps` [2B] are LD-DPO's weighted sums (the preference term's log-probs),
+    `stat_sums` [4, 2B] the per-sequence sums of the per-token statistics; `inputs` names
+    the tensors to blame for non-finite log-probs."""
     device, num_pairs = seq_logps.device, seq_logps.shape[0] // 2
-    _check_finite_logps(seq_logps, input_name)
+    check_finite_logps(seq_logps, inputs or {})
     if ref_logps is not None:
         if config.reference_free:
             raise ValueError(f"ref_logps must be None for loss_type={config.loss_type!r} "
                              "(reference-free)")
-        ref_logps = _pair_vector("ref_logps", ref_logps, 2 * num_pairs, device)
-    hard = _check_hard(hard, num_pairs, device)
-    gamma = _pair_gamma(config, gamma, margin, seq_logps, counts, ref_logps, num_pairs)
-    per_pair_loss, chosen_rewards, rejected_rewards = PairLoss.apply(
-        seq_logps, counts, ref_logps, hard, gamma, config, use_triton(backend, seq_logps))
-    detached = seq_logps.detach()
+        ref_logps = pair_vector("ref_logps", ref_logps, 2 * num_pairs, device)
+    hard = check_hard(hard, num_pairs, device)
+    if hard is not None and config.sorted_types:
+        raise ValueError("hard (MixDPO routing) is not defined for aot / aot_unpaired, whose "
+                         "losses belong to sorted positions, not to pairs")
+    preference_logps = seq_logps if weighted_logps is None else weighted_logps
+    gamma = _pair_gamma(config, gamma, margin, preference_logps, counts, ref_logps, num_pairs)
+    weights = _wpo_weights(seq_logps, stat_sums, counts, num_pairs) if config.use_weighting \
+        else None
+    loss, per_pair_loss = PairLoss.apply(preference_logps, seq_logps, counts, ref_logps, hard,
+                                         gamma, weights, config, use_triton(backend, seq_logps))
+    detached = preference_logps.detach()
+    rewards, _ = sequence_rewards(detached, counts, ref_logps, config.beta,
+                                  config.reward_normalized)
+    token_sums = None if stat_sums is None else stat_sums.T      # [2B, 4]
     return PreferenceLossOutput(
-        loss=per_pair_loss.mean(), per_pair_loss=per_pair_loss.detach(),
-        chosen_logps=detached[:num_pairs], rejected_logps=detached[num_pairs:],
-        chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, gamma=gamma,
-        hard=hard)
+        loss=loss, per_pair_loss=per_pair_loss, chosen_logps=detached[:num_pairs],
+        rejected_logps=detached[num_pairs:], chosen_rewards=rewards[:num_pairs],
+        rejected_rewards=rewards[num_pairs:], gamma=gamma, hard=hard,
+        chosen_counts=counts[:num_pairs], rejected_counts=counts[num_pairs:],
+        chosen_token_sums=None if token_sums is None else token_sums[:num_pairs],
+        rejected_token_sums=None if token_sums is None else token_sums[num_pairs:])
+
+
+def _token_weight(config: LossConfig, labels):
+    """LD-DPO's per-position weights, or None."""
+    if config.ld_alpha is None:
+        return None
+    return ld_token_weights(labels, config.ignore_index, config.ld_alpha)
+
+
+def _head(seq_logps, weighted, stat_sums, token_weight, counts, config, **per_call):
+    return pair_head(seq_logps, counts, config,
+                     weighted_logps=None if token_weight is None else weighted,
+                     stat_sums=stat_sums if stat_sums.numel() else None, **per_call)
 
 
 # ----------------------------------------------------------------------------------------------
-# Front ends
+# Front ends with a LossConfig (what the modules call)
 # ----------------------------------------------------------------------------------------------
 def logits_loss(logits, labels, config: LossConfig, *, ref_logps=None, hard=None, gamma=None,
                 margin=None, backend="auto", inplace_backward=False):
-    """`preference_loss` with its hyper-parameters as one LossConfig (what PreferenceLoss calls)."""
-    _check_pair_count("logits", logits, "V")
-    _check_float_tensor("logits", logits, logits.device)
+    """`preference_loss` with its hyper-parameters as one LossConfig."""
+    check_pair_count("logits", logits, "V")
+    check_float_tensor("logits", logits, logits.device)
     if logits.stride(-1) != 1:
         raise ValueError("logits must be contiguous in its last (vocab) dimension")
-    labels, counts = _check_labels(labels, logits.shape[:2], logits.shape[2],
-                                   config.ignore_index, logits.device, "logits")
-    seq_logps = LogitsSequenceLogps.apply(logits, labels, config.ignore_index,
-                                          use_triton(backend, logits), inplace_backward)
-    return pair_head(seq_logps, counts, config, ref_logps=ref_logps, hard=hard, gamma=gamma,
-                     margin=margin, backend=backend, input_name="logits")
+    labels, counts = check_labels(labels, logits.shape[:2], logits.shape[2],
+                                  config.ignore_index, logits.device, "logits")
+    token_weight = _token_weight(config, labels)
+    seq_logps, weighted, stat_sums = LogitsSequenceLogps.apply(
+        logits, labels, token_weight, config, use_triton(backend, logits), inplace_backward)
+    return _head(seq_logps, weighted, stat_sums, token_weight, counts, config,
+                 ref_logps=ref_logps, hard=hard, gamma=gamma, margin=margin, backend=backend,
+                 inputs={"logits": logits})
 
 
-def preference_loss(logits, labels, *, ref_logps=None, loss_type="sigmoid", beta=0.1, gamma=0.0,
-                    label_smoothing=0.0, average_log_prob=False, hard=None, sft_weight=0.0,
-                    margin=None, ignore_index=-100, backend="auto", inplace_backward=False):
+def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_logps=None,
+                hard=None, gamma=None, margin=None, backend="auto"):
+    """`linear_preference_loss` with its hyper-parameters as one LossConfig."""
+    labels, counts = check_linear_inputs(hidden, weight, bias, labels, config.ignore_index,
+                                         True)
+    token_weight = _token_weight(config, labels)
+    seq_logps, weighted, stat_sums = LinearSequenceLogps.apply(
+        hidden, weight, bias, labels, token_weight, config, use_triton(backend, hidden))
+    return _head(seq_logps, weighted, stat_sums, token_weight, counts, config,
+                 ref_logps=ref_logps, hard=hard, gamma=gamma, margin=margin, backend=backend,
+                 inputs={"hidden": hidden, "weight": weight, "bias": bias})
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------------------------
+LOSS_KEYWORDS_DOC = """
+    Loss keywords (TRL's DPOConfig names where TRL has them; `mixpo.LossConfig` documents
+    each in full):
+        loss_type: a type of mixpo.loss_spec.LOSS_TYPES -- sigmoid (DPO; label_smoothing =
+            cDPO), robust (rDPO), hinge, ipo (per-token, TRL), exo_pair, discopop,
+            sigmoid_norm, simpo, cpo, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down,
+            orpo, sft, aot, aot_unpaired -- or a list of them with `loss_weights`.
+        beta: inverse temperature (ORPO's lambda).
+        gamma: target margin, float or [B] tensor, inside the loss as z = beta * h - gamma
+            (margin types); None = 0, or 0.5 for simpo (TRL's CPOConfig, Liger).
+        label_smoothing: cDPO / rDPO / EXO / AOT epsilon in [0, 0.5).
+        average_log_prob: None = each type's convention (per token for ipo, sigmoid_norm,
+            simpo, orpo), True / False force per-token / summed log-ratios.
+        hard: [B] bool, MixDPO routing: these pairs take the token-mean NLL of the chosen
+            response instead (their rejected response gets no gradient).
+        sft_weight: + sft_weight * NLL of the chosen responses.
+        nll_normalization: "batch" (TRL, Liger: mean over all chosen completion tokens of
+            the batch) or "pair" (mean over pairs of each response's token mean).
+        margin: a `mixpo.AdaptiveMargin` (gamma-PO); it receives the batch's reward gaps and
+            supplies a per-pair gamma (exclusive with `gamma`).
+        cpo_alpha, discopop_tau, use_weighting (WPO), f_divergence_type,
+        f_alpha_divergence_coef, ld_alpha (LD-DPO), rdpo_alpha (R-DPO), dpop_lambda (DPOP):
+            see `mixpo.LossConfig`.
+        logit_scale, softcap: the model's logits are softcap * tanh(logit_scale * z /
+            softcap) (logit_scale * z without softcap); temperature T is logit_scale = 1/T.
+        token_metrics: also return TRL's logits/chosen, logits/rejected, entropy and
+            mean_token_accuracy from the same pass (out.metrics()).
+        ignore_index: the label of prompt and padding.
+        backend: "auto" | "triton" | "torch".
+"""
+
+
+def _loss_config(**keywords) -> tuple:
+    """The functional keywords as (LossConfig, per-call gamma tensor or None)."""
+    gamma = keywords.pop("gamma")
+    if isinstance(gamma, torch.Tensor):
+        return LossConfig(gamma=None, **keywords), gamma
+    return LossConfig(gamma=gamma, **keywords), None
+
+
+def preference_loss(logits, labels, *, ref_logps=None, loss_type="sigmoid", loss_weights=None,
+                    beta=0.1, gamma=None, label_smoothing=0.0, average_log_prob=None,
+                    hard=None, sft_weight=0.0, nll_normalization="batch", margin=None,
+                    cpo_alpha=1.0, discopop_tau=0.05, use_weighting=False,
+                    f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
+                    ld_alpha=None, rdpo_alpha=0.0, dpop_lambda=0.0, logit_scale=1.0,
+                    softcap=None, token_metrics=False, ignore_index=-100, backend="auto",
+                    inplace_backward=False):
     """Fused preference loss over LM-head logits: one read of the logits in forward.
 
     Args:
@@ -226,90 +264,80 @@ def preference_loss(logits, labels, *, ref_logps=None, loss_type="sigmoid", beta
             log-prob is read at position t; see `shift_labels`); `ignore_index` marks prompt
             and padding. Every sequence needs at least one completion token.
         ref_logps: [2B] summed reference log-probs, or None for a reference-free loss.
-        loss_type: "sigmoid" (DPO, cDPO with label_smoothing), "ipo" (per-token normalised
-            log-ratios, TRL's definition), "hinge", "robust" (rDPO), "simpo" (reference-free,
-            length-averaged).
-        beta: inverse temperature; gamma: target margin, float or [B] tensor, inside the
-            loss as z = beta * h - gamma.
-        label_smoothing: cDPO / rDPO epsilon in [0, 0.5).
-        average_log_prob: use per-token-averaged log-ratios (gamma-DPO's default).
-        hard: [B] bool, MixDPO routing: these pairs take the token-mean NLL of the chosen
-            response instead (their rejected response gets no gradient).
-        sft_weight: adds sft_weight * token-mean NLL of the chosen response to every pair.
-        margin: a `mixpo.AdaptiveMargin` (gamma-PO); it receives the batch's reward gaps and
-            supplies a per-pair gamma (exclusive with `gamma`).
-        backend: "auto" | "triton" | "torch".
         inplace_backward: the backward writes d loss / d logits into `logits` itself
             (flash-attention style): no second [N, V] buffer, and `logits` is consumed.
-
+    {loss keywords}
     Returns a `PreferenceLossOutput`; only `.loss` carries gradient (to `logits`).
     """
-    config = _loss_config(loss_type, beta, gamma, label_smoothing, average_log_prob, sft_weight,
-                          ignore_index)
-    return logits_loss(logits, labels, config, ref_logps=ref_logps, hard=hard,
-                       gamma=gamma if isinstance(gamma, torch.Tensor) else None, margin=margin,
-                       backend=backend, inplace_backward=inplace_backward)
-
-
-def _check_linear_inputs(hidden, weight, bias, labels, ignore_index, paired):
-    _check_pair_count("hidden", hidden, "H", paired)
-    _check_float_tensor("hidden", hidden, hidden.device)
-    _check_float_tensor("weight", weight, hidden.device)
-    if weight.ndim != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(f"weight must have shape [V, {hidden.shape[2]}], "
-                         f"got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    if bias is not None:
-        _check_float_tensor("bias", bias, hidden.device)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
-    return _check_labels(labels, hidden.shape[:2], weight.shape[0], ignore_index,
-                         hidden.device, "hidden")
-
-
-def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_logps=None,
-                hard=None, gamma=None, margin=None, backend="auto"):
-    """`linear_preference_loss` with its hyper-parameters as one LossConfig (what
-    LinearPreferenceLoss calls)."""
-    labels, counts = _check_linear_inputs(hidden, weight, bias, labels, config.ignore_index,
-                                          True)
-    seq_logps = LinearSequenceLogps.apply(hidden, weight, bias, labels, config.ignore_index,
-                                          use_triton(backend, hidden))
-    return pair_head(seq_logps, counts, config, ref_logps=ref_logps, hard=hard, gamma=gamma,
-                     margin=margin, backend=backend, input_name="hidden")
+    config, gamma = _loss_config(
+        loss_type=loss_type, loss_weights=loss_weights, beta=beta, gamma=gamma,
+        label_smoothing=label_smoothing, average_log_prob=average_log_prob,
+        sft_weight=sft_weight, nll_normalization=nll_normalization, cpo_alpha=cpo_alpha,
+        discopop_tau=discopop_tau, use_weighting=use_weighting,
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        ld_alpha=ld_alpha, rdpo_alpha=rdpo_alpha, dpop_lambda=dpop_lambda,
+        logit_scale=logit_scale, softcap=softcap, token_metrics=token_metrics,
+        ignore_index=ignore_index)
+    return logits_loss(logits, labels, config, ref_logps=ref_logps, hard=hard, gamma=gamma,
+                       margin=margin, backend=backend, inplace_backward=inplace_backward)
 
 
 def linear_preference_loss(hidden, weight, labels, *, bias=None, ref_logps=None,
-                           loss_type="sigmoid", beta=0.1, gamma=0.0, label_smoothing=0.0,
-                           average_log_prob=False, hard=None, sft_weight=0.0, margin=None,
-                           ignore_index=-100, backend="auto"):
+                           loss_type="sigmoid", loss_weights=None, beta=0.1, gamma=None,
+                           label_smoothing=0.0, average_log_prob=None, hard=None,
+                           sft_weight=0.0, nll_normalization="batch", margin=None,
+                           cpo_alpha=1.0, discopop_tau=0.05, use_weighting=False,
+                           f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
+                           ld_alpha=None, rdpo_alpha=0.0, dpop_lambda=0.0, logit_scale=1.0,
+                           softcap=None, token_metrics=False, ignore_index=-100,
+                           backend="auto"):
     """Logit-free fused preference loss: the [tokens x vocab] logits never exist.
 
     hidden [2B, T, H] (the model body's last hidden states, chosen rows first), weight [V, H]
-    (lm_head weight, possibly tied to the embedding), bias [V] or None; every other keyword
-    as in `preference_loss`. Prompt and padding tokens (labels == ignore_index) are compacted
-    away before any matmul. Gradients flow to hidden, weight and bias.
+    (lm_head weight, possibly tied to the embedding), bias [V] or None, labels [2B, T] and
+    ref_logps as in `preference_loss`. Prompt and padding tokens (labels == ignore_index) are
+    compacted away before any matmul. Gradients flow to hidden, weight and bias.
+    {loss keywords}
+    Returns a `PreferenceLossOutput`; only `.loss` carries gradient.
     """
-    config = _loss_config(loss_type, beta, gamma, label_smoothing, average_log_prob, sft_weight,
-                          ignore_index)
-    return linear_loss(hidden, weight, labels, config, bias=bias, ref_logps=ref_logps, hard=hard,
-                       gamma=gamma if isinstance(gamma, torch.Tensor) else None, margin=margin,
-                       backend=backend)
+    config, gamma = _loss_config(
+        loss_type=loss_type, loss_weights=loss_weights, beta=beta, gamma=gamma,
+        label_smoothing=label_smoothing, average_log_prob=average_log_prob,
+        sft_weight=sft_weight, nll_normalization=nll_normalization, cpo_alpha=cpo_alpha,
+        discopop_tau=discopop_tau, use_weighting=use_weighting,
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        ld_alpha=ld_alpha, rdpo_alpha=rdpo_alpha, dpop_lambda=dpop_lambda,
+        logit_scale=logit_scale, softcap=softcap, token_metrics=token_metrics,
+        ignore_index=ignore_index)
+    return linear_loss(hidden, weight, labels, config, bias=bias, ref_logps=ref_logps,
+                       hard=hard, gamma=gamma, margin=margin, backend=backend)
+
+
+for _function in (preference_loss, linear_preference_loss):
+    _function.__doc__ = _function.__doc__.replace("    {loss keywords}\n", LOSS_KEYWORDS_DOC)
 
 
 @torch.no_grad()
-def sequence_logps(hidden, weight, labels, *, bias=None, average=False, ignore_index=-100,
-                   backend="auto"):
+def sequence_logps(hidden, weight, labels, *, bias=None, average=False, ld_alpha=None,
+                   logit_scale=1.0, softcap=None, ignore_index=-100, backend="auto"):
     """Summed (or, with average=True, token-mean) completion log-probs per sequence, [S] fp32.
 
     Forward only and logit-free: for reference models and for precomputing reference
-    log-probs over a dataset. hidden [S, T, H] (any S), weight [V, H], labels [S, T].
+    log-probs over a dataset. hidden [S, T, H] (any S; with `ld_alpha`, the 2B rows of pairs
+    as the loss takes them, and their LD-DPO weighted sums are returned), weight [V, H],
+    labels [S, T]; logit_scale / softcap as in `linear_preference_loss`.
     """
-    labels, counts = _check_linear_inputs(hidden, weight, bias, labels, ignore_index, False)
-    seq_logps = LinearSequenceLogps.apply(hidden, weight, bias, labels, ignore_index,
-                                          use_triton(backend, hidden))
-    _check_finite_logps(seq_logps, "hidden")
+    labels, counts = check_linear_inputs(hidden, weight, bias, labels, ignore_index,
+                                         ld_alpha is not None)
+    config = LossConfig(ld_alpha=ld_alpha, logit_scale=logit_scale, softcap=softcap,
+                        ignore_index=ignore_index)
+    token_weight = _token_weight(config, labels)
+    seq_logps, weighted, _ = LinearSequenceLogps.apply(hidden, weight, bias, labels,
+                                                       token_weight, config,
+                                                       use_triton(backend, hidden))
+    check_finite_logps(seq_logps, {"hidden": hidden, "weight": weight, "bias": bias})
+    if token_weight is not None:
+        seq_logps = weighted
     return seq_logps / counts if average else seq_logps
 
 

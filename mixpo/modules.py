@@ -14,20 +14,31 @@ from mixpo.losses import linear_loss, logits_loss
 class PreferenceLoss(torch.nn.Module):
     """`mixpo.preference_loss` as a module: `PreferenceLoss(beta=0.1)(logits, labels, ...)`.
 
-    Constructor arguments are the loss hyper-parameters (see `mixpo.preference_loss`);
-    forward takes the per-batch tensors: logits [2B, T, V], labels [2B, T], ref_logps [2B],
-    hard [B], gamma [B] (overrides the fixed gamma), margin (a `mixpo.AdaptiveMargin`).
+    Constructor arguments are the loss hyper-parameters (`mixpo.LossConfig`, the keywords of
+    `mixpo.preference_loss`) plus backend and inplace_backward; forward takes the per-batch
+    tensors: logits [2B, T, V], labels [2B, T], ref_logps [2B], hard [B], gamma [B] (replaces
+    the fixed gamma), margin (a `mixpo.AdaptiveMargin`).
     """
 
-    def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, gamma: float = 0.0,
-                 label_smoothing: float = 0.0, average_log_prob: bool = False,
-                 sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
+    def __init__(self, loss_type="sigmoid", beta: float = 0.1, gamma=None,
+                 label_smoothing: float = 0.0, average_log_prob=None, sft_weight: float = 0.0,
+                 loss_weights=None, nll_normalization: str = "batch", cpo_alpha: float = 1.0,
+                 discopop_tau: float = 0.05, use_weighting: bool = False,
+                 f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+                 ld_alpha=None, rdpo_alpha: float = 0.0, dpop_lambda: float = 0.0,
+                 logit_scale: float = 1.0, softcap=None, token_metrics: bool = False,
+                 ignore_index: int = -100, backend: str = "auto",
                  inplace_backward: bool = False):
         super().__init__()
-        self.config = LossConfig(loss_type=loss_type, beta=beta, gamma=gamma,
-                                 label_smoothing=label_smoothing,
-                                 average_log_prob=average_log_prob, sft_weight=sft_weight,
-                                 ignore_index=ignore_index)
+        self.config = LossConfig(
+            loss_type=loss_type, loss_weights=loss_weights, beta=beta, gamma=gamma,
+            label_smoothing=label_smoothing, average_log_prob=average_log_prob,
+            sft_weight=sft_weight, nll_normalization=nll_normalization, cpo_alpha=cpo_alpha,
+            discopop_tau=discopop_tau, use_weighting=use_weighting,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha,
+            rdpo_alpha=rdpo_alpha, dpop_lambda=dpop_lambda, logit_scale=logit_scale,
+            softcap=softcap, token_metrics=token_metrics, ignore_index=ignore_index)
         self.backend, self.inplace_backward = check_backend(backend), inplace_backward
 
     def forward(self, logits, labels, ref_logps=None, hard=None, gamma=None, margin=None):
@@ -47,15 +58,32 @@ class LinearPreferenceLoss(torch.nn.Module):
     forward(hidden [2B, T, H], lm_head, labels [2B, T], ref_logps, hard, gamma, margin).
     """
 
-    def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, gamma: float = 0.0,
-                 label_smoothing: float = 0.0, average_log_prob: bool = False,
-                 sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto"):
+    def __init__(self, loss_type="sigmoid", beta: float = 0.1, gamma=None,
+                 label_smoothing: float = 0.0, average_log_prob=None, sft_weight: float = 0.0,
+                 loss_weights=None, nll_normalization: str = "batch", cpo_alpha: float = 1.0,
+                 discopop_tau: float = 0.05, use_weighting: bool = False,
+                 f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+                 ld_alpha=None, rdpo_alpha: float = 0.0, dpop_lambda: float = 0.0,
+                 logit_scale: float = 1.0, softcap=None, token_metrics: bool = False,
+                 ignore_index: int = -100, backend: str = "auto"):
         super().__init__()
-        self.config = LossConfig(loss_type=loss_type, beta=beta, gamma=gamma,
-                                 label_smoothing=label_smoothing,
-                                 average_log_prob=average_log_prob, sft_weight=sft_weight,
-                                 ignore_index=ignore_index)
+        self.config = LossConfig(
+            loss_type=loss_type, loss_weights=loss_weights, beta=beta, gamma=gamma,
+            label_smoothing=label_smoothing, average_log_prob=average_log_prob,
+            sft_weight=sft_weight, nll_normalization=nll_normalization, cpo_alpha=cpo_alpha,
+            discopop_tau=discopop_tau, use_weighting=use_weighting,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha,
+            rdpo_alpha=rdpo_alpha, dpop_lambda=dpop_lambda, logit_scale=logit_scale,
+            softcap=softcap, token_metrics=token_metrics, ignore_index=ignore_index)
         self.backend = check_backend(backend)
+
+    @classmethod
+    def from_config(cls, config: LossConfig, backend: str = "auto") -> "LinearPreferenceLoss":
+        """A module holding an already built LossConfig."""
+        module = cls(backend=backend)
+        module.config = config
+        return module
 
     def forward(self, hidden, lm_head: torch.nn.Linear, labels, ref_logps=None, hard=None,
                 gamma=None, margin=None):

@@ -60,7 +60,7 @@ def test_preference_loss_rejects(overrides, match):
 def test_nan_in_logits_is_detected(backend):
     logits, labels = batch()
     logits[1, 3, 7] = float("nan")
-    with pytest.raises(ValueError, match=r"logits produced non-finite log-probs .*\[1\]"):
+    with pytest.raises(ValueError, match=r"logits contains NaN or inf .*\[1\]"):
         mixpo.preference_loss(logits, labels, backend=backend)
 
 
@@ -75,9 +75,55 @@ def test_linear_rejects():
         mixpo.linear_preference_loss(hidden, weight, labels, bias=torch.zeros(49))
     with pytest.raises(ValueError, match="hidden must have an even"):
         mixpo.linear_preference_loss(hidden[:3], weight, labels[:3])
+    bad_weight = weight.clone()
+    bad_weight[int(labels[1, 2])] = float("nan")      # NaN in the head is blamed on weight
+    with pytest.raises(ValueError, match=r"^weight contains NaN"):
+        mixpo.linear_preference_loss(hidden, bad_weight, labels)
     hidden[2, 1, 0] = float("inf")
-    with pytest.raises(ValueError, match="hidden produced non-finite"):
+    with pytest.raises(ValueError, match=r"^hidden contains NaN or inf .*\[2\]"):
         mixpo.linear_preference_loss(hidden, weight, labels)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(beta=True), "beta must be a finite float"),              # a bool is not 1.0
+    (dict(loss_type=["sigmoid", "simpo"]), "mixes reference-free"),
+    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "loss_weights must be 2"),
+    (dict(loss_type=["sigmoid", "sigmoid"]), "twice"),
+    (dict(loss_type="exo_pair"), "needs label_smoothing > 0"),
+    (dict(loss_type="bco_pair", gamma=0.5), "apply to the margin loss types"),
+    (dict(loss_type="nca_pair", f_divergence_type="forward_kl"), "margin loss types only"),
+    (dict(f_divergence_type="tv"), "f_divergence_type must be one of"),
+    (dict(nll_normalization="token"), "nll_normalization must be one of"),
+    (dict(ld_alpha=1.5), "ld_alpha must be None or in"),
+    (dict(softcap=0.0), "softcap must be None"),
+    (dict(logit_scale=-1.0), "logit_scale must be"),
+    (dict(loss_type="aot", hard=torch.tensor([True, False])), "not defined for aot"),
+    (dict(loss_type="aot", use_weighting=True), "use_weighting is not defined"),
+    (dict(average_log_prob="yes"), "average_log_prob must be"),
+])
+def test_loss_options_rejected(options, match):
+    with pytest.raises(ValueError, match=match):
+        call(**options)
+
+
+def test_shift_labels_needs_2d():
+    with pytest.raises(ValueError, match="labels must be a"):
+        mixpo.shift_labels(torch.arange(5))
+
+
+def test_triton_backend_on_cpu_without_interpreter_says_how():
+    import subprocess
+    import sys
+    code = ("import torch, mixpo\n"
+            "try:\n"
+            "    mixpo.preference_loss(torch.randn(2, 3, 5), torch.ones(2, 3, dtype=torch.long),"
+            " backend='triton')\n"
+            "except ValueError as error:\n"
+            "    print(error)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert "set TRITON_INTERPRET=1 before importing mixpo" in out.stdout, out.stderr[-500:]
 
 
 def test_margin_rejects():

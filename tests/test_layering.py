@@ -18,7 +18,7 @@ LAYERS = (
     ("mixpo.cli",),                                           # the command line
     ("mixpo.__main__",),
 )
-CORE = ("mixpo.loss_config", "mixpo.margins", "mixpo.functions", "mixpo.losses",
+CORE = ("mixpo.loss_config", "mixpo.margins", "mixpo.checks", "mixpo.functions", "mixpo.losses",
         "mixpo.modules")
 
 

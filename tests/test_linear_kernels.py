@@ -59,10 +59,12 @@ def formula_token_logps(hidden, weight, bias, labels):
 
 
 def formula_loss(hidden, weight, bias, labels, **kwargs):
-    """Per-pair losses and summed log-probs from hidden @ W^T and the written-out formulas."""
+    """(per-pair losses, loss, summed log-probs) from hidden @ W^T and the written-out
+    formulas."""
     token, mask = formula_token_logps(hidden, weight, bias, labels)
     logps = token.sum(1)
-    return pair_losses(logps, mask.sum(1), **kwargs), logps
+    per_pair, loss = pair_losses(logps, mask.sum(1).float(), **kwargs)
+    return per_pair, loss, logps
 
 
 def compact(labels):
@@ -93,9 +95,9 @@ def test_forward_matches_twin_and_formula(dtype, with_bias):
     hidden, weight, bias, labels = make_batch(dtype=dtype, bias=with_bias)
     rows, row_labels = compact(labels)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    logps, lse = linear_logps.linear_token_logps_forward(hidden2d, weight, bias, row_labels,
+    logps, lse, aux = linear_logps.linear_token_logps_forward(hidden2d, weight, bias, row_labels,
                                                          rows)
-    twin_logps, twin_lse = linear_twin.linear_token_logps_forward(hidden2d, weight, bias,
+    twin_logps, twin_lse, _ = linear_twin.linear_token_logps_forward(hidden2d, weight, bias,
                                                                 row_labels, rows)
     assert logps.dtype == lse.dtype == torch.float32 and logps.shape == rows.shape
     assert_close(logps, twin_logps, 1e-5, "token_logps vs twin")
@@ -111,11 +113,11 @@ def test_backward_matches_twin_and_formula(dtype, with_bias):
     hidden, weight, bias, labels = make_batch(dtype=dtype, bias=with_bias, seed=1)
     rows, row_labels = compact(labels)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    _, lse = linear_twin.linear_token_logps_forward(hidden2d, weight, bias, row_labels, rows)
+    _, lse, aux = linear_twin.linear_token_logps_forward(hidden2d, weight, bias, row_labels, rows)
     grad_token = torch.randn(rows.shape[0], generator=torch.Generator().manual_seed(2))
     grad_token[:5] = 0.0                   # some tokens without gradient
     out = linear_logps.linear_token_logps_backward(hidden2d, weight, bias, row_labels, rows,
-                                                   lse, grad_token)
+                                                   lse, grad_token, aux["label_logit"])
     twin = linear_twin.linear_token_logps_backward(hidden2d, weight, bias, row_labels, rows,
                                                  lse, grad_token)
 
@@ -147,16 +149,16 @@ def test_large_vocab_few_tokens(dtype):
     labels[1, -1] = 128256 - 1
     rows, row_labels = compact(labels)
     hidden2d = hidden.reshape(-1, 16)
-    logps, lse = linear_logps.linear_token_logps_forward(hidden2d, weight, None, row_labels,
+    logps, lse, aux = linear_logps.linear_token_logps_forward(hidden2d, weight, None, row_labels,
                                                          rows)
-    twin_logps, twin_lse = linear_twin.linear_token_logps_forward(hidden2d, weight, None,
+    twin_logps, twin_lse, _ = linear_twin.linear_token_logps_forward(hidden2d, weight, None,
                                                                 row_labels, rows)
     assert_close(logps, twin_logps, 1e-5, "token_logps")
     assert_close(lse, twin_lse, 1e-5, "lse")
     if dtype == torch.float32:
         coef = torch.linspace(-1, 1, rows.shape[0])
         got = linear_logps.linear_token_logps_backward(hidden2d, weight, None, row_labels,
-                                                       rows, lse, coef)
+                                                       rows, lse, coef, aux["label_logit"])
         want = linear_twin.linear_token_logps_backward(hidden2d, weight, None, row_labels, rows,
                                                      twin_lse, coef)
         for name, a, b in zip(("dhidden", "dweight"), got[:2], want[:2]):
@@ -174,7 +176,7 @@ def test_forward_row_offsets_past_int32():
     hidden[rows] = torch.randn(4, hidden_size, generator=gen).to(torch.bfloat16)
     weight = (torch.randn(vocab_size, hidden_size, generator=gen) / 16).to(torch.bfloat16)
     labels = torch.tensor([1, 2, 3, vocab_size - 1])
-    logps, lse = linear_logps.linear_token_logps_forward(hidden, weight, None, labels, rows)
+    logps, lse, aux = linear_logps.linear_token_logps_forward(hidden, weight, None, labels, rows)
     logits = hidden[rows].float() @ weight.float().T
     assert_close(lse, torch.logsumexp(logits, -1), 1e-5, "lse")
     assert_close(logps, torch.log_softmax(logits, -1)[torch.arange(4), labels], 1e-5, "logps")
@@ -192,16 +194,18 @@ def test_gradient_filter_skips_negligible_tiles_within_tolerance():
     labels = labels % 8192                          # every label in the first tile
     rows, row_labels = compact(labels)
     hidden2d = hidden.reshape(-1, 16)
-    _, lse = linear_twin.linear_token_logps_forward(hidden2d, weight, None, row_labels, rows)
+    _, lse, aux = linear_twin.linear_token_logps_forward(hidden2d, weight, None, row_labels, rows)
     tail_mass = torch.exp(hidden2d[rows] @ weight[8192:].T - lse[:, None]).sum(1)
     assert 0 < tail_mass.max() < 1e-6
     coef = torch.ones(rows.shape[0])
     twin = linear_twin.linear_token_logps_backward(hidden2d, weight, None, row_labels, rows,
                                                  lse, coef)
     exact = linear_logps.linear_token_logps_backward(hidden2d, weight, None, row_labels, rows,
-                                                     lse, coef, filter_eps=0.0)
+                                                     lse, coef, aux["label_logit"],
+                                                     filter_eps=0.0)
     skipped = linear_logps.linear_token_logps_backward(hidden2d, weight, None, row_labels,
-                                                       rows, lse, coef, filter_eps=1e-6)
+                                                       rows, lse, coef, aux["label_logit"],
+                                                       filter_eps=1e-6)
     assert exact[1][8192:].abs().max() > 0 and skipped[1][8192:].abs().max() == 0
     for got in (exact, skipped):
         assert_close(got[0], twin[0], 1e-4, "dhidden")
@@ -240,8 +244,8 @@ def test_loss_triton_vs_torch_vs_formula(loss_type, extra):
     out_torch, grads_torch = run_loss("torch", hidden, weight, bias, labels, **kwargs)
 
     loss, formula_grads = grads_of(
-        lambda h, w, b: formula_loss(h, w, b, labels, **kwargs)[0].mean(), hidden, weight, bias)
-    per_pair_formula, logps_formula = formula_loss(hidden, weight, bias, labels, **kwargs)
+        lambda h, w, b: formula_loss(h, w, b, labels, **kwargs)[1], hidden, weight, bias)
+    per_pair_formula, _, logps_formula = formula_loss(hidden, weight, bias, labels, **kwargs)
     for out in (out_triton, out_torch):
         assert_close(out.loss, loss, 1e-5, "loss vs formula")
         assert_close(out.per_pair_loss, per_pair_formula, 1e-5, "per_pair_loss")
@@ -265,7 +269,7 @@ def test_loss_bf16_triton_vs_torch_vs_formula():
     out_triton, grads_triton = run_loss("triton", hidden, weight, bias, labels, **kwargs)
     out_torch, grads_torch = run_loss("torch", hidden, weight, bias, labels, **kwargs)
     loss, formula_grads = grads_of(
-        lambda h, w, b: formula_loss(h, w, b, labels, **kwargs)[0].mean(), hidden, weight, bias)
+        lambda h, w, b: formula_loss(h, w, b, labels, **kwargs)[1], hidden, weight, bias)
     assert_close(out_triton.loss, out_torch.loss, 1e-4, "loss vs torch")
     assert_close(out_triton.loss, loss, 1e-4, "loss vs formula")
     for name, got, twin, want in zip(("dhidden", "dweight", "dbias"), grads_triton,
@@ -288,7 +292,7 @@ def test_tied_weights_gradients_add_up():
     def model(emb, backend):
         hidden = torch.tanh(2 * emb[input_ids])          # a "body" reading the embedding
         if backend == "formula":
-            return formula_loss(hidden, emb, None, labels, ref_logps=ref_logps)[0].mean()
+            return formula_loss(hidden, emb, None, labels, ref_logps=ref_logps)[1]
         return mixpo.linear_preference_loss(hidden, emb, labels, ref_logps=ref_logps,
                                             backend=backend).loss
 

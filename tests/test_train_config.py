@@ -23,7 +23,7 @@ def test_every_recipe_parses_and_keeps_its_paper_settings():
         (0.5, 0.01, "validation-loss")
     gamma_simpo = configs["gamma-simpo-llama3-8b-instruct"]
     assert (gamma_simpo.loss_type, gamma_simpo.beta, gamma_simpo.gamma, gamma_simpo.margin_tau,
-            gamma_simpo.adaptive_margin) == ("simpo", 10.0, 4.0, 10.0, True)
+            gamma_simpo.adaptive_margin) == (["simpo"], 10.0, 4.0, 10.0, True)
     gamma_dpo = configs["gamma-dpo-llama3-8b-instruct"]
     assert gamma_dpo.margin_center and gamma_dpo.average_log_prob
     assert configs["simpo-llama3-8b-base"].reference_free

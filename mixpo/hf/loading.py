@@ -6,10 +6,12 @@ import importlib.util
 
 import torch
 
-# Config attributes of models whose logits are not simply hidden @ lm_head.weight.T (+ bias):
-# the logit-free loss would silently compute other log-probs for them.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
-                    "output_multiplier_scale")
+# Config attributes of models whose logits are not simply hidden @ lm_head.weight.T (+ bias),
+# the ones trl 1.16's add_fused_lm_head reads. The scale ones in TRL's order of precedence.
+SOFTCAP_ATTRIBUTE = "final_logit_softcapping"                         # Gemma-2/3
+SCALE_ATTRIBUTES = ("logit_scale", "output_multiplier", "lm_head_multiplier")  # Cohere, Falcon-H1
+DIVISOR_ATTRIBUTE = "logits_scaling"                                  # Granite, MiniCPM3: divide
+LOGIT_TRANSFORMS = (SOFTCAP_ATTRIBUTE, *SCALE_ATTRIBUTES, DIVISOR_ATTRIBUTE)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,6 +66,25 @@ def attention_implementation(name: str, device: torch.device) -> str:
     return "flash_attention_2" if flash else "sdpa"
 
 
+def logit_transform(config) -> tuple[float, float | None]:
+    """(logit_scale, softcap) of a model config, as trl 1.16's add_fused_lm_head reads them:
+    the model's logits are softcap * tanh(logit_scale * z / softcap), z = hidden @ W.T.
+    logit_scale is the first of logit_scale, output_multiplier, lm_head_multiplier that is
+    set, else 1 / logits_scaling (HyperCLOVA X multiplies by it instead), else 1."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, SOFTCAP_ATTRIBUTE, None) or None
+    for name in SCALE_ATTRIBUTES:
+        value = getattr(text, name, None)
+        if value is not None:
+            return float(value), softcap
+    scaling = getattr(text, DIVISOR_ATTRIBUTE, None)
+    if scaling is not None:
+        scaling = float(scaling)
+        return (scaling if getattr(text, "model_type", "") == "hyperclovax" else 1.0 / scaling,
+                softcap)
+    return 1.0, softcap
+
+
 def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str,
                    gradient_checkpointing: bool = False, trainable: bool = True):
     """AutoModelForCausalLM from a local directory, on CPU (moved later), dropout off."""
@@ -73,10 +94,6 @@ def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str,
         raise ValueError("model_name_or_path is empty: give a model directory")
     model = load_pretrained(AutoModelForCausalLM, path, "causal LM", dtype=dtype,
                             attn_implementation=attn_implementation)
-    for name in LOGIT_TRANSFORMS:
-        if getattr(model.config, name, None) not in (None, 0, 1, 1.0):
-            raise ValueError(f"{path}: config.{name}={getattr(model.config, name)} transforms "
-                             "the logits; the logit-free loss supports plain linear LM heads")
     # Preference training runs without dropout (TRL's disable_dropout default): the policy
     # and its reference must score a sequence identically at step 0.
     for module in model.modules():

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import replace
+
+from mixpo.hf.loading import logit_transform
+from mixpo.loss_config import LossConfig
 from mixpo.losses import sequence_logps, shift_labels
 from mixpo.modules import LinearPreferenceLoss
 
@@ -29,15 +33,18 @@ class PreferenceModel(torch.nn.Module):
     forward(input_ids [2B, T], attention_mask [2B, T], labels [2B, T] HF-style, ...):
         returns (loss, PreferenceLossOutput) — the loss is also returned alone so that FSDP
         finds the tensor to hook its backward on;
-        with `logps_only=True`: summed completion log-probs [2B] (no gradient), used for
-        reference log-probs.
-    `loss_kwargs` are the `mixpo.LinearPreferenceLoss` arguments (loss_type, beta, ...).
+        with `logps_only=True`: summed completion log-probs [2B] (no gradient, LD-DPO
+        weighted when the loss is), used for reference log-probs.
+    `loss_config`: the loss (default: sigmoid DPO); its logit transform is the model's own
+    (`logit_transform` of the HF config: Gemma-2's softcap, Cohere's and Granite's scales).
     """
 
-    def __init__(self, causal_lm, loss_kwargs: dict):
+    def __init__(self, causal_lm, loss_config: LossConfig | None = None):
         super().__init__()
         self.causal_lm = causal_lm
-        self.loss = LinearPreferenceLoss(**loss_kwargs)
+        logit_scale, softcap = logit_transform(causal_lm.config)
+        config = replace(loss_config or LossConfig(), logit_scale=logit_scale, softcap=softcap)
+        self.loss = LinearPreferenceLoss.from_config(config)
 
     def hidden_states(self, input_ids, attention_mask):
         body = self.causal_lm.get_decoder()
@@ -50,9 +57,12 @@ class PreferenceModel(torch.nn.Module):
         # HF labels name token t at position t; the loss reads position t's prediction of t+1.
         position_labels = shift_labels(labels)
         if logps_only:
+            config = self.loss.config
             with torch.no_grad():
                 hidden = self.hidden_states(input_ids, attention_mask)
-                return sequence_logps(hidden, head.weight, position_labels, bias=head.bias)
+                return sequence_logps(hidden, head.weight, position_labels, bias=head.bias,
+                                      ld_alpha=config.ld_alpha, logit_scale=config.logit_scale,
+                                      softcap=config.softcap)
         hidden = self.hidden_states(input_ids, attention_mask)
         out = self.loss(hidden, head, position_labels, ref_logps=ref_logps, hard=hard,
                         margin=margin)

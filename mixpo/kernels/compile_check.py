@@ -91,20 +91,31 @@ def compile_variant(spec, dtype, flags, launch, arch):
     return record
 
 
-def compile_all(archs=(80, 90), kernels=None):
-    """Records for every variant of every registered kernel (or those named in `kernels`)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("unset TRITON_INTERPRET to compile kernels for the GPU")
+def _compile_job(job):
+    """One (kernel name, dtype, flags, launch config, arch) in a worker process."""
     from mixpo.kernels import configs
 
-    records = []
-    for spec in configs.KERNELS.values():
-        if kernels and spec.name not in kernels:
-            continue
-        for dtype, flags, launch in spec.variants():
-            for arch in archs:
-                records.append(compile_variant(spec, dtype, flags, launch, arch))
-    return records
+    name, dtype, flags, launch, arch = job
+    return compile_variant(configs.KERNELS[name], dtype, flags, launch, arch)
+
+
+def compile_all(archs=(80, 90), kernels=None, jobs=None):
+    """Records for every variant of every registered kernel (or those named in `kernels`),
+    compiled by `jobs` worker processes (default: one per CPU core)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("unset TRITON_INTERPRET to compile kernels for the GPU")
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mixpo.kernels import configs
+
+    work = [(spec.name, dtype, flags, launch, arch)
+            for spec in configs.KERNELS.values() if not kernels or spec.name in kernels
+            for dtype, flags, launch in spec.variants() for arch in archs]
+    jobs = jobs or os.cpu_count() or 1
+    if jobs == 1:
+        return [_compile_job(job) for job in work]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_compile_job, work))
 
 
 def main(argv=None):
@@ -112,8 +123,10 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--kernel", nargs="*", help="only these kernel names")
     parser.add_argument("--json", help="write the records here")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="worker processes (default: one per CPU core)")
     args = parser.parse_args(argv)
-    records = compile_all(tuple(args.arch), args.kernel)
+    records = compile_all(tuple(args.arch), args.kernel, args.jobs)
     for record in records:
         status = "ok " if record["ok"] else "FAIL"
         print(f"{status} sm_{record['arch']} {record['kernel']:<22} {record['dtype']} "

@@ -22,7 +22,6 @@ from typing import Callable, Optional
 import torch
 
 from mixpo.kernels.dispatch import INTERPRET
-from mixpo.loss_spec import LOSS_TYPES
 
 DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -132,7 +131,11 @@ _LOGITS_GPU_CONFIGS = (config(BLOCK_N=1, BLOCK_V=4096, num_warps=8),
 _LOGITS_INTERPRETER_CONFIG = config(BLOCK_N=16, BLOCK_V=8192)
 # Sequence strides of [S, T, V] logits pass 2^31 at LLM sizes.
 _LOGITS_POINTERS = {"logits_ptr": "*{dtype}", "dlogits_ptr": "*{dtype}", "labels_ptr": "*i64"}
-_LOGITS_SCALARS = {"stride_seq": "i64", "dstride_seq": "i64"}
+_LOGITS_SCALARS = {"stride_seq": "i64", "dstride_seq": "i64", "logit_scale": "fp32",
+                   "softcap": "fp32"}
+# The logit transform (softcap) and the per-token statistics are constexpr variants.
+_TRANSFORM_FLAGS = {"SOFTCAP": (False, True)}
+_FORWARD_FLAGS = {**_TRANSFORM_FLAGS, "STATS": (False, True)}
 
 for _name, _function in (("token_logps_fwd", "_token_logps_fwd_kernel"),
                          ("token_logps_bwd", "_token_logps_bwd_kernel")):
@@ -143,20 +146,22 @@ for _name, _function in (("token_logps_fwd", "_token_logps_fwd_kernel"),
         scalars={k: v for k, v in _LOGITS_SCALARS.items()
                  if _name.endswith("bwd") or k != "dstride_seq"},
         gpu_configs=_LOGITS_GPU_CONFIGS, interpreter_config=_LOGITS_INTERPRETER_CONFIG,
-        select=_select_by_vocab))
+        select=_select_by_vocab,
+        flags=_TRANSFORM_FLAGS if _name.endswith("bwd") else _FORWARD_FLAGS))
 
 # ----------------------------------------------------------------------------------------------
 # Per-pair epilogue (kernels/pair_loss.py); the epilogue reads fp32 sequence sums whatever the
-# logits dtype. LOSS_KIND takes every kernel code of mixpo.loss_spec.LOSS_TYPES.
+# logits dtype. Loss types are runtime codes (one compiled kernel serves every type and list).
 # ----------------------------------------------------------------------------------------------
 register(KernelSpec(
     name="pair_loss", module="mixpo.kernels.pair_loss", function="_pair_loss_kernel",
     pointers={"hard_ptr": "*i8"},
-    scalars={"beta": "fp32", "label_smoothing": "fp32", "sft_weight": "fp32"},
+    scalars={name: "fp32" for name in (
+        "type_weight0", "type_weight1", "type_weight2", "type_weight3", "beta",
+        "label_smoothing", "discopop_tau", "rdpo_alpha", "dpop_lambda", "f_alpha",
+        "pair_nll_weight")},
     gpu_configs=(config(BLOCK_B=128, num_warps=4),),
     interpreter_config=config(BLOCK_B=128),
-    flags={"LOSS_KIND": tuple(sorted({spec.kernel_code for spec in LOSS_TYPES.values()})),
-           "NORMALIZE": (False, True)},
     dtypes=("fp32",)))
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +200,7 @@ register(KernelSpec(
 # ----------------------------------------------------------------------------------------------
 _LINEAR_POINTERS = {"hidden_ptr": "*{dtype}", "weight_ptr": "*{dtype}", "labels_ptr": "*i64",
                     "rows_ptr": "*i64"}
-_LINEAR_SCALARS = {"filter_eps": "fp32"}
+_LINEAR_SCALARS = {"logit_scale": "fp32", "softcap": "fp32"}
 
 
 def _linear_pointers(kernel: str) -> dict:
@@ -229,10 +234,13 @@ for _kernel, _function in _LINEAR_KERNELS.items():
         register(KernelSpec(
             name=_kernel + _suffix, module="mixpo.kernels.linear_logps", function=_function,
             pointers=_linear_pointers(_kernel),
-            scalars=_LINEAR_SCALARS if _kernel == "linear_softmax_bwd" else {},
+            scalars={**_LINEAR_SCALARS, **({"filter_eps": "fp32"}
+                                           if _kernel == "linear_softmax_bwd" else {})},
             gpu_configs=(_LINEAR_GPU_CONFIGS[_kernel, _kind],),
             interpreter_config=_LINEAR_INTERPRETER_CONFIGS[_kernel],
-            flags={"UPCAST": (False,)}, dtypes=_dtypes))
+            flags={"UPCAST": (False,), **(_FORWARD_FLAGS if _kernel == "linear_lse_fwd"
+                                          else _TRANSFORM_FLAGS)},
+            dtypes=_dtypes))
 
 register(KernelSpec(
     name="linear_label_bwd", module="mixpo.kernels.linear_logps",

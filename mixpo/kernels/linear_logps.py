@@ -35,6 +35,7 @@ import triton.language as tl
 
 from mixpo.kernels.configs import DTYPE_TAGS, choose
 from mixpo.kernels.dispatch import INTERPRET
+from mixpo.kernels.logits_logps import STAT_NAMES, transform_logits, transform_slope
 
 # Backward tile skipping: a [BLOCK_N, BLOCK_V] tile skips its dHidden / dWeight products when
 # every token with a nonzero coefficient has softmax mass <= eps inside the tile. The mass
@@ -52,8 +53,9 @@ FILTER_EPS = {torch.float32: 2.0**-30, torch.bfloat16: 2.0**-20, torch.float16: 
 def _logits_tile(h_rows, mask_n, weight_ptr, bias_ptr, has_bias, offs_v, mask_v, hidden_size,
                  stride_wv, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """fp32 logits [BLOCK_N, BLOCK_V] of the hidden rows starting at pointers `h_rows` [BN]
-    against weight rows `offs_v` [BV]; columns outside `mask_v` are -inf."""
+    """Raw fp32 logits [BLOCK_N, BLOCK_V] of the hidden rows starting at pointers `h_rows`
+    [BN] against weight rows `offs_v` [BV] (0 in columns outside `mask_v`: callers mask them
+    after the logit transform)."""
     # Pointer to the start of each weight row of the tile (int64: V * H may pass 2^31).
     w_rows = weight_ptr + offs_v.to(tl.int64) * stride_wv
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -71,14 +73,16 @@ def _logits_tile(h_rows, mask_n, weight_ptr, bias_ptr, has_bias, offs_v, mask_v,
             acc = tl.dot(e, tl.trans(w), acc)
     if has_bias:
         acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0)[None, :]
-    return tl.where(mask_v[None, :], acc, float("-inf"))
+    return acc
 
 
 @triton.jit
 def _linear_lse_fwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr, rows_ptr, part_lse_ptr, label_logit_ptr,
-    n_tokens, vocab_size, hidden_size, tiles_per_split, stride_hn, stride_wv, has_bias,
-    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    part_stats_ptr, n_tokens, vocab_size, hidden_size, tiles_per_split, stride_hn, stride_wv,
+    has_bias, logit_scale, softcap,
+    UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, STATS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -94,22 +98,49 @@ def _linear_lse_fwd_kernel(
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, vocab_size)
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # STATS: sum exp(z' - max) z', sum exp(2 (z' - max)), sum z', first argmax.
+    run_ez = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_arg = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        logits = _logits_tile(h_rows, mask_n, weight_ptr, bias_ptr, has_bias, offs_v,
-                              offs_v < v_end, hidden_size, stride_wv,
-                              UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+        mask_v = offs_v < v_end
+        raw = _logits_tile(h_rows, mask_n, weight_ptr, bias_ptr, has_bias, offs_v, mask_v,
+                           hidden_size, stride_wv, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+        logits, _ = transform_logits(raw, logit_scale, softcap, SOFTCAP)
+        logits = tl.where(mask_v[None, :], logits, float("-inf"))
         # Online log-sum-exp: rescale the running sum to the new running max.
-        new_max = tl.maximum(run_max, tl.max(logits, 1))
-        run_sum = run_sum * tl.exp(run_max - new_max) \
-            + tl.sum(tl.exp(logits - new_max[:, None]), 1)
+        tile_max, tile_arg = tl.max(logits, 1, return_indices=True,
+                                    return_indices_tie_break_left=True)
+        new_max = tl.maximum(run_max, tile_max)
+        rescale = tl.exp(run_max - new_max)
+        exp_tile = tl.exp(logits - new_max[:, None])
+        run_sum = run_sum * rescale + tl.sum(exp_tile, 1)
+        if STATS:
+            finite = tl.where(mask_v[None, :], logits, 0.0)
+            run_ez = run_ez * rescale + tl.sum(exp_tile * finite, 1)
+            run_sq = run_sq * rescale * rescale + tl.sum(exp_tile * exp_tile, 1)
+            run_z += tl.sum(finite, 1)
+            # Strictly greater: an earlier tile keeps a tie (the first argmax wins).
+            run_arg = tl.where(tile_max > run_max, v0 + tile_arg, run_arg)
         run_max = new_max
     # Row `split` of the [splits, n] partial-LSE buffer.
-    tl.store(part_lse_ptr + split.to(tl.int64) * n_tokens + offs_n,
-             run_max + tl.log(run_sum), mask=mask_n)
+    part = split.to(tl.int64) * n_tokens + offs_n
+    tl.store(part_lse_ptr + part, run_max + tl.log(run_sum), mask=mask_n)
+    if STATS:
+        # part_stats [5, splits, n]: E[z'] under the split's softmax, log sum exp(2 z'),
+        # sum z', first argmax, max.
+        plane = tl.num_programs(1).to(tl.int64) * n_tokens
+        tl.store(part_stats_ptr + part, run_ez / run_sum, mask=mask_n)
+        tl.store(part_stats_ptr + plane + part, 2.0 * run_max + tl.log(run_sq), mask=mask_n)
+        tl.store(part_stats_ptr + 2 * plane + part, run_z, mask=mask_n)
+        tl.store(part_stats_ptr + 3 * plane + part, run_arg.to(tl.float32), mask=mask_n)
+        tl.store(part_stats_ptr + 4 * plane + part, run_max, mask=mask_n)
 
     if split == 0:
-        # The label's logit: hidden[row] . weight[label] (+ bias[label]), in fp32.
+        # The label's raw logit: hidden[row] . weight[label] (+ bias[label]), in fp32; the
+        # launch helper applies the transform.
         labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
         w_rows = weight_ptr + labels * stride_wv
         label_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -129,8 +160,8 @@ def _linear_softmax_bwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, lse_ptr, coef_ptr,
     dhidden_ptr, dweight_ptr, dbias_ptr,
     n_tokens, vocab_size, hidden_size, filter_eps, stride_hn, stride_wv, stride_dhn,
-    stride_dwv, has_bias, dh_direct,
-    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    stride_dwv, has_bias, dh_direct, logit_scale, softcap,
+    UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     # Grouped order (Triton matmul tutorial): GROUP_N consecutive token tiles visit every
@@ -154,13 +185,15 @@ def _linear_softmax_bwd_kernel(
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
         offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_v = offs_v < vocab_size
-        logits = _logits_tile(h_rows, mask_n, weight_ptr, bias_ptr, has_bias, offs_v, mask_v,
-                              hidden_size, stride_wv, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
-        probs = tl.exp(logits - lse[:, None])          # softmax; 0 past the vocab
+        raw = _logits_tile(h_rows, mask_n, weight_ptr, bias_ptr, has_bias, offs_v, mask_v,
+                           hidden_size, stride_wv, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+        logits, tanh = transform_logits(raw, logit_scale, softcap, SOFTCAP)
+        probs = tl.where(mask_v[None, :], tl.exp(logits - lse[:, None]), 0.0)  # softmax
         # Softmax mass of the tile for each token that has a gradient; skip if all negligible.
         mass = tl.where(coef != 0.0, tl.sum(probs, 1), 0.0)
         if tl.max(mass, 0) > filter_eps:
-            g = -coef[:, None] * probs                                            # [BN, BV]
+            # d logp / d raw logit, dense part: -coef * softmax * dz'/dz.     [BN, BV]
+            g = -coef[:, None] * probs * transform_slope(tanh, logit_scale, SOFTCAP)
             if has_bias:
                 tl.atomic_add(dbias_ptr + offs_v, tl.sum(g, 0), mask=mask_v, sem="relaxed")
             if UPCAST or (hidden_ptr.dtype.element_ty == tl.float32):
@@ -257,13 +290,36 @@ def _check(hidden, weight, bias, labels, rows):
                          f"{tuple(rows.shape)}")
 
 
-def linear_token_logps_forward(hidden, weight, bias, labels, rows):
-    """Label log-prob and log-sum-exp of the tokens hidden[rows] under the LM head.
+def label_transform(label_logit: torch.Tensor, logit_scale: float, softcap):
+    """(z', dz'/dz) of the labels' raw fp32 logits [n] (the one-hot part of the gradient)."""
+    if softcap:
+        tanh = torch.tanh(label_logit * (logit_scale / softcap))
+        return softcap * tanh, logit_scale * (1.0 - tanh * tanh)
+    return logit_scale * label_logit, torch.full_like(label_logit, logit_scale)
+
+
+def _combine_stats(part_lse, lse, part_stats, labels, vocab_size) -> dict:
+    """STAT_NAMES -> [n] fp32 from the vocab splits' partial statistics [5, splits, n]."""
+    expected, log_sq, sum_z, argmax, split_max = part_stats
+    weights = torch.exp(part_lse - lse)                    # each split's share of the mass
+    best = split_max.argmax(0, keepdim=True)               # the first split holding the max
+    return {"mean_logit": sum_z.sum(0) / vocab_size,
+            "entropy": lse - (weights * expected).sum(0),
+            "log_sum_sq": torch.logsumexp(log_sq, 0) - 2.0 * lse,
+            "top1": (argmax.gather(0, best).squeeze(0).long() == labels).float()}
+
+
+def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: float = 1.0,
+                               softcap=None, stats: bool = False):
+    """Label log-prob and log-sum-exp of the tokens hidden[rows] under the LM head and the
+    logit transform (module docstring of mixpo.kernels.logits_logps).
 
     hidden [N, H] and weight [V, H]: fp32, bf16 or fp16, same dtype, unit stride along H
     (copied otherwise); bias [V] (any float dtype) or None; labels [n] int64 in [0, V);
     rows [n] int64 indices into hidden (the completion tokens).
-    Returns (token_logps [n] fp32, lse [n] fp32). Extra memory: [splits, n] fp32.
+    Returns (token_logps [n] fp32, lse [n] fp32, aux): aux["label_logit"] [n] fp32 is the
+    labels' raw logit (the backward needs it), and with `stats=True` aux holds STAT_NAMES ->
+    [n] fp32 too. Extra memory: [splits, n] fp32 (x6 with stats).
     """
     _check(hidden, weight, bias, labels, rows)
     hidden, weight = _unit_stride(hidden), _unit_stride(weight)
@@ -271,7 +327,10 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows):
     device = hidden.device
     if num_tokens == 0:
         empty = torch.empty(0, dtype=torch.float32, device=device)
-        return empty, empty.clone()
+        aux = {"label_logit": empty.clone()}
+        if stats:
+            aux.update({name: empty.clone() for name in STAT_NAMES})
+        return empty, empty.clone(), aux
     launch = choose(_spec_name("linear_lse_fwd", hidden.dtype), dtype=hidden.dtype,
                     num_tokens=num_tokens)
     block_n, block_v = launch.block("BLOCK_N"), launch.block("BLOCK_V")
@@ -282,25 +341,33 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows):
     splits = triton.cdiv(v_tiles, tiles_per_split)                # no empty split
     part_lse = torch.empty(splits, num_tokens, dtype=torch.float32, device=device)
     label_logit = torch.empty(num_tokens, dtype=torch.float32, device=device)
+    part_stats = torch.empty((5, splits, num_tokens) if stats else (1,), dtype=torch.float32,
+                             device=device)
     bias32 = label_logit if bias is None else bias.float().contiguous()   # dummy when unused
     _linear_lse_fwd_kernel[(n_tiles, splits)](
         hidden, weight, bias32, labels.contiguous(), rows.contiguous(), part_lse, label_logit,
-        num_tokens, vocab_size, hidden_size, tiles_per_split, hidden.stride(0),
-        weight.stride(0), int(bias is not None), UPCAST=INTERPRET, **launch.launch_kwargs())
+        part_stats, num_tokens, vocab_size, hidden_size, tiles_per_split, hidden.stride(0),
+        weight.stride(0), int(bias is not None), float(logit_scale), float(softcap or 0.0),
+        UPCAST=INTERPRET, SOFTCAP=bool(softcap), STATS=stats, **launch.launch_kwargs())
     lse = part_lse[0] if splits == 1 else torch.logsumexp(part_lse, dim=0)
-    return label_logit - lse, lse
+    label_value, _ = label_transform(label_logit, logit_scale, softcap)
+    aux = {"label_logit": label_logit}
+    if stats:
+        aux.update(_combine_stats(part_lse, lse, part_stats, labels, vocab_size))
+    return label_value - lse, lse, aux
 
 
 def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_token,
+                                label_logit, logit_scale: float = 1.0, softcap=None,
                                 filter_eps=None):
     """Gradients of sum(grad_token * token_logps) w.r.t. hidden, weight and bias.
 
-    Same inputs as the forward plus its lse [n] fp32 and grad_token [n] fp32. Returns
-    (dhidden [N, H] contiguous, zero on rows not listed; dweight [V, H]; dbias [V] or None)
-    in the input dtypes, accumulated in fp32: fp32 dhidden in place, otherwise in an [n, H]
-    fp32 buffer; dweight in a [V, H] fp32 buffer (returned as is for fp32 weights).
-    `filter_eps` overrides the tile-skipping threshold `FILTER_EPS[dtype]` (0: skip only
-    tiles whose softmax underflows to exactly 0).
+    Same inputs as the forward plus its lse [n] fp32, grad_token [n] fp32 and the labels' raw
+    logits aux["label_logit"] [n]. Returns (dhidden [N, H] contiguous, zero on rows not
+    listed; dweight [V, H]; dbias [V] or None) in the input dtypes, accumulated in fp32: fp32
+    dhidden in place, otherwise in an [n, H] fp32 buffer; dweight in a [V, H] fp32 buffer
+    (returned as is for fp32 weights). `filter_eps` overrides the tile-skipping threshold
+    `FILTER_EPS[dtype]` (0: skip only tiles whose softmax underflows to exactly 0).
     """
     _check(hidden, weight, bias, labels, rows)
     hidden, weight = _unit_stride(hidden), _unit_stride(weight)
@@ -328,12 +395,16 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
             hidden, weight, bias32, rows, lse.contiguous(), coef, dh_acc, dweight, dbias_acc,
             num_tokens, vocab_size, hidden_size, eps, hidden.stride(0), weight.stride(0),
             dh_acc.stride(0), dweight.stride(0), int(bias is not None), int(direct),
-            UPCAST=INTERPRET, **launch.launch_kwargs())
+            float(logit_scale), float(softcap or 0.0), UPCAST=INTERPRET, SOFTCAP=bool(softcap),
+            **launch.launch_kwargs())
+        # The one-hot part at the label: coef * dz'/dz there.
+        _, label_slope = label_transform(label_logit.float(), logit_scale, softcap)
+        label_coef = (coef * label_slope).contiguous()
         launch = choose("linear_label_bwd", num_tokens=num_tokens)
         grid = (triton.cdiv(num_tokens, launch.block("BLOCK_N")),
                 triton.cdiv(hidden_size, launch.block("BLOCK_H")))
         _linear_label_bwd_kernel[grid](
-            hidden, weight, labels, rows, coef, dh_acc, dweight, dbias_acc,
+            hidden, weight, labels, rows, label_coef, dh_acc, dweight, dbias_acc,
             num_tokens, hidden_size, hidden.stride(0), weight.stride(0), dh_acc.stride(0),
             dweight.stride(0), int(bias is not None), int(direct), **launch.launch_kwargs())
         if not direct:

@@ -36,6 +36,7 @@ from mixpo.data.io import RowNamer, default_row_names
 from mixpo.data.tokenize import tokenize_rows
 from mixpo.hf.loading import ensure_pad_token, load_causal_lm, load_tokenizer
 from mixpo.hf.policy import PreferenceModel, pair_logps
+from mixpo.loss_config import LossConfig
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def score_pairs(dataset: datasets.Dataset, model, tokenizer,
     examples = tokenize_rows(dataset.select_columns([c for c in ("prompt", "chosen", "rejected")
                                                      if c in dataset.column_names]),
                              tokenizer, settings.max_length, settings.max_prompt_length, row_names)
-    policy = PreferenceModel(model, {"loss_type": "sigmoid", "beta": settings.beta}).eval()
+    policy = PreferenceModel(model, LossConfig(loss_type="sigmoid", beta=settings.beta)).eval()
     batches = _Batches(examples, pad_token_id, next(model.parameters()).device)
     ref = torch.cat([torch.stack(pair_logps(policy, examples[start:start + settings.forward_batch],
                                             batches.collate, batches.device), dim=1)

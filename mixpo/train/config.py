@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixpo.data.kinds import DIFFICULTY_KINDS, ORDERS
+from mixpo.loss_config import LossConfig
 from mixpo.loss_spec import LOSS_TYPES
 
 OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_8bit")
@@ -27,6 +28,8 @@ def option(default, help: str, choices=None):
     metadata = {"help": help}
     if choices is not None:
         metadata["choices"] = tuple(choices)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -67,16 +70,36 @@ class TrainConfig:
                             choices=REFERENCES)
     reference_batch_size: int = option(8, "pairs per forward of the precompute pass")
 
-    # --- loss ---
-    loss_type: str = option("sigmoid", " | ".join(LOSS_TYPES), choices=LOSS_TYPES)
+    # --- loss (TRL's DPOConfig names; mixpo.LossConfig documents each) ---
+    loss_type: list[str] = option(["sigmoid"], "one of " + " | ".join(LOSS_TYPES) + ", or a "
+                                  "list (TRL's list form, e.g. sigmoid,bco_pair,sft)")
+    loss_weights: typing.Optional[list[float]] = option(None, "one weight per loss_type")
     beta: float = option(0.1, "inverse temperature")
-    gamma: float = option(0.0, "target margin (SimPO gamma = beta * gamma_beta_ratio)")
+    gamma: typing.Optional[float] = option(
+        None, "target margin (SimPO gamma = beta * gamma_beta_ratio); empty = the type's "
+        "default (simpo 0.5, else 0); with adaptive_margin the mean margin gamma0")
     adaptive_margin: bool = option(False, "gamma-PO: per-pair margins with mean `gamma`")
     margin_tau: float = option(10.0, "gamma-PO tau")
     margin_center: bool = option(False, "gamma-DPO: use gamma_i - gamma (zero-mean shift)")
-    label_smoothing: float = option(0.0, "cDPO / rDPO label smoothing")
-    average_log_prob: bool = option(False, "per-token log-ratios (gamma-DPO's default)")
-    sft_weight: float = option(0.0, "+ sft_weight * NLL(chosen) on every pair")
+    label_smoothing: float = option(0.0, "cDPO / rDPO / EXO / AOT label smoothing")
+    average_log_prob: typing.Optional[bool] = option(
+        None, "empty = each loss type's convention (per token for ipo, sigmoid_norm, simpo, "
+        "orpo); true / false force per-token / summed log-ratios")
+    sft_weight: float = option(0.0, "+ sft_weight * NLL(chosen)")
+    nll_normalization: str = option("batch", "NLL terms: batch (TRL, Liger: mean over the "
+                                    "batch's chosen tokens) | pair (mean of per-pair means)",
+                                    choices=("batch", "pair"))
+    cpo_alpha: float = option(1.0, "CPO's NLL weight")
+    discopop_tau: float = option(0.05, "DiscoPOP temperature")
+    use_weighting: bool = option(False, "WPO weights")
+    f_divergence_type: str = option("reverse_kl", "reverse_kl | forward_kl | js_divergence | "
+                                    "alpha_divergence (margin loss types)")
+    f_alpha_divergence_coef: float = option(0.5, "alpha of alpha_divergence")
+    ld_alpha: typing.Optional[float] = option(None, "LD-DPO: weight of the tokens past the "
+                                              "shorter response (empty = off)")
+    rdpo_alpha: float = option(0.0, "R-DPO length penalty")
+    dpop_lambda: float = option(0.0, "DPOP penalty")
+    token_metrics: bool = option(False, "log TRL's logits/*, entropy, mean_token_accuracy")
 
     # --- optimisation ---
     learning_rate: float = option(1e-6, "peak learning rate")
@@ -122,8 +145,12 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.adaptive_margin and self.gamma < 0:
+        loss = self.loss_config()            # every loss option, checked by LossConfig
+        if self.adaptive_margin and loss.fixed_gamma < 0:
             raise ValueError("adaptive_margin needs gamma >= 0 (the mean margin gamma0)")
+        if self.adaptive_margin and not loss.has_margin:
+            raise ValueError(f"adaptive_margin applies to the margin loss types, not "
+                             f"{self.loss_type}")
         if self.step_in_backward and self.max_grad_norm > 0:
             raise ValueError("step_in_backward updates each parameter before the total gradient "
                              "norm is known, so it cannot clip: set max_grad_norm 0")
@@ -138,11 +165,32 @@ class TrainConfig:
         """Field `name` of this config with another default (for subclasses such as the
         demo's config), keeping its help and choices."""
         item = next(f for f in dataclasses.fields(cls) if f.name == name)
-        return field(default=default, metadata=item.metadata)
+        return option(default, item.metadata["help"], item.metadata.get("choices"))
+
+    def loss_config(self, **transform) -> LossConfig:
+        """The run's loss as a LossConfig (ValueError naming a bad option); `transform`:
+        the model's logit_scale / softcap."""
+        names = [name for item in self.loss_type for name in item.split(",") if name]
+        return LossConfig(
+            loss_type=tuple(names), loss_weights=None if self.loss_weights is None
+            else tuple(self.loss_weights), beta=self.beta,
+            gamma=None if self.adaptive_margin else self.gamma,
+            label_smoothing=self.label_smoothing, average_log_prob=self.average_log_prob,
+            sft_weight=self.sft_weight, nll_normalization=self.nll_normalization,
+            cpo_alpha=self.cpo_alpha, discopop_tau=self.discopop_tau,
+            use_weighting=self.use_weighting, f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef, ld_alpha=self.ld_alpha,
+            rdpo_alpha=self.rdpo_alpha, dpop_lambda=self.dpop_lambda,
+            token_metrics=self.token_metrics, **transform)
+
+    @property
+    def margin_mean(self) -> float:
+        """gamma-PO's gamma0: `gamma`, or the loss type's default margin."""
+        return LossConfig(loss_type=self.loss_config().loss_type, gamma=self.gamma).fixed_gamma
 
     @property
     def reference_free(self) -> bool:
-        return LOSS_TYPES[self.loss_type].reference_free or self.reference == "none"
+        return self.loss_config().reference_free or self.reference == "none"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -165,6 +213,14 @@ def coerce_value(key: str, value, annotation):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        # A YAML list, or "a,b,c" on the command line.
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ValueError(f"config key {key!r}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [coerce_value(key, item.strip() if isinstance(item, str) else item, item_type)
+                for item in items]
     try:
         if annotation is bool:
             if isinstance(value, bool):
@@ -180,12 +236,17 @@ def coerce_value(key: str, value, annotation):
         if annotation is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)  # also YAML's "1e-6", which PyYAML leaves as a string
+            number = float(value)  # also YAML's "1e-6", which PyYAML leaves as a string
+            if not math.isfinite(number):
+                raise ValueError(f"config key {key!r}: {value!r} is not a finite number")
+            return number
         if annotation is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return "" if value is None else str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as error:
+        if "finite" in str(error):
+            raise
         name = getattr(annotation, "__name__", str(annotation))
         raise ValueError(f"config key {key!r}: cannot read {value!r} as {name}") from None
     raise TypeError(f"unsupported config field type {annotation!r} for {key!r}")

@@ -43,7 +43,7 @@ class DemoConfig(TrainConfig):
     max_prompt_length: int = TrainConfig.override("max_prompt_length", 8)
     difficulty: str = TrainConfig.override("difficulty", "rating")
     route_below: float = TrainConfig.override("route_below", 1.0)  # near misses (margin 0.5)
-    loss_type: str = TrainConfig.override("loss_type", "sigmoid")
+    loss_type: list = TrainConfig.override("loss_type", ["sigmoid"])
     beta: float = TrainConfig.override("beta", 0.1)
     gamma: float = TrainConfig.override("gamma", 0.5)
     adaptive_margin: bool = TrainConfig.override("adaptive_margin", True)
@@ -196,7 +196,7 @@ def pair_logps(model, tokenizer, rows, cfg: DemoConfig, device) -> tuple:
     from mixpo.hf import policy
 
     examples = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.max_prompt_length)
-    chosen, rejected = policy.pair_logps(policy.PreferenceModel(model, {}).eval(), examples,
+    chosen, rejected = policy.pair_logps(policy.PreferenceModel(model).eval(), examples,
                                          PreferenceCollator(tokenizer.pad_token_id), device)
     counts = [len(example[f"{name}_input_ids"]) - example["prompt_length"]
               for name in ("chosen", "rejected") for example in examples]
@@ -236,7 +236,7 @@ def evaluate(model_dir: Path, cfg: DemoConfig, eval_rows, device, reference_logp
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mixpo.loss_spec import normalizes_length, sequence_rewards
+    from mixpo.loss_spec import sequence_rewards
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
@@ -249,7 +249,7 @@ def evaluate(model_dir: Path, cfg: DemoConfig, eval_rows, device, reference_logp
     if reference_logps is not None:
         # The implicit rewards of the loss this demo trains (mixpo.loss_spec).
         rewards, _ = sequence_rewards(logps, counts, torch.cat(reference_logps), cfg.beta,
-                                      normalizes_length(cfg.loss_type, cfg.average_log_prob))
+                                      cfg.loss_config().reward_normalized)
         margins = rewards[:len(eval_rows)] - rewards[len(eval_rows):]
         result["reward_accuracy"] = (margins > 0).float().mean().item()
         result["reward_margin"] = margins.mean().item()

@@ -20,7 +20,9 @@ from mixpo.losses import PreferenceLossOutput
 from mixpo.train import distributed
 
 PAIR_FIELDS = ("per_pair_loss", "chosen_logps", "rejected_logps", "chosen_rewards",
-               "rejected_rewards", "gamma")
+               "rejected_rewards", "gamma", "chosen_counts", "rejected_counts")
+# Present when the loss returns TRL's per-token metrics (token_metrics / use_weighting).
+OPTIONAL_FIELDS = ("hard", "chosen_token_sums", "rejected_token_sums")
 
 
 class MetricsWindow:
@@ -28,15 +30,17 @@ class MetricsWindow:
     the training device so that adding a micro-batch never waits for it)."""
 
     def __init__(self):
-        self.pairs: dict[str, list[torch.Tensor]] = {name: [] for name in PAIR_FIELDS + ("hard",)}
+        self.pairs: dict[str, list[torch.Tensor]] = {name: []
+                                                     for name in PAIR_FIELDS + OPTIONAL_FIELDS}
         self.tokens = 0
         self.started = time.perf_counter()
 
     def add(self, out: PreferenceLossOutput, tokens: int) -> None:
         for name in PAIR_FIELDS:
             self.pairs[name].append(getattr(out, name).detach().float())
-        if out.hard is not None:
-            self.pairs["hard"].append(out.hard.detach())
+        for name in OPTIONAL_FIELDS:
+            if getattr(out, name) is not None:
+                self.pairs[name].append(getattr(out, name).detach())
         self.tokens += int(tokens)
 
     def state_dict(self) -> dict:
@@ -60,6 +64,9 @@ class MetricsWindow:
         if self.pairs["hard"]:
             flags = local("hard").to(torch.uint8)  # gloo: no bool
             hard = distributed.all_gather_cat(flags, env).cpu().bool()
+        for name in OPTIONAL_FIELDS[1:]:
+            gathered[name] = distributed.all_gather_cat(local(name), env).cpu() \
+                if self.pairs[name] else None
         summary = PreferenceLossOutput(loss=gathered["per_pair_loss"].mean(), hard=hard,
                                        **gathered).metrics()
         elapsed = time.perf_counter() - self.started

@@ -242,7 +242,7 @@ def format_plan(shape: ModelShape, work: Workload, gpu_memory_gib: float, mixpo:
         lines.append(f"  {label:58s}{_gib(total):>12s}  ({_verdict(total, gpu_memory_gib)})")
     if shape.logit_transform:
         lines.append(f"note: this model's config sets {shape.logit_transform}; the logit-free "
-                     "loss needs a plain linear head, so `mixpo train` refuses it")
+                     "loss applies that transform in its kernels (no extra memory)")
     return "\n".join(lines)
 
 

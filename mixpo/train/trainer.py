@@ -52,20 +52,13 @@ def load_examples(cfg: TrainConfig, tokenizer, env) -> list[dict]:
     return examples
 
 
-def loss_keywords(cfg: TrainConfig) -> dict:
-    """Fixed keywords of mixpo.linear_preference_loss for this run."""
-    return dict(loss_type=cfg.loss_type, beta=cfg.beta,
-                gamma=0.0 if cfg.adaptive_margin else cfg.gamma,
-                label_smoothing=cfg.label_smoothing, average_log_prob=cfg.average_log_prob,
-                sft_weight=cfg.sft_weight)
-
-
 def build_policy(cfg: TrainConfig, env, trainable: bool = True) -> PreferenceModel:
     dtype = torch_dtype(cfg.dtype, env.device)
     causal_lm = load_causal_lm(cfg.model_name_or_path, dtype,
                                attention_implementation(cfg.attn_implementation, env.device),
                                cfg.gradient_checkpointing and trainable, trainable)
-    model = PreferenceModel(causal_lm.to(env.device), loss_keywords(cfg) if trainable else {})
+    # The reference model needs only its log-probs: the same transform and LD-DPO weighting.
+    model = PreferenceModel(causal_lm.to(env.device), cfg.loss_config())
     return distributed.shard(model, decoder_layers(causal_lm), env)
 
 
@@ -141,7 +134,7 @@ def _train(cfg: TrainConfig, env) -> dict:
         reference_model = build_policy(cfg, env, trainable=False)
     margin = None
     if cfg.adaptive_margin:  # gamma-PO; each rank keeps its own queue, as the authors do
-        margin = AdaptiveMargin(cfg.gamma, cfg.margin_tau, seed=cfg.seed + env.rank,
+        margin = AdaptiveMargin(cfg.margin_mean, cfg.margin_tau, seed=cfg.seed + env.rank,
                                 center=cfg.margin_center)
 
     # ---- optimizer and resume --------------------------------------------------------------
