@@ -1,6 +1,5 @@
 """preference_loss: Triton kernels (interpreted on CPU) vs the torch twin vs formulas written
 independently here with log_softmax + autograd."""
-import itertools
 
 import pytest
 import torch
