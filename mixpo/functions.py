@@ -90,13 +90,15 @@ def _position_coefficients(grad_seq, grad_weighted, token_weight, shape, device)
 
 class LinearSequenceLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, token_weight, config, triton):
+    def forward(ctx, hidden, weight, bias, labels, token_weight, config, triton, rows):
         ctx.set_materialize_grads(False)
         num_seqs, seq_len, hidden_size = hidden.shape
         hidden2d = hidden.reshape(num_seqs * seq_len, hidden_size)
         flat_labels = labels.reshape(-1)
-        # Compact the completion tokens: prompt and padding never reach a matmul.
-        rows = torch.nonzero(flat_labels != config.ignore_index).squeeze(1)
+        # Compact the completion tokens: prompt and padding never reach a matmul. (`rows`
+        # from the caller's CPU batch spares the host sync of torch.nonzero.)
+        if rows is None:
+            rows = torch.nonzero(flat_labels != config.ignore_index).squeeze(1)
         row_labels = flat_labels[rows]
         token_logps, lse, aux = kernel_ops("linear_logps", triton).linear_token_logps_forward(
             hidden2d, weight, bias, row_labels, rows, config.logit_scale, config.softcap,
@@ -133,7 +135,7 @@ class LinearSequenceLogps(torch.autograd.Function):
                                          grad_token.contiguous(), label_logit,
                                          config.logit_scale, config.softcap)
         return (dhidden.view_as(hidden), dweight if ctx.needs_input_grad[1] else None,
-                dbias if ctx.needs_input_grad[2] else None, None, None, None, None)
+                dbias if ctx.needs_input_grad[2] else None, None, None, None, None, None)
 
 
 class PairLoss(torch.autograd.Function):

@@ -99,8 +99,9 @@ def _pair_gamma(config, gamma, margin, logps, counts, ref_logps, num_pairs):
         raise ValueError(f"gamma / margin apply to the margin loss types (sigmoid, ipo, simpo, "
                          f"...), not to loss_type={config.loss_type!r}")
     if margin is None:
-        return pair_vector("gamma", config.fixed_gamma if gamma is None else gamma, num_pairs,
-                           logps.device)
+        if gamma is None:
+            return logps.new_full((num_pairs,), config.fixed_gamma)
+        return pair_vector("gamma", gamma, num_pairs, logps.device)
     if not isinstance(margin, AdaptiveMargin):
         raise ValueError("margin must be a mixpo.AdaptiveMargin")
     if explicit_gamma:
@@ -122,20 +123,24 @@ def _wpo_weights(seq_logps, stat_sums, counts, num_pairs):
 
 def pair_head(seq_logps, counts, config: LossConfig, *, weighted_logps=None, stat_sums=None,
               ref_logps=None, hard=None, gamma=None, margin=None, backend="auto",
-              inputs=None) -> PreferenceLossOutput:
+              inputs=None, validate=True) -> PreferenceLossOutput:
     """Stage 2 on summed sequence log-probs [2B] (differentiable) and completion counts [2B]:
     checks the per-pair inputs, resolves gamma, runs the epilogue, builds the output.
     `weighted_logps` [2B] are LD-DPO's weighted sums (the preference term's log-probs),
     `stat_sums` [4, 2B] the per-sequence sums of the per-token statistics; `inputs` names
-    the tensors to blame for non-finite log-probs."""
+    the tensors to blame for non-finite log-probs. `validate=False` skips the checks that
+    read tensor values on the host (non-finite inputs then surface as a non-finite loss)."""
     device, num_pairs = seq_logps.device, seq_logps.shape[0] // 2
-    check_finite_logps(seq_logps, inputs or {})
-    if ref_logps is not None:
-        if config.reference_free:
-            raise ValueError(f"ref_logps must be None for loss_type={config.loss_type!r} "
-                             "(reference-free)")
-        ref_logps = pair_vector("ref_logps", ref_logps, 2 * num_pairs, device)
-    hard = check_hard(hard, num_pairs, device)
+    if config.reference_free and ref_logps is not None:
+        raise ValueError(f"ref_logps must be None for loss_type={config.loss_type!r} "
+                         "(reference-free)")
+    if validate:
+        check_finite_logps(seq_logps, inputs or {})
+        if ref_logps is not None:
+            ref_logps = pair_vector("ref_logps", ref_logps, 2 * num_pairs, device)
+        hard = check_hard(hard, num_pairs, device)
+    elif ref_logps is not None:
+        ref_logps = ref_logps.detach().float()
     if hard is not None and config.sorted_types:
         raise ValueError("hard (MixDPO routing) is not defined for aot / aot_unpaired, whose "
                          "losses belong to sorted positions, not to pairs")
@@ -192,16 +197,27 @@ def logits_loss(logits, labels, config: LossConfig, *, ref_logps=None, hard=None
 
 
 def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_logps=None,
-                hard=None, gamma=None, margin=None, backend="auto"):
-    """`linear_preference_loss` with its hyper-parameters as one LossConfig."""
-    labels, counts = check_linear_inputs(hidden, weight, bias, labels, config.ignore_index,
-                                         True)
+                hard=None, gamma=None, margin=None, backend="auto", completion_rows=None,
+                completion_counts=None, validate=True):
+    """`linear_preference_loss` with its hyper-parameters as one LossConfig.
+
+    The training fast path: `completion_rows` [n] (flat indices of the positions whose label
+    is not ignore_index) and `completion_counts` [2B], computed on the CPU batch, and
+    `validate=False` (inputs checked by the caller) keep the call free of host syncs."""
+    if validate:
+        labels, counts = check_linear_inputs(hidden, weight, bias, labels, config.ignore_index,
+                                             True)
+    else:
+        counts = completion_counts.to(hidden.device, torch.float32) \
+            if completion_counts is not None \
+            else (labels != config.ignore_index).sum(dim=1).float()
+    rows = None if completion_rows is None else completion_rows.to(hidden.device)
     token_weight = _token_weight(config, labels)
     seq_logps, weighted, stat_sums = LinearSequenceLogps.apply(
-        hidden, weight, bias, labels, token_weight, config, use_triton(backend, hidden))
+        hidden, weight, bias, labels, token_weight, config, use_triton(backend, hidden), rows)
     return _head(seq_logps, weighted, stat_sums, token_weight, counts, config,
                  ref_logps=ref_logps, hard=hard, gamma=gamma, margin=margin, backend=backend,
-                 inputs={"hidden": hidden, "weight": weight, "bias": bias})
+                 inputs={"hidden": hidden, "weight": weight, "bias": bias}, validate=validate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +350,7 @@ def sequence_logps(hidden, weight, labels, *, bias=None, average=False, ld_alpha
     token_weight = _token_weight(config, labels)
     seq_logps, weighted, _ = LinearSequenceLogps.apply(hidden, weight, bias, labels,
                                                        token_weight, config,
-                                                       use_triton(backend, hidden))
+                                                       use_triton(backend, hidden), None)
     check_finite_logps(seq_logps, {"hidden": hidden, "weight": weight, "bias": bias})
     if token_weight is not None:
         seq_logps = weighted

@@ -7,7 +7,6 @@ reward gap get a larger margin, the mean over the solve set stays gamma0, and al
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import torch
 
@@ -30,15 +29,18 @@ class AdaptiveMargin:
         center: return gamma_i - gamma0 (the authors' gamma-DPO variant: a zero-mean shift of
             a zero base margin) instead of gamma_i.
         backend: "auto" (Triton kernel for CUDA gaps, torch otherwise), "triton" or "torch".
+        check_finite: raise on NaN/inf reward gaps (a host sync; the trainer turns it off and
+            watches the loss instead).
 
     Calling it with the batch's reward gaps [b] returns detached margins [b] (fp32, on the
-    gaps' device); afterwards the gaps are pushed into the queue. The queue lives on the CPU:
-    it is small and this keeps sampling exactly reproducible on any device.
+    gaps' device); afterwards the gaps are pushed into the queue. The queue is a tensor on the
+    gaps' device and the sample indices come from a CPU generator, so a call never waits on
+    the device and sampling is exactly reproducible on any device.
     """
 
     def __init__(self, gamma0: float, tau: float, queue_size: int = 2048, solve_size: int = 256,
                  iters: int = 20, seed: int = 0, init_queue=None, center: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", check_finite: bool = True):
         if not (isinstance(gamma0, (int, float)) and math.isfinite(gamma0) and gamma0 >= 0):
             raise ValueError(f"gamma0 must be a finite float >= 0, got {gamma0!r}")
         if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
@@ -50,33 +52,40 @@ class AdaptiveMargin:
         check_backend(backend)
         self.gamma0, self.tau = float(gamma0), float(tau)
         self.queue_size, self.solve_size, self.iters = queue_size, solve_size, iters
-        self.center, self.backend = center, backend
+        self.center, self.backend, self.check_finite = center, backend, check_finite
         self.generator = torch.Generator().manual_seed(seed)
         if init_queue is None:
             init_queue = torch.randn(8, generator=self.generator).tolist()
         init_queue = [float(value) for value in init_queue]
         if not all(math.isfinite(value) for value in init_queue):
             raise ValueError("init_queue must contain finite values")
-        self.queue = deque(init_queue, maxlen=queue_size)
+        self._queue = torch.tensor(init_queue[-queue_size:], dtype=torch.float32)
+        self._length = self._queue.numel()
+
+    @property
+    def queue(self) -> list:
+        """The queue's values, oldest first (a host copy)."""
+        return self._queue.tolist()
 
     def __call__(self, reward_gaps: torch.Tensor) -> torch.Tensor:
         if not isinstance(reward_gaps, torch.Tensor) or reward_gaps.ndim != 1 \
                 or reward_gaps.numel() == 0:
             raise ValueError("reward_gaps must be a non-empty 1-D tensor [b]")
         gaps = reward_gaps.detach().float()
-        if not torch.isfinite(gaps).all():
+        if self.check_finite and not torch.isfinite(gaps).all():
             raise ValueError("reward_gaps contain NaN or inf")
+        queue = self._queue.to(gaps.device)
         batch = gaps.shape[0]
         # Sample k past gaps uniformly without replacement; the solve set is [sample, batch].
-        num_sampled = max(0, min(len(self.queue), self.solve_size - batch))
+        num_sampled = max(0, min(self._length, self.solve_size - batch))
         if num_sampled:
-            picks = torch.randperm(len(self.queue), generator=self.generator)[:num_sampled]
-            queue = torch.tensor(list(self.queue), dtype=torch.float32)
-            solve_set = torch.cat([queue[picks].to(gaps.device), gaps])
+            picks = torch.randperm(self._length, generator=self.generator)[:num_sampled]
+            solve_set = torch.cat([queue[picks.to(gaps.device)], gaps])
         else:
             solve_set = gaps
         gamma = self._solve(solve_set)[num_sampled:]
-        self.queue.extend(gaps.cpu().tolist())
+        self._queue = torch.cat([queue, gaps])[-self.queue_size:]
+        self._length = min(self._length + batch, self.queue_size)
         if self.center:
             gamma = gamma - self.gamma0
         return gamma.detach()
@@ -86,7 +95,7 @@ class AdaptiveMargin:
         return ops.solve_margins(solve_set, self.gamma0, self.tau, self.iters)
 
     def state_dict(self) -> dict:
-        return {"queue": list(self.queue), "generator": self.generator.get_state(),
+        return {"queue": self.queue, "generator": self.generator.get_state(),
                 "gamma0": self.gamma0, "tau": self.tau, "queue_size": self.queue_size,
                 "solve_size": self.solve_size, "iters": self.iters, "center": self.center}
 
@@ -95,10 +104,12 @@ class AdaptiveMargin:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"state_dict was saved with {key}={state[key]!r}, "
                                  f"this solver has {getattr(self, key)!r}")
-        self.queue = deque((float(v) for v in state["queue"]), maxlen=self.queue_size)
+        values = [float(v) for v in state["queue"]][-self.queue_size:]
+        self._queue = torch.tensor(values, dtype=torch.float32)
+        self._length = len(values)
         self.generator.set_state(state["generator"])
 
     def __repr__(self) -> str:
-        return (f"AdaptiveMargin(gamma0={self.gamma0}, tau={self.tau}, queue={len(self.queue)}/"
+        return (f"AdaptiveMargin(gamma0={self.gamma0}, tau={self.tau}, queue={self._length}/"
                 f"{self.queue_size}, solve_size={self.solve_size}, iters={self.iters}, "
                 f"center={self.center})")

@@ -51,29 +51,53 @@ def test_global_batch_k_covers_rows_k_times_g_in_order_on_any_world_size():
         # Two ranks: contiguous halves, in rank order; micro-batches of 2 -> 2 accumulated.
         ranks = [CurriculumSampler(rows, global_batch, 2, world_size=2, rank=r) for r in (0, 1)]
         assert ranks[0].accumulation_steps == 2
-        assert ranks[0].rank_rows(step) + ranks[1].rank_rows(step) == expected
+        assert sum(ranks[0].micro_batches(step) + ranks[1].micro_batches(step), []) == expected
         assert ranks[1].micro_batches(step) == [expected[4:6], expected[6:8]]
+        assert ranks[0].step(step).pairs == 8
 
 
-def test_resume_epochs_and_dropped_tail():
+def test_last_incomplete_batch_is_kept_by_default_and_shared_over_ranks():
+    # 21 rows, global batch 8: steps of 8, 8 and a last one of the 5 hardest rows.
+    single = CurriculumSampler(21, 8, 2)
+    assert single.steps_per_epoch == 3 and single.last_batch_rows == 5
+    last = single.step(2)
+    assert last.pairs == 5 and last.micro_batches == [[16, 17], [18, 19], [20]]
+    # Two ranks: 3 + 2 rows, and the same number of micro-batches (2) on both.
+    ranks = [CurriculumSampler(21, 8, 2, world_size=2, rank=r).step(2) for r in (0, 1)]
+    assert ranks[0].micro_batches == [[16, 17], [18]]
+    assert ranks[1].micro_batches == [[19, 20], []]          # an empty stand-in
+    assert ranks[0].pairs == ranks[1].pairs == 5
+    # Four ranks and a last batch of one row: three ranks run a stand-in only.
+    tiny = [CurriculumSampler(17, 8, 2, world_size=4, rank=r).step(2) for r in range(4)]
+    assert [s.micro_batches for s in tiny] == [[[16]], [[]], [[]], [[]]]
+    dropped = CurriculumSampler(21, 8, 2, drop_last=True)
+    assert dropped.steps_per_epoch == 2 and dropped.dropped_rows_per_epoch == 5
+
+
+def test_resume_epochs_and_tail():
     sampler = CurriculumSampler(num_rows=21, global_batch_size=4, micro_batch_size=4,
-                                num_epochs=2)
+                                num_epochs=2, drop_last=True)
     assert (sampler.steps_per_epoch, sampler.total_steps) == (5, 10)
     assert sampler.dropped_rows_per_epoch == 1
-    full = list(sampler)
+    full = [(step.index, step.micro_batches) for step in sampler]
     assert full[5] == (5, [[0, 1, 2, 3]])  # the second epoch repeats the curriculum
-    resumed = CurriculumSampler(21, 4, 4, num_epochs=2)
+    resumed = CurriculumSampler(21, 4, 4, num_epochs=2, drop_last=True)
     resumed.load_state_dict({**sampler.state_dict(), "start_step": 7})
-    assert list(resumed) == full[7:] and len(resumed) == 3
+    assert [(step.index, step.micro_batches) for step in resumed] == full[7:]
+    assert len(resumed) == 3
     assert len(list(CurriculumSampler(21, 4, 4, max_steps=12))) == 12
+    kept = CurriculumSampler(21, 4, 4, num_epochs=2)
+    assert kept.total_steps == 12 and kept.step(5).micro_batches == [[20]]
     with pytest.raises(ValueError, match="num_rows=21"):
-        CurriculumSampler(22, 4, 4).load_state_dict(sampler.state_dict())
+        CurriculumSampler(22, 4, 4, drop_last=True).load_state_dict(sampler.state_dict())
+    with pytest.raises(ValueError, match="drop_last"):        # old checkpoints dropped it
+        kept.load_state_dict({"start_step": 2, "num_rows": 21, "global_batch_size": 4})
 
 
 def test_sampler_rejects_inconsistent_sizes():
-    with pytest.raises(ValueError, match="multiple of world_size"):
+    with pytest.raises(ValueError, match="multiple of ranks"):
         CurriculumSampler(100, 10, 4)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        CurriculumSampler(7, 8, 2)
+        CurriculumSampler(7, 8, 2, drop_last=True)
     with pytest.raises(ValueError, match="rank 2 is outside"):
         CurriculumSampler(16, 8, 2, world_size=2, rank=2)

@@ -18,6 +18,10 @@ class PreferenceCollator:
         input_ids [2B, T] int64 (padding = pad_token_id), attention_mask [2B, T] int64,
         labels [2B, T] int64 HF-style (label t = token t; prompt and padding = IGNORE_INDEX;
             shift with `mixpo.shift_labels` before the loss),
+        completion_rows [n] int64: the flat indices (into [2B * T]) of the positions whose
+            shifted label is a completion token, and completion_counts [2B] float32 (what
+            the logit-free loss needs about the batch's shape, computed here on the CPU so the
+            training step never waits on the device for it),
         hard [B] bool, and score_chosen / score_rejected / difficulty / ref_chosen_logps /
             ref_rejected_logps [B] float32, each only when the examples carry it (all of them
             must, or none).
@@ -47,6 +51,15 @@ class PreferenceCollator:
             label_ids[row, :len(row_labels)] = torch.as_tensor(row_labels, dtype=torch.long)
             attention_mask[row, :len(ids)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
+        shifted = torch.full_like(label_ids, IGNORE_INDEX)
+        shifted[:, :-1] = label_ids[:, 1:]
+        completion = shifted != IGNORE_INDEX
+        counts = completion.sum(dim=1)
+        if (counts == 0).any():
+            raise ValueError(f"pair(s) {torch.nonzero(counts == 0).flatten().tolist()[:8]} of "
+                             "the batch have no completion token")
+        batch["completion_rows"] = torch.nonzero(completion.reshape(-1)).squeeze(1)
+        batch["completion_counts"] = counts.float()
 
         for column in PASSTHROUGH_COLUMNS:
             present = [column in e for e in examples]

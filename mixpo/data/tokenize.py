@@ -88,8 +88,22 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int 
                                                  dtype=np.int32)
     for column in PASSTHROUGH_COLUMNS:
         if column in row and row[column] is not None:
-            tokenized[column] = row[column]
+            tokenized[column] = _checked_passthrough(row[column], column, where)
     return tokenized
+
+
+def _checked_passthrough(value, column: str, where: str):
+    """A per-pair column's value, type-checked: the routing flag must be a real boolean (a
+    string "false" or a 2 would route the pair), the others finite numbers."""
+    if column == "hard":
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise ValueError(f"{where}, column 'hard': routing flags must be true/false, "
+                         f"got {value!r}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) \
+            or not np.isfinite(value):
+        raise ValueError(f"{where}, column {column!r}: expected a finite number, got {value!r}")
+    return float(value)
 
 
 def tokenize_rows(rows: Sequence[dict], tokenizer, max_length: int,

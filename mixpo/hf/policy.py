@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from mixpo.hf.loading import logit_transform
 from mixpo.loss_config import LossConfig
-from mixpo.losses import sequence_logps, shift_labels
+from mixpo.losses import linear_loss, sequence_logps, shift_labels
 from mixpo.modules import LinearPreferenceLoss
 
 
@@ -32,7 +32,9 @@ class PreferenceModel(torch.nn.Module):
 
     forward(input_ids [2B, T], attention_mask [2B, T], labels [2B, T] HF-style, ...):
         returns (loss, PreferenceLossOutput) — the loss is also returned alone so that FSDP
-        finds the tensor to hook its backward on;
+        finds the tensor to hook its backward on; completion_rows / completion_counts (from
+        `mixpo.data.collate.PreferenceCollator`) describe the shifted labels, and
+        validate=False skips the loss API's host-side checks;
         with `logps_only=True`: summed completion log-probs [2B] (no gradient, LD-DPO
         weighted when the loss is), used for reference log-probs.
     `loss_config`: the loss (default: sigmoid DPO); its logit transform is the model's own
@@ -52,7 +54,8 @@ class PreferenceModel(torch.nn.Module):
                     use_cache=False).last_hidden_state                      # [2B, T, H]
 
     def forward(self, input_ids, attention_mask, labels, ref_logps=None, hard=None, margin=None,
-                logps_only: bool = False):
+                logps_only: bool = False, completion_rows=None, completion_counts=None,
+                validate: bool = True, gamma=None):
         head = self.causal_lm.get_output_embeddings()
         # HF labels name token t at position t; the loss reads position t's prediction of t+1.
         position_labels = shift_labels(labels)
@@ -64,8 +67,13 @@ class PreferenceModel(torch.nn.Module):
                                       ld_alpha=config.ld_alpha, logit_scale=config.logit_scale,
                                       softcap=config.softcap)
         hidden = self.hidden_states(input_ids, attention_mask)
-        out = self.loss(hidden, head, position_labels, ref_logps=ref_logps, hard=hard,
-                        margin=margin)
+        # The trainer passes the batch's shape (computed on the CPU by the collator) and
+        # validate=False: no host sync inside the step.
+        out = linear_loss(hidden, head.weight, position_labels, self.loss.config,
+                          bias=head.bias, ref_logps=ref_logps, hard=hard, margin=margin,
+                          gamma=gamma,
+                          backend=self.loss.backend, completion_rows=completion_rows,
+                          completion_counts=completion_counts, validate=validate)
         return out.loss, out
 
 

@@ -1,18 +1,25 @@
-"""Checkpoints that are either complete or absent, and the final Hugging Face export.
+"""Checkpoints that are either complete or absent, the output directory's lock, and the final
+Hugging Face export.
 
 `OUTPUT/checkpoint-STEP/` holds
   state/                  model + optimizer, torch.distributed.checkpoint format (sharded under
                           FSDP2, one file set per rank; also used by a single process)
-  trainer_state.pt        step, sampler position, config (rank 0)
+  trainer_state.pt        step, sampler position, config, data fingerprint (rank 0)
   rank_state_R.pt         per rank: RNG states (python, numpy, torch CPU/CUDA), the gamma-PO
                           margin solver (each rank keeps its own queue) and metrics not yet logged
 Everything is written into `.checkpoint-STEP.tmp/` and renamed to `checkpoint-STEP/` by rank 0
 as the very last action (a directory rename is atomic), so a crash mid-write leaves only a
 `.tmp` directory, which the next run deletes. Multi-node runs need a shared output directory.
+Nothing is saved from non-finite weights (`all_finite`). A checkpoint whose files are damaged
+(truncated, unreadable) is skipped for the previous complete one, with a warning naming the
+file (`load_latest`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pickle
 import random
 import re
 import shutil
@@ -22,13 +29,54 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixpo.files import atomic_output, replace_path
+from mixpo.files import atomic_output, remove_stale_staging, replace_path
 from mixpo.train import distributed
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-FINAL_DIR, RUN_INFO = "final", "mixpo_run.json"
+FINAL_DIR, RUN_INFO, LOCK_FILE = "final", "mixpo_run.json", ".mixpo.lock"
+_HELD: set = set()          # output directories this process holds (the lock is reentrant)
 
 
+# ----------------------------------------------------------------------------------------------
+# One writer per output directory
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def output_lock(output_dir: Path, enabled: bool = True):
+    """Hold `OUTPUT/.mixpo.lock` (an exclusive flock) for the run: a second run on the same
+    directory stops at once with a clear message. The kernel drops the lock when the process
+    ends, however it ends (SIGKILL included), so a killed run never leaves it stuck."""
+    key = str(output_dir.resolve())
+    if not enabled or key in _HELD:
+        yield
+        return
+    import fcntl
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"{output_dir} is in use by another mixpo run ({owner}); wait for it "
+                         "to finish or use another output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and checking checkpoints
+# ----------------------------------------------------------------------------------------------
 def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint, oldest first."""
     found = []
@@ -49,6 +97,38 @@ def remove_partial_checkpoints(output_dir: Path) -> None:
     """Delete the `.tmp` directories a crashed save left behind (rank 0 only)."""
     for path in output_dir.glob(".checkpoint-*.tmp"):
         shutil.rmtree(path, ignore_errors=True)
+    remove_stale_staging(output_dir / FINAL_DIR)
+
+
+def damaged_file(path: Path, world_size: int) -> str | None:
+    """The first file of checkpoint `path` that is missing, truncated or unreadable (None
+    when it looks whole): trainer_state.pt, every rank_state_R.pt, the DCP .metadata, and
+    every .distcp shard at least as long as the metadata says."""
+    try:
+        torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    except Exception:                                  # noqa: BLE001 - any damage counts
+        return str(path / "trainer_state.pt")
+    for rank in range(world_size):
+        rank_file = path / f"rank_state_{rank}.pt"
+        try:
+            torch.load(rank_file, map_location="cpu", weights_only=False)
+        except Exception:                              # noqa: BLE001
+            return str(rank_file)
+    metadata_file = path / "state" / ".metadata"
+    try:
+        with open(metadata_file, "rb") as handle:
+            metadata = pickle.load(handle)
+        needed: dict[str, int] = {}
+        for item in metadata.storage_data.values():
+            needed[item.relative_path] = max(needed.get(item.relative_path, 0),
+                                             item.offset + item.length)
+    except Exception:                                  # noqa: BLE001
+        return str(metadata_file)
+    for name, length in needed.items():
+        shard = path / "state" / name
+        if not shard.is_file() or shard.stat().st_size < length:
+            return str(shard)
+    return None
 
 
 def rng_states() -> dict:
@@ -67,6 +147,18 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def all_finite(model: torch.nn.Module, env) -> bool:
+    """Whether every parameter is finite (one device reduction, one host sync; FSDP2 shards
+    are checked on every rank and the verdicts combined)."""
+    flags = [torch.isfinite(param.to_local() if hasattr(param, "to_local") else param).all()
+             for param in model.parameters()]
+    local = torch.stack(flags).all() if flags else torch.tensor(True)
+    return distributed.all_true(bool(local), env)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading
+# ----------------------------------------------------------------------------------------------
 def save_checkpoint(output_dir: Path, step: int, model, optimizers: list, trainer_state: dict,
                     rank_state: dict, env, save_total_limit: int = 0) -> Path:
     """Write checkpoint-`step` atomically (every rank calls this); returns its path."""
@@ -120,53 +212,99 @@ def load_checkpoint(path: Path, model, optimizers: list, env) -> tuple[dict, dic
     return trainer_state, rank_state
 
 
+def usable_checkpoint(output_dir: Path, world_size: int) -> Path | None:
+    """The newest checkpoint whose files are whole (rank 0 decides); damaged newer ones are
+    skipped with a warning naming the broken file. None when there is none at all; a
+    ValueError when checkpoints exist but every one is damaged."""
+    checkpoints = complete_checkpoints(output_dir)
+    for _, path in reversed(checkpoints):
+        broken = damaged_file(path, world_size)
+        if broken is None:
+            return path
+        warnings.warn(f"skipping {path.name}: {broken} is damaged or truncated; falling back "
+                      "to the previous checkpoint", stacklevel=2)
+    if checkpoints:
+        raise ValueError(f"every checkpoint in {output_dir} is damaged (see the warnings); "
+                         "delete them to start over")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Same run? (config and data)
+# ----------------------------------------------------------------------------------------------
 # Keys a rerun may change and still continue the run in the same output directory.
-RESUMABLE_CHANGES = ("max_steps", "num_epochs", "save_steps", "logging_steps",
+RESUMABLE_CHANGES = ("max_steps", "num_train_epochs", "save_steps", "logging_steps",
                      "save_total_limit", "progress_bar", "reference_batch_size", "output_dir",
-                     "device")
+                     "device", "report_to", "eval_steps", "ddp_timeout",
+                     "resume_on_changed_data")
 
 
 def previous_run(output_dir: Path) -> dict | None:
-    """{'config': ..., 'completed_steps': ...} of the run already in `output_dir`: its final
-    export if there is one, else its latest checkpoint; None for a fresh directory."""
+    """{'config', 'completed_steps', 'fingerprint'} of the run already in `output_dir`: its
+    final export if there is one, else its latest checkpoint; None for a fresh directory."""
     info = output_dir / FINAL_DIR / RUN_INFO
     if info.is_file():
-        return json.loads(info.read_text())
+        try:
+            return json.loads(info.read_text())
+        except (OSError, ValueError):
+            warnings.warn(f"{info} is damaged; ignoring the final export", stacklevel=2)
     latest = latest_checkpoint(output_dir)
     if latest is None:
         return None
-    state = torch.load(latest / "trainer_state.pt", map_location="cpu", weights_only=False)
-    return {"config": state["config"], "completed_steps": None}
+    try:
+        state = torch.load(latest / "trainer_state.pt", map_location="cpu", weights_only=False)
+    except Exception:                                  # noqa: BLE001 - checked again on resume
+        return None
+    return {"config": state["config"], "completed_steps": None,
+            "fingerprint": state.get("fingerprint")}
 
 
-def check_same_run(previous: dict | None, config: dict, output_dir: Path) -> None:
+def check_same_run(previous: dict | None, config: dict, output_dir: Path,
+                   fingerprint: str | None = None, allow_changed_data: bool = False) -> None:
     """ValueError when `output_dir` holds a run whose settings differ from `config` in a way
-    that changes the trajectory (anything but RESUMABLE_CHANGES)."""
+    that changes the trajectory (anything but RESUMABLE_CHANGES), or whose training data or
+    model changed (its fingerprint) unless `allow_changed_data`."""
     if previous is None:
         return
-    changed = [f"{key}: {previous['config'].get(key)!r} -> {value!r}"
-               for key, value in config.items()
-               if key not in RESUMABLE_CHANGES and previous["config"].get(key) != value]
+    from mixpo.train.config import canonical_config_dict
+
+    before = canonical_config_dict(previous["config"])
+    changed = [f"{key}: {before.get(key)!r} -> {value!r}" for key, value in config.items()
+               if key not in RESUMABLE_CHANGES and key in before and before.get(key) != value]
     if changed:
         raise ValueError(f"{output_dir} holds a run with other settings ({'; '.join(changed)}); "
                          "use another output_dir, or delete that one to start over")
+    recorded = previous.get("fingerprint")
+    if fingerprint and recorded and recorded != fingerprint and not allow_changed_data:
+        raise ValueError(f"{output_dir} holds a run on other training data or another model "
+                         "(the tokenized pairs or the model files changed since it was "
+                         "written); use another output_dir, or set resume_on_changed_data "
+                         "true to continue anyway")
 
 
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
 def export_final(output_dir: Path, model, causal_lm, tokenizer, run_info: dict, env) -> Path:
     """`OUTPUT/final/`: the policy in Hugging Face format (safetensors) plus the tokenizer,
     loadable with AutoModelForCausalLM.from_pretrained. Gathered to rank 0, written atomically."""
+    return export_model(output_dir / FINAL_DIR, model, causal_lm, tokenizer, run_info, env)
+
+
+def export_model(target: Path, model, causal_lm, tokenizer, run_info: dict, env) -> Path:
+    """`model`'s (a PreferenceModel, possibly FSDP-sharded) causal LM as a Hugging Face model
+    directory at `target`, with the tokenizer and `mixpo_run.json`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                       cpu_offload=True))
-    final = output_dir / FINAL_DIR
     if env.is_main:
         prefix = "causal_lm."
         state = {name[len(prefix):]: tensor for name, tensor in full_state.items()
                  if name.startswith(prefix)}
-        with atomic_output(final, directory=True) as staging:
+        with atomic_output(target, directory=True) as staging:
             causal_lm.save_pretrained(staging, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(staging)
             (staging / RUN_INFO).write_text(json.dumps(run_info, indent=1))
     distributed.barrier(env)
-    return final
+    return target

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,13 @@ from mixpo.loss_spec import LOSS_TYPES
 
 OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_8bit")
 REFERENCES = ("precomputed", "live", "none")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")  # HF's names
+REPORTERS = ("none", "tensorboard", "wandb")
+
+# Earlier spellings of config keys, still accepted in recipes and on the command line (a note
+# says so once): old name -> current name (Hugging Face TrainingArguments' names).
+KEY_ALIASES = {"micro_batch_size": "per_device_train_batch_size",
+               "num_epochs": "num_train_epochs", "lr": "learning_rate"}
 
 
 def option(default, help: str, choices=None):
@@ -35,13 +43,15 @@ def option(default, help: str, choices=None):
 
 @dataclass
 class TrainConfig:
-    """Every knob of a training run; each field's help is what `mixpo train --help` shows."""
+    """Every knob of a training run; each field's help is what `mixpo train --help` shows.
+    Names are Hugging Face TrainingArguments' / TRL's where they have the option."""
 
     # --- model ---
     model_name_or_path: str = option("", "model directory (or Hugging Face Hub id)")
     tokenizer_name_or_path: str = option("", "tokenizer directory; empty = the model's")
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | "
-                        "float16", choices=("auto", "float32", "bfloat16", "float16"))
+                        "float16 (`bf16: true` also works)",
+                        choices=("auto", "float32", "bfloat16", "float16"))
     attn_implementation: str = option(
         "auto", "auto: flash_attention_2 if importable, else sdpa",
         choices=("auto", "sdpa", "eager", "flash_attention_2"))
@@ -50,19 +60,29 @@ class TrainConfig:
 
     # --- data ---
     train_file: str = option("", ".jsonl / .json / .parquet / save_to_disk directory")
+    split: str = option("", "split of a saved DatasetDict (save_to_disk directory)")
+    eval_file: str = option("", "optional held-out pairs, same formats (eval/* metrics)")
+    eval_split: str = option("", "split of eval_file when it is a saved DatasetDict")
+    eval_steps: int = option(0, "evaluate every this many steps (0 = at the end only)")
     max_length: int = option(1024, "prompt + completion tokens")
     max_prompt_length: int = option(512, "prompt tokens kept (its end) when truncating")
     difficulty: str = option(
-        "", "empty = use the file as prepared (its order, its `hard` column); otherwise score, "
-        "select, route and order it here: " + " | ".join(DIFFICULTY_KINDS),
-        choices=("",) + tuple(DIFFICULTY_KINDS))
+        "", "empty = use the file as prepared (its order; its `hard` column only with "
+        "routing: true); otherwise score, select, route and order it here: "
+        + " | ".join(DIFFICULTY_KINDS), choices=("",) + tuple(DIFFICULTY_KINDS))
     order: str = option("easy-first", "with difficulty: " + "; ".join(
         f"{name} = {meaning}" for name, meaning in ORDERS.items()), choices=ORDERS)
     route_below: typing.Optional[float] = option(None, "MixDPO: hard = difficulty < this")
+    route_at_or_below: typing.Optional[float] = option(
+        None, "MixDPO's Argilla variant: hard = difficulty <= this")
     route_fraction: typing.Optional[float] = option(None, "or: the hardest fraction is hard")
     select_easiest: typing.Optional[float] = option(
-        None, "Selective DPO tau: keep the easiest fraction")
-    routing: bool = option(True, "hard pairs take the SFT loss (False: ignore `hard`)")
+        None, "Selective DPO tau: keep the easiest int(tau * n) pairs")
+    routing: typing.Optional[bool] = option(
+        None, "hard pairs take the SFT loss; empty = when a route_* option is set; true with "
+        "a prepared file = use its `hard` column")
+    drop_last: bool = option(False, "drop the last incomplete global batch of each epoch "
+                             "(kept by default, as the MixDPO authors' trainer)")
 
     # --- reference ---
     reference: str = option("precomputed", "precomputed (cached file, no reference model in "
@@ -103,46 +123,72 @@ class TrainConfig:
 
     # --- optimisation ---
     learning_rate: float = option(1e-6, "peak learning rate")
+    lr_scheduler_type: str = option("cosine", "warmup then: " + " | ".join(SCHEDULERS),
+                                    choices=SCHEDULERS)
+    warmup_ratio: float = option(0.1, "share of the steps with linear warmup")
     weight_decay: float = option(0.0, "AdamW decoupled weight decay")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_epsilon: float = option(1e-8, "AdamW epsilon")
-    optim: str = option("adamw", "adamw (torch, fused on GPU) | adamw_bf16 (bf16 states, "
-                        "stochastic rounding) | adamw_8bit (torchao)", choices=OPTIMIZERS)
+    optim: str = option("adamw", "adamw (torch: fp32 states for fp32 weights, fused on GPU) | "
+                        "adamw_bf16 (bf16 states, stochastic rounding) | adamw_8bit (torchao)",
+                        choices=OPTIMIZERS)
     step_in_backward: bool = option(
         False, "update each parameter as soon as its gradient is ready, then free it; needs "
         "no accumulation and max_grad_norm 0; one process only")
     max_grad_norm: float = option(1.0, "0 = no clipping (the norm is still logged)")
-    warmup_ratio: float = option(0.1, "cosine schedule with linear warmup")
-    global_batch_size: int = option(128, "pairs per optimizer step, over all ranks")
-    micro_batch_size: int = option(2, "pairs per forward pass on one rank")
-    num_epochs: int = option(1, "passes over the data")
-    max_steps: int = option(0, "> 0 overrides num_epochs")
+    global_batch_size: typing.Optional[int] = option(
+        128, "pairs per optimizer step over all ranks (mixpo's: the same for any number of "
+        "GPUs); empty = per_device_train_batch_size x gradient_accumulation_steps x ranks")
+    per_device_train_batch_size: int = option(2, "pairs per forward pass on one rank")
+    gradient_accumulation_steps: typing.Optional[int] = option(
+        None, "micro-batches per step and rank (Hugging Face); sets global_batch_size")
+    num_train_epochs: int = option(1, "passes over the data")
+    max_steps: int = option(0, "> 0 overrides num_train_epochs")
 
     # --- run ---
     output_dir: str = option("outputs/mixpo", "where checkpoints, metrics and final/ go")
     seed: int = option(42, "seeds data order (shuffle), margins and the RNGs")
     logging_steps: int = option(10, "log every this many optimizer steps")
+    report_to: list[str] = option(["none"], "none | tensorboard | wandb (offline works without "
+                                  "a network); a line per logging step is printed anyway")
     save_steps: int = option(500, "0 = no intermediate checkpoints")
     save_total_limit: int = option(0, "keep the newest N checkpoints (0 = all)")
     progress_bar: bool = option(True, "show a tqdm progress bar")
+    ddp_timeout: int = option(1800, "seconds a collective may wait for a stuck rank")
+    resume_on_changed_data: bool = option(
+        False, "resume even though the training data or model changed since the checkpoint")
 
     def validate(self) -> "TrainConfig":
-        """Raise ValueError naming the first inconsistent option; returns self."""
+        """Raise ValueError naming the first bad option; returns self. Runs before anything
+        is loaded, so a typo costs nothing."""
         for item in dataclasses.fields(self):
             allowed = item.metadata.get("choices")
             if allowed is not None and getattr(self, item.name) not in allowed:
                 raise ValueError(f"{item.name} must be one of {', '.join(map(repr, allowed))}, "
                                  f"got {getattr(self, item.name)!r}")
-        positive = ("max_length", "max_prompt_length", "global_batch_size", "micro_batch_size",
-                    "reference_batch_size", "logging_steps")
+        for name in self.report_to:
+            if name not in REPORTERS:
+                raise ValueError(f"report_to must list {', '.join(REPORTERS)}, got {name!r}")
+        positive = ("max_length", "max_prompt_length", "per_device_train_batch_size",
+                    "reference_batch_size", "logging_steps", "num_train_epochs", "ddp_timeout")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
-        if self.beta <= 0 or not math.isfinite(self.beta):
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        for key in ("global_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("max_steps", "save_steps", "save_total_limit", "eval_steps",
+                    "max_grad_norm", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.adam_epsilon <= 0 or self.margin_tau <= 0:
+            raise ValueError("adam_epsilon and margin_tau must be > 0")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         loss = self.loss_config()            # every loss option, checked by LossConfig
@@ -151,14 +197,37 @@ class TrainConfig:
         if self.adaptive_margin and not loss.has_margin:
             raise ValueError(f"adaptive_margin applies to the margin loss types, not "
                              f"{self.loss_type}")
+        if loss.reference_free and self.reference == "live":
+            raise ValueError(f"reference 'live' loads a reference model, but loss_type "
+                             f"{self.loss_type} is reference-free: use reference none")
         if self.step_in_backward and self.max_grad_norm > 0:
             raise ValueError("step_in_backward updates each parameter before the total gradient "
                              "norm is known, so it cannot clip: set max_grad_norm 0")
-        if not self.difficulty and (self.route_below is not None or self.route_fraction is not None
-                                    or self.select_easiest is not None):
-            raise ValueError("route_below / route_fraction / select_easiest need a difficulty "
-                             "(rating, reward or validation-loss)")
+        routes = [name for name in ("route_below", "route_at_or_below", "route_fraction")
+                  if getattr(self, name) is not None]
+        if len(routes) > 1:
+            raise ValueError(f"choose one of {', '.join(routes)}")
+        if not self.difficulty and (routes or self.select_easiest is not None):
+            raise ValueError("route_below / route_at_or_below / route_fraction / select_easiest "
+                             "need a difficulty (" + ", ".join(DIFFICULTY_KINDS) + ")")
+        if self.routing is False and routes:
+            raise ValueError(f"routing: false contradicts {routes[0]}")
+        if self.optim == "adamw_8bit" and importlib.util.find_spec("torchao") is None:
+            raise ValueError("optim 'adamw_8bit' needs torchao (pip install torchao)")
+        if "wandb" in self.report_to and importlib.util.find_spec("wandb") is None:
+            raise ValueError("report_to wandb needs the wandb package (pip install wandb)")
+        if "tensorboard" in self.report_to and \
+                importlib.util.find_spec("torch.utils.tensorboard") is None:
+            raise ValueError("report_to tensorboard needs tensorboard (pip install tensorboard)")
         return self
+
+    @property
+    def routes(self) -> bool:
+        """Whether hard pairs are routed to the SFT loss in this run."""
+        if self.routing is not None:
+            return self.routing
+        return any(getattr(self, name) is not None
+                   for name in ("route_below", "route_at_or_below", "route_fraction"))
 
     @classmethod
     def override(cls, name: str, default):
@@ -252,6 +321,25 @@ def coerce_value(key: str, value, annotation):
     raise TypeError(f"unsupported config field type {annotation!r} for {key!r}")
 
 
+def _note_alias(old: str, new: str) -> None:
+    import warnings
+
+    warnings.warn(f"config key {old!r} is now {new!r} (the old name still works)",
+                  FutureWarning, stacklevel=3)
+
+
+def _canonical(key: str, value, types: dict, source: str) -> tuple[str, object]:
+    """(field name, raw value) for a config key: old spellings (KEY_ALIASES) and Hugging Face's
+    `bf16` / `fp16` switches (-> dtype) are accepted."""
+    if key in ("bf16", "fp16") and key not in types:
+        on = str(value).lower() in _TRUE if not isinstance(value, bool) else value
+        return "dtype", ("bfloat16" if key == "bf16" else "float16") if on else "float32"
+    if key in KEY_ALIASES and key not in types and KEY_ALIASES[key] in types:
+        _note_alias(key, KEY_ALIASES[key])
+        return KEY_ALIASES[key], value
+    return _check_key(key, types, source), value
+
+
 def _check_key(key: str, types: dict, source: str) -> str:
     if key not in types:
         close = difflib.get_close_matches(key, list(types), n=3)
@@ -268,11 +356,13 @@ def add_config_arguments(parser, config_class=TrainConfig) -> None:
     import argparse
 
     types = _field_types(config_class)
+    aliases = {new: old for old, new in KEY_ALIASES.items()}
     for item in dataclasses.fields(config_class):
         names = [f"--{item.name}"]
-        if "_" in item.name:
-            names.append(f"--{item.name.replace('_', '-')}")
-        is_bool = types[item.name] is bool
+        if item.name in aliases:
+            names.append(f"--{aliases[item.name]}")
+        names += [name.replace("_", "-") for name in names if "_" in name]
+        is_bool = types[item.name] in (bool, typing.Optional[bool])
         parser.add_argument(*names, dest=item.name, default=argparse.SUPPRESS,
                             metavar="BOOL" if is_bool else "VALUE",
                             nargs="?" if is_bool else None, const="true" if is_bool else None,
@@ -308,9 +398,14 @@ def build_config(config_class=TrainConfig, yaml_path: str | Path | None = None,
     values = {}
     if yaml_path is not None:
         for key, value in load_yaml(yaml_path).items():
-            key = _check_key(str(key), types, str(yaml_path))
+            key, value = _canonical(str(key), value, types, str(yaml_path))
             values[key] = coerce_value(key, value, types[key])
     for key, value in (overrides or {}).items():
-        key = _check_key(key, types, "the overrides")
+        key, value = _canonical(key, value, types, "the overrides")
         values[key] = coerce_value(key, value, types[key])
     return config_class(**values).validate()
+
+
+def canonical_config_dict(config: dict) -> dict:
+    """A stored config dict (an earlier run's) with today's key names."""
+    return {KEY_ALIASES.get(key, key): value for key, value in config.items()}

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixpo.files import atomic_output
+from mixpo.files import atomic_output, atomic_write_text
 from mixpo.train.config import TrainConfig, option
 
 CHARS = "0123456789+="
@@ -49,8 +49,8 @@ class DemoConfig(TrainConfig):
     adaptive_margin: bool = TrainConfig.override("adaptive_margin", True)
     learning_rate: float = TrainConfig.override("learning_rate", 1e-4)
     global_batch_size: int = TrainConfig.override("global_batch_size", 32)
-    micro_batch_size: int = TrainConfig.override("micro_batch_size", 16)
-    num_epochs: int = TrainConfig.override("num_epochs", 3)
+    per_device_train_batch_size: int = TrainConfig.override("per_device_train_batch_size", 16)
+    num_train_epochs: int = TrainConfig.override("num_train_epochs", 3)
     reference_batch_size: int = TrainConfig.override("reference_batch_size", 64)
     logging_steps: int = TrainConfig.override("logging_steps", 5)
     save_steps: int = TrainConfig.override("save_steps", 25)
@@ -305,39 +305,48 @@ def plot_run(metrics: list[dict], before: dict, after: dict, path: Path) -> None
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Steps 1-5 of the module docstring; returns the before/after numbers."""
+    """Steps 1-5 of the module docstring; returns the before/after numbers. Under torchrun
+    rank 0 alone writes (warm-up, data, report) while the others wait; training is shared."""
     import torch
 
-    from mixpo.train.distributed import resolve_device
+    from mixpo.train import distributed
 
-    device = resolve_device(cfg.device)
+    env = distributed.setup(cfg.device, cfg.ddp_timeout)
     threads = torch.get_num_threads()
-    if device.type == "cpu":
+    if env.device.type == "cpu":
         # A 0.1 M-parameter model gains nothing from intra-op threads, and spinning OpenMP
         # threads on a busy machine make every step several times slower.
         torch.set_num_threads(1)
     try:
-        return _run_demo(cfg, device)
+        from mixpo.train.checkpoint import output_lock
+
+        with output_lock(Path(cfg.output_dir), enabled=env.is_main):
+            return _run_demo(cfg, env)
     finally:
         torch.set_num_threads(threads)
+        distributed.teardown(env)
 
 
-def _run_demo(cfg: DemoConfig, device) -> dict:
+def _run_demo(cfg: DemoConfig, env) -> dict:
     import datasets
 
     from mixpo.data.difficulty import compute_difficulty, route_hard
     from mixpo.data.io import save_rows
+    from mixpo.train import distributed
     from mixpo.train.metrics import read_metrics
     from mixpo.train.trainer import train
 
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    sft_dir = warm_started_model(cfg, output_dir, device)
-
-    problems = all_problems(cfg.operand_max)
+    device = env.device
+    sft_dir = output_dir / "sft-model"
     pairs_file = output_dir / "pairs.jsonl"
+    problems = all_problems(cfg.operand_max)
     train_rows = preference_rows(problems, cfg.seed)
-    save_rows(datasets.Dataset.from_list(train_rows), pairs_file)
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        sft_dir = warm_started_model(cfg, output_dir, device)
+        save_rows(datasets.Dataset.from_list(train_rows), pairs_file)
+    distributed.barrier(env)          # the others read what rank 0 wrote
     # Fresh pairs for evaluation: the same sums with newly drawn wrong answers.
     eval_rows = preference_rows(problems, cfg.seed + 1)
 
@@ -345,21 +354,25 @@ def _run_demo(cfg: DemoConfig, device) -> dict:
     train_cfg = TrainConfig(**{k: v for k, v in dataclasses.asdict(cfg).items()
                                if k in train_fields})
     train_cfg.model_name_or_path, train_cfg.train_file = str(sft_dir), str(pairs_file)
-    result = train(train_cfg)
+    result = train(train_cfg, env)
+    if not env.is_main:
+        return {}
 
     before, reference_logps = evaluate(sft_dir, cfg, eval_rows, device)
     after, _ = evaluate(Path(result["final_dir"]), cfg, eval_rows, device, reference_logps)
     metrics = read_metrics(output_dir)
     plot_run(metrics, before, after, output_dir / "demo.png")
     # The routing the trainer applied, by the data layer's own rules.
+    routes = {name: getattr(cfg, name) for name in
+              ("route_below", "route_at_or_below", "route_fraction")
+              if getattr(cfg, name) is not None}
     hard_pairs = int(route_hard(compute_difficulty(datasets.Dataset.from_list(train_rows),
-                                                   cfg.difficulty),
-                                cfg.route_below, cfg.route_fraction).sum())
+                                                   cfg.difficulty), **routes).sum())
     table = results_table(before, after, hard_pairs, len(train_rows),
                           metrics[-1] if metrics else None)
     print("\n" + table)
     print(f"\nplot: {output_dir / 'demo.png'}   metrics: {output_dir / 'metrics.jsonl'}   "
           f"model: {result['final_dir']}")
     summary = {"before": before, "after": after, "hard_pairs": hard_pairs, "table": table}
-    (output_dir / "demo_results.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(output_dir / "demo_results.json", json.dumps(summary, indent=1))
     return summary

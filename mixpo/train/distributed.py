@@ -39,8 +39,10 @@ def resolve_device(preference: str) -> torch.device:
     return torch.device(preference)
 
 
-def setup(device_preference: str = "auto") -> DistributedEnv:
-    """Join the process group torchrun describes (if any) and pick this process's device."""
+def setup(device_preference: str = "auto", timeout_seconds: int = 1800) -> DistributedEnv:
+    """Join the process group torchrun describes (if any) and pick this process's device. A
+    collective that waits longer than `timeout_seconds` for a stuck (or stopped) rank raises
+    instead of hanging forever."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_preference)
@@ -50,7 +52,10 @@ def setup(device_preference: str = "auto") -> DistributedEnv:
     if world_size == 1:
         return DistributedEnv(0, 1, 0, device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        import datetime
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_seconds))
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world_size,))
@@ -78,12 +83,38 @@ def barrier(env: DistributedEnv) -> None:
 
 
 def all_gather_cat(tensor: torch.Tensor, env: DistributedEnv) -> torch.Tensor:
-    """Concatenate equally shaped tensors from every rank along dim 0 (rank order)."""
+    """Concatenate tensors from every rank along dim 0 (rank order); their first dimensions
+    may differ (a last, incomplete batch shared unevenly)."""
     if not env.distributed:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(env.world_size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.empty_like(size) for _ in range(env.world_size)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    longest = max(sizes)
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[:tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(env.world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def all_reduce_min(value: int, env: DistributedEnv) -> int:
+    """The smallest of every rank's `value`."""
+    if not env.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=env.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def all_true(flag: bool, env: DistributedEnv) -> bool:
+    """Whether `flag` holds on every rank."""
+    if not env.distributed:
+        return flag
+    tensor = torch.tensor([0.0 if flag else 1.0], dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor)
+    return tensor.item() == 0
 
 
 def all_reduce_sum(value: float, env: DistributedEnv) -> float:
@@ -112,5 +143,10 @@ def broadcast_object(obj, env: DistributedEnv):
 
 
 def teardown(env: DistributedEnv) -> None:
+    """Leave the process group cleanly: every rank reaches the barrier before any destroys
+    it (a rank tearing down while its peer still sends aborts the peer)."""
     if env.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

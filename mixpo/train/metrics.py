@@ -1,21 +1,25 @@
 """Training metrics: TRL's names, aggregated over every pair of every rank since the last log.
 
-Each logging step appends one JSON object to `OUTPUT/metrics.jsonl` (and to TensorBoard under
-`OUTPUT/runs/` when tensorboard is installed): `step`, the loss metrics of
-`PreferenceLossOutput.metrics()` (loss, rewards/*, logps/*, gamma/*, routing/sft_fraction),
-`lr`, `grad_norm` (before clipping, at the logging step), `tokens_per_second` (non-padding
-tokens over all ranks) and `memory/peak_gb` (CUDA peak allocated, or the process's peak RSS on
-CPU).
+Each logging step appends one JSON object to `OUTPUT/metrics.jsonl` (and to the report_to
+backends, TensorBoard under `OUTPUT/runs/` or Weights & Biases), and prints it as one line:
+`step`, the loss metrics of `PreferenceLossOutput.metrics()` (loss, rewards/*, logps/*,
+gamma/*, routing/sft_fraction, and with token_metrics logits/*, entropy, mean_token_accuracy),
+`learning_rate`, `grad_norm` (before clipping, at the logging step), `tokens_per_second`
+(non-padding tokens over all ranks), `memory/peak_gb` (CUDA peak allocated, or the process's
+peak RSS on CPU) and, at evaluation steps, `eval/*`.
 """
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
+from mixpo.files import atomic_output
 from mixpo.losses import PreferenceLossOutput
 from mixpo.train import distributed
 
@@ -82,41 +86,85 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-class MetricsLog:
-    """Appends rows to metrics.jsonl (rank 0 only) and mirrors them to TensorBoard."""
+def _kept_rows(path: Path, resume_step: int | None) -> list[str]:
+    """The lines of an existing metrics.jsonl to keep on resume: rows up to the checkpoint's
+    step (later ones will be logged again); a torn last line (a kill mid-write) is dropped
+    with a warning."""
+    if resume_step is None or not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                warnings.warn(f"{path}: dropping its torn last line (a run killed while "
+                              "writing it)", stacklevel=3)
+                break
+            raise ValueError(f"{path} line {number}: not valid JSON; move the file away to "
+                             "start a fresh log") from None
+        if row.get("step", 0) <= resume_step:
+            kept.append(line)
+    return kept
 
-    def __init__(self, output_dir: Path, enabled: bool, resume_step: int | None):
+
+def format_row(row: dict, total_steps: int) -> str:
+    """The one line printed per logging step."""
+    parts = [f"step {row['step']}/{total_steps}"]
+    for name, spec in (("loss", ".4f"), ("rewards/accuracies", ".3f"), ("rewards/margins", ".4f"),
+                       ("learning_rate", ".2e"), ("grad_norm", ".3g"),
+                       ("tokens_per_second", ".0f"), ("eval/loss", ".4f")):
+        if name in row:
+            parts.append(f"{name} {row[name]:{spec}}")
+    return " | ".join(parts)
+
+
+class MetricsLog:
+    """Appends rows to metrics.jsonl (rank 0 only), prints a line per row, and mirrors the
+    rows to the `report_to` backends: "tensorboard" (OUTPUT/runs/), "wandb" (honours
+    WANDB_MODE, e.g. offline without a network), "none"."""
+
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: int | None,
+                 report_to=("none",), run_name: str = "", config: dict | None = None,
+                 total_steps: int = 0, printer=print):
         self.path = output_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tensorboard = None
+        self.enabled, self.total_steps, self.printer = enabled, total_steps, printer
+        self.tensorboard = self.wandb = None
         if not enabled:
             return
-        kept = []
-        if resume_step is not None and self.path.is_file():
-            # Rows logged after the checkpoint we resume from will be logged again.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-        try:
+        kept = _kept_rows(self.path, resume_step)
+        with atomic_output(self.path) as staging:
+            staging.write_text("".join(line + "\n" for line in kept))
+        if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(str(output_dir / "runs"))
-        except ImportError:  # tensorboard is optional
-            self.tensorboard = None
+        if "wandb" in report_to:
+            import wandb
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mixpo"),
+                                    name=run_name or None, dir=str(output_dir),
+                                    config=config or {}, resume="allow")
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
+        self.printer(format_row(row, self.total_steps))
+        scalars = {name: value for name, value in row.items()
+                   if name != "step" and isinstance(value, (int, float))}
         if self.tensorboard is not None:
-            for name, value in row.items():
-                if name != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(name, value, row["step"])
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, row["step"])
             self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:

@@ -30,6 +30,25 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float) ->
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def learning_rate_at(schedule: str, step: int, total_steps: int, warmup_steps: int,
+                     base_lr: float) -> float:
+    """The learning rate of step `step` (0-based) under Hugging Face's schedules with linear
+    warmup: "cosine" (get_cosine_schedule_with_warmup), "linear" (to 0 at the end),
+    "constant" (no warmup), "constant_with_warmup"."""
+    if schedule == "cosine":
+        return cosine_lr(step, total_steps, warmup_steps, base_lr)
+    if schedule == "constant":
+        return base_lr
+    if step < warmup_steps:
+        return base_lr * step / max(1, warmup_steps)
+    if schedule == "constant_with_warmup":
+        return base_lr
+    if schedule == "linear":
+        return base_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    raise ValueError(f"lr_scheduler_type {schedule!r} is not one of cosine, linear, constant, "
+                     "constant_with_warmup")
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of an FSDP2 DTensor (a view: in-place updates reach the parameter)."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor

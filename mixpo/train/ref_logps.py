@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,13 @@ def _model_fingerprint(model_path: str) -> dict:
     return {"path": str(path), "config": config, "files": files}
 
 
-def cache_key(model_path: str, dtype: torch.dtype, examples: list[dict]) -> str:
-    """sha256 over the model fingerprint, dtype and every tokenized pair."""
+def cache_key(model_path: str, dtype: torch.dtype, examples: list[dict],
+              ld_alpha: float | None = None) -> str:
+    """sha256 over the model fingerprint, dtype, LD-DPO weighting and every tokenized pair:
+    also the run's data fingerprint (a resumed run must see the same)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"model": _model_fingerprint(model_path), "dtype": str(dtype)},
-                             sort_keys=True).encode())
+    digest.update(json.dumps({"model": _model_fingerprint(model_path), "dtype": str(dtype),
+                              "ld_alpha": ld_alpha}, sort_keys=True).encode())
     for example in examples:
         for name in ("chosen_input_ids", "rejected_input_ids"):
             ids = np.asarray(example[name], dtype=np.int64)
@@ -86,18 +89,22 @@ def compute_reference_logps(model, examples: list[dict], collator, env, batch_si
     return chosen, rejected
 
 
-def attach_reference_logps(examples: list[dict], model, collator, env, *, model_path: str,
-                           dtype: torch.dtype, output_dir: Path, batch_size: int,
-                           progress: bool = False) -> str:
+def attach_reference_logps(examples: list[dict], model, collator, env, *, key: str,
+                           output_dir: Path, batch_size: int, progress: bool = False,
+                           cache_name: str = CACHE_NAME) -> str:
     """Set `ref_chosen_logps` / `ref_rejected_logps` on every example, from the cache when its
-    key matches, else by `compute_reference_logps` (then cached by rank 0, atomically).
-    Returns 'cached' or 'computed'."""
-    key = cache_key(model_path, dtype, examples)
-    path = Path(output_dir) / CACHE_NAME
+    `key` (`cache_key`) matches, else by `compute_reference_logps` (then cached by rank 0,
+    atomically). A damaged cache file is recomputed. Returns 'cached' or 'computed'."""
+    path = Path(output_dir) / cache_name
     cached = None
     if env.is_main and path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        if stored.get("key") == key and len(stored["chosen"]) == len(examples):
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:                                # noqa: BLE001 - a cache: recompute
+            warnings.warn(f"{path} is damaged; computing the reference log-probs again",
+                          stacklevel=2)
+            stored = {}
+        if stored.get("key") == key and len(stored.get("chosen", ())) == len(examples):
             cached = (stored["chosen"], stored["rejected"])
     cached = distributed.broadcast_object(cached, env)  # only rank 0 reads the file
     if cached is None:

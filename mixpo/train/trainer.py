@@ -1,9 +1,16 @@
-"""The training loop, top to bottom: data -> model -> reference log-probs -> optimizer ->
-resume -> steps (accumulate micro-batches, clip, step, log, checkpoint) -> final export.
+"""The training loop, top to bottom: check the options and the data -> lock the output
+directory -> data -> model -> reference log-probs -> optimizer -> resume -> steps (accumulate
+micro-batches, clip, step, log, evaluate, checkpoint) -> final export.
 
 One process: `python -m mixpo train recipe.yaml`. Several: `torchrun --nproc_per_node N -m
 mixpo train recipe.yaml` shards the model with FSDP2; the global batch (pairs per optimizer
 step) and the order of the data stay the same for any number of processes.
+
+A step never waits on the device: the batch's shape comes from the CPU collator, the loss API
+runs with validate=False, metrics stay on the device until a logging step. A non-finite loss
+or gradient norm sets a device-side flag, read at logging and save steps: the run then stops
+with a message naming the step and learning rate, and nothing non-finite is ever saved, so a
+rerun resumes from the last finite checkpoint.
 """
 from __future__ import annotations
 
@@ -20,35 +27,61 @@ from mixpo.margins import AdaptiveMargin
 from mixpo.train import checkpoint, distributed
 from mixpo.train.config import TrainConfig
 from mixpo.train.metrics import MetricsLog, MetricsWindow, peak_memory_gb
-from mixpo.train.optim import attach_step_in_backward, build_optimizers, cosine_lr, set_lr
-from mixpo.train.ref_logps import attach_reference_logps
+from mixpo.train.optim import (attach_step_in_backward, build_optimizers, learning_rate_at,
+                               set_lr)
+from mixpo.train.ref_logps import attach_reference_logps, cache_key
+
+PREPARE_HINT = ("produce it with `mixpo data prepare RAW -o {path}` (from UltraFeedback-style "
+                "rows, e.g. HuggingFaceH4/ultrafeedback_binarized saved with save_to_disk or as "
+                "parquet), or point train_file at your own preference data")
 
 
-def load_examples(cfg: TrainConfig, tokenizer, env) -> list[dict]:
-    """Rows of cfg.train_file -> (optionally scored, selected, routed, ordered) -> tokenized."""
+class Diverged(ValueError):
+    """The loss or gradient norm became non-finite."""
+
+
+def check_data_paths(cfg: TrainConfig) -> None:
+    """The data files exist: checked first, before any model or tokenizer is loaded."""
+    if not cfg.train_file:
+        raise ValueError("train_file is empty: give a preference data file")
+    for option in ("train_file", "eval_file"):
+        path = getattr(cfg, option)
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{option} {path}: no such file or directory; "
+                                    + PREPARE_HINT.format(path=path))
+
+
+def load_examples(cfg: TrainConfig, tokenizer, env, path: str, split: str = "",
+                  prepare: bool = True) -> list[dict]:
+    """Rows of `path` -> (optionally scored, selected, routed, ordered) -> tokenized."""
     from mixpo.data.difficulty import prepare_dataset
     from mixpo.data.io import load_rows
     from mixpo.data.tokenize import tokenize_rows
 
-    if not cfg.train_file:
-        raise ValueError("train_file is empty: give a preference data file")
-    dataset, row_names = load_rows(cfg.train_file)
+    dataset, row_names = load_rows(path, split or None)
     source_rows = list(range(len(dataset)))
-    if cfg.difficulty:
+    if cfg.difficulty and prepare:
         # Remember each row's place in the file so errors still name the right line.
         dataset = dataset.add_column("__source_row", source_rows)
+        routes = {name: getattr(cfg, name) for name in
+                  ("route_below", "route_at_or_below", "route_fraction")
+                  if getattr(cfg, name) is not None}
         dataset, summary = prepare_dataset(
-            dataset, difficulty=cfg.difficulty, route_below=cfg.route_below,
-            route_fraction=cfg.route_fraction, select_easiest=cfg.select_easiest,
-            order=cfg.order, seed=cfg.seed, row_names=row_names)
+            dataset, difficulty=cfg.difficulty, select_easiest=cfg.select_easiest,
+            order=cfg.order, seed=cfg.seed, row_names=row_names, **routes)
         source_rows = dataset["__source_row"]
         if env.is_main:
             print(summary.line())
     examples = tokenize_rows(dataset, tokenizer, cfg.max_length, cfg.max_prompt_length,
                              row_names=lambda index: row_names(source_rows[index]))
-    if not cfg.routing:
+    # MixDPO routing only when the run asks for it (a `hard` column alone routes nothing).
+    if not cfg.routes:
         for example in examples:
             example.pop("hard", None)
+    elif env.is_main:
+        routed = sum(bool(example.get("hard")) for example in examples)
+        print(f"routing: {routed} of {len(examples)} pairs take the SFT loss of their chosen "
+              "response")
     return examples
 
 
@@ -62,15 +95,30 @@ def build_policy(cfg: TrainConfig, env, trainable: bool = True) -> PreferenceMod
     return distributed.shard(model, decoder_layers(causal_lm), env)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume, or recognise as finished) the training `cfg` describes.
+def train(cfg: TrainConfig, env=None) -> dict:
+    """Run (or resume, or recognise as finished) the training `cfg` describes; `env` is an
+    already joined process group (the demo's), else one is set up and torn down here.
     Returns {'output_dir', 'final_dir', 'completed_steps', 'last_metrics'}."""
     cfg.validate()
-    env = distributed.setup(cfg.device)
+    check_data_paths(cfg)
+    own_env = env is None
+    env = env or distributed.setup(cfg.device, cfg.ddp_timeout)
     try:
-        return _train(cfg, env)
+        with checkpoint.output_lock(Path(cfg.output_dir), enabled=env.is_main):
+            return _train(cfg, env)
     finally:
-        distributed.teardown(env)
+        if own_env:
+            distributed.teardown(env)
+
+
+def _reference_logps(cfg, policy, examples, collator, env, output_dir, key, name):
+    """Precomputed reference log-probs attached to `examples` (cached beside the output)."""
+    origin = attach_reference_logps(examples, policy, collator, env, key=key,
+                                    output_dir=output_dir, batch_size=cfg.reference_batch_size,
+                                    progress=cfg.progress_bar, cache_name=name)
+    if env.is_main:
+        label = "" if name == "reference_logps.pt" else " (eval)"
+        print(f"reference log-probs{label}: {origin} ({output_dir / name})")
 
 
 def _train(cfg: TrainConfig, env) -> dict:
@@ -84,22 +132,30 @@ def _train(cfg: TrainConfig, env) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    dtype = torch_dtype(cfg.dtype, env.device)
 
     # ---- data ------------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    examples = load_examples(cfg, tokenizer, env)
+    examples = load_examples(cfg, tokenizer, env, cfg.train_file, cfg.split)
+    eval_examples = load_examples(cfg, tokenizer, env, cfg.eval_file, cfg.eval_split,
+                                  prepare=False) if cfg.eval_file else []
     collator = PreferenceCollator(tokenizer.pad_token_id)
-    sampler = CurriculumSampler(len(examples), cfg.global_batch_size, cfg.micro_batch_size,
-                                env.world_size, env.rank, cfg.num_epochs, cfg.max_steps)
+    micro = cfg.per_device_train_batch_size
+    global_batch = cfg.global_batch_size if cfg.gradient_accumulation_steps is None \
+        else micro * cfg.gradient_accumulation_steps * env.world_size
+    sampler = CurriculumSampler(len(examples), global_batch, micro, env.world_size, env.rank,
+                                cfg.num_train_epochs, cfg.max_steps, drop_last=cfg.drop_last)
     if cfg.step_in_backward and (sampler.accumulation_steps > 1 or env.distributed):
         raise ValueError("step_in_backward needs one backward per step on one process: set "
-                         "micro_batch_size = global_batch_size and run without torchrun "
-                         f"(now {sampler.accumulation_steps} micro-batches x {env.world_size} "
-                         "processes)")
+                         "per_device_train_batch_size = global_batch_size and run without "
+                         f"torchrun (now {sampler.accumulation_steps} micro-batches x "
+                         f"{env.world_size} processes)")
     total_steps = sampler.total_steps
+    fingerprint = cache_key(cfg.model_name_or_path, dtype, examples, cfg.ld_alpha)
     previous = distributed.broadcast_object(
         checkpoint.previous_run(output_dir) if env.is_main else None, env)
-    checkpoint.check_same_run(previous, cfg.to_dict(), output_dir)
+    checkpoint.check_same_run(previous, cfg.to_dict(), output_dir, fingerprint,
+                              cfg.resume_on_changed_data)
     if previous is not None and previous["completed_steps"] == total_steps:
         if env.is_main:
             print(f"{output_dir / checkpoint.FINAL_DIR} already holds this run's {total_steps} "
@@ -111,31 +167,34 @@ def _train(cfg: TrainConfig, env) -> dict:
         checkpoint.remove_partial_checkpoints(output_dir)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if sampler.dropped_rows_per_epoch:
-            print(f"note: the last {sampler.dropped_rows_per_epoch} pairs of each epoch do not "
-                  f"fill a global batch of {cfg.global_batch_size} and are skipped")
+            print(f"note: drop_last: the last {sampler.dropped_rows_per_epoch} pairs of each "
+                  f"epoch do not fill a global batch of {global_batch} and are skipped")
+        elif sampler.last_batch_rows < global_batch:
+            print(f"note: each epoch ends with a smaller step of {sampler.last_batch_rows} "
+                  f"pairs (the hardest, in an easy-first order); drop_last skips it")
     distributed.barrier(env)
 
     # ---- model and reference ---------------------------------------------------------------
     policy = build_policy(cfg, env)
-    if env.is_main and cfg.optim == "adamw" and torch_dtype(cfg.dtype, env.device) != torch.float32:
+    if env.is_main and cfg.optim == "adamw" and dtype != torch.float32:
         print("note: torch AdamW on 16-bit parameters rounds updates smaller than the "
               "parameters' resolution away (most of them at lr ~1e-6); optim adamw_bf16 "
               "rounds stochastically instead")
     reference_model = None
     if not cfg.reference_free and cfg.reference == "precomputed":
         # The policy has not moved yet, so it *is* the reference model for this pass.
-        origin = attach_reference_logps(
-            examples, policy, collator, env, model_path=cfg.model_name_or_path,
-            dtype=torch_dtype(cfg.dtype, env.device), output_dir=output_dir,
-            batch_size=cfg.reference_batch_size, progress=cfg.progress_bar)
-        if env.is_main:
-            print(f"reference log-probs: {origin} ({output_dir / 'reference_logps.pt'})")
+        _reference_logps(cfg, policy, examples, collator, env, output_dir, fingerprint,
+                         "reference_logps.pt")
+        if eval_examples:
+            _reference_logps(cfg, policy, eval_examples, collator, env, output_dir,
+                             cache_key(cfg.model_name_or_path, dtype, eval_examples,
+                                       cfg.ld_alpha), "reference_logps_eval.pt")
     elif not cfg.reference_free:
         reference_model = build_policy(cfg, env, trainable=False)
     margin = None
     if cfg.adaptive_margin:  # gamma-PO; each rank keeps its own queue, as the authors do
         margin = AdaptiveMargin(cfg.margin_mean, cfg.margin_tau, seed=cfg.seed + env.rank,
-                                center=cfg.margin_center)
+                                center=cfg.margin_center, check_finite=False)
 
     # ---- optimizer and resume --------------------------------------------------------------
     optimizers = build_optimizers(policy, cfg, env.device)
@@ -143,47 +202,58 @@ def _train(cfg: TrainConfig, env) -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     window = MetricsWindow()
-    resume_from = distributed.broadcast_object(checkpoint.latest_checkpoint(output_dir), env)
+    resume_from = distributed.broadcast_object(
+        checkpoint.usable_checkpoint(output_dir, env.world_size) if env.is_main else None, env)
     if resume_from is not None:
         trainer_state, rank_state = checkpoint.load_checkpoint(resume_from, policy, optimizers,
                                                                env)
         sampler.load_state_dict(trainer_state["sampler"])
         if sampler.start_step > total_steps:
             raise ValueError(f"{resume_from} is past this run's last step ({total_steps}); "
-                             "raise max_steps / num_epochs or use another output_dir")
+                             "raise max_steps / num_train_epochs or use another output_dir")
         window.load_state_dict(rank_state["metrics_window"])
         if margin is not None:
             margin.load_state_dict(rank_state["margin"])
         if env.is_main:
             print(f"resuming from {resume_from} (step {sampler.start_step} of {total_steps})")
-    log = MetricsLog(output_dir, env.is_main, sampler.start_step if resume_from else None)
+    log = MetricsLog(output_dir, env.is_main, sampler.start_step if resume_from else None,
+                     cfg.report_to, run_name=output_dir.name, config=cfg.to_dict(),
+                     total_steps=total_steps, printer=tqdm.write if cfg.progress_bar else print)
 
     # ---- the loop --------------------------------------------------------------------------
     policy.train()
     progress = tqdm(total=total_steps, initial=sampler.start_step, desc="train",
                     disable=not (env.is_main and cfg.progress_bar))
+    # Device-side divergence watch: the first step whose loss or gradient norm is not finite.
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=env.device)
+    learning_rates: dict[int, float] = {}
+    last_saved = sampler.start_step if resume_from else 0
     row = None
-    for step, micro_batches in sampler:
-        lr = cosine_lr(step, total_steps, warmup_steps, cfg.learning_rate)
+    for step in sampler:
+        lr = learning_rate_at(cfg.lr_scheduler_type, step.index, total_steps, warmup_steps,
+                              cfg.learning_rate)
+        learning_rates[step.index + 1] = lr
         set_lr(optimizers, lr)
-        for indices in micro_batches:
-            batch = collator([examples[i] for i in indices])
-            tokens = int(batch["attention_mask"].sum())  # counted on the CPU: no device sync
-            batch = {name: tensor.to(env.device) for name, tensor in batch.items()}
-            if reference_model is not None:
-                ref_logps = reference_model(batch["input_ids"], batch["attention_mask"],
-                                            batch["labels"], logps_only=True)
-                if env.distributed:
-                    reference_model.reshard()  # no backward follows to reshard its root
-            elif not cfg.reference_free:
-                ref_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
-            else:
-                ref_logps = None
+        step_finite = torch.ones((), dtype=torch.bool, device=env.device)
+        for indices in step.micro_batches:
+            # A rank with no rows left in a last, smaller step runs a stand-in with weight 0,
+            # so that every rank takes part in the same collectives.
+            weight = len(indices) * env.world_size / step.pairs
+            batch = collator([examples[i] for i in (indices or [0])])
+            tokens = int(batch["attention_mask"].sum()) if indices else 0  # counted on the CPU
+            batch = {name: tensor.to(env.device, non_blocking=True)
+                     for name, tensor in batch.items()}
+            ref_logps = _batch_reference(cfg, reference_model, batch, env)
             loss, out = policy(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                               ref_logps=ref_logps, hard=batch.get("hard"), margin=margin)
-            # Mean over the global batch: every micro-batch holds the same number of pairs.
-            (loss / sampler.accumulation_steps).backward()
-            window.add(out, tokens=tokens)
+                               ref_logps=ref_logps, hard=batch.get("hard"),
+                               margin=margin if indices else None,
+                               completion_rows=batch["completion_rows"],
+                               completion_counts=batch["completion_counts"], validate=False)
+            # The step's loss is the mean over its pairs on every rank (FSDP averages ranks).
+            (loss * weight).backward()
+            step_finite &= torch.isfinite(loss)
+            if indices:
+                window.add(out, tokens=tokens)
 
         if grad_sq_sum is not None:  # parameters were already updated inside backward
             grad_norm = grad_sq_sum.sqrt()  # a tensor: read on the host only when logged
@@ -193,33 +263,116 @@ def _train(cfg: TrainConfig, env) -> dict:
             for optimizer in optimizers:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        done = step + 1
+        done = step.index + 1
+        local_norm = grad_norm.to_local() if hasattr(grad_norm, "to_local") else grad_norm
+        step_finite &= torch.isfinite(local_norm).all()
+        first_bad_step = torch.where((first_bad_step < 0) & ~step_finite,
+                                     torch.full_like(first_bad_step, done), first_bad_step)
         progress.update(1)
 
-        if done % cfg.logging_steps == 0 or done == total_steps:
+        logging_step = done % cfg.logging_steps == 0 or done == total_steps
+        saving_step = cfg.save_steps and done % cfg.save_steps == 0
+        eval_step = eval_examples and ((cfg.eval_steps and done % cfg.eval_steps == 0)
+                                       or done == total_steps)
+        if logging_step or saving_step or eval_step:
+            _stop_if_diverged(first_bad_step, learning_rates, last_saved, env)
+        if logging_step:
             if hasattr(grad_norm, "full_tensor"):  # FSDP2 DTensor (collective: every rank)
                 grad_norm = grad_norm.full_tensor()
-            row = {"step": done, **window.summarize(env), "lr": lr,
-                   "grad_norm": grad_norm.item(),
-                   "memory/peak_gb": peak_memory_gb(env.device)}
+            row = {"step": done, **window.summarize(env), "learning_rate": lr,
+                   "grad_norm": grad_norm.item(), "memory/peak_gb": peak_memory_gb(env.device)}
+        if eval_step:
+            evaluation = evaluate(cfg, policy, eval_examples, collator, reference_model, env)
+            row = {**row, **evaluation} if logging_step else {"step": done, **evaluation}
+        if logging_step or eval_step:
             log.write(row)
-            progress.set_postfix(loss=f"{row['loss']:.4f}",
-                                 acc=f"{row['rewards/accuracies']:.2f}")
-        if cfg.save_steps and done % cfg.save_steps == 0:
+            progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
+        if saving_step:
+            if not checkpoint.all_finite(policy, env):
+                raise Diverged(f"training diverged by step {done} (learning_rate {lr:.3g}): "
+                               "the weights are not finite; nothing was saved after step "
+                               f"{last_saved}")
             sampler_state = {**sampler.state_dict(), "start_step": done}
             rank_state = {"metrics_window": window.state_dict(),
                           "margin": None if margin is None else margin.state_dict()}
             checkpoint.save_checkpoint(
                 output_dir, done, policy, optimizers,
                 {"step": done, "sampler": sampler_state, "world_size": env.world_size,
-                 "config": cfg.to_dict()}, rank_state, env, cfg.save_total_limit)
+                 "config": cfg.to_dict(), "fingerprint": fingerprint}, rank_state, env,
+                cfg.save_total_limit)
+            last_saved = done
     progress.close()
     log.close()
 
+    _stop_if_diverged(first_bad_step, learning_rates, last_saved, env)
+    if not checkpoint.all_finite(policy, env):
+        raise Diverged(f"training diverged (learning_rate {cfg.learning_rate:.3g}): the final "
+                       "weights are not finite; nothing was exported")
     final_dir = checkpoint.export_final(
         output_dir, policy, policy.causal_lm, tokenizer,
-        {"completed_steps": total_steps, "config": cfg.to_dict()}, env)
+        {"completed_steps": total_steps, "config": cfg.to_dict(), "fingerprint": fingerprint},
+        env)
     if env.is_main:
         print(f"saved {final_dir}")
     return {"output_dir": str(output_dir), "final_dir": str(final_dir),
             "completed_steps": total_steps, "last_metrics": row}
+
+
+def _batch_reference(cfg, reference_model, batch, env):
+    """The micro-batch's reference log-probs [2B]: precomputed, from the live reference
+    model, or None for a reference-free loss."""
+    if reference_model is not None:
+        ref_logps = reference_model(batch["input_ids"], batch["attention_mask"],
+                                    batch["labels"], logps_only=True)
+        if env.distributed:
+            reference_model.reshard()  # no backward follows to reshard its root
+        return ref_logps
+    if cfg.reference_free:
+        return None
+    return torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+
+
+def _stop_if_diverged(first_bad_step, learning_rates, last_saved, env) -> None:
+    """Read the device-side divergence flag (a host sync, at logging / save steps only);
+    every rank stops at the first bad step any rank saw."""
+    bad = int(first_bad_step.item())
+    bad = distributed.all_reduce_min(bad if bad > 0 else 2**62, env)
+    if bad < 2**62:
+        where = f"checkpoint-{last_saved}" if last_saved else "the start"
+        raise Diverged(f"training diverged at step {bad} (learning_rate "
+                       f"{learning_rates.get(bad, float('nan')):.3g}): the loss or gradient norm "
+                       f"is not finite; nothing was saved after step {last_saved}, a rerun "
+                       f"resumes from {where} (lower learning_rate or raise warmup)")
+
+
+@torch.no_grad()
+def evaluate(cfg, policy, examples, collator, reference_model, env) -> dict:
+    """eval/* metrics of the held-out pairs: the same loss with the fixed margin (gamma-PO's
+    mean gamma0; eval pairs never enter the solver's queue), TRL's metric names."""
+    policy.eval()
+    shares = [list(range(start, min(start + cfg.per_device_train_batch_size, len(examples))))
+              for start in range(env.rank * cfg.per_device_train_batch_size, len(examples),
+                                 cfg.per_device_train_batch_size * env.world_size)]
+    rounds = math.ceil(len(examples) / (cfg.per_device_train_batch_size * env.world_size))
+    window = MetricsWindow()
+    for round_index in range(rounds):
+        indices = shares[round_index] if round_index < len(shares) else []
+        batch = collator([examples[i] for i in (indices or [0])])
+        batch = {name: tensor.to(env.device) for name, tensor in batch.items()}
+        ref_logps = _batch_reference(cfg, reference_model, batch, env)
+        gamma = None
+        if cfg.adaptive_margin:
+            gamma = torch.full((batch["input_ids"].shape[0] // 2,), cfg.margin_mean
+                               - (cfg.margin_mean if cfg.margin_center else 0.0),
+                               device=env.device)
+        _, out = policy(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                        ref_logps=ref_logps, hard=batch.get("hard"),
+                        completion_rows=batch["completion_rows"],
+                        completion_counts=batch["completion_counts"], validate=False,
+                        **({"gamma": gamma} if gamma is not None else {}))
+        if indices:
+            window.add(out, tokens=0)
+    summary = window.summarize(env)
+    summary.pop("tokens_per_second", None)
+    policy.train()
+    return {f"eval/{name}": value for name, value in summary.items()}

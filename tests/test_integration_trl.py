@@ -1,0 +1,175 @@
+"""mixpo inside trl 1.16: MixpoDPOTrainer against stock trl.DPOTrainer on a tiny random Llama
+(step-0 loss and gradients per shared loss type), a short run with routing, adaptive margins
+and precomputed reference log-probs that trains, logs, checkpoints and resumes, a LoRA run,
+and the curriculum sampler."""
+import json
+import random
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from fixtures import WORDS, build_tiny_causal_lm, build_tiny_tokenizer  # noqa: E402
+from mixpo.integrations.trl import MixpoDPOConfig, MixpoDPOTrainer      # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rows(n=24, seed=0):
+    """Standard (string) preference rows with UltraFeedback-style ratings, ties included."""
+    rng = random.Random(seed)
+
+    def sentence(low=3, high=7):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+    data = []
+    for index in range(n):
+        rejected_score = rng.choice([2.0, 3.5, 5.0, 6.5])
+        gap = 0.0 if index % 4 == 1 else rng.choice([1.0, 2.5, 4.0])
+        data.append({"prompt": sentence() + " ", "chosen": sentence(), "rejected": sentence(),
+                     "score_chosen": rejected_score + gap, "score_rejected": rejected_score})
+    return data
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer([value for row in rows() for value in row.values()
+                                 if isinstance(value, str)], chat_template=False)
+
+
+def make(trainer_class, config_class, tokenizer, tmp_path, model_seed=0, dataset=None,
+         **options):
+    model = build_tiny_causal_lm(tokenizer, seed=model_seed).train()
+    ref_model = None
+    if not options.get("precompute_ref_log_probs") and "peft_config" not in options:
+        ref_model = build_tiny_causal_lm(tokenizer, seed=model_seed)
+    peft_config = options.pop("peft_config", None)
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                    learning_rate=1e-3, max_steps=3, logging_steps=1, save_strategy="no",
+                    report_to="none", seed=0, use_cpu=True, max_length=64,
+                    gradient_checkpointing=False, bf16=False, dataloader_num_workers=0)
+    settings.update(options)
+    args = config_class(**settings)
+    return trainer_class(model=model, ref_model=ref_model, args=args,
+                         train_dataset=dataset or datasets.Dataset.from_list(rows()),
+                         processing_class=tokenizer, peft_config=peft_config)
+
+
+def first_step(trainer):
+    """Loss and parameter gradients of the first training batch."""
+    trainer.model.zero_grad(set_to_none=True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = trainer._prepare_inputs(batch)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {name: param.grad.clone() for name, param in trainer.model.named_parameters()
+             if param.grad is not None}
+    return loss.detach(), grads, batch
+
+
+@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0),
+                                                       ("hinge", 0.0), ("robust", 0.1)])
+def test_step_zero_equals_stock_dpo_trainer(tokenizer, tmp_path, loss_type, label_smoothing):
+    options = dict(loss_type=loss_type, label_smoothing=label_smoothing, beta=0.3,
+                   curriculum=False)
+    stock = make(trl.DPOTrainer, trl.DPOConfig, tokenizer, tmp_path / "stock",
+                 **{k: v for k, v in options.items() if k != "curriculum"})
+    ours = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "mixpo", **options)
+    stock_loss, stock_grads, stock_batch = first_step(stock)
+    our_loss, our_grads, our_batch = first_step(ours)
+    assert torch.equal(stock_batch["input_ids"], our_batch["input_ids"])  # same shuffle
+    torch.testing.assert_close(our_loss, stock_loss, rtol=1e-5, atol=1e-6)
+    assert set(our_grads) == set(stock_grads) and len(our_grads) > 10
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # TRL's metric names, same values (rewards are TRL's summed ones, ipo included).
+    for name in ("rewards/chosen", "rewards/margins", "logps/chosen", "logits/chosen",
+                 "entropy", "mean_token_accuracy"):
+        assert ours._metrics["train"][name][-1] == pytest.approx(
+            stock._metrics["train"][name][-1], rel=1e-4, abs=1e-5), name
+
+
+def test_routing_adaptive_margins_precompute_checkpoint_resume(tokenizer, tmp_path):
+    options = dict(loss_type="sigmoid", beta=0.1, route_below=0.5, adaptive_margin=True,
+                   gamma=0.5, precompute_ref_log_probs=True, max_steps=4, save_strategy="steps",
+                   save_steps=2)
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "run", **options)
+    assert trainer.train_dataset["hard"] == [row["score_chosen"] - row["score_rejected"] < 0.5
+                                             for row in rows()]
+    assert trainer._curriculum            # routing configured: the dataset's order
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 4
+    assert all(entry["routing/sft_fraction"] == 0.25 for entry in logged)  # 1 tie in 4
+    assert any(entry["gamma/std"] > 0 for entry in logged)
+    assert all("ref_chosen_logps" in row for row in [trainer.train_dataset[0]])
+    solver_file = tmp_path / "run" / "checkpoint-2" / "mixpo_margin_rank0.pt"
+    saved = torch.load(solver_file, weights_only=False)
+    assert len(saved["queue"]) == 8 + 2 * 4            # initial queue + two steps of 4 gaps
+    losses = [entry["loss"] for entry in logged]
+
+    # Resume from checkpoint-2: the same steps 3-4 (solver queue and data position restored).
+    resumed = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "run", **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    again = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
+    assert len(again) == 4      # steps 1-2 from the checkpoint's history, 3-4 trained again
+    assert again[2:] == pytest.approx(losses[2:], rel=1e-5)
+    assert len(resumed._margin.queue) == 8 + 4 * 4
+
+
+def test_routing_column_is_type_checked_and_not_used_unless_asked(tokenizer, tmp_path):
+    data = rows()
+    for row in data:
+        row["hard"] = "false"                 # strings would route every pair
+    with pytest.raises(ValueError, match="routing flags must be true/false"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "a", routing_column="hard",
+             dataset=datasets.Dataset.from_list(data))
+    for row in data:
+        row["hard"] = True
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "b",
+                   dataset=datasets.Dataset.from_list(data), curriculum=False)
+    assert "hard" not in trainer.train_dataset.column_names   # no routing configured
+
+
+def test_curriculum_sampler_yields_dataset_order(tokenizer, tmp_path):
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, curriculum=True,
+                   per_device_train_batch_size=5)
+    batches = list(trainer.get_train_dataloader())
+    data = rows()
+    first_ids = tokenizer(data[0]["prompt"] + data[0]["chosen"])["input_ids"]
+    assert batches[0]["input_ids"][0, :len(first_ids)].tolist() == first_ids
+    assert [len(batch["input_ids"]) // 2 for batch in batches] == [5, 5, 5, 5, 4]  # kept
+
+
+def test_lora_run_trains_the_adapters(tokenizer, tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             lora_dropout=0.0)
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, peft_config=config,
+                   beta=0.1, learning_rate=5e-3, max_steps=3)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()
+              if "lora_B" in name}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert before and any(not torch.equal(after[name], value) for name, value in before.items())
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # adapters start at 0
+
+
+def test_unknown_loss_type_is_named(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="loss_type must be one of .* got 'kto'"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, loss_type="kto")
+
+
+def test_mixpo_metrics_are_json_serialisable(tokenizer, tmp_path):
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, max_steps=1)
+    trainer.train()
+    json.dumps(trainer.state.log_history)
