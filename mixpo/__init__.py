@@ -11,7 +11,7 @@ from mixpo.losses import (
 from mixpo.margins import AdaptiveMargin
 from mixpo.modules import LinearPreferenceLoss, PreferenceLoss
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdaptiveMargin",

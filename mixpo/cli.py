@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mixpo {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    train_cli.register(subparsers)                       # demo, train, plan
+    train_cli.register(subparsers)                       # train, demo, export, plan
     scoring_cli.register(data_cli.register(subparsers))  # data pairs|prepare|inspect|score-*
     _register_bench(subparsers)                          # bench compile|roofline
     return parser

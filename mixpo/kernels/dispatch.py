@@ -13,6 +13,7 @@ import importlib.util
 import os
 
 BACKENDS = ("auto", "triton", "torch")
+LOWEST_TRITON = (3, 6)      # the oldest Triton the kernels are compiled with in CI (setup.py)
 
 # Decided once, like Triton itself decides it: TRITON_INTERPRET must be set before any kernel
 # module is imported (tests/conftest.py does it when there is no GPU).
@@ -33,12 +34,27 @@ def use_triton(backend: str, tensor) -> bool:
     if backend == "torch" or (backend == "auto" and not tensor.is_cuda):
         return False
     if importlib.util.find_spec("triton") is None:
-        raise ValueError("backend='triton' needs the triton package (pip install triton); "
-                         "backend='torch' runs without it")
+        raise ValueError("backend='triton' needs the triton package (pip install "
+                         "'mixpo[triton]'); backend='torch' runs without it")
+    _check_triton_version()
     if not tensor.is_cuda and not INTERPRET:
         raise ValueError("backend='triton' on a CPU tensor needs Triton's interpreter: set "
                          "TRITON_INTERPRET=1 before importing mixpo, or use backend='torch'")
     return True
+
+
+def _check_triton_version() -> None:
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:        # a source build: trust it
+        return
+    parts = tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+    if parts and parts < LOWEST_TRITON:
+        raise ValueError(f"triton {version} is older than the oldest supported "
+                         f"{'.'.join(map(str, LOWEST_TRITON))}; upgrade it or use "
+                         "backend='torch'")
 
 
 def kernel_ops(name: str, triton: bool):

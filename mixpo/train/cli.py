@@ -1,4 +1,4 @@
-"""`mixpo train | demo | plan`: argparse parsers only; handlers import the heavy modules.
+"""`mixpo train | demo | export | plan`: argparse parsers only; handlers import the heavy modules.
 
 Every field of the run's config dataclass (mixpo.train.config.TrainConfig, or DemoConfig for
 the demo) is a `--key VALUE` option, so an unknown key is refused by argparse by name and
@@ -29,6 +29,13 @@ def _demo(args) -> int:
     from mixpo.train.demo import DemoConfig, run_demo
 
     run_demo(build_config(DemoConfig, None, overrides_from_args(args, DemoConfig)))
+    return 0
+
+
+def _export(args) -> int:
+    from mixpo.train.export import export_checkpoint
+
+    print(f"saved {export_checkpoint(args.checkpoint, args.output, args.device)}")
     return 0
 
 
@@ -63,6 +70,16 @@ def register(subparsers) -> None:
         usage="%(prog)s [--key VALUE ...]", allow_abbrev=False)
     add_config_arguments(demo, DemoConfig)
     demo.set_defaults(func=_demo)
+
+    export = subparsers.add_parser(
+        "export", help="an intermediate checkpoint as a Hugging Face model directory",
+        description="Rebuilds the run's model from CHECKPOINT (torch.distributed.checkpoint "
+        "format) and writes it with save_pretrained (safetensors) plus the tokenizer, "
+        "loadable by AutoModelForCausalLM.from_pretrained.", allow_abbrev=False)
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="OUTPUT/checkpoint-N")
+    export.add_argument("-o", "--output", required=True, metavar="DIR")
+    export.add_argument("--device", default="cpu", help="where to rebuild the model")
+    export.set_defaults(func=_export)
 
     plan = subparsers.add_parser(
         "plan", help="GPU memory plan per component, mixpo vs a TRL-default setup",

@@ -1,0 +1,101 @@
+"""mixpo's trainer speaks Hugging Face: checkpoints exported to a from_pretrained directory,
+TensorBoard logging, an eval split with eval/* metrics, a log line per logging step, --split
+for saved DatasetDicts, HF schedule names."""
+import json
+
+import pytest
+import torch
+
+from fixtures import save_tiny_model, ultrafeedback_rows
+from mixpo.cli import main
+from mixpo.train.config import TrainConfig, build_config
+from mixpo.train.metrics import read_metrics
+from mixpo.train.optim import learning_rate_at
+from mixpo.train.trainer import train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    rows = ultrafeedback_rows(24)
+    save_tiny_model(root / "model", rows)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows[:16]))
+    held_out = root / "eval.jsonl"
+    held_out.write_text("".join(json.dumps(row) + "\n" for row in rows[16:]))
+    return root, data, held_out
+
+
+def config(tiny, out, **overrides):
+    root, data, _ = tiny
+    values = dict(model_name_or_path=str(root / "model"), train_file=str(data), max_length=48,
+                  max_prompt_length=16, global_batch_size=4, per_device_train_batch_size=2,
+                  logging_steps=1, progress_bar=False, max_steps=4, save_steps=2,
+                  learning_rate=1e-3, output_dir=str(out))
+    values.update(overrides)
+    return build_config(TrainConfig, None, values)
+
+
+def test_export_checkpoint_tensorboard_eval_and_log_lines(tiny, tmp_path, capsys):
+    _, _, held_out = tiny
+    out = tmp_path / "run"
+    train(config(tiny, out, report_to="tensorboard", eval_file=str(held_out), eval_steps=2))
+    printed = capsys.readouterr().out
+    assert "step 2/4 | loss" in printed and "learning_rate" in printed
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert {"eval/loss", "eval/rewards/accuracies", "eval/logps/chosen"} <= set(rows[1])
+    assert "eval/loss" not in rows[0] and "eval/loss" in rows[3]
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)        # policy == reference
+    assert list((out / "runs").glob("events.out.tfevents.*"))
+
+    from transformers import AutoModelForCausalLM
+    assert main(["export", str(out / "checkpoint-4"), "-o", str(tmp_path / "exported")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    for (name, a), (_, b) in zip(exported.state_dict().items(), final.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert main(["export", str(out / "checkpoint-2"), "-o", str(tmp_path / "at2")]) == 0
+    at2 = AutoModelForCausalLM.from_pretrained(tmp_path / "at2")
+    assert any(not torch.equal(a, b) for a, b in zip(at2.parameters(), final.parameters()))
+    assert main(["export", str(tmp_path / "nope"), "-o", str(tmp_path / "x")]) == 2
+
+
+def test_split_of_a_saved_dataset_dict(tiny, tmp_path):
+    import datasets
+    _, data, held_out = tiny
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    saved = tmp_path / "dataset"
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(rows),
+                          "test_prefs": datasets.Dataset.from_list(rows[:4])}).save_to_disk(
+        str(saved))
+    with pytest.raises(ValueError, match="choose one with --split"):
+        train(config(tiny, tmp_path / "a", train_file=str(saved)))
+    result = train(config(tiny, tmp_path / "b", train_file=str(saved), split="train_prefs",
+                          max_steps=2, save_steps=0))
+    assert result["completed_steps"] == 2
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]), ("constant", [1.0] * 6),
+    ("constant_with_warmup", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0])])
+def test_schedules_match_hugging_face(schedule, expected):
+    from transformers import get_scheduler
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    reference = get_scheduler(schedule, optimizer, num_warmup_steps=2, num_training_steps=6)
+    ours = []
+    for step in range(6):
+        ours.append(learning_rate_at(schedule, step, 6, 2, 1.0))
+        assert ours[-1] == pytest.approx(optimizer.param_groups[0]["lr"], abs=1e-12)
+        optimizer.step()
+        reference.step()
+    assert ours == pytest.approx(expected)
