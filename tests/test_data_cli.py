@@ -102,20 +102,76 @@ def test_score_reward_then_prepare(tmp_path, capsys, uf_file):
 
 
 def test_score_validation_then_select(tmp_path, capsys):
-    rows = ultrafeedback_rows(8)
+    rows = ultrafeedback_rows(9)
+    rows[5] = dict(rows[5], rejected=rows[5]["chosen"])  # one response twice: dropped
     source = write_jsonl(tmp_path / "uf.jsonl", rows)
     model = save_tiny_model(tmp_path / "policy", rows, kind="causal-lm")
-    code, out, _ = _run(capsys, "data", "score-validation", source, "-o", tmp_path / "vl.parquet",
-                        "--model", model, "--seeds", "41,42", "--evals", "2", "--batch-size", "2",
-                        "--lr", "1e-3")
-    assert code == 0 and "4 reference models, 4 scores per pair" in out
+    code, out, err = _run(capsys, "data", "score-validation", source, "-o",
+                          tmp_path / "vl.parquet", "--model", model, "--seeds", "41,42",
+                          "--evals", "2", "--batch-size", "2", "--lr", "1e-2")
+    assert code == 0 and "8 pairs (1 dropped as chosen == rejected), 4 reference models, " \
+        "4 scores per pair (LoRA r 16 alpha 16 dropout 0.05 on q_proj," in out
+    assert err.count("score-validation: reference model") == 4  # progress on stderr
     scored, _ = load_rows(tmp_path / "vl.parquet")
+    assert len(scored) == 8 and rows[5]["prompt_id"] not in scored["prompt_id"]
     assert all(math.isfinite(v) and v > 0 for v in scored["validation_loss"])
     code, out, _ = _run(capsys, "data", "prepare", tmp_path / "vl.parquet",
                         "-o", tmp_path / "easy.jsonl", "--difficulty", "validation-loss",
                         "--select-easiest", "0.5")
     easy, _ = load_rows(tmp_path / "easy.jsonl")
     assert code == 0 and easy["validation_loss"] == sorted(scored["validation_loss"])[:4]
+    assert easy["selected_easiest"] == [0.5] * 4
+    # The selective-dpo recipe selects again at training time: a selected file is refused.
+    code, _, err = _run(capsys, "data", "prepare", tmp_path / "easy.jsonl",
+                        "-o", tmp_path / "twice.jsonl", "--difficulty", "validation-loss",
+                        "--select-easiest", "0.5")
+    assert code == 2 and "already selected the easiest 0.5" in err
+    assert not (tmp_path / "twice.jsonl").exists()
+    code, out, _ = _run(capsys, "data", "score-validation", source, "-o", tmp_path / "full.json",
+                        "--model", model, "--seeds", "41", "--evals", "1", "--batch-size", "4",
+                        "--full-parameter", "--lr", "1e-3")
+    assert code == 0 and "2 reference models, 1 scores per pair (full-parameter; lr 0.001)" in out
+
+
+def test_route_at_or_below(tmp_path, capsys, uf_file):
+    margins = [r["score_chosen"] - r["score_rejected"] for r in ultrafeedback_rows(20)]
+    inclusive, strict = sum(m <= 0.5 for m in margins), sum(m < 0.5 for m in margins)
+    assert inclusive > strict  # the fixture has margins of exactly 0.5
+    code, out, _ = _run(capsys, "data", "prepare", uf_file, "-o", tmp_path / "a.jsonl",
+                        "--route-at-or-below", "0.5")
+    prepared, _ = load_rows(tmp_path / "a.jsonl")
+    assert code == 0 and f"20 rows in, 20 out, {inclusive} hard" in out
+    assert prepared["hard"] == [d <= 0.5 for d in prepared["difficulty"]]
+    code, out, _ = _run(capsys, "data", "inspect", uf_file, "--route-at-or-below", "0.5")
+    assert code == 0 and f"would be hard with --route-at-or-below 0.5: {inclusive} (" in out
+    for command in (["prepare", str(uf_file), "-o", str(tmp_path / "b.jsonl")], ["inspect",
+                                                                                str(uf_file)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["data", *command, "--route-below", "0.5", "--route-at-or-below", "0.5"])
+        assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_inspect_plots_every_difficulty_kind(tmp_path, capsys):
+    rows = [dict(r, embedding_distance=0.05 * i) for i, r in enumerate(ultrafeedback_rows(8))]
+    source = write_jsonl(tmp_path / "e.jsonl", rows)
+    code, out, _ = _run(capsys, "data", "inspect", source, "--difficulty", "embedding", "--plot",
+                        tmp_path / "e.png", "--route-below", "0.1")
+    assert code == 0 and "embedding difficulty (bigger = easier)" in out
+    assert "would be hard with --route-below 0.1: 2 (25.0%)" in out
+    assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prepare_help_names_the_orders_and_thresholds(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "prepare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "as-is: the file's original order (MixDPO's 'shuffled' ablation" in text
+    assert "shuffle: a seeded random permutation (not what MixDPO calls 'shuffled')" in text
+    route_fraction = text[text.index("--route-fraction Q hard"):
+                          text.index("--select-easiest TAU Selective")]
+    assert "Not a MixDPO setting" in route_fraction and "best" not in route_fraction
+    assert "difficulty <= D, inclusive (MixDPO's Argilla variant" in text
+    assert "int(TAU * n) of the rest (floor" in text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -133,6 +189,12 @@ def test_score_validation_then_select(tmp_path, capsys):
      "cannot load a tokenizer"),
     (["score-validation", "{uf}", "-o", "{out}", "--model", "{tmp}", "--seeds", "4,x"],
      "--seeds takes comma-separated integers"),
+    (["score-validation", "{uf}", "-o", "{out}", "--model", "{tmp}"],
+     "--batch-size 512 on the 10 training pairs of a fold gives 1 optimizer step(s), too few "
+     "for --evals 5 scorings; use --batch-size 2 or less"),
+    (["prepare", "{uf}", "-o", "{out}", "--difficulty", "embedding"], "score-embedding"),
+    (["prepare", "{selected}", "-o", "{out}", "--select-easiest", "0.5"],
+     "selected.jsonl already selected the easiest 0.5 of its pairs"),
 ])
 def test_user_errors_exit_2_with_one_line_and_no_output(tmp_path, capsys, uf_file, argv, message):
     bad_rows = ultrafeedback_rows(4)
@@ -141,9 +203,11 @@ def test_user_errors_exit_2_with_one_line_and_no_output(tmp_path, capsys, uf_fil
     (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad_rows))
     write_jsonl(tmp_path / "raw.jsonl", raw_completion_rows())
     (tmp_path / "fake.parquet").write_text("prompt,chosen\n")
+    selected = write_jsonl(tmp_path / "selected.jsonl",
+                           [dict(r, selected_easiest=0.5) for r in ultrafeedback_rows(4)])
     paths = {"bad": tmp_path / "bad.jsonl", "uf": uf_file, "raw": tmp_path / "raw.jsonl",
              "missing": tmp_path / "missing.jsonl", "fake": tmp_path / "fake.parquet",
-             "out": tmp_path / "out.jsonl", "tmp": tmp_path}
+             "out": tmp_path / "out.jsonl", "tmp": tmp_path, "selected": selected}
     before = sorted(os.listdir(tmp_path))
     code, out, err = _run(capsys, "data", *[a.format(**paths) for a in argv])
     assert code == 2 and message in err and "Traceback" not in err

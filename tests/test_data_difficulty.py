@@ -5,8 +5,9 @@ import datasets
 import numpy as np
 import pytest
 
-from mixpo.data.difficulty import (compute_difficulty, easy_first_order, prepare_dataset,
-                                   route_hard, swap_band)
+from mixpo.data.difficulty import (compute_difficulty, easy_first_order, fraction_count,
+                                   prepare_dataset, route_hard, select_count, swap_band)
+from mixpo.data.io import RowNames
 from fixtures import argilla_rows, ultrafeedback_rows
 
 
@@ -42,6 +43,13 @@ def test_reward_and_validation_loss_difficulty(uf):
         compute_difficulty(uf, "reward")
     with pytest.raises(ValueError, match="score-validation"):
         compute_difficulty(uf, "validation-loss")
+    distances = [0.1 * i for i in range(20)]
+    embedded = uf.add_column("embedding_distance", distances)
+    # A bigger distance between the two responses is easier: the column as it is.
+    assert compute_difficulty(embedded, "embedding").tolist() == distances
+    with pytest.raises(ValueError, match="^no 'embedding_distance' column; score the pairs first "
+                       "with `mixpo data score-embedding` or pass --embedding-model DIR"):
+        compute_difficulty(uf, "embedding")
     with pytest.raises(ValueError, match="unknown difficulty"):
         compute_difficulty(uf, "length")
 
@@ -70,6 +78,10 @@ def test_route_hard():
     assert route_hard(difficulty, route_fraction=1.0).all()
     with pytest.raises(ValueError, match="choose one"):
         route_hard(difficulty, route_below=1.0, route_fraction=0.1)
+    with pytest.raises(ValueError, match="--route-below and --route-at-or-below"):
+        route_hard(difficulty, route_below=1.0, route_at_or_below=1.0)
+    with pytest.raises(ValueError, match="--route-at-or-below must be finite"):
+        route_hard(difficulty, route_at_or_below=math.nan)
     with pytest.raises(ValueError, match="fraction in"):
         route_hard(difficulty, route_fraction=1.5)
 
@@ -163,3 +175,64 @@ def test_trl_standard_and_conversational_rows():
         prepared, _ = prepare_dataset(datasets.Dataset.from_list(layout), route_below=0.5)
         assert prepared["difficulty"] == expected
         assert prepared.column_names == list(layout[0]) + ["difficulty", "hard"]
+
+
+def test_route_at_or_below_is_inclusive():
+    # MixDPO's base rule is strict (< 0.5: the ties), its Argilla variant inclusive (<= 0.5).
+    difficulty = np.array([0.0, 0.5, 1.0, 0.5, 0.49])
+    assert route_hard(difficulty, route_below=0.5).tolist() == [True, False, False, False, True]
+    assert route_hard(difficulty, route_at_or_below=0.5).tolist() == [True, True, False, True,
+                                                                       True]
+    argilla = datasets.Dataset.from_list(argilla_rows(12))
+    margins = compute_difficulty(argilla)
+    prepared, summary = prepare_dataset(argilla, route_at_or_below=1.0)
+    assert summary.hard == sum(m <= 1.0 for m in margins) > sum(m < 1.0 for m in margins)
+    assert prepared["hard"] == [d <= 1.0 for d in prepared["difficulty"]]
+    with pytest.raises(ValueError, match="choose one of"):
+        prepare_dataset(argilla, route_below=0.5, route_at_or_below=0.5)
+
+
+def _numbered_rows(n):
+    rows = ultrafeedback_rows(n)
+    for index, row in enumerate(rows):  # distinct margins: no ties at the cut
+        row["score_rejected"], row["score_chosen"] = 1.0, 1.0 + index / n
+    return rows
+
+
+def test_select_easiest_keeps_the_floor_as_the_authors():
+    assert (select_count(0.5, 101), fraction_count(0.5, 101, "--route-fraction")) == (50, 51)
+    assert select_count(0.29, 100) == 28  # Python's int(0.29 * 100), as theirs
+    dataset = datasets.Dataset.from_list(_numbered_rows(101))
+    prepared, summary = prepare_dataset(dataset, select_easiest=0.5)
+    assert len(prepared) == 50 and summary.dropped_by_request == 51
+    assert prepared["prompt_id"] == [f"p{i:04d}" for i in range(100, 50, -1)]
+    with pytest.raises(ValueError, match="--select-easiest must be a fraction"):
+        prepare_dataset(dataset, select_easiest=1.5)
+
+
+def test_select_easiest_drops_identical_pairs_first():
+    rows = _numbered_rows(21)
+    rows[20] = dict(rows[20], rejected=[rows[20]["rejected"][0], rows[20]["chosen"][1]])
+    rows[3] = dict(rows[3], rejected=rows[3]["chosen"])
+    prepared, summary = prepare_dataset(datasets.Dataset.from_list(rows), select_easiest=0.5)
+    # 19 pairs remain (the easiest, row 20, was one response twice); int(0.5 * 19) = 9 kept.
+    assert prepared["prompt_id"] == [f"p{i:04d}" for i in range(19, 10, -1)]
+    assert (summary.rows_in, summary.rows_out, summary.identical_dropped,
+            summary.dropped_by_request) == (21, 9, 2, 10)
+    assert summary.line().endswith("10 dropped by --select-easiest 0.5 (floor), 2 dropped as "
+                                   "chosen == rejected")
+    unselected, summary = prepare_dataset(datasets.Dataset.from_list(rows))
+    assert len(unselected) == 21 and "chosen == rejected" not in summary.line()
+
+
+def test_a_selection_is_recorded_and_never_applied_twice(uf):
+    selected, _ = prepare_dataset(uf, select_easiest=0.5)
+    assert selected["selected_easiest"] == [0.5] * 10
+    with pytest.raises(ValueError, match=r"^sel.jsonl already selected the easiest 0.5 of its "
+                       r"pairs \(column 'selected_easiest'\); drop --select-easiest or use the "
+                       "unselected file"):
+        prepare_dataset(selected, select_easiest=0.5, row_names=RowNames("sel.jsonl"))
+    with pytest.raises(ValueError, match="already selected the easiest 0.5"):
+        prepare_dataset(selected, select_easiest=1.0, order="shuffle")
+    routed, _ = prepare_dataset(selected, route_below=0.5, order="as-is")  # other prepares
+    assert routed["selected_easiest"] == [0.5] * 10 and len(routed) == 10

@@ -1,4 +1,5 @@
-"""mixpo.scoring.validation: Selective DPO's held-out validation loss on a tiny Llama."""
+"""mixpo.scoring.validation: Selective DPO's held-out validation loss on a tiny Llama, with
+LoRA reference models (the authors' default) and full-parameter ones."""
 import math
 import random
 
@@ -9,9 +10,10 @@ import torch
 
 import mixpo.scoring.validation as validation
 from mixpo.data.difficulty import prepare_dataset
-from mixpo.scoring.validation import ValidationSettings, score_pairs, score_validation_loss
+from mixpo.scoring.validation import (ValidationSettings, score_pairs, score_validation_loss,
+                                      split_folds)
 from fixtures import (WORDS, build_tiny_causal_lm, build_tiny_tokenizer, corpus_texts,
-                           save_tiny_model, torch_threads, ultrafeedback_rows)
+                      save_tiny_model, torch_threads, ultrafeedback_rows)
 
 GOOD = "yes good answer because energy"
 BAD = "no wrong maybe no"
@@ -37,6 +39,12 @@ def _labelled_rows(n=16, flipped_every=4):
     return rows
 
 
+def _small(**overrides):
+    """Settings for 16 pairs: one seed, small batches, a learning rate that moves a tiny model."""
+    return ValidationSettings(**{"seeds": (41,), "evals": 2, "batch_size": 2,
+                                 "learning_rate": 3e-2, "beta": 0.5, **overrides})
+
+
 @pytest.fixture(scope="module")
 def tiny():
     rows = _labelled_rows()
@@ -47,11 +55,30 @@ def tiny():
 @pytest.fixture(scope="module")
 def scored(tiny):
     rows, tokenizer, model = tiny
-    settings = ValidationSettings(seeds=(41,), evals=2, batch_size=2, learning_rate=3e-3, beta=0.5)
-    return score_pairs(datasets.Dataset.from_list(rows), model, tokenizer, settings)
+    return score_pairs(datasets.Dataset.from_list(rows), model, tokenizer, _small(), log=None)
 
 
-def test_mislabeled_pairs_score_as_the_hardest(tiny, scored):
+def _unchanged(model, tokenizer):
+    fresh = build_tiny_causal_lm(tokenizer, seed=1).state_dict()
+    state = model.state_dict()
+    return set(state) == set(fresh) and all(torch.equal(v, fresh[k]) for k, v in state.items())
+
+
+def test_defaults_are_the_authors_lora_settings():
+    settings = ValidationSettings()
+    assert (settings.learning_rate, settings.batch_size, settings.warmup_ratio, settings.beta,
+            settings.epochs, settings.seeds, settings.folds, settings.evals) == \
+        (3e-5, 512, 0.1, 0.01, 1, (41, 42, 43), 2, 5)
+    assert (settings.full_parameter, settings.lora_r, settings.lora_alpha,
+            settings.lora_dropout) == (False, 16, 16, 0.05)
+    assert settings.lora_target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                            "up_proj", "down_proj")
+    # Llama-3 on UltraFeedback (NOTES: 30567 // 512 = 59 steps, scored at 11, 22, ..., 55);
+    # the training keeps the last short batch: 60 steps.
+    assert settings.schedule(30567) == (60, 11, 5)
+
+
+def test_lora_reference_models_flag_the_mislabeled_pairs(tiny, scored):
     rows, tokenizer, model = tiny
     scores, summary = scored
     flipped = np.array([r["flipped"] for r in rows])
@@ -59,11 +86,39 @@ def test_mislabeled_pairs_score_as_the_hardest(tiny, scored):
     # the held-out flipped pairs get the largest DPO losses.
     assert scores[flipped].min() > scores[~flipped].max()
     assert (summary.reference_models, summary.scores_per_pair) == (2, 2)
-    untouched = build_tiny_causal_lm(tokenizer, seed=1).state_dict()
-    assert all(torch.equal(value, untouched[name]) for name, value in model.state_dict().items())
+    assert summary.method.startswith("LoRA r 16 alpha 16 dropout 0.05 on q_proj,k_proj,v_proj")
+    # The adapters are removed after each reference model: the model is exactly as it was,
+    # requires_grad flags included (a freshly built model has them all set).
+    assert _unchanged(model, tokenizer) and all(p.requires_grad for p in model.parameters())
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
-def test_unchanged_models_score_log_two_for_every_pair(tiny, monkeypatch):
+def test_lora_training_changes_the_adapters_and_the_scores(tiny, monkeypatch):
+    rows, tokenizer, model = tiny
+    seen = []
+    original = validation.held_out_losses
+
+    def inspecting(policy, batches, indices, ref, batch_size):
+        trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+        seen.append((sorted({n.split(".")[-4] for n in trainable}),  # module names
+                     max(p.abs().max().item() for n, p in trainable.items() if "lora_B" in n),
+                     {p.dtype for p in trainable.values()}))
+        return original(policy, batches, indices, ref, batch_size)
+
+    monkeypatch.setattr(validation, "held_out_losses", inspecting)
+    bf16 = build_tiny_causal_lm(tokenizer, seed=1).to(torch.bfloat16)
+    scores, _ = score_pairs(datasets.Dataset.from_list(rows), bf16, tokenizer,
+                            _small(evals=1, lora_target_modules=("q_proj", "v_proj", "mlp_in")),
+                            log=None)
+    # Only LoRA A/B of the targets that exist train; lora_B starts at zero and has moved; the
+    # adapters are fp32 on a bf16 model, so AdamW's states are fp32.
+    assert [names for names, _, _ in seen] == [["q_proj", "v_proj"]] * 2
+    assert all(moved > 0 for _, moved, _ in seen)
+    assert all(dtypes == {torch.float32} for _, _, dtypes in seen)
+    assert not np.allclose(scores, math.log(2), atol=1e-3)  # B = 0 would score log 2
+
+
+def test_scoring_schedule_5_per_model_15_per_pair(tiny, monkeypatch):
     rows, tokenizer, model = tiny
     runs = []
     original = validation.train_reference_model
@@ -75,18 +130,51 @@ def test_unchanged_models_score_log_two_for_every_pair(tiny, monkeypatch):
         runs.append((seed, sorted(train_indices.tolist()), steps))
 
     monkeypatch.setattr(validation, "train_reference_model", recording)
-    settings = ValidationSettings(folds=2, seeds=(7, 8), evals=3, batch_size=4, epochs=2,
-                                  learning_rate=0.0)
-    scores, summary = score_pairs(datasets.Dataset.from_list(rows), model, tokenizer, settings)
-    # lr 0: every reference model stays the initial model, so h = 0 and loss = log 2.
+    settings = ValidationSettings(batch_size=1, learning_rate=0.0)  # seeds 41-43, 5 evals
+    scores, summary = score_pairs(datasets.Dataset.from_list(rows), model, tokenizer, settings,
+                                  log=None)
+    # lr 0: every reference model stays the starting model, so h = 0 and loss = log 2.
     assert np.allclose(scores, math.log(2), atol=1e-6)
-    assert summary.scores_per_pair == 2 * 3 and summary.reference_models == 4
-    for seed in (7, 8):
+    assert (summary.reference_models, summary.scores_per_pair) == (6, 15)
+    # 8 training pairs, batch 1: 8 steps, scored every 8 // 5 = 1 step, 5 times.
+    assert [steps for _, _, steps in runs] == [[1, 2, 3, 4, 5]] * 6
+    for seed in (41, 42, 43):
         train_sets = [train for s, train, _ in runs if s == seed]
-        held_out = [sorted(set(range(16)) - set(train)) for train in train_sets]
-        assert sorted(held_out[0] + held_out[1]) == list(range(16))  # halves partition the data
-    # 8 training pairs / batch 4 x 2 epochs = 4 steps; evals every 4 // 3 = 1 step, 3 times.
-    assert all(steps == [1, 2, 3] for _, _, steps in runs)
+        # The authors' halves: np.random.seed(seed); permutation(n); the first n // 2 are
+        # held out by the first model, the rest by the second.
+        permutation = np.random.RandomState(seed).permutation(16)
+        assert train_sets == [sorted(permutation[8:].tolist()), sorted(permutation[:8].tolist())]
+
+
+def test_split_folds_cuts_at_n_over_folds():
+    halves = split_folds(7, 41, 2)
+    assert [len(h) for h in halves] == [3, 4]
+    assert sorted(np.concatenate(halves).tolist()) == list(range(7))
+    assert [len(p) for p in split_folds(10, 0, 3)] == [3, 3, 4]
+
+
+def test_full_parameter_reference_models_still_work(tiny):
+    rows, tokenizer, model = tiny
+    scores, summary = score_pairs(datasets.Dataset.from_list(rows), model, tokenizer,
+                                  _small(full_parameter=True, learning_rate=3e-3), log=None)
+    flipped = np.array([r["flipped"] for r in rows])
+    assert scores[flipped].min() > scores[~flipped].max()
+    assert summary.method == "full-parameter; lr 0.003" and _unchanged(model, tokenizer)
+
+
+def test_progress_lines_are_printed(tiny, capsys):
+    rows, tokenizer, model = tiny
+    score_pairs(datasets.Dataset.from_list(rows), model, tokenizer, _small(seeds=(41, 42)))
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == "" and lines[0].startswith("score-validation: reference log-probs")
+    models = [line for line in lines if "reference model" in line]
+    assert [line.split("(")[0] for line in models] == [
+        f"score-validation: reference model {k}/4 " for k in range(1, 5)]
+    assert "(seed 42, held-out part 2/2: 8 pairs)" in models[3]
+    assert "; lr 0.03, 4 steps of 2 pairs on 8, scoring every 2 steps" in models[0]
+    scorings = [line for line in lines if "held-out DPO loss" in line]
+    assert len(scorings) == 8 and "(scoring 2/2)" in scorings[-1]
 
 
 def test_settings_are_checked(tiny):
@@ -94,10 +182,21 @@ def test_settings_are_checked(tiny):
     dataset = datasets.Dataset.from_list(rows)
     with pytest.raises(ValueError, match="--folds must be >= 2"):
         score_pairs(dataset, model, tokenizer, ValidationSettings(folds=1))
-    with pytest.raises(ValueError, match="fewer than --evals 5"):
-        score_pairs(dataset, model, tokenizer, ValidationSettings(batch_size=8))
+    # The authors' effective batch 512 is far more than 8 training pairs: a clear error with
+    # the largest batch that gives 5 scorings, not a silent change of the schedule.
+    with pytest.raises(ValueError, match=r"^--batch-size 512 on the 8 training pairs of a fold "
+                       r"gives 1 optimizer step\(s\), too few for --evals 5 scorings; use "
+                       r"--batch-size 1 or less"):
+        score_pairs(dataset, model, tokenizer, ValidationSettings())
+    with pytest.raises(ValueError, match="use --batch-size 7 or less"):
+        ValidationSettings(batch_size=8, evals=2).check(16)
     with pytest.raises(ValueError, match="cannot be split into 3 folds"):
         score_pairs(dataset.select([0, 1]), model, tokenizer, ValidationSettings(folds=3))
+    with pytest.raises(ValueError, match="--lora-r must be >= 1"):
+        _small(lora_r=0).check(16)
+    with pytest.raises(ValueError, match="none of the LoRA target modules"):
+        score_pairs(dataset, model, tokenizer, _small(lora_target_modules=("c_attn",)), log=None)
+    _small(full_parameter=True, lora_r=0).check(16)  # LoRA settings unused without LoRA
 
 
 def test_prepare_selects_the_easiest_by_validation_loss(tiny, scored):
@@ -110,27 +209,38 @@ def test_prepare_selects_the_easiest_by_validation_loss(tiny, scored):
     assert summary.ties is None and summary.dropped_by_request == 4
 
 
-def test_model_loaded_frozen_from_disk_still_trains(tmp_path):
-    rows = _labelled_rows(8, flipped_every=8)
+def test_loaded_model_trains_and_identical_pairs_are_dropped(tmp_path):
+    rows = _labelled_rows(9, flipped_every=8)
+    rows[4] = dict(rows[4], rejected=rows[4]["chosen"])  # chosen == rejected: dropped, counted
     path = save_tiny_model(tmp_path / "policy", rows, kind="causal-lm")
-    settings = ValidationSettings(seeds=(3,), evals=1, batch_size=2, learning_rate=1e-2, beta=0.5)
-    scored, summary = score_validation_loss(datasets.Dataset.from_list(rows), str(path), settings)
+    settings = _small(seeds=(3,), evals=1, learning_rate=3e-2)
+    scored, summary = score_validation_loss(datasets.Dataset.from_list(rows), str(path), settings,
+                                            log=None)
     losses = np.array(scored["validation_loss"])
     assert scored.column_names == list(rows[0]) + ["validation_loss"]
+    assert len(scored) == 8 and summary.identical_dropped == 1
+    assert "8 pairs (1 dropped as chosen == rejected)" in summary.line()
+    assert scored["prompt"] == [r["prompt"] for i, r in enumerate(rows) if i != 4]
     assert not np.allclose(losses, math.log(2))  # the loaded (frozen) model was trained
-    assert losses[7] == losses.max()  # the one flipped pair
-    rescored, _ = score_validation_loss(scored, str(path), settings)
+    assert losses[6] == losses.max()  # the one flipped pair (row 7, after the dropped row 4)
+    rescored, _ = score_validation_loss(scored, str(path), settings, log=None)
     assert rescored["validation_loss"] == pytest.approx(scored["validation_loss"])
+    bad = [dict(r) for r in rows]
+    bad[6] = dict(bad[6], chosen=[bad[6]["chosen"][0], {"role": "assistant", "content": " "}])
+    with pytest.raises(ValueError, match="^row 6, column 'chosen': empty completion"):
+        score_validation_loss(datasets.Dataset.from_list(bad), str(path), settings, log=None)
 
 
-def test_micro_batches_accumulate_to_the_same_step(tiny):
+@pytest.mark.parametrize("full_parameter", [False, True])
+def test_micro_batches_accumulate_to_the_same_step(tiny, full_parameter):
     rows, tokenizer, model = tiny
     dataset = datasets.Dataset.from_list(rows)
-    whole = ValidationSettings(seeds=(5,), evals=1, batch_size=4, micro_batch_size=None,
-                               learning_rate=1e-2, beta=0.5)
-    split = ValidationSettings(seeds=(5,), evals=1, batch_size=4, micro_batch_size=1,
-                               learning_rate=1e-2, beta=0.5)
-    scores_whole, _ = score_pairs(dataset, model, tokenizer, whole)
-    scores_split, _ = score_pairs(dataset, model, tokenizer, split)
+    # LoRA dropout off: with it, each micro-batch split draws other dropout masks.
+    common = dict(seeds=(5,), evals=1, batch_size=4, learning_rate=1e-2, beta=0.5,
+                  lora_dropout=0.0, full_parameter=full_parameter)
+    scores_whole, _ = score_pairs(dataset, model, tokenizer,
+                                  ValidationSettings(micro_batch_size=None, **common), log=None)
+    scores_split, _ = score_pairs(dataset, model, tokenizer,
+                                  ValidationSettings(micro_batch_size=1, **common), log=None)
     assert not np.allclose(scores_whole, math.log(2))
     assert scores_split == pytest.approx(scores_whole, rel=1e-4, abs=1e-5)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from mixpo.data.kinds import DIFFICULTY_KINDS, ORDERS, PAIR_STRATEGIES, describe
+from mixpo.data.kinds import (DIFFICULTY_KINDS, DIFFICULTY_LABELS, ORDERS, PAIR_STRATEGIES,
+                              describe)
 
 
 def _quiet_datasets() -> None:
@@ -69,18 +70,25 @@ def _handle_pairs(args: argparse.Namespace) -> int:
     return rewrite(args, transform)
 
 
-def _handle_prepare(args: argparse.Namespace) -> int:
+def prepare_transform(args: argparse.Namespace):
+    """The `prepare` step as a `rewrite` transform, `(dataset, row_names) -> (dataset, line)`;
+    `mixpo.scoring.cli` runs it after computing a model-based column (--embedding-model)."""
     from mixpo.data.difficulty import prepare_dataset
 
     def transform(dataset, row_names):
         prepared, summary = prepare_dataset(
             dataset, difficulty=args.difficulty, route_below=args.route_below,
-            route_fraction=args.route_fraction, select_easiest=args.select_easiest,
-            order=args.order, swap_band_ablation=args.swap_band, seed=args.seed,
+            route_at_or_below=args.route_at_or_below, route_fraction=args.route_fraction,
+            select_easiest=args.select_easiest, order=args.order,
+            swap_band_ablation=args.swap_band, seed=args.seed,
             score_columns=_score_columns(args), row_names=row_names)
         return prepared, summary.line()
 
-    return rewrite(args, transform)
+    return transform
+
+
+def handle_prepare(args: argparse.Namespace) -> int:
+    return rewrite(args, prepare_transform(args))
 
 
 def _handle_inspect(args: argparse.Namespace) -> int:
@@ -91,16 +99,26 @@ def _handle_inspect(args: argparse.Namespace) -> int:
     dataset, row_names = load_rows(args.input, args.split)
     report, values = inspect_margins(
         dataset, difficulty=args.difficulty, route_below=args.route_below,
-        score_columns=_score_columns(args), row_names=row_names)
+        route_at_or_below=args.route_at_or_below, score_columns=_score_columns(args),
+        row_names=row_names)
     for line in report.lines():
         print(line)
     if args.plot:
-        label = {"rating": "rating margin", "reward": "reward margin",
-                 "validation-loss": "- validation DPO loss"}[args.difficulty]
+        label = DIFFICULTY_LABELS[args.difficulty]
         plot_margin_histogram(values, args.plot, title=f"{args.input}: {label}",
-                              route_below=args.route_below, label=label)
+                              route_below=args.route_below,
+                              route_at_or_below=args.route_at_or_below, label=label)
         print(f"histogram -> {args.plot}")
     return 0
+
+
+def _add_thresholds(group, what: str = "hard (SFT) pairs") -> None:
+    group.add_argument("--route-below", type=float, metavar="D",
+                       help=f"{what}: difficulty < D, strict (MixDPO's base rule: 0.5 on "
+                       "UltraFeedback = the tied pairs, about 12 %%)")
+    group.add_argument("--route-at-or-below", type=float, metavar="D",
+                       help=f"{what}: difficulty <= D, inclusive (MixDPO's Argilla variant: "
+                       "0.5)")
 
 
 def register(subparsers):
@@ -124,33 +142,37 @@ def register(subparsers):
 
     prepare = commands.add_parser(
         "prepare", help="difficulty, routing flag, selection, order",
-        description="Adds `difficulty` (bigger = easier: the rating or reward margin, or minus "
-        "the validation loss) and `hard` (MixDPO routing flag), keeps every input column, "
-        "optionally keeps only the easiest pairs, and orders the rows (easy-first by default).")
+        description="Adds `difficulty` (bigger = easier: the rating or reward margin, minus "
+        "the validation loss, or the embedding distance) and `hard` (MixDPO routing flag), "
+        "keeps every input column, optionally keeps only the easiest pairs, and orders the "
+        "rows (easy-first by default).")
     add_input(prepare)
     _add_difficulty(prepare)
     route = prepare.add_mutually_exclusive_group()
-    route.add_argument("--route-below", type=float, metavar="D",
-                       help="hard (SFT) pairs: difficulty < D (MixDPO: 0.5 on UltraFeedback)")
+    _add_thresholds(route)
     route.add_argument("--route-fraction", type=float, metavar="Q",
-                       help="hard (SFT) pairs: the hardest Q fraction (MixDPO's best run is "
-                       "--route-below 0.5, about 12 %% of UltraFeedback)")
+                       help="hard (SFT) pairs: the hardest round(Q * n) pairs. Not a MixDPO "
+                       "setting: the paper routes by threshold (its '10/25/50 %%' ablations "
+                       "are --route-below 0.5 / 1.0 / 1.5)")
     prepare.add_argument("--select-easiest", type=float, metavar="TAU",
-                         help="keep the easiest TAU fraction (Selective DPO: 0.5)")
+                         help="Selective DPO: drop pairs whose chosen equals rejected, keep "
+                         "the easiest int(TAU * n) of the rest (floor, as the authors; 0.5), "
+                         "and record TAU in a `selected_easiest` column; a file that has that "
+                         "column is refused")
     prepare.add_argument("--order", choices=tuple(ORDERS), default="easy-first",
                          help=describe(ORDERS) + " (default: easy-first)")
     prepare.add_argument("--swap-band", action="store_true",
                          help="MixDPO's 10%% swap ablation: swap the 80-90%% and 90-100%% bands")
     prepare.add_argument("--seed", type=int, default=0, help="seed for --order shuffle")
     _add_score_columns(prepare)
-    prepare.set_defaults(func=_handle_prepare)
+    prepare.set_defaults(func=handle_prepare)
 
     inspect = commands.add_parser("inspect", help="margin statistics and histogram")
     add_input(inspect, output=False)
     _add_difficulty(inspect)
     inspect.add_argument("--plot", metavar="P.png", help="save a histogram of the margins")
-    inspect.add_argument("--route-below", type=float, metavar="D",
-                         help="also count the pairs this threshold would route to SFT")
+    _add_thresholds(inspect.add_mutually_exclusive_group(),
+                    "also count the pairs this would route to SFT")
     _add_score_columns(inspect)
     inspect.set_defaults(func=_handle_inspect)
     return commands

@@ -34,6 +34,8 @@ RATING_COLUMNS = (
 )
 REWARD_COLUMNS = ("reward_chosen", "reward_rejected")  # written by mixpo.scoring.reward
 VALIDATION_LOSS_COLUMN = "validation_loss"              # written by mixpo.scoring.validation
+EMBEDDING_DISTANCE_COLUMN = "embedding_distance"        # written by mixpo.scoring.embedding
+SELECTED_EASIEST_COLUMN = "selected_easiest"            # tau, written by prepare --select-easiest
 PROMPT_COLUMNS = ("prompt", "instruction")               # raw multi-completion rows
 COMPLETIONS_COLUMN = "completions"
 
@@ -206,6 +208,20 @@ def check_preference_rows(dataset: datasets.Dataset,
     for index, row in enumerate(dataset.select_columns(columns)):
         split_example(row, row_names(index))
     return layout
+
+
+def identical_pairs(dataset: datasets.Dataset,
+                    row_names: RowNamer = default_row_names) -> np.ndarray:
+    """bool [n]: True where a row's chosen completion equals its rejected one (same prompt, so
+    the whole pair is one response twice). Selective DPO drops these before scoring and
+    selection (glorgao/SelectiveDPO `run_half.py` and `run_selective_dpo.py` filter
+    `chosen != rejected`): their DPO loss is log 2 whatever the model learns. Rows are split
+    with `split_example`, with its ValueErrors."""
+    columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+    same = [example.chosen == example.rejected
+            for example in (split_example(row, row_names(index))
+                            for index, row in enumerate(dataset.select_columns(columns)))]
+    return np.array(same, dtype=bool)
 
 
 def _plain_conversation(messages: list[dict]) -> str:

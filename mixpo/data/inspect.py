@@ -27,23 +27,29 @@ class MarginReport:
     ties: int
     route_below: float | None
     would_be_hard: int | None
+    route_at_or_below: float | None = None
 
     def lines(self) -> list[str]:
         quantiles = "  ".join(f"q{int(q * 100)}={v:g}" for q, v in self.quantiles.items())
         lines = [f"rows: {self.rows} ({self.layout})",
                  f"{self.difficulty} difficulty (bigger = easier): mean={self.mean:g}  {quantiles}",
                  f"ties (difficulty == 0): {self.ties} ({self.ties / self.rows:.1%})"]
-        if self.route_below is not None:
-            lines.append(f"would be hard with --route-below {self.route_below:g}: "
-                         f"{self.would_be_hard} ({self.would_be_hard / self.rows:.1%})")
+        for option, threshold in (("--route-below", self.route_below),
+                                  ("--route-at-or-below", self.route_at_or_below)):
+            if threshold is not None:
+                lines.append(f"would be hard with {option} {threshold:g}: "
+                             f"{self.would_be_hard} ({self.would_be_hard / self.rows:.1%})")
         return lines
 
 
 def inspect_margins(dataset: datasets.Dataset, difficulty: str = "rating",
                     route_below: float | None = None,
                     score_columns: tuple[str, str] | None = None,
-                    row_names: RowNamer = default_row_names) -> tuple[MarginReport, np.ndarray]:
-    """Difficulty statistics of `dataset` (see mixpo.data.difficulty for the kinds).
+                    row_names: RowNamer = default_row_names,
+                    route_at_or_below: float | None = None) -> tuple[MarginReport, np.ndarray]:
+    """Difficulty statistics of `dataset` (see mixpo.data.difficulty for the kinds), with how
+    many pairs `route_below` (difficulty < D) or `route_at_or_below` (<= D, MixDPO's Argilla
+    rule) would route to SFT; at most one of the two.
 
     Returns (the report, the difficulty values [n] for plotting). Rows are validated as in
     `prepare_dataset`, with the same ValueErrors.
@@ -51,20 +57,24 @@ def inspect_margins(dataset: datasets.Dataset, difficulty: str = "rating",
     layout = check_preference_rows(dataset, row_names)
     values = compute_difficulty(dataset, difficulty, score_columns, row_names)
     would_be_hard = None
-    if route_below is not None:
-        would_be_hard = int(route_hard(values, route_below=route_below).sum())
+    if route_below is not None or route_at_or_below is not None:
+        would_be_hard = int(route_hard(values, route_below=route_below,
+                                       route_at_or_below=route_at_or_below).sum())
     report = MarginReport(
         rows=len(values), layout=layout, difficulty=difficulty,
         quantiles={q: float(np.quantile(values, q)) for q in QUANTILES},
         mean=float(values.mean()), ties=int(np.count_nonzero(values == 0)),
-        route_below=route_below, would_be_hard=would_be_hard)
+        route_below=route_below, would_be_hard=would_be_hard,
+        route_at_or_below=route_at_or_below)
     return report, values
 
 
 def plot_margin_histogram(values: np.ndarray, path: str, title: str = "",
-                          route_below: float | None = None, label: str = "rating margin") -> None:
-    """Save a histogram of `values` to `path` (PNG), with the routing threshold drawn when
-    given. Uses matplotlib's Agg backend, so it needs no display."""
+                          route_below: float | None = None, label: str = "rating margin",
+                          route_at_or_below: float | None = None) -> None:
+    """Save a histogram of `values` to `path` (PNG), with the routing threshold (`route_below`
+    or `route_at_or_below`) drawn when given. Uses matplotlib's Agg backend, so it needs no
+    display."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -81,10 +91,12 @@ def plot_margin_histogram(values: np.ndarray, path: str, title: str = "",
         bins = 50
     figure, axes = plt.subplots(figsize=(6, 3.5))
     axes.hist(values, bins=bins, color="#4c72b0", edgecolor="white")
-    if route_below is not None:
-        axes.axvline(route_below, color="#c44e52", linestyle="--",
-                     label=f"route below {route_below:g}")
-        axes.legend()
+    for threshold, words in ((route_below, "route below"),
+                             (route_at_or_below, "route at or below")):
+        if threshold is not None:
+            axes.axvline(threshold, color="#c44e52", linestyle="--",
+                         label=f"{words} {threshold:g}")
+            axes.legend()
     axes.set_xlabel(label)
     axes.set_ylabel("pairs")
     axes.set_title(title or f"{label} distribution ({len(values)} pairs)")

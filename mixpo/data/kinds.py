@@ -10,6 +10,17 @@ DIFFICULTY_KINDS = {
               "score-reward`)",
     "validation-loss": "minus the validation DPO loss (Selective DPO, after `mixpo data "
                        "score-validation`)",
+    "embedding": "cosine distance between the chosen and rejected responses' embeddings "
+                 "(MixDPO section 6, after `mixpo data score-embedding`, or `prepare "
+                 "--embedding-model DIR`)",
+}
+
+# kind -> axis label of its histogram (`mixpo data inspect --plot`).
+DIFFICULTY_LABELS = {
+    "rating": "rating margin",
+    "reward": "reward margin",
+    "validation-loss": "- validation DPO loss",
+    "embedding": "embedding distance",
 }
 
 # order -> how the rows are fed (MixDPO and Selective DPO both train without shuffling).
@@ -17,7 +28,7 @@ ORDERS = {
     "easy-first": "stable sort by difficulty, easiest first (the curriculum)",
     "as-is": "the file's original order (MixDPO's 'shuffled' ablation: routing kept, "
              "curriculum off)",
-    "shuffle": "a seeded random permutation",
+    "shuffle": "a seeded random permutation (not what MixDPO calls 'shuffled')",
 }
 
 # strategy -> which completion becomes the rejected response (chosen = the best one).
