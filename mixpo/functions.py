@@ -88,46 +88,63 @@ def _position_coefficients(grad_seq, grad_weighted, token_weight, shape, device)
     return coef
 
 
+def compact_rows(labels: torch.Tensor, ignore_index: int):
+    """(rows, sequences): flat indices into [S * T] of the positions with a label, and the
+    sequence each belongs to (`torch.nonzero`: one host sync; the trainer's collator computes
+    both on the CPU instead)."""
+    rows = torch.nonzero(labels.reshape(-1) != ignore_index).squeeze(1)
+    return rows, torch.div(rows, labels.shape[-1], rounding_mode="floor")
+
+
+def ld_row_weights(counts: torch.Tensor, sequences: torch.Tensor, ld_alpha: float):
+    """LD-DPO's weight of every compacted row [n] (rows ordered by sequence, as `compact_rows`
+    and the collators give them): 1 for the first min(n_w, n_l) completion tokens of a
+    pair's responses, ld_alpha past them. Device ops only."""
+    counts = counts.to(torch.long)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(sequences.shape[0], device=sequences.device) - starts[sequences] + 1
+    num_pairs = counts.shape[0] // 2
+    shared = torch.minimum(counts[:num_pairs], counts[num_pairs:]).repeat(2)
+    return torch.where(rank <= shared[sequences], 1.0, ld_alpha)
+
+
 class LinearSequenceLogps(torch.autograd.Function):
+    """hidden [..., H] (any leading shape: [S, T] padded or [1, L] packed), rows [n] flat
+    indices of the completion positions, sequences [n] the sequence of each, num_seqs S,
+    row_weight [n] (LD-DPO) or None."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, token_weight, config, triton, rows):
+    def forward(ctx, hidden, weight, bias, labels, rows, sequences, num_seqs, row_weight, config,
+                triton):
         ctx.set_materialize_grads(False)
-        num_seqs, seq_len, hidden_size = hidden.shape
-        hidden2d = hidden.reshape(num_seqs * seq_len, hidden_size)
-        flat_labels = labels.reshape(-1)
-        # Compact the completion tokens: prompt and padding never reach a matmul. (`rows`
-        # from the caller's CPU batch spares the host sync of torch.nonzero.)
-        if rows is None:
-            rows = torch.nonzero(flat_labels != config.ignore_index).squeeze(1)
-        row_labels = flat_labels[rows]
+        hidden2d = hidden.reshape(-1, hidden.shape[-1])
+        row_labels = labels.reshape(-1)[rows]
         token_logps, lse, aux = kernel_ops("linear_logps", triton).linear_token_logps_forward(
             hidden2d, weight, bias, row_labels, rows, config.logit_scale, config.softcap,
             config.needs_stats)
-        sequence_of = torch.div(rows, seq_len, rounding_mode="floor")
         seq_logps = torch.zeros(num_seqs, dtype=torch.float32, device=hidden.device)
-        seq_logps.index_add_(0, sequence_of, token_logps)
-        row_weight = None if token_weight is None else token_weight.reshape(-1)[rows]
+        seq_logps.index_add_(0, sequences, token_logps)
         weighted = token_logps.new_empty(0)
         if row_weight is not None:
-            weighted = torch.zeros_like(seq_logps).index_add_(0, sequence_of,
+            weighted = torch.zeros_like(seq_logps).index_add_(0, sequences,
                                                                token_logps * row_weight)
-        stat_sums = _stat_sums(aux, sequence_of, num_seqs, hidden.device) \
+        stat_sums = _stat_sums(aux, sequences, num_seqs, hidden.device) \
             if config.needs_stats else token_logps.new_empty(0)
         ctx.mark_non_differentiable(stat_sums)
-        ctx.save_for_backward(hidden, weight, bias, row_labels, rows, lse, aux["label_logit"],
-                              row_weight)
-        ctx.config, ctx.triton, ctx.seq_len = config, triton, seq_len
+        ctx.save_for_backward(hidden, weight, bias, row_labels, rows, sequences, lse,
+                              aux["label_logit"], row_weight)
+        ctx.config, ctx.triton = config, triton
         return seq_logps, weighted, stat_sums
 
     @staticmethod
     def backward(ctx, grad_seq, grad_weighted, _grad_stats):
-        hidden, weight, bias, row_labels, rows, lse, label_logit, row_weight = ctx.saved_tensors
-        sequence_of = torch.div(rows, ctx.seq_len, rounding_mode="floor")
+        (hidden, weight, bias, row_labels, rows, sequences, lse, label_logit,
+         row_weight) = ctx.saved_tensors
         grad_token = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device)
         if grad_seq is not None:
-            grad_token += grad_seq.float()[sequence_of]
+            grad_token += grad_seq.float()[sequences]
         if grad_weighted is not None and row_weight is not None:
-            grad_token += grad_weighted.float()[sequence_of] * row_weight
+            grad_token += grad_weighted.float()[sequences] * row_weight
         hidden2d = hidden.reshape(-1, hidden.shape[-1])
         config = ctx.config
         dhidden, dweight, dbias = kernel_ops("linear_logps", ctx.triton) \
@@ -135,7 +152,7 @@ class LinearSequenceLogps(torch.autograd.Function):
                                          grad_token.contiguous(), label_logit,
                                          config.logit_scale, config.softcap)
         return (dhidden.view_as(hidden), dweight if ctx.needs_input_grad[1] else None,
-                dbias if ctx.needs_input_grad[2] else None, None, None, None, None, None)
+                dbias if ctx.needs_input_grad[2] else None) + (None,) * 7
 
 
 class PairLoss(torch.autograd.Function):

@@ -19,7 +19,8 @@ import torch
 
 from mixpo.checks import (check_finite_logps, check_float_tensor, check_hard, check_labels,
                           check_linear_inputs, check_pair_count, pair_vector)
-from mixpo.functions import LinearSequenceLogps, LogitsSequenceLogps, PairLoss, ld_token_weights
+from mixpo.functions import (LinearSequenceLogps, LogitsSequenceLogps, PairLoss, compact_rows,
+                             ld_row_weights, ld_token_weights)
 from mixpo.kernels.dispatch import use_triton
 from mixpo.kernels.logits_logps_torch import STAT_NAMES
 from mixpo.loss_config import LossConfig
@@ -196,28 +197,53 @@ def logits_loss(logits, labels, config: LossConfig, *, ref_logps=None, hard=None
                  inputs={"logits": logits})
 
 
+def _linear_stage_one(hidden, weight, bias, labels, config, backend, completion_rows,
+                      completion_sequences, num_sequences, counts):
+    """Stage 1 of the logit-free path: compacted rows (given, or found here), LD-DPO row
+    weights, then the sequence log-probs."""
+    if completion_rows is None:
+        rows, sequences = compact_rows(labels, config.ignore_index)
+        num_sequences = labels.shape[0]
+    else:
+        rows = completion_rows.to(hidden.device)
+        sequences = completion_sequences.to(hidden.device) if completion_sequences is not None \
+            else torch.div(rows, labels.shape[-1], rounding_mode="floor")
+        num_sequences = num_sequences or labels.shape[0]
+    row_weight = None if config.ld_alpha is None else \
+        ld_row_weights(counts, sequences, config.ld_alpha)
+    seq_logps, weighted, stat_sums = LinearSequenceLogps.apply(
+        hidden, weight, bias, labels, rows, sequences, num_sequences, row_weight, config,
+        use_triton(backend, hidden))
+    return seq_logps, (weighted if row_weight is not None else None), \
+        (stat_sums if stat_sums.numel() else None)
+
+
 def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_logps=None,
                 hard=None, gamma=None, margin=None, backend="auto", completion_rows=None,
-                completion_counts=None, validate=True):
+                completion_sequences=None, completion_counts=None, validate=True):
     """`linear_preference_loss` with its hyper-parameters as one LossConfig.
 
     The training fast path: `completion_rows` [n] (flat indices of the positions whose label
     is not ignore_index) and `completion_counts` [2B], computed on the CPU batch, and
-    `validate=False` (inputs checked by the caller) keep the call free of host syncs."""
-    if validate:
+    `validate=False` (inputs checked by the caller) keep the call free of host syncs.
+    Padding-free batches: hidden [1, L, H] and labels [1, L] hold every sequence packed in
+    one row; `completion_sequences` [n] then names the sequence of each completion row and
+    `completion_counts` [2B] the sequences' lengths in completion tokens."""
+    packed = completion_sequences is not None
+    if validate and not packed:
         labels, counts = check_linear_inputs(hidden, weight, bias, labels, config.ignore_index,
                                              True)
     else:
         counts = completion_counts.to(hidden.device, torch.float32) \
             if completion_counts is not None \
             else (labels != config.ignore_index).sum(dim=1).float()
-    rows = None if completion_rows is None else completion_rows.to(hidden.device)
-    token_weight = _token_weight(config, labels)
-    seq_logps, weighted, stat_sums = LinearSequenceLogps.apply(
-        hidden, weight, bias, labels, token_weight, config, use_triton(backend, hidden), rows)
-    return _head(seq_logps, weighted, stat_sums, token_weight, counts, config,
-                 ref_logps=ref_logps, hard=hard, gamma=gamma, margin=margin, backend=backend,
-                 inputs={"hidden": hidden, "weight": weight, "bias": bias}, validate=validate)
+    seq_logps, weighted, stat_sums = _linear_stage_one(
+        hidden, weight, bias, labels, config, backend, completion_rows, completion_sequences,
+        counts.shape[0], counts)
+    return pair_head(seq_logps, counts, config, weighted_logps=weighted, stat_sums=stat_sums,
+                     ref_logps=ref_logps, hard=hard, gamma=gamma, margin=margin,
+                     backend=backend, inputs={"hidden": hidden, "weight": weight, "bias": bias},
+                     validate=validate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,24 +361,29 @@ for _function in (preference_loss, linear_preference_loss):
 
 @torch.no_grad()
 def sequence_logps(hidden, weight, labels, *, bias=None, average=False, ld_alpha=None,
-                   logit_scale=1.0, softcap=None, ignore_index=-100, backend="auto"):
+                   logit_scale=1.0, softcap=None, ignore_index=-100, backend="auto",
+                   completion_rows=None, completion_sequences=None, completion_counts=None):
     """Summed (or, with average=True, token-mean) completion log-probs per sequence, [S] fp32.
 
     Forward only and logit-free: for reference models and for precomputing reference
     log-probs over a dataset. hidden [S, T, H] (any S; with `ld_alpha`, the 2B rows of pairs
     as the loss takes them, and their LD-DPO weighted sums are returned), weight [V, H],
-    labels [S, T]; logit_scale / softcap as in `linear_preference_loss`.
+    labels [S, T]; logit_scale / softcap as in `linear_preference_loss`; the completion_*
+    tensors as in `mixpo.losses.linear_loss` (packed batches, no host sync).
     """
-    labels, counts = check_linear_inputs(hidden, weight, bias, labels, ignore_index,
-                                         ld_alpha is not None)
     config = LossConfig(ld_alpha=ld_alpha, logit_scale=logit_scale, softcap=softcap,
                         ignore_index=ignore_index)
-    token_weight = _token_weight(config, labels)
-    seq_logps, weighted, _ = LinearSequenceLogps.apply(hidden, weight, bias, labels,
-                                                       token_weight, config,
-                                                       use_triton(backend, hidden), None)
-    check_finite_logps(seq_logps, {"hidden": hidden, "weight": weight, "bias": bias})
-    if token_weight is not None:
+    if completion_rows is None:
+        labels, counts = check_linear_inputs(hidden, weight, bias, labels, ignore_index,
+                                             ld_alpha is not None)
+    else:
+        counts = completion_counts.to(hidden.device, torch.float32)
+    seq_logps, weighted, _ = _linear_stage_one(hidden, weight, bias, labels, config, backend,
+                                               completion_rows, completion_sequences,
+                                               counts.shape[0], counts)
+    if completion_rows is None:
+        check_finite_logps(seq_logps, {"hidden": hidden, "weight": weight, "bias": bias})
+    if weighted is not None:
         seq_logps = weighted
     return seq_logps / counts if average else seq_logps
 
