@@ -44,7 +44,8 @@ def test_logit_transform_read_from_config_matches_the_model_forward(kind, expect
     labels[:, :3] = -100
     policy = PreferenceModel(model)
     with torch.no_grad():
-        ours = policy(input_ids, attention_mask, labels, logps_only=True)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        ours = policy(batch, logps_only=True)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     token = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])[..., 0]
     want = (token * (labels[:, 1:] != -100)).sum(1)
@@ -55,5 +56,75 @@ def test_logit_transform_read_from_config_matches_the_model_forward(kind, expect
         from dataclasses import replace
         plain.loss.config = replace(plain.loss.config, logit_scale=1.0, softcap=None)
         with torch.no_grad():
-            untransformed = plain(input_ids, attention_mask, labels, logps_only=True)
+            untransformed = plain(batch, logps_only=True)
         assert (untransformed - want).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding-free packed batches == padded batches
+# ----------------------------------------------------------------------------------------------
+def tokenized_pairs(lengths, seed=0):
+    """Pairs as `tokenize_pair` returns them: (prompt, chosen, rejected) token counts."""
+    import numpy as np
+    gen = torch.Generator().manual_seed(seed)
+    pairs = []
+    for prompt, chosen, rejected in lengths:
+        prompt_ids = torch.randint(1, 301, (prompt,), generator=gen).tolist()
+        example = {"prompt_length": prompt}
+        for name, count in (("chosen", chosen), ("rejected", rejected)):
+            ids = prompt_ids + torch.randint(1, 301, (count,), generator=gen).tolist()
+            example[f"{name}_input_ids"] = np.asarray(ids, dtype=np.int32)
+            example[f"{name}_labels"] = np.asarray([-100] * prompt + ids[prompt:], dtype=np.int32)
+        pairs.append(example)
+    return pairs
+
+
+LENGTHS = {
+    "ragged": [(3, 5, 2), (6, 1, 4), (2, 7, 7)],          # incl. a 1-token completion
+    "one pair": [(4, 3, 6)],                              # one pair: two sequences per pack
+    "long prompt": [(12, 2, 1), (1, 9, 3)],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LENGTHS))
+@pytest.mark.parametrize("loss", [dict(loss_type="sigmoid"), dict(loss_type="ipo", ld_alpha=0.5),
+                                  dict(loss_type="simpo")])
+def test_packed_batches_match_padded_batches(layout, loss):
+    from mixpo.data.collate import PackedPreferenceCollator, PreferenceCollator
+    from mixpo.loss_config import LossConfig
+
+    examples = tokenized_pairs(LENGTHS[layout])
+    reference_free = loss["loss_type"] == "simpo"
+    ref = None if reference_free else -torch.linspace(5, 25, 2 * len(examples))
+    results = {}
+    for name, collator in (("padded", PreferenceCollator(0)), ("packed", PackedPreferenceCollator())):
+        model = tiny_model("llama").train()
+        with torch.no_grad():
+            model.get_output_embeddings().weight.div_(20.0)
+        policy = PreferenceModel(model, LossConfig(beta=0.5, **loss))
+        batch = collator(examples)
+        loss_value, out = policy(batch, ref_logps=ref, validate=False)
+        loss_value.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            logps = policy(batch, logps_only=True)
+        results[name] = (loss_value.detach(), out.per_pair_loss, logps, grads)
+    padded, packed = results["padded"], results["packed"]
+    assert packed[2].shape == padded[2].shape == (2 * len(examples),)
+    for got, want in zip(packed[:3], padded[:3]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert set(packed[3]) == set(padded[3])
+    for name, grad in padded[3].items():
+        torch.testing.assert_close(packed[3][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_packed_batch_has_no_padding_and_restarts_positions():
+    from mixpo.data.collate import PackedPreferenceCollator
+    batch = PackedPreferenceCollator()(tokenized_pairs([(2, 3, 1), (1, 1, 4)]))
+    assert batch["input_ids"].shape == (1, 5 + 2 + 3 + 5)
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 0, 1, 2, 3, 4]
+    assert batch["sequence_lengths"].tolist() == [5, 2, 3, 5]
+    assert batch["completion_counts"].tolist() == [3.0, 1.0, 1.0, 4.0]
+    # Each sequence's last position predicts nothing (no label across a boundary).
+    ends = torch.cumsum(batch["sequence_lengths"], 0) - 1
+    assert (batch["labels"][0, ends] == -100).all()

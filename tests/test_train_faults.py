@@ -223,7 +223,7 @@ STEP_MODULES = ("mixpo/losses.py", "mixpo/functions.py", "mixpo/checks.py", "mix
                 "mixpo/margins.py", "mixpo/hf/policy.py", "mixpo/train/optim.py")
 
 
-def count_step_syncs(tiny, out, max_steps, monkeypatch):
+def count_step_syncs(tiny, out, max_steps, monkeypatch, **options):
     """Host-sync calls made from the step's modules during a whole run (one log at the end,
     no checkpoint): a per-step sync makes the count grow with max_steps."""
     import inspect
@@ -243,14 +243,15 @@ def count_step_syncs(tiny, out, max_steps, monkeypatch):
     for name in SYNC_CALLS:
         monkeypatch.setattr(torch.Tensor, name, recorder(name, getattr(torch.Tensor, name)))
     train(config(tiny, out, max_steps=max_steps, logging_steps=max_steps, adaptive_margin=True,
-                 gamma=0.5, difficulty="rating", route_below=1.0))
+                 gamma=0.5, difficulty="rating", route_below=1.0, **options))
     monkeypatch.undo()
     return calls
 
 
-def test_no_host_sync_per_training_step(tiny, tmp_path, monkeypatch):
-    short = count_step_syncs(tiny, tmp_path / "short", 2, monkeypatch)
-    long = count_step_syncs(tiny, tmp_path / "long", 6, monkeypatch)
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_no_host_sync_per_training_step(tiny, tmp_path, monkeypatch, padding_free):
+    short = count_step_syncs(tiny, tmp_path / "short", 2, monkeypatch, padding_free=padding_free)
+    long = count_step_syncs(tiny, tmp_path / "long", 6, monkeypatch, padding_free=padding_free)
     assert len(long) == len(short), sorted(set(long) - set(short))[:10]
     # The checker sees syncs: the loss API's checks (validate=True) do read values.
     import mixpo

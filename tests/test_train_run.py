@@ -159,6 +159,32 @@ def test_step_in_backward_matches_a_normal_step(tiny_run, tmp_path):
         run(recipe, tmp_path / "bad", step_in_backward=True, max_steps=2, max_grad_norm=0.0)
 
 
+def test_padding_free_run_follows_the_padded_run(tiny_run, tmp_path):
+    """Packed micro-batches (one row, attention within each sequence) train on the same
+    trajectory as padded ones, routing and adaptive margins included."""
+    _, recipe = tiny_run
+    common = dict(max_steps=4, difficulty="rating", route_below=1.0, adaptive_margin=True,
+                  gamma=0.5, ld_alpha=0.7)
+    padded = run(recipe, tmp_path / "padded", **common)
+    packed = run(recipe, tmp_path / "packed", padding_free=True, **common)
+    assert_same_trajectory(padded, packed, rel=1e-4)
+    # Fewer tokens are processed per second on padding... and none are counted: real tokens.
+    assert packed[0]["tokens_per_second"] > 0
+
+
+def test_group_by_length_sorts_only_inside_windows(tiny_run, tmp_path, capsys):
+    from mixpo.train.trainer import group_by_length
+    examples = [{"chosen_input_ids": [0] * n, "rejected_input_ids": [0] * (n % 3), "i": i}
+                for i, n in enumerate([5, 1, 4, 9, 2, 8, 3])]
+    grouped = group_by_length(examples, 3)
+    assert [e["i"] for e in grouped] == [1, 2, 0, 4, 3, 5, 6]   # windows {0,1,2} {3,4,5} {6}
+    assert "moved (never across a window)" in capsys.readouterr().out
+    _, recipe = tiny_run
+    run(recipe, tmp_path / "grouped", max_steps=2, group_by_length=4, padding_free=True)
+    assert "group_by_length: pairs sorted by length inside windows of 4" in \
+        capsys.readouterr().out
+
+
 def test_bf16_optimizer_states_resume_exactly(tiny_run, tmp_path):
     """BF16StateAdamW's bf16 moments and the RNG its stochastic rounding draws from come back
     from the checkpoint, so a resumed run repeats the uninterrupted one bit for bit."""

@@ -61,16 +61,76 @@ class PreferenceCollator:
         batch["completion_rows"] = torch.nonzero(completion.reshape(-1)).squeeze(1)
         batch["completion_counts"] = counts.float()
 
-        for column in PASSTHROUGH_COLUMNS:
-            present = [column in e for e in examples]
-            if not any(present):
-                continue
-            if not all(present):
-                raise ValueError(f"column {column!r} is set on some pairs of the batch but not "
-                                 "on others")
-            values = [e[column] for e in examples]
-            if column == "hard":
-                batch[column] = torch.tensor([bool(v) for v in values], dtype=torch.bool)
-            else:
-                batch[column] = torch.tensor(values, dtype=torch.float32)
+        batch.update(passthrough_columns(examples))
+        return batch
+
+
+def passthrough_columns(examples: list[dict]) -> dict:
+    """The per-pair columns the examples carry, as [B] tensors (hard bool, others fp32)."""
+    columns = {}
+    for column in PASSTHROUGH_COLUMNS:
+        present = [column in e for e in examples]
+        if not any(present):
+            continue
+        if not all(present):
+            raise ValueError(f"column {column!r} is set on some pairs of the batch but not "
+                             "on others")
+        values = [e[column] for e in examples]
+        if column == "hard":
+            columns[column] = torch.tensor([bool(v) for v in values], dtype=torch.bool)
+        else:
+            columns[column] = torch.tensor(values, dtype=torch.float32)
+    return columns
+
+
+class PackedPreferenceCollator:
+    """Padding-free batches: a micro-batch's 2B sequences (chosen rows first, then the rejected
+    rows of the same pairs) concatenated into ONE row, with position ids restarting at every
+    sequence, so no FLOP of the model body goes to padding.
+
+    Returns a dict:
+        input_ids [1, L] int64 and position_ids [1, L] int64, L = the sum of the lengths;
+        sequence_lengths [2B] int64 (the model keeps attention within each sequence);
+        labels [1, L] int64 already POSITION-ALIGNED (label t = the token at t + 1 of the same
+            sequence; each sequence's last position and its prompt = IGNORE_INDEX);
+        completion_rows [n] int64 (flat indices of the labelled positions, in sequence
+            order), completion_sequences [n] int64 (the sequence of each) and
+            completion_counts [2B] float32: what the logit-free loss needs, on the CPU;
+        the per-pair columns as `PreferenceCollator` returns them.
+    """
+
+    def __init__(self, pad_token_id: int | None = None):
+        self.pad_token_id = pad_token_id           # unused: nothing is padded
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if not examples:
+            raise ValueError("cannot collate an empty list of pairs")
+        sequences = [e["chosen_input_ids"] for e in examples] + \
+                    [e["rejected_input_ids"] for e in examples]
+        labels = [e["chosen_labels"] for e in examples] + [e["rejected_labels"] for e in examples]
+        ids, positions, aligned, lengths = [], [], [], []
+        for sequence, hf_labels in zip(sequences, labels):
+            sequence = torch.as_tensor(sequence, dtype=torch.long)
+            hf_labels = torch.as_tensor(hf_labels, dtype=torch.long)
+            shifted = torch.full_like(hf_labels, IGNORE_INDEX)
+            shifted[:-1] = hf_labels[1:]
+            ids.append(sequence)
+            positions.append(torch.arange(len(sequence)))
+            aligned.append(shifted)
+            lengths.append(len(sequence))
+        position_labels = torch.cat(aligned)[None]
+        completion = position_labels[0] != IGNORE_INDEX
+        rows = torch.nonzero(completion).squeeze(1)
+        sequence_of_position = torch.repeat_interleave(torch.arange(len(lengths)),
+                                                       torch.tensor(lengths))
+        counts = torch.bincount(sequence_of_position[rows], minlength=len(lengths))
+        if (counts == 0).any():
+            raise ValueError(f"pair(s) {torch.nonzero(counts == 0).flatten().tolist()[:8]} of "
+                             "the batch have no completion token")
+        batch = {"input_ids": torch.cat(ids)[None], "position_ids": torch.cat(positions)[None],
+                 "sequence_lengths": torch.tensor(lengths), "labels": position_labels,
+                 "completion_rows": rows, "completion_sequences": sequence_of_position[rows],
+                 "completion_counts": counts.float(),
+                 "attention_mask": torch.ones(1, sum(lengths), dtype=torch.long)}
+        batch.update(passthrough_columns(examples))
         return batch

@@ -27,14 +27,37 @@ def decoder_layers(causal_lm) -> list[torch.nn.Module]:
     raise ValueError(f"cannot find the decoder layers of {type(causal_lm).__name__}")
 
 
+def packed_attention(batch: dict, attn_implementation: str, dtype: torch.dtype) -> dict:
+    """The body's attention keywords for a padding-free batch (one row holding several
+    sequences, `mixpo.data.collate.PackedPreferenceCollator`): position ids restarting per
+    sequence, and attention kept within each sequence. flash_attention_2 finds the sequences
+    from the position ids (varlen kernels); sdpa / eager get an additive block-diagonal
+    causal mask [1, 1, L, L] built on the device from the lengths (no host sync)."""
+    position_ids = batch["position_ids"]
+    if attn_implementation == "flash_attention_2":
+        return {"position_ids": position_ids, "attention_mask": None}
+    lengths = batch["sequence_lengths"]
+    total = position_ids.shape[1]
+    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device),
+                                       lengths, output_size=total)
+    causal = torch.ones(total, total, dtype=torch.bool, device=lengths.device).tril_()
+    allowed = causal & (sequence[:, None] == sequence[None, :])
+    mask = torch.zeros(total, total, dtype=dtype, device=lengths.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return {"position_ids": position_ids, "attention_mask": mask[None, None]}
+
+
 class PreferenceModel(torch.nn.Module):
     """A causal LM + the logit-free preference loss in one forward.
 
-    forward(input_ids [2B, T], attention_mask [2B, T], labels [2B, T] HF-style, ...):
+    forward(batch, ref_logps=None, margin=None, gamma=None, ...): `batch` is a collator's
+    output, padded (`mixpo.data.collate.PreferenceCollator`: input_ids / attention_mask /
+    HF-style labels [2B, T]) or padding-free (`PackedPreferenceCollator`: one row
+    [1, L], position-aligned labels, sequence lengths); its `hard` column is MixDPO's
+    routing and its completion_* tensors describe the labels (computed on the CPU).
         returns (loss, PreferenceLossOutput) — the loss is also returned alone so that FSDP
-        finds the tensor to hook its backward on; completion_rows / completion_counts (from
-        `mixpo.data.collate.PreferenceCollator`) describe the shifted labels, and
-        validate=False skips the loss API's host-side checks;
+        finds the tensor to hook its backward on; validate=False skips the loss API's
+        host-side checks (the trainer's fast path);
         with `logps_only=True`: summed completion log-probs [2B] (no gradient, LD-DPO
         weighted when the loss is), used for reference log-probs.
     `loss_config`: the loss (default: sigmoid DPO); its logit transform is the model's own
@@ -48,32 +71,41 @@ class PreferenceModel(torch.nn.Module):
         config = replace(loss_config or LossConfig(), logit_scale=logit_scale, softcap=softcap)
         self.loss = LinearPreferenceLoss.from_config(config)
 
-    def hidden_states(self, input_ids, attention_mask):
+    def hidden_states(self, batch: dict):
         body = self.causal_lm.get_decoder()
-        return body(input_ids=input_ids, attention_mask=attention_mask,
-                    use_cache=False).last_hidden_state                      # [2B, T, H]
+        if "sequence_lengths" in batch:                 # padding-free
+            attention = packed_attention(batch, self.causal_lm.config._attn_implementation,
+                                         self.causal_lm.dtype)
+        else:
+            attention = {"attention_mask": batch["attention_mask"]}
+        return body(input_ids=batch["input_ids"], use_cache=False,
+                    **attention).last_hidden_state                  # [2B, T, H] or [1, L, H]
 
-    def forward(self, input_ids, attention_mask, labels, ref_logps=None, hard=None, margin=None,
-                logps_only: bool = False, completion_rows=None, completion_counts=None,
-                validate: bool = True, gamma=None):
+    def forward(self, batch: dict, ref_logps=None, margin=None, gamma=None,
+                logps_only: bool = False, validate: bool = True):
         head = self.causal_lm.get_output_embeddings()
-        # HF labels name token t at position t; the loss reads position t's prediction of t+1.
-        position_labels = shift_labels(labels)
+        packed = "sequence_lengths" in batch
+        # HF labels name token t at position t; the loss reads position t's prediction of t+1
+        # (packed batches arrive position-aligned).
+        labels = batch["labels"] if packed else shift_labels(batch["labels"])
+        shape = {"completion_rows": batch.get("completion_rows"),
+                 "completion_sequences": batch.get("completion_sequences"),
+                 "completion_counts": batch.get("completion_counts")}
+        config = self.loss.config
         if logps_only:
-            config = self.loss.config
+            if shape["completion_rows"] is None:
+                shape = {}
             with torch.no_grad():
-                hidden = self.hidden_states(input_ids, attention_mask)
-                return sequence_logps(hidden, head.weight, position_labels, bias=head.bias,
+                hidden = self.hidden_states(batch)
+                return sequence_logps(hidden, head.weight, labels, bias=head.bias,
                                       ld_alpha=config.ld_alpha, logit_scale=config.logit_scale,
-                                      softcap=config.softcap)
-        hidden = self.hidden_states(input_ids, attention_mask)
-        # The trainer passes the batch's shape (computed on the CPU by the collator) and
-        # validate=False: no host sync inside the step.
-        out = linear_loss(hidden, head.weight, position_labels, self.loss.config,
-                          bias=head.bias, ref_logps=ref_logps, hard=hard, margin=margin,
-                          gamma=gamma,
-                          backend=self.loss.backend, completion_rows=completion_rows,
-                          completion_counts=completion_counts, validate=validate)
+                                      softcap=config.softcap, backend=self.loss.backend,
+                                      **shape)
+        hidden = self.hidden_states(batch)
+        out = linear_loss(hidden, head.weight, labels, config, bias=head.bias,
+                          ref_logps=ref_logps, hard=batch.get("hard"), margin=margin,
+                          gamma=gamma, backend=self.loss.backend, validate=validate and
+                          not packed, **shape)
         return out.loss, out
 
 
@@ -82,7 +114,6 @@ def pair_logps(model: PreferenceModel, examples: list[dict], collator,
                device) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs (chosen [n], rejected [n]) of tokenized pairs, fp32 on the
     CPU: one forward of `model` over the collated batch."""
-    batch = collator(examples)
-    logps = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                  batch["labels"].to(device), logps_only=True).float().cpu()
+    batch = {name: tensor.to(device) for name, tensor in collator(examples).items()}
+    logps = model(batch, logps_only=True).float().cpu()
     return logps[:len(examples)], logps[len(examples):]

@@ -180,11 +180,10 @@ class _Batches:
         self.collate = PreferenceCollator(pad_token_id)
 
     def __call__(self, indices: np.ndarray, ref: torch.Tensor | None = None):
-        batch = self.collate([self.examples[i] for i in indices])
-        tensors = [batch[name].to(self.device)
-                   for name in ("input_ids", "attention_mask", "labels")]
+        batch = {name: tensor.to(self.device) for name, tensor in
+                 self.collate([self.examples[i] for i in indices]).items()}
         ref_logps = None if ref is None else ref[indices].T.reshape(-1).to(self.device)
-        return tensors, ref_logps
+        return batch, ref_logps
 
 
 @torch.no_grad()
@@ -193,8 +192,8 @@ def held_out_losses(policy: PreferenceModel, batches: _Batches, indices: np.ndar
     """Unreduced sigmoid DPO loss of the pairs at `indices`, float64 [len(indices)]."""
     losses = []
     for batch_indices in _batches(indices, batch_size):
-        tensors, ref_logps = batches(batch_indices, ref)
-        _, out = policy(*tensors, ref_logps=ref_logps)
+        batch, ref_logps = batches(batch_indices, ref)
+        _, out = policy(batch, ref_logps=ref_logps)
         losses.append(out.per_pair_loss.double().cpu().numpy())
     return np.concatenate(losses)
 
@@ -273,8 +272,8 @@ def train_reference_model(initial: PreferenceModel, batches: _Batches, train_ind
             for indices in _batches(rng.permutation(train_indices), settings.batch_size):
                 optimizer.zero_grad(set_to_none=True)
                 for micro_indices in _batches(indices, settings.forward_batch):
-                    tensors, ref_logps = batches(micro_indices, ref)
-                    loss, _ = policy(*tensors, ref_logps=ref_logps)
+                    batch, ref_logps = batches(micro_indices, ref)
+                    loss, _ = policy(batch, ref_logps=ref_logps)
                     # Weighted so the step follows the mean loss over the whole batch.
                     (loss * (len(micro_indices) / len(indices))).backward()
                 if settings.max_grad_norm is not None:

@@ -83,6 +83,13 @@ class TrainConfig:
         "a prepared file = use its `hard` column")
     drop_last: bool = option(False, "drop the last incomplete global batch of each epoch "
                              "(kept by default, as the MixDPO authors' trainer)")
+    padding_free: bool = option(False, "pack each micro-batch's sequences into one row "
+                                "(position ids restart per sequence, attention stays within "
+                                "each): no compute on padding")
+    group_by_length: int = option(0, "with padding_free or not: sort pairs by length inside "
+                                  "windows of this many rows of the order (0 = off), so "
+                                  "micro-batches hold similar lengths; the easy-to-hard order "
+                                  "holds across windows")
 
     # --- reference ---
     reference: str = option("precomputed", "precomputed (cached file, no reference model in "

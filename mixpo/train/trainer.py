@@ -82,7 +82,26 @@ def load_examples(cfg: TrainConfig, tokenizer, env, path: str, split: str = "",
         routed = sum(bool(example.get("hard")) for example in examples)
         print(f"routing: {routed} of {len(examples)} pairs take the SFT loss of their chosen "
               "response")
+    if prepare and cfg.group_by_length > 1:
+        examples = group_by_length(examples, cfg.group_by_length, env.is_main)
     return examples
+
+
+def group_by_length(examples: list[dict], window: int, verbose: bool = True) -> list[dict]:
+    """Stable sort by pair length (chosen + rejected tokens) inside consecutive windows of
+    `window` rows: micro-batches then hold similar lengths (less padding, even packs) while
+    the easy-to-hard order holds from window to window."""
+    grouped, moved = [], 0
+    for start in range(0, len(examples), window):
+        block = examples[start:start + window]
+        order = sorted(range(len(block)), key=lambda i: len(block[i]["chosen_input_ids"])
+                       + len(block[i]["rejected_input_ids"]))
+        moved += sum(position != index for position, index in enumerate(order))
+        grouped.extend(block[i] for i in order)
+    if verbose:
+        print(f"group_by_length: pairs sorted by length inside windows of {window} rows; "
+              f"{moved} of {len(examples)} moved (never across a window)")
+    return grouped
 
 
 def build_policy(cfg: TrainConfig, env, trainable: bool = True) -> PreferenceModel:
@@ -125,7 +144,7 @@ def _train(cfg: TrainConfig, env) -> dict:
     import yaml
     from tqdm.auto import tqdm
 
-    from mixpo.data.collate import PreferenceCollator
+    from mixpo.data.collate import PackedPreferenceCollator, PreferenceCollator
     from mixpo.data.sampler import CurriculumSampler
 
     output_dir = Path(cfg.output_dir)
@@ -139,7 +158,8 @@ def _train(cfg: TrainConfig, env) -> dict:
     examples = load_examples(cfg, tokenizer, env, cfg.train_file, cfg.split)
     eval_examples = load_examples(cfg, tokenizer, env, cfg.eval_file, cfg.eval_split,
                                   prepare=False) if cfg.eval_file else []
-    collator = PreferenceCollator(tokenizer.pad_token_id)
+    collator = PackedPreferenceCollator() if cfg.padding_free \
+        else PreferenceCollator(tokenizer.pad_token_id)
     micro = cfg.per_device_train_batch_size
     global_batch = cfg.global_batch_size if cfg.gradient_accumulation_steps is None \
         else micro * cfg.gradient_accumulation_steps * env.world_size
@@ -240,15 +260,12 @@ def _train(cfg: TrainConfig, env) -> dict:
             # so that every rank takes part in the same collectives.
             weight = len(indices) * env.world_size / step.pairs
             batch = collator([examples[i] for i in (indices or [0])])
-            tokens = int(batch["attention_mask"].sum()) if indices else 0  # counted on the CPU
+            tokens = int(batch["attention_mask"].sum()) if indices else 0  # on the CPU batch
             batch = {name: tensor.to(env.device, non_blocking=True)
                      for name, tensor in batch.items()}
             ref_logps = _batch_reference(cfg, reference_model, batch, env)
-            loss, out = policy(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                               ref_logps=ref_logps, hard=batch.get("hard"),
-                               margin=margin if indices else None,
-                               completion_rows=batch["completion_rows"],
-                               completion_counts=batch["completion_counts"], validate=False)
+            loss, out = policy(batch, ref_logps=ref_logps, margin=margin if indices else None,
+                               validate=False)
             # The step's loss is the mean over its pairs on every rank (FSDP averages ranks).
             (loss * weight).backward()
             step_finite &= torch.isfinite(loss)
@@ -322,8 +339,7 @@ def _batch_reference(cfg, reference_model, batch, env):
     """The micro-batch's reference log-probs [2B]: precomputed, from the live reference
     model, or None for a reference-free loss."""
     if reference_model is not None:
-        ref_logps = reference_model(batch["input_ids"], batch["attention_mask"],
-                                    batch["labels"], logps_only=True)
+        ref_logps = reference_model(batch, logps_only=True)
         if env.distributed:
             reference_model.reshard()  # no backward follows to reshard its root
         return ref_logps
@@ -365,11 +381,7 @@ def evaluate(cfg, policy, examples, collator, reference_model, env) -> dict:
             gamma = torch.full((batch["input_ids"].shape[0] // 2,), cfg.margin_mean
                                - (cfg.margin_mean if cfg.margin_center else 0.0),
                                device=env.device)
-        _, out = policy(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                        ref_logps=ref_logps, hard=batch.get("hard"),
-                        completion_rows=batch["completion_rows"],
-                        completion_counts=batch["completion_counts"], validate=False,
-                        **({"gamma": gamma} if gamma is not None else {}))
+        _, out = policy(batch, ref_logps=ref_logps, gamma=gamma, validate=False)
         if indices:
             window.add(out, tokens=0)
     summary = window.summarize(env)
