@@ -97,7 +97,8 @@ def test_packed_batches_match_padded_batches(layout, loss):
     reference_free = loss["loss_type"] == "simpo"
     ref = None if reference_free else -torch.linspace(5, 25, 2 * len(examples))
     results = {}
-    for name, collator in (("padded", PreferenceCollator(0)), ("packed", PackedPreferenceCollator())):
+    collators = (("padded", PreferenceCollator(0)), ("packed", PackedPreferenceCollator()))
+    for name, collator in collators:
         model = tiny_model("llama").train()
         with torch.no_grad():
             model.get_output_embeddings().weight.div_(20.0)

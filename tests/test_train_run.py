@@ -91,7 +91,8 @@ def test_mixdpo_gamma_po_run_metrics_checkpoints_and_export(tiny_run, tmp_path):
         assert row["tokens_per_second"] > 0 and row["memory/peak_gb"] > 0
         assert row["grad_norm"] > 0 and row["gamma/mean"] >= 0 and row["loss"] > 0
     assert 0 < sum(hard) < 32                        # the tied pairs (margin 0 < 1.0) only
-    assert metrics[0]["rewards/margins"] == 0.0 and metrics[0]["learning_rate"] == 0.0  # policy == ref
+    # Step 1: the policy is the reference, and the warmup starts at 0.
+    assert metrics[0]["rewards/margins"] == 0.0 and metrics[0]["learning_rate"] == 0.0
     assert any(row["gamma/std"] > 0 for row in metrics)  # per-pair adaptive margins
     assert [step for step, _ in complete_checkpoints(out)] == [6]  # save_total_limit=1
     state = torch.load(out / "checkpoint-6" / "rank_state_0.pt", weights_only=False)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MethodType
 from typing import Optional
 
@@ -408,8 +408,9 @@ class MixpoDPOTrainer(DPOTrainer):
             return
         path = os.path.join(checkpoint, MARGIN_STATE.format(rank=self.args.process_index))
         if not os.path.isfile(path):
-            raise ValueError(f"{checkpoint} has no gamma-PO solver state ({os.path.basename(path)}): "
-                             "it was not written by an adaptive_margin run of this process count")
+            raise ValueError(f"{checkpoint} has no gamma-PO solver state "
+                             f"({os.path.basename(path)}): it was not written by an "
+                             "adaptive_margin run of this process count")
         self._margin.load_state_dict(torch.load(path, weights_only=False))
 
 
