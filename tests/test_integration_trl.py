@@ -97,6 +97,20 @@ def test_step_zero_equals_stock_dpo_trainer(tokenizer, tmp_path, loss_type, labe
             stock._metrics["train"][name][-1], rel=1e-4, abs=1e-5), name
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_padding_free_equals_padded(tokenizer, tmp_path, loss_type):
+    options = dict(loss_type=loss_type, beta=0.3, curriculum=True, ld_alpha=0.5)
+    padded = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "padded", **options)
+    packed = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "packed",
+                  padding_free=True, **options)
+    assert packed._padding_free and not packed.args.padding_free   # TRL's switch stays off
+    padded_loss, padded_grads, _ = first_step(padded)
+    packed_loss, packed_grads, _ = first_step(packed)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_routing_adaptive_margins_precompute_checkpoint_resume(tokenizer, tmp_path):
     options = dict(loss_type="sigmoid", beta=0.1, route_below=0.5, adaptive_margin=True,
                    gamma=0.5, precompute_ref_log_probs=True, max_steps=4, save_strategy="steps",

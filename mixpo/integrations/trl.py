@@ -98,6 +98,10 @@ class MixpoDPOConfig(DPOConfig):
     margin_tau: float = field(default=10.0, metadata={"help": "gamma-PO tau."})
     margin_center: bool = field(default=False, metadata={
         "help": "gamma-DPO: use gamma_i - gamma0 (zero-mean shift)."})
+    padding_free: bool = field(default=False, metadata={
+        "help": "Pack each micro-batch's sequences into one row (position ids restart per "
+                "sequence, attention stays within each): no compute on padding. trl 1.16 "
+                "disables this for DPO; mixpo's head supports it."})
     curriculum: Optional[bool] = field(default=None, metadata={
         "help": "Train in the dataset's order (sequential sampler); None = on when routing or "
                 "a difficulty column is present."})
@@ -177,6 +181,28 @@ def _position_labels(inputs) -> torch.Tensor:
     return labels
 
 
+def _packed(inputs, attn_implementation: str, dtype) -> tuple[dict, dict]:
+    """TRL's right-padded [2B, L] batch as one padding-free row: (the body's keywords, the
+    loss's labels and completion_* shape). Boolean indexing reads the lengths on the host
+    (TRL's own metrics sync every step anyway)."""
+    from mixpo.hf.policy import packed_attention
+
+    real = inputs["attention_mask"].bool()
+    lengths = real.sum(dim=1)
+    labels = _position_labels(inputs)
+    packed_labels = labels[real][None]
+    rows = torch.nonzero(packed_labels[0] != -100).squeeze(1)
+    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device),
+                                       lengths)
+    batch = {"position_ids": (real.cumsum(dim=1) - 1)[real][None], "sequence_lengths": lengths}
+    body = {"input_ids": inputs["input_ids"][real][None],
+            **packed_attention(batch, attn_implementation, dtype)}
+    shape = {"labels": packed_labels, "completion_rows": rows,
+             "completion_sequences": sequence[rows],
+             "completion_counts": (labels != -100).sum(dim=1).float()}
+    return body, shape
+
+
 class _PassthroughCollator:
     """TRL's preference collator, plus the per-pair columns mixpo reads (PASSTHROUGH)."""
 
@@ -215,6 +241,9 @@ class MixpoDPOTrainer(DPOTrainer):
                  optimizers=(None, None), quantization_config=None, peft_config=None):
         args = _as_mixpo_config(args)
         args.loss_config()                                     # every loss option, checked now
+        # TRL 1.16 turns padding_free off (with a warning) for DPO: mixpo packs in its own
+        # forward instead, from TRL's padded batch.
+        self._padding_free, args.padding_free = args.padding_free, False
         self._routing = args.routing_column is not None or any(
             value is not None for value in (args.route_below, args.route_at_or_below,
                                             args.route_fraction))
@@ -290,6 +319,14 @@ class MixpoDPOTrainer(DPOTrainer):
             return torch.utils.data.SequentialSampler(dataset)
         return super()._get_train_sampler(train_dataset)
 
+    def _body_inputs(self, model, inputs) -> tuple[dict, dict]:
+        """The body's keywords, and (padding-free) the packed labels and completion_* shape."""
+        if not self._padding_free:
+            return {k: v for k, v in inputs.items()
+                    if k in ("input_ids", "attention_mask", "position_ids")}, {}
+        causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
+        return _packed(inputs, causal_lm.config._attn_implementation, causal_lm.dtype)
+
     def _loss_config_for(self, model) -> LossConfig:
         causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
         _attach_mixpo_head(causal_lm)
@@ -304,8 +341,8 @@ class MixpoDPOTrainer(DPOTrainer):
 
         config = self._loss_config_for(model)
         labels = _position_labels(inputs)
-        model_kwargs = {k: v for k, v in inputs.items()
-                        if k in ("input_ids", "attention_mask", "position_ids")}
+        model_kwargs, shape = self._body_inputs(model, inputs)
+        labels = shape.pop("labels", labels)
         adapter_context = contextlib.nullcontext()
         if self.ref_model is None and hasattr(self.accelerator.unwrap_model(self.model),
                                               "peft_config"):
@@ -317,7 +354,7 @@ class MixpoDPOTrainer(DPOTrainer):
             return sequence_logps(hidden, _full(lm_head.weight), labels,
                                   bias=_full(lm_head.bias), ld_alpha=config.ld_alpha,
                                   logit_scale=config.logit_scale, softcap=config.softcap,
-                                  backend=self.args.mixpo_backend)
+                                  backend=self.args.mixpo_backend, **shape)
 
         with torch.no_grad(), disable_gradient_checkpointing(
                 self.model, self.args.gradient_checkpointing_kwargs), adapter_context, \
@@ -339,13 +376,14 @@ class MixpoDPOTrainer(DPOTrainer):
             ref_logps = torch.cat(self.compute_ref_log_probs(reference, inputs))
         hard = inputs.get("hard") if self._routing else None
         margin = self._margin if mode == "train" else None    # eval batches stay out of it
-        model_kwargs = {k: v for k, v in inputs.items()
-                        if k in ("input_ids", "attention_mask", "position_ids")}
+        model_kwargs, shape = self._body_inputs(model, inputs)
+        labels = shape.pop("labels", labels)
 
         def head(hidden, lm_head):
             return linear_loss(hidden, _full(lm_head.weight), labels, config,
                                bias=_full(lm_head.bias), ref_logps=ref_logps, hard=hard,
-                               margin=margin, backend=self.args.mixpo_backend)
+                               margin=margin, backend=self.args.mixpo_backend,
+                               validate=not shape, **shape)
 
         out = model(**model_kwargs, use_cache=False, mixpo_head=head)
         self._log_loss_metrics(out, inputs, mode)
