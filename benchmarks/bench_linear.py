@@ -1,12 +1,21 @@
-"""Logit-free preference loss from hidden states: mixpo vs TRL-style, Liger-Kernel and Cut
-Cross-Entropy. Time and peak memory, forward and forward+backward.
+"""Logit-free preference loss from hidden states: mixpo vs trl 1.16's fused LM head, Liger-Kernel
+and Cut Cross-Entropy (and a materialised baseline). Time and peak memory, forward and
+forward+backward.
 
 Implementations (all compute the sigmoid DPO loss of B pairs from hidden [2B, T, H] and the
 LM-head weight [V, H], prompt tokens labelled -100):
-  trl_torch  TRL DPOTrainer's path: logits = hidden @ W^T materialised, fp32 log_softmax,
-             gather, mask, per-sequence sums, DPO loss.
+  trl_fused_head  trl 1.16's DPOTrainer head (`trl.kernels.chunked_logprob.
+             ChunkedLogProbFunction`, what `add_fused_lm_head` runs): the completion
+             positions compacted (as trl does on GPUs), the head projected in [4096, 32768]
+             tiles, per-token log-probs plus the outputs DPOTrainer asks for (entropy, mean
+             logits, top-1), summed per sequence, DPO loss.
+  trl_fused_head_plain  the same with log-probs only.
+  materialised  logits = hidden @ W^T materialised, fp32 log_softmax, gather, mask, sums.
   mixpo      mixpo.linear_preference_loss: backend "triton" on a GPU, the chunked torch twin
              (backend "torch") on a CPU, where the Triton interpreter is no speed path.
+  mixpo_metrics  the same with token_metrics=True (TRL's logits/entropy/accuracy metrics
+             from the same pass): the like-for-like comparison with trl_fused_head.
+  mixpo_softcap  Gemma-2's final softcap 30 applied in the kernels (their cost vs mixpo).
   liger      Liger-Kernel's LigerFusedLinearDPOLoss (chunk = one pair, full logits of every
              position). Its API takes no precomputed reference log-probs, only a reference
              model it re-runs; it runs with use_ref_model=False here (its cheapest setting, a
@@ -47,8 +56,10 @@ from bench_preference_loss import (  # same folder: sys.path[0]
     PEAK_MEMORY_METHOD, device_name, measure_peak, write_report)
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-IMPLEMENTATIONS = ("trl_torch", "mixpo", "liger", "cce")
-PEER_PACKAGES = {"liger": "liger-kernel", "cce": "cut-cross-entropy"}
+IMPLEMENTATIONS = ("trl_fused_head", "trl_fused_head_plain", "materialised", "mixpo",
+                   "mixpo_metrics", "mixpo_softcap", "liger", "cce")
+BASELINE = "trl_fused_head"
+PEER_PACKAGES = {"trl": "trl", "liger": "liger-kernel", "cce": "cut-cross-entropy"}
 # (hidden size, vocab size) of the models the shapes are named after.
 SHAPES = {name: (shape.hidden_size, shape.vocab_size) for name, shape in roofline.SHAPES.items()}
 BETA = 0.1
@@ -63,8 +74,8 @@ def dpo_from_logps(logps, ref_logps):
     return -F.logsigmoid(BETA * (ratio[:num_pairs] - ratio[num_pairs:])).mean()
 
 
-def trl_style_loss(hidden, weight, labels, ref_logps):
-    """Materialised logits, as TRL's DPOTrainer computes them (the baseline)."""
+def materialised_loss(hidden, weight, labels, ref_logps):
+    """Materialised logits (pre-1.16 TRL's DPOTrainer)."""
     logits = hidden @ weight.T
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     token_logps = logprobs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
@@ -73,13 +84,27 @@ def trl_style_loss(hidden, weight, labels, ref_logps):
 
 def make_loss(implementation, device, liger_compiled):
     """A callable (hidden, weight, labels, ref_logps) -> scalar loss, or raises ImportError."""
-    if implementation == "trl_torch":
-        return trl_style_loss
-    if implementation == "mixpo":
+    if implementation == "materialised":
+        return materialised_loss
+    if implementation.startswith("trl_fused_head"):
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+        outputs = ("log_probs",) if implementation.endswith("plain") else \
+            ("log_probs", "entropy", "mean_logits", "is_top1")
+
+        def trl_loss(h, w, y, ref):
+            mask = y != -100
+            per_token = ChunkedLogProbFunction.apply(h[mask], w, None, y[mask], 1.0, 32768,
+                                                     None, 1.0, outputs)[0]
+            logps = per_token.new_zeros(mask.shape).masked_scatter(mask, per_token).sum(-1)
+            return dpo_from_logps(logps, ref)
+        return trl_loss
+    if implementation.startswith("mixpo"):
         import mixpo
         backend = "triton" if device == "cuda" else "torch"
+        extra = {"mixpo_metrics": {"token_metrics": True},
+                 "mixpo_softcap": {"softcap": 30.0}}.get(implementation, {})
         return lambda h, w, y, ref: mixpo.linear_preference_loss(
-            h, w, y, ref_logps=ref, beta=BETA, backend=backend).loss
+            h, w, y, ref_logps=ref, beta=BETA, backend=backend, **extra).loss
     if implementation == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
         module = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False,
@@ -201,13 +226,13 @@ def build_cases(args, device):
 
 
 def summarise(rows):
-    """Ratios against trl_torch measured side by side, per shape and token count."""
+    """Ratios against trl 1.16's fused head measured side by side, per shape and tokens."""
     for row in rows:
-        base = next((r for r in rows if r["implementation"] == "trl_torch"
+        base = next((r for r in rows if r["implementation"] == BASELINE
                      and r["shape"] == row["shape"] and r["tokens"] == row["tokens"]), None)
         if row is base or base is None or "error" in row or "error" in base:
             continue
-        row["vs_trl"] = {
+        row["vs_trl_fused_head"] = {
             mode: {"speedup": base[mode]["median_ms"] / row[mode]["median_ms"],
                    "memory_ratio": row[mode]["peak_extra_mib"]
                    / max(base[mode]["peak_extra_mib"], 1e-9),
@@ -256,7 +281,7 @@ def main(argv=None):
                   f"{case['forward_backward']['peak_extra_mib']:9.1f} MiB | loss "
                   f"{case['forward_backward']['loss']:.5f}", flush=True)
     summarise(rows)
-    report = {"benchmark": "linear_preference_loss",
+    report = {"benchmark": "linear_preference_loss", "baseline": BASELINE,
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "device": device_name(device), "versions": versions(),
               "settings": {"dtype": args.dtype, "seq_len": args.seq_len,

@@ -56,8 +56,13 @@ def test_trl_default_and_sharding(llama3_8b):
     trl = trl_default_plan(llama3_8b, Workload())
     assert trl["weights"] + trl["gradients"] + trl["optimizer states"] == 16 * PARAMS
     assert trl["reference model"] == 2 * PARAMS
-    assert trl["loss head"] == TOKENS * V * 8
-    assert sum(trl.values()) == 151_133_954_048       # 140.75 GiB: does not fit in 80
+    # trl 1.16's fused head: an fp32 [V, H] gradient, one fp32 [4096, 32768] logits tile, the
+    # hidden states and their gradient (no [tokens x vocab] logits any more).
+    assert trl["loss head"] == V * H * 4 + 4096 * 32768 * 4 + 2 * TOKENS * H * 2
+    assert sum(trl.values()) == 151_133_954_048 - TOKENS * V * 8 + trl["loss head"]
+    # fp32 master weights (the papers' setup): 16 B per parameter, as TRL's default.
+    master = mixpo_plan(llama3_8b, Workload(), optim="adamw", master_weights=True)
+    assert master["weights"] + master["gradients"] + master["optimizer states"] == 16 * PARAMS
     # Four GPUs: states shard by 4; FSDP holds the root unit and two layers unsharded.
     four = mixpo_plan(llama3_8b, Workload(gpus=4))
     assert four["optimizer states"] == PARAMS
@@ -74,8 +79,9 @@ def _args(**overrides):
 def test_report_says_llama3_8b_fits_one_80gb_gpu_and_trl_does_not():
     report = plan_command(_args(step_in_backward=True, global_batch_size=1))
     assert "8.03 B parameters" in report
-    assert "total" in report and "52.02 GiB" in report and "140.75 GiB" in report
-    assert "fits? mixpo: yes, 28.0 GiB free; TRL default: no, 60.8 GiB over" in report
+    assert "total" in report and "52.02 GiB" in report and "141.29 GiB" in report
+    assert "fits? mixpo: yes, 28.0 GiB free; TRL default: no, 61.3 GiB over" in report
+    assert "fused head (trl 1.16)" in report
     default = plan_command(_args())
     assert "66.00 GiB" in default and "mixpo: yes" in default
     with pytest.raises(ValueError, match="step-in-backward needs one backward per step"):

@@ -173,6 +173,25 @@ def test_padding_free_run_follows_the_padded_run(tiny_run, tmp_path):
     assert packed[0]["tokens_per_second"] > 0
 
 
+def test_mixed_precision_keeps_fp32_master_weights(tiny_run, tmp_path):
+    """bf16: true (Hugging Face's meaning): fp32 weights and AdamW states, bf16 compute."""
+    _, recipe = tiny_run
+    from mixpo.train.config import build_config as build
+    cfg = build(TrainConfig, recipe, {"output_dir": str(tmp_path / "amp"), "bf16": "true",
+                                      "max_steps": 3, "save_steps": 3})
+    assert (cfg.mixed_precision, cfg.dtype) == ("bf16", "auto")
+    train(cfg)
+    metrics = read_metrics(tmp_path / "amp")
+    full = run(recipe, tmp_path / "fp32", max_steps=3)
+    # bf16 compute: close to the fp32 run, not identical.
+    assert metrics[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=5e-2)
+    assert metrics[-1]["loss"] != full[-1]["loss"]
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "amp" / "final").dtype == torch.float32
+    with pytest.raises(ValueError, match="keeps fp32 weights"):
+        build(TrainConfig, recipe, {"mixed_precision": "bf16", "dtype": "bfloat16"})
+
+
 def test_group_by_length_sorts_only_inside_windows(tiny_run, tmp_path, capsys):
     from mixpo.train.trainer import group_by_length
     examples = [{"chosen_input_ids": [0] * n, "rejected_input_ids": [0] * (n % 3), "i": i}

@@ -47,6 +47,14 @@ def packed_attention(batch: dict, attn_implementation: str, dtype: torch.dtype) 
     return {"position_ids": position_ids, "attention_mask": mask[None, None]}
 
 
+def _head_in(head, dtype):
+    """The LM head's weight and bias in the hidden states' dtype: under autocast the body's
+    output is 16-bit while the (fp32 master) head is not; the cast is differentiable."""
+    weight = head.weight if head.weight.dtype == dtype else head.weight.to(dtype)
+    bias = head.bias if head.bias is None or head.bias.dtype == dtype else head.bias.to(dtype)
+    return weight, bias
+
+
 class PreferenceModel(torch.nn.Module):
     """A causal LM + the logit-free preference loss in one forward.
 
@@ -97,12 +105,14 @@ class PreferenceModel(torch.nn.Module):
                 shape = {}
             with torch.no_grad():
                 hidden = self.hidden_states(batch)
-                return sequence_logps(hidden, head.weight, labels, bias=head.bias,
+                weight, bias = _head_in(head, hidden.dtype)
+                return sequence_logps(hidden, weight, labels, bias=bias,
                                       ld_alpha=config.ld_alpha, logit_scale=config.logit_scale,
                                       softcap=config.softcap, backend=self.loss.backend,
                                       **shape)
         hidden = self.hidden_states(batch)
-        out = linear_loss(hidden, head.weight, labels, config, bias=head.bias,
+        weight, bias = _head_in(head, hidden.dtype)
+        out = linear_loss(hidden, weight, labels, config, bias=bias,
                           ref_logps=ref_logps, hard=batch.get("hard"), margin=margin,
                           gamma=gamma, backend=self.loss.backend, validate=validate and
                           not packed, **shape)

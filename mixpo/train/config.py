@@ -49,9 +49,13 @@ class TrainConfig:
     # --- model ---
     model_name_or_path: str = option("", "model directory (or Hugging Face Hub id)")
     tokenizer_name_or_path: str = option("", "tokenizer directory; empty = the model's")
-    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | "
-                        "float16 (`bf16: true` also works)",
+    dtype: str = option("auto", "the weights' dtype: auto (bf16 on GPU, fp32 on CPU) | "
+                        "float32 | bfloat16 | float16",
                         choices=("auto", "float32", "bfloat16", "float16"))
+    mixed_precision: str = option(
+        "no", "compute dtype over fp32 weights: no | bf16 | fp16 (Hugging Face's `bf16: "
+        "true` = fp32 master weights and AdamW states, bf16 compute: the papers' setup)",
+        choices=("no", "bf16", "fp16"))
     attn_implementation: str = option(
         "auto", "auto: flash_attention_2 if importable, else sdpa",
         choices=("auto", "sdpa", "eager", "flash_attention_2"))
@@ -219,6 +223,9 @@ class TrainConfig:
                              "need a difficulty (" + ", ".join(DIFFICULTY_KINDS) + ")")
         if self.routing is False and routes:
             raise ValueError(f"routing: false contradicts {routes[0]}")
+        if self.mixed_precision != "no" and self.dtype not in ("auto", "float32"):
+            raise ValueError(f"mixed_precision {self.mixed_precision} keeps fp32 weights: set "
+                             f"dtype float32 (or auto), not {self.dtype}")
         if self.optim == "adamw_8bit" and importlib.util.find_spec("torchao") is None:
             raise ValueError("optim 'adamw_8bit' needs torchao (pip install torchao)")
         if "wandb" in self.report_to and importlib.util.find_spec("wandb") is None:
@@ -337,10 +344,11 @@ def _note_alias(old: str, new: str) -> None:
 
 def _canonical(key: str, value, types: dict, source: str) -> tuple[str, object]:
     """(field name, raw value) for a config key: old spellings (KEY_ALIASES) and Hugging Face's
-    `bf16` / `fp16` switches (-> dtype) are accepted."""
+    `bf16` / `fp16` switches are accepted: as in Hugging Face, they mean mixed precision
+    (fp32 weights, 16-bit compute)."""
     if key in ("bf16", "fp16") and key not in types:
         on = str(value).lower() in _TRUE if not isinstance(value, bool) else value
-        return "dtype", ("bfloat16" if key == "bf16" else "float16") if on else "float32"
+        return "mixed_precision", key if on else "no"
     if key in KEY_ALIASES and key not in types and KEY_ALIASES[key] in types:
         _note_alias(key, KEY_ALIASES[key])
         return KEY_ALIASES[key], value

@@ -62,15 +62,18 @@ def setup(device_preference: str = "auto", timeout_seconds: int = 1800) -> Distr
     return DistributedEnv(rank, world_size, local_rank, device, mesh)
 
 
-def shard(module: torch.nn.Module, decoder_layers, env: DistributedEnv) -> torch.nn.Module:
+def shard(module: torch.nn.Module, decoder_layers, env: DistributedEnv,
+          compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """FSDP2: each decoder layer is its own unit, the rest (embeddings, norm, LM head) belongs
-    to the root unit `module`, whose forward therefore sees the head weight unsharded."""
+    to the root unit `module`, whose forward therefore sees the head weight unsharded.
+    `compute_dtype` (mixed precision): the sharded fp32 parameters are gathered in that
+    dtype for the forward and backward."""
     if not env.distributed:
         return module
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # Reduce gradients in fp32 even when the parameters are bf16.
-    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers:
         fully_shard(layer, mesh=env.mesh, mp_policy=policy)
     fully_shard(module, mesh=env.mesh, mp_policy=policy)

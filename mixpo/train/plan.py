@@ -13,11 +13,15 @@ mixpo column (the trainer's options):
   reference    0 when precomputed (a file of 2 floats per pair), bf16 copy / N when live
   loss head    logit-free: an fp32 [V, H] accumulator for the head's gradient, plus the final
                hidden states and their gradient [tokens, H] bf16 (no [tokens, V] tensor)
-TRL-default column (DPOTrainer with bf16 mixed precision, as usually launched):
+  fp32 master weights (`mixed_precision: bf16`, the papers' setup): weights 4 B, gradients
+  4 B, AdamW fp32 moments 8 B per param / N.
+TRL-default column (trl 1.16 DPOTrainer with bf16 mixed precision, as usually launched):
   weights 4 B (fp32 master) + gradients 4 B + AdamW fp32 moments 8 B per param / N;
-  a live bf16 reference model 2 B/param / N; logits materialised over every position of
-  every sequence: bf16 logits and the saved bf16 log-softmax (forward) plus their bf16
-  gradients (backward), 8 B per (token, vocab) entry.
+  a live bf16 reference model 2 B/param / N; trl 1.16's fused LM head (add_fused_lm_head):
+  the head projected in [4096 tokens x 32768 vocab] fp32 tiles (one alive at a time, turned
+  into its gradient in place), the head's gradient accumulated in fp32 [V, H], the final
+  hidden states and their gradient (no [tokens x vocab] logits; older TRL materialised
+  them: 8 B per (token, vocab) entry, the "logits materialised" variant of mixpo).
 Both: activations of the same micro-batch (2 sequences per pair); with gradient checkpointing
 the bf16 input of every decoder layer plus one layer recomputed with its gradients (2x its
 saved tensors); without, every layer's saved tensors. A Llama-style layer saves per token
@@ -161,18 +165,25 @@ def materialised_logits_bytes(shape: ModelShape, work: Workload) -> int:
     return work.tokens * shape.vocab_size * 8
 
 
+TRL_TILE_BYTES = 4096 * 32768 * 4     # trl 1.16's fused head: one fp32 logits tile
+
+
 def mixpo_plan(shape: ModelShape, work: Workload, optim: str = "adamw_bf16",
                step_in_backward: bool = False, reference: str = "precomputed",
-               logit_free: bool = True) -> dict:
-    """Bytes per GPU for each component of a mixpo run."""
+               logit_free: bool = True, master_weights: bool = False) -> dict:
+    """Bytes per GPU for each component of a mixpo run; `master_weights`: fp32 weights,
+    gradients and AdamW states under bf16 compute (mixed_precision: bf16)."""
     params, gpus = shape.num_params, work.gpus
-    state_bytes = {"adamw": 4, "adamw_bf16": 4, "adamw_8bit": 2}[optim]
+    weight_bytes = 4 if master_weights else 2
+    state_bytes = 8 if master_weights and optim == "adamw" else \
+        {"adamw": 4, "adamw_bf16": 4, "adamw_8bit": 2}[optim]
     hidden = work.tokens * shape.hidden_size * 2
     head = (shape.vocab_size * shape.hidden_size * 4 + 2 * hidden if logit_free
             else materialised_logits_bytes(shape, work))
     return {
-        "weights": params * 2 // gpus + fsdp_transient_bytes(shape, work),
-        "gradients": shape.largest_param * 2 if step_in_backward else params * 2 // gpus,
+        "weights": params * weight_bytes // gpus + fsdp_transient_bytes(shape, work),
+        "gradients": shape.largest_param * weight_bytes if step_in_backward
+        else params * weight_bytes // gpus,
         "optimizer states": params * state_bytes // gpus,
         "activations": activation_bytes(shape, work),
         "loss head": head,
@@ -189,7 +200,8 @@ def trl_default_plan(shape: ModelShape, work: Workload) -> dict:
         "gradients": params * 4 // gpus,
         "optimizer states": params * 8 // gpus,
         "activations": activation_bytes(shape, work),
-        "loss head": materialised_logits_bytes(shape, work),
+        "loss head": shape.vocab_size * shape.hidden_size * 4 + TRL_TILE_BYTES
+        + 2 * work.tokens * shape.hidden_size * 2,
         "reference model": params * 2 // gpus,
         "runtime reserve": RUNTIME_RESERVE_BYTES,
     }
@@ -200,7 +212,7 @@ NOTES = {  # (mixpo, TRL default) column notes
     "gradients": ("bf16", "fp32"),
     "optimizer states": ("bf16 or 8-bit moments", "fp32 moments"),
     "activations": ("the same micro-batch in both", ""),
-    "loss head": ("logit-free", "logits materialised"),
+    "loss head": ("logit-free", "fused head (trl 1.16)"),
     "reference model": ("precomputed or live", "live bf16 copy"),
     "runtime reserve": ("CUDA context, buffers, slack", ""),
 }
@@ -267,7 +279,9 @@ def plan_command(args) -> str:
         return sum(mixpo_plan(shape, work, **{**options, **changes}).values())
 
     variants = [("reference live (a frozen bf16 copy)", total(reference="live")),
-                ("logits materialised instead of logit-free", total(logit_free=False))]
+                ("logits materialised instead of logit-free", total(logit_free=False)),
+                ("fp32 master weights + AdamW fp32 states (papers' setup)",
+                 total(master_weights=True, optim="adamw"))]
     for optim in ("adamw_bf16", "adamw_8bit"):
         if optim != args.optim:
             variants.append((f"optimizer {optim}", total(optim=optim)))

@@ -104,14 +104,30 @@ def group_by_length(examples: list[dict], window: int, verbose: bool = True) -> 
     return grouped
 
 
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weights_dtype(cfg: TrainConfig, env) -> torch.dtype:
+    """The parameters' dtype: fp32 master weights under mixed precision."""
+    return torch.float32 if cfg.mixed_precision != "no" else torch_dtype(cfg.dtype, env.device)
+
+
+def autocast(cfg: TrainConfig, env):
+    """Mixed precision for one process (FSDP2 casts the gathered parameters instead)."""
+    enabled = cfg.mixed_precision != "no" and not env.distributed
+    return torch.autocast(env.device.type, dtype=COMPUTE_DTYPES.get(cfg.mixed_precision),
+                          enabled=enabled)
+
+
 def build_policy(cfg: TrainConfig, env, trainable: bool = True) -> PreferenceModel:
-    dtype = torch_dtype(cfg.dtype, env.device)
+    dtype = weights_dtype(cfg, env)
     causal_lm = load_causal_lm(cfg.model_name_or_path, dtype,
                                attention_implementation(cfg.attn_implementation, env.device),
                                cfg.gradient_checkpointing and trainable, trainable)
     # The reference model needs only its log-probs: the same transform and LD-DPO weighting.
     model = PreferenceModel(causal_lm.to(env.device), cfg.loss_config())
-    return distributed.shard(model, decoder_layers(causal_lm), env)
+    return distributed.shard(model, decoder_layers(causal_lm), env,
+                             COMPUTE_DTYPES.get(cfg.mixed_precision))
 
 
 def train(cfg: TrainConfig, env=None) -> dict:
@@ -132,9 +148,11 @@ def train(cfg: TrainConfig, env=None) -> dict:
 
 def _reference_logps(cfg, policy, examples, collator, env, output_dir, key, name):
     """Precomputed reference log-probs attached to `examples` (cached beside the output)."""
-    origin = attach_reference_logps(examples, policy, collator, env, key=key,
-                                    output_dir=output_dir, batch_size=cfg.reference_batch_size,
-                                    progress=cfg.progress_bar, cache_name=name)
+    with autocast(cfg, env):
+        origin = attach_reference_logps(examples, policy, collator, env, key=key,
+                                        output_dir=output_dir,
+                                        batch_size=cfg.reference_batch_size,
+                                        progress=cfg.progress_bar, cache_name=name)
     if env.is_main:
         label = "" if name == "reference_logps.pt" else " (eval)"
         print(f"reference log-probs{label}: {origin} ({output_dir / name})")
@@ -151,7 +169,7 @@ def _train(cfg: TrainConfig, env) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    dtype = torch_dtype(cfg.dtype, env.device)
+    dtype = weights_dtype(cfg, env)
 
     # ---- data ------------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
@@ -264,8 +282,9 @@ def _train(cfg: TrainConfig, env) -> dict:
             batch = {name: tensor.to(env.device, non_blocking=True)
                      for name, tensor in batch.items()}
             ref_logps = _batch_reference(cfg, reference_model, batch, env)
-            loss, out = policy(batch, ref_logps=ref_logps, margin=margin if indices else None,
-                               validate=False)
+            with autocast(cfg, env):
+                loss, out = policy(batch, ref_logps=ref_logps,
+                                   margin=margin if indices else None, validate=False)
             # The step's loss is the mean over its pairs on every rank (FSDP averages ranks).
             (loss * weight).backward()
             step_finite &= torch.isfinite(loss)
@@ -339,7 +358,8 @@ def _batch_reference(cfg, reference_model, batch, env):
     """The micro-batch's reference log-probs [2B]: precomputed, from the live reference
     model, or None for a reference-free loss."""
     if reference_model is not None:
-        ref_logps = reference_model(batch, logps_only=True)
+        with autocast(cfg, env):
+            ref_logps = reference_model(batch, logps_only=True)
         if env.distributed:
             reference_model.reshard()  # no backward follows to reshard its root
         return ref_logps
@@ -381,7 +401,8 @@ def evaluate(cfg, policy, examples, collator, reference_model, env) -> dict:
             gamma = torch.full((batch["input_ids"].shape[0] // 2,), cfg.margin_mean
                                - (cfg.margin_mean if cfg.margin_center else 0.0),
                                device=env.device)
-        _, out = policy(batch, ref_logps=ref_logps, gamma=gamma, validate=False)
+        with autocast(cfg, env):
+            _, out = policy(batch, ref_logps=ref_logps, gamma=gamma, validate=False)
         if indices:
             window.add(out, tokens=0)
     summary = window.summarize(env)
