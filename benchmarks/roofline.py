@@ -588,5 +588,6 @@ ASSUMPTIONS = (
     "[B]-sized kernels (pair_loss, margin_solve): launch latency, not in the model, dominates",
 )
 
-__all__ = ["ASSUMPTIONS", "DEFAULT_SHAPES", "DEVICES", "SHAPES", "DevicePeaks", "KernelCost", "ModelShape",
-           "Workload", "device_peaks", "floor_seconds", "kernel_cost", "make_workload"]
+__all__ = ["ASSUMPTIONS", "DEFAULT_SHAPES", "DEVICES", "SHAPES", "DevicePeaks", "KernelCost",
+           "ModelShape", "Workload", "device_peaks", "floor_seconds", "kernel_cost",
+           "make_workload"]

@@ -1,0 +1,458 @@
+"""Stages 3 and 4 of benchmarks/gpu_check.py, the loss speed checks: linear_loss (the
+logit-free loss at Llama-3 shape against trl, Liger, CCE and materialised logits, with the
+Liger worker process and the backward tile-skipping measurement) and logits_loss
+(mixpo.preference_loss over materialised logits against two reads of the logits). Each stage
+function takes a `gpu_check.StageContext`, fills `ctx.details` (saving after every case), and
+returns (verdict, one-line headline); its docstring says what it measures and how."""
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gpu_check import device, device_peaks, peak_extra_bytes, rel_error, sync
+from gpu_check_common import (BETA, IGNORE, MIB, _bench, _finish, _fmt, _free, _generator,
+                              _start)
+
+
+def _dpo(logps, ref_logps):
+    pairs = logps.shape[0] // 2
+    ratio = logps - ref_logps
+    return -F.logsigmoid(BETA * (ratio[:pairs] - ratio[pairs:])).mean()
+
+
+def _linear_impl(name: str):
+    """(callable (hidden, weight, labels, ref) -> loss, note) or raises _Skip."""
+    cuda = torch.cuda.is_available()
+    if name == "mixpo":
+        import mixpo
+        from mixpo.kernels.dispatch import INTERPRET
+        backend = "triton" if cuda or INTERPRET else "torch"
+        return (lambda h, w, y, ref: mixpo.linear_preference_loss(
+            h, w, y, ref_logps=ref, beta=BETA, backend=backend).loss), f"backend {backend}"
+    if name == "materialised":
+        def materialised(h, w, y, ref):
+            logprobs = torch.log_softmax((h @ w.T).float(), dim=-1)
+            token = logprobs.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+            return _dpo((token * (y != IGNORE)).sum(-1), ref)
+        return materialised, "logits = hidden @ W.T, fp32 log_softmax, gather"
+    if name == "trl":
+        try:
+            from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+        except ImportError as error:
+            raise _Skip(f"trl not importable ({error})") from None
+        # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE (that module is slow to import)
+        chunk = 32768
+
+        def trl_head(h, w, y, ref):
+            mask = y != IGNORE            # compacted, as add_fused_lm_head does on CUDA
+            logps = ChunkedLogProbFunction.apply(h[mask], w, None, y[mask], 1.0, chunk, None,
+                                                 1.0, ())[0]
+            return _dpo(logps.new_zeros(mask.shape).masked_scatter(mask, logps).sum(-1), ref)
+        return trl_head, "ChunkedLogProbFunction on the completion tokens, log-probs only"
+    if name == "liger":
+        if not cuda:
+            raise _Skip("needs CUDA (Triton / torch.compile path)")
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+        except ImportError as error:
+            raise _Skip(f"liger-kernel not importable ({error})") from None
+        module = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False, compiled=True)
+        return (lambda h, w, y, ref: module(w, h, y)[0]), \
+            "LigerFusedLinearDPOLoss(use_ref_model=False, compiled=True): reference-free"
+    if name == "cce":
+        if not cuda:
+            raise _Skip("needs CUDA (its Triton kernels)")
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except ImportError as error:
+            raise _Skip(f"cut-cross-entropy not importable ({error})") from None
+
+        def cce(h, w, y, ref):
+            nll = linear_cross_entropy(h, w, y, reduction="none", impl="cce")
+            return _dpo(-nll.float().sum(-1), ref)
+        return cce, "linear_cross_entropy(reduction='none', impl='cce'), summed per sequence"
+    raise ValueError(name)
+
+
+class _Skip(Exception):
+    pass
+
+
+def _ratio(value, base, floor=1.0):
+    """value / base, or None when base is below `floor` (e.g. a CPU peak of ~0 MiB)."""
+    return value / base if base >= floor else None
+
+
+def _linear_shapes(quick: bool) -> dict:
+    if quick:   # fp32: the interpreter's bf16 conversions cost seconds a launch
+        return dict(rows=2, seq_len=48, prompt=16, hidden=64, vocab=4000, model="quick",
+                    dtype="float32")
+    # 16 sequences x 1280 positions, 256 prompt each: 16384 completion tokens.
+    return dict(rows=16, seq_len=1280, prompt=256, hidden=4096, vocab=128256,
+                model="llama-3-8b", dtype="bfloat16")
+
+
+def _linear_inputs(shape: dict):
+    """hidden [2B, T, H] ~ N(0, 1), weight [V, H] ~ N(0, 1/H) (logits std 1), random labels
+    with `prompt` ignored positions per row, reference log-probs; seeded, so a worker process
+    rebuilds exactly the stage's inputs."""
+    dtype, gen = getattr(torch, shape["dtype"]), _generator(0)
+    hidden = torch.randn(shape["rows"], shape["seq_len"], shape["hidden"], generator=gen,
+                         device=device())
+    weight = torch.randn(shape["vocab"], shape["hidden"], generator=gen, device=device())
+    weight /= shape["hidden"] ** 0.5
+    labels = torch.randint(0, shape["vocab"], (shape["rows"], shape["seq_len"]), generator=gen,
+                           device=device())
+    labels[:, : shape["prompt"]] = IGNORE
+    ref = -torch.rand(shape["rows"], generator=gen, device=device()) * 100 \
+        - (shape["seq_len"] - shape["prompt"]) * math.log(shape["vocab"])
+    return hidden.to(dtype), weight.to(dtype), labels, ref
+
+
+def _worker_linear_peer(spec: dict) -> dict:
+    """One stage-3 implementation measured in a process of its own (Liger: its torch.compile
+    can take longer than the stage has left, and a worker can be stopped on time)."""
+    import types
+
+    ctx = types.SimpleNamespace(quick=spec["quick"], has_time=lambda seconds: True)
+    try:
+        fn, note = _linear_impl(spec["impl"])
+    except _Skip as reason:
+        return {"skipped": str(reason)}
+    return {"note": note, **_measure(ctx, fn, _linear_inputs(spec["shape"]), 0)}
+
+
+def _measure(ctx, fn_loss, inputs, budget_hint):
+    """Forward and forward+backward: median time (bench) and peak memory above the inputs."""
+    hidden, weight, labels, ref = inputs
+    result = {}
+    for mode in ("forward", "forward_backward"):
+        backward = mode == "forward_backward"
+
+        def step(backward=backward):
+            h = hidden.detach().requires_grad_(backward)
+            w = weight.detach().requires_grad_(backward)
+            with torch.set_grad_enabled(backward):
+                loss = fn_loss(h, w, labels, ref)
+                if backward:
+                    loss.backward()
+            return loss.detach()
+
+        try:
+            start = time.perf_counter()
+            loss = float(step())
+            sync()
+            warmup = time.perf_counter() - start
+            seconds = _bench(ctx, step, warmed=True)
+            result[mode] = {"ms": 1e3 * seconds, "warmup_s": round(warmup, 2), "loss": loss,
+                            "peak_extra_mib": peak_extra_bytes(step) / MIB}
+        except Exception as error:                   # noqa: BLE001 - recorded per mode
+            message = f"{type(error).__name__}: {str(error)[:300]}"
+            result[mode] = {"error": "out of memory" if "out of memory" in message.lower()
+                            else message}
+        _free()
+        if not ctx.has_time(budget_hint):
+            break
+    return result
+
+
+def _zipf_head(hidden, weight, alpha=2.5, noise=2.0):
+    """A trained-like head: logits = unigram log-prior -alpha log(1 + id) (token ids in
+    frequency order, as BPE vocabularies roughly are) + contextual noise of std `noise`."""
+    prior = -alpha * torch.log1p(torch.arange(weight.shape[0], device=weight.device,
+                                              dtype=torch.float32))
+    w = weight.float() * noise          # weight ~ N(0, 1/H), hidden ~ N(0, 1): logits std 1
+    w[:, 0] = prior
+    h = hidden.clone()
+    h[..., 0] = 1.0
+    return h, w.to(weight.dtype)
+
+
+def _kept_tile_fraction(hidden2d, weight, rows, lse, coef, dtype, sample_tiles=4):
+    """Share of the backward's [BLOCK_N, BLOCK_V] tiles whose softmax mass passes filter_eps
+    for some token with a gradient, on the first `sample_tiles` token tiles (torch, fp32)."""
+    from mixpo.kernels.configs import choose
+    from mixpo.kernels.linear_logps import FILTER_EPS, _spec_name
+
+    launch = choose(_spec_name("linear_softmax_bwd", dtype), dtype=dtype, num_tokens=rows.shape[0])
+    block_n, block_v = launch.block("BLOCK_N"), launch.block("BLOCK_V")
+    vocab, weight32 = weight.shape[0], weight.float()
+    kept, total = 0, 0
+    for tile in range(min(sample_tiles, math.ceil(rows.shape[0] / block_n))):
+        part = slice(tile * block_n, (tile + 1) * block_n)
+        probs = torch.exp(hidden2d[rows[part]].float() @ weight32.T - lse[part, None])
+        pad = (-vocab) % block_v
+        mass = F.pad(probs, (0, pad)).reshape(probs.shape[0], -1, block_v).sum(-1)
+        mass = torch.where(coef[part, None] != 0, mass, 0.0).max(0).values
+        kept += int((mass > FILTER_EPS[dtype]).sum())
+        total += mass.numel()
+    return kept / max(total, 1), {"BLOCK_N": block_n, "BLOCK_V": block_v,
+                                  "filter_eps": FILTER_EPS[dtype]}
+
+
+def _tile_skipping(ctx, hidden, weight, labels, dtype):
+    """mixpo's backward (launch helpers) with filter_eps=0 and the default, per head kind."""
+    from mixpo.kernels.dispatch import INTERPRET
+    if not (torch.cuda.is_available() or INTERPRET):
+        return {"skipped": "needs the Triton kernels (CUDA or TRITON_INTERPRET=1)"}
+    from mixpo.kernels import linear_logps as kernel
+
+    flat = labels.reshape(-1)
+    rows = torch.nonzero(flat != IGNORE).squeeze(1)
+    targets = flat[rows]
+    coef = torch.full((rows.shape[0],), -BETA / 2, device=device())
+    heads = {"random (flat softmax)": (hidden, weight),
+             "scaled x4 (peaked)": (hidden, weight * 4),
+             "zipf prior (trained-like)": _zipf_head(hidden, weight)}
+    if ctx.quick:     # the same code path for every head: one is enough to keep it running
+        heads = {"zipf prior (trained-like)": heads["zipf prior (trained-like)"]}
+    results = {}
+    for label, (h, w) in heads.items():
+        if not ctx.has_time(10 if torch.cuda.is_available() else 2):
+            results[label] = {"skipped": "stage time budget"}
+            break
+        h2 = h.reshape(-1, h.shape[-1])
+        _, lse, aux = kernel.linear_token_logps_forward(h2, w, None, targets, rows)
+
+        def backward(eps, h2=h2, w=w, lse=lse, label_logit=aux["label_logit"]):
+            return kernel.linear_token_logps_backward(h2, w, None, targets, rows, lse, coef,
+                                                      label_logit, filter_eps=eps)
+        exact, filtered = backward(0.0), backward(None)
+        fraction, blocks = _kept_tile_fraction(h2, w, rows, lse, coef, dtype)
+        results[label] = {
+            "filter_eps_0_ms": 1e3 * _bench(ctx, lambda: backward(0.0)),
+            "default_ms": 1e3 * _bench(ctx, lambda: backward(None)),
+            "kept_tile_fraction_sampled": fraction, **blocks,
+            "filter_error_dhidden": rel_error(filtered[0], exact[0])[0],
+            "filter_error_dweight": rel_error(filtered[1], exact[1])[0]}
+        results[label]["speedup"] = results[label]["filter_eps_0_ms"] / results[label]["default_ms"]
+        del exact, filtered
+        _free()
+        ctx.save()
+    return results
+
+
+TILE_SKIPPING_S = 25     # stage-3 seconds kept for the tile-skipping measurement
+
+
+def _run_liger_worker(ctx, shape) -> dict:
+    import shutil
+    import tempfile
+
+    work = pathlib.Path(tempfile.mkdtemp(prefix="gpu_check_liger_"))
+    started = []
+    try:
+        run = _start(ctx, "linear_peer", {"impl": "liger", "shape": shape, "quick": ctx.quick},
+                     work, started)
+        result = _finish(ctx, run, reserve_s=TILE_SKIPPING_S)
+    finally:
+        for run in started:
+            if run["process"].poll() is None:
+                run["process"].kill()
+                run["process"].wait()
+        shutil.rmtree(work, ignore_errors=True)
+    if "out of memory" in result.get("error", "").lower():
+        result["error"] = "out of memory"
+    return result
+
+
+def stage_linear_loss(ctx):
+    """The logit-free loss at Llama-3 shape against its peers.
+
+    Problem: 16 sequences x 1280 positions (256 prompt each: 16384 completion tokens), H 4096,
+    V 128256, bf16, sigmoid DPO (beta 0.1) from hidden [2B, T, H], weight [V, H] and
+    precomputed reference log-probs. Implementations: mixpo.linear_preference_loss (Triton);
+    trl 1.16's ChunkedLogProbFunction (the kernel behind add_fused_lm_head, called on the
+    completion tokens as its CUDA path does, log-probs only); Liger's LigerFusedLinearDPOLoss
+    (compiled, reference-free: its API re-runs a reference head instead of taking log-probs);
+    CCE's linear_cross_entropy (reduction none, summed to sequence log-probs); materialised
+    logits (hidden @ W.T, fp32 log_softmax). For each, forward and forward+backward: median
+    time (triton.testing.do_bench), peak memory above the inputs (max_memory_allocated after a
+    reset minus what was allocated before), the loss (a cross-check against mixpo's), ratios to
+    mixpo, and time over the roofline floors (roofline.floor_seconds: linear_logps_fwd /
+    linear_logps_fwd_bwd and the 6nVH matmul floor) on "h100", "h200" and this machine's
+    measured ceilings. Tile skipping: mixpo's backward via the launch helpers with filter_eps=0
+    and the default, for a random head, a 4x scaled head, and a trained-like head (unigram
+    log-prior + noise), with the sampled share of tiles kept and the gradient change.
+    """
+    import roofline
+
+    shape = _linear_shapes(ctx.quick)
+    dtype = getattr(torch, shape["dtype"])
+    hidden, weight, labels, ref = _linear_inputs(shape)
+    completion = int((labels != IGNORE).sum())
+    model_shape = roofline.SHAPES[shape["model"]] if shape["model"] in roofline.SHAPES else \
+        roofline.ModelShape("quick", shape["hidden"], shape["vocab"])
+    workload = roofline.Workload(model_shape, labels.numel(), completion, shape["rows"] // 2,
+                                 {"bfloat16": "bf16", "float32": "fp32"}[shape["dtype"]])
+    peaks = device_peaks(ctx.environment)
+    floors = {f"{kernel}@{name}": roofline.floor_seconds(kernel, workload, peak)
+              for kernel in ("linear_logps_fwd", "linear_logps_fwd_bwd",
+                             "matmul_flop_floor_fwd_bwd") for name, peak in peaks.items()}
+    ctx.details.update(shape=shape, dtype=shape["dtype"], completion_tokens=completion,
+                       floors_s=floors, impls={})
+    if not torch.cuda.is_available():
+        ctx.details["note"] = "CPU run: the floors are GPU floors, the ratios mean nothing here"
+    ctx.save()
+    # Seconds an implementation needs; Liger (torch.compile on its first call) runs last, in a
+    # worker process given what is left but TILE_SKIPPING_S, so it cannot overrun the stage.
+    cuda = torch.cuda.is_available()
+    for name in ("mixpo", "trl", "cce", "materialised", "liger"):
+        if not ctx.has_time((45 if name == "liger" else 10) if cuda else 3):
+            ctx.details["impls"][name] = {"skipped": "stage time budget"}
+            continue
+        try:
+            if name == "liger" and cuda:
+                record = _run_liger_worker(ctx, shape)
+            else:
+                fn, note = _linear_impl(name)
+                record = {"note": note, **_measure(ctx, fn, (hidden, weight, labels, ref), 3)}
+        except _Skip as reason:
+            record = {"skipped": str(reason)}
+        except Exception as error:                   # noqa: BLE001 - a peer's failure is data
+            record = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            if "out of memory" in str(error).lower():
+                record["error"] = "out of memory"
+        ctx.details["impls"][name] = record
+        _free()
+        ctx.save()
+    impls = ctx.details["impls"]
+    base = impls.get("mixpo", {})
+    for record in impls.values():
+        for mode in ("forward", "forward_backward"):
+            if "ms" not in record.get(mode, {}) or "ms" not in base.get(mode, {}):
+                continue
+            kernel = "linear_logps_fwd" if mode == "forward" else "linear_logps_fwd_bwd"
+            ours, theirs = base[mode], record[mode]
+            theirs["time_vs_mixpo"] = theirs["ms"] / ours["ms"]
+            theirs["memory_vs_mixpo"] = _ratio(theirs["peak_extra_mib"], ours["peak_extra_mib"])
+            theirs["loss_rel_diff_vs_mixpo"] = abs(theirs["loss"] - ours["loss"]) \
+                / abs(ours["loss"])
+            seconds = theirs["ms"] / 1e3
+            theirs["x_floor"] = {peak: seconds / floors[f"{kernel}@{peak}"] for peak in peaks}
+            if mode == "forward_backward":
+                theirs["x_matmul_floor"] = {
+                    peak: seconds / floors[f"matmul_flop_floor_fwd_bwd@{peak}"] for peak in peaks}
+    ctx.save()
+    if ctx.has_time(20 if torch.cuda.is_available() else 3):
+        ctx.details["tile_skipping"] = _tile_skipping(ctx, hidden, weight, labels, dtype)
+    else:
+        ctx.details["tile_skipping"] = {"skipped": "stage time budget"}
+    ctx.save()
+    if "ms" not in base.get("forward_backward", {}):
+        problem = base.get("error") or base.get("skipped") or base.get("forward_backward")
+        return "fail", f"mixpo did not run: {problem}"
+    fb = base["forward_backward"]
+    parts = [f"mixpo fwd+bwd {fb['ms']:.1f} ms, {fb['peak_extra_mib']:.0f} MiB"]
+    if torch.cuda.is_available():
+        for floor_device in ("measured", "h200"):
+            if floor_device in peaks:
+                parts.append(f"{fb['x_matmul_floor'][floor_device]:.2f}x the 6nVH floor "
+                             f"({floor_device})")
+                break
+    for name in ("trl", "liger", "cce", "materialised"):
+        record = impls.get(name, {})
+        if "time_vs_mixpo" in record.get("forward_backward", {}):
+            theirs = record["forward_backward"]
+            parts.append(f"{name} {theirs['time_vs_mixpo']:.2f}x mixpo's time, "
+                         f"{_fmt(theirs['memory_vs_mixpo'], '.1f')}x its memory")
+        else:
+            problem = record.get("skipped") or record.get("error") \
+                or record.get("forward_backward", {}).get("error", "?")
+            parts.append(f"{name} {problem}"[:80])
+    zipf = ctx.details["tile_skipping"].get("zipf prior (trained-like)", {})
+    if "speedup" in zipf:
+        parts.append(f"skip (trained-like head) {zipf['speedup']:.2f}x bwd, "
+                     f"{zipf['kept_tile_fraction_sampled']:.1%} tiles kept")
+    return "pass", "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 4: the loss over materialised logits
+# ----------------------------------------------------------------------------------------------
+def stage_logits_loss(ctx):
+    """mixpo.preference_loss over materialised logits, 2B = 16, T = 1024, V = 128256, bf16
+    (256 prompt positions a row): forward and forward+backward with in-place backward (the
+    gradient written into the logits buffer), out of place, and the TRL-style baseline (fp32
+    log_softmax + gather). The logits come through an identity Function that drops their
+    gradient, so no accumulated .grad copy is measured; the in-place variant reuses one buffer
+    across calls (its values become gradients: timing does not depend on them). Median time
+    (bench), peak memory above the inputs, and the time over two reads of the logits
+    (2 x logits bytes / the copy bandwidth measured in stage 1, itself read + write bytes per
+    second) and over roofline's token_logps_fwd_bwd floor on the measured ceilings.
+    """
+    import mixpo
+    from bench_preference_loss import _LogitsProducer, trl_style_loss
+
+    rows, seq_len, vocab, prompt = (4, 64, 4000, 16) if ctx.quick else (16, 1024, 128256, 256)
+    gen = _generator(0)
+    logits = torch.randn(rows, seq_len, vocab, generator=gen, device=device(),
+                         dtype=torch.float32).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (rows, seq_len), generator=gen, device=device())
+    labels[:, :prompt] = IGNORE
+    ref = -torch.rand(rows, generator=gen, device=device()) * 100
+    nbytes = logits.numel() * logits.element_size()
+    copy_tb_s = ctx.environment.get("ceilings", {}).get("copy_tb_s")
+    ideal = 2 * nbytes / (copy_tb_s * 1e12) if copy_tb_s else None
+    ctx.details.update(shape={"rows": rows, "seq_len": seq_len, "vocab": vocab, "prompt": prompt},
+                       logits_bytes=nbytes, two_reads_s=ideal, impls={})
+    import roofline
+    peaks = device_peaks(ctx.environment)
+    workload = roofline.Workload(roofline.ModelShape("logits", 4096, vocab), rows * seq_len,
+                                 rows * (seq_len - prompt), rows // 2, "bf16")
+    floor = roofline.floor_seconds("token_logps_fwd_bwd", workload,
+                                   peaks.get("measured", peaks["h200"]))
+    ctx.details["token_logps_fwd_bwd_floor_s"] = floor
+    buffer = logits.clone()
+    variants = {"mixpo in-place": (buffer, True), "mixpo": (logits, False),
+                "trl-style": (logits, None)}
+    for name, (source, inplace) in variants.items():
+        record = {}
+        for mode in ("forward", "forward_backward"):
+            if not ctx.has_time(5 if torch.cuda.is_available() else 2):
+                record[mode] = {"skipped": "stage time budget"}
+                continue
+            backward = mode == "forward_backward"
+            leaf = source.detach().requires_grad_(backward)
+
+            def step(leaf=leaf, backward=backward, inplace=inplace):
+                with torch.set_grad_enabled(backward):
+                    x = _LogitsProducer.apply(leaf) if backward else leaf
+                    if inplace is None:
+                        loss = trl_style_loss(x, labels, ref, BETA)
+                    else:
+                        loss = mixpo.preference_loss(x, labels, ref_logps=ref, beta=BETA,
+                                                     inplace_backward=inplace and backward).loss
+                    if backward:
+                        loss.backward()
+            try:
+                seconds = _bench(ctx, step)
+                record[mode] = {"ms": 1e3 * seconds,
+                                "peak_extra_mib": peak_extra_bytes(step) / MIB}
+                if ideal:   # forward: one read of the logits; forward+backward: two
+                    record[mode]["x_one_read" if not backward else "x_two_reads"] = \
+                        seconds / (ideal if backward else ideal / 2)
+                if backward:
+                    record[mode]["x_floor"] = seconds / floor
+            except Exception as error:               # noqa: BLE001
+                record[mode] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+            _free()
+        ctx.details["impls"][name] = record
+        ctx.save()
+    main = ctx.details["impls"]["mixpo in-place"].get("forward_backward", {})
+    if "ms" not in main:
+        return "fail", f"mixpo in-place did not run: {main}"
+    parts = [f"in-place fwd+bwd {main['ms']:.2f} ms, {main['peak_extra_mib']:.0f} MiB"]
+    if ideal:
+        parts.append(f"{main['x_two_reads']:.2f}x two reads of the logits")
+    parts.append(f"{main['x_floor']:.2f}x roofline floor")
+    trl = ctx.details["impls"]["trl-style"].get("forward_backward", {})
+    if "ms" in trl:
+        memory = _ratio(trl["peak_extra_mib"], main["peak_extra_mib"])
+        parts.append(f"trl-style {trl['ms'] / main['ms']:.2f}x the time, "
+                     f"{_fmt(memory, '.1f')}x the memory")
+    return "pass", "; ".join(parts)
