@@ -129,3 +129,19 @@ def test_packed_batch_has_no_padding_and_restarts_positions():
     # Each sequence's last position predicts nothing (no label across a boundary).
     ends = torch.cumsum(batch["sequence_lengths"], 0) - 1
     assert (batch["labels"][0, ends] == -100).all()
+
+
+def test_gradient_checkpointing_is_enabled_without_deprecation_warnings(tmp_path):
+    import warnings
+
+    from mixpo.hf.loading import load_causal_lm
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = load_causal_lm(str(tmp_path), torch.float32, "sdpa", gradient_checkpointing=True)
+    layers = [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
+    assert layers and all(module.gradient_checkpointing for module in layers)
+    assert model.training
+    plain = load_causal_lm(str(tmp_path), torch.float32, "sdpa", gradient_checkpointing=False)
+    assert not any(getattr(module, "gradient_checkpointing", False) for module in plain.modules())

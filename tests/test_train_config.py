@@ -12,12 +12,34 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
 def test_every_recipe_parses_and_keeps_its_paper_settings():
     configs = {path.stem: build_config(TrainConfig, path) for path in RECIPES}
-    assert set(configs) == {"dpo-qwen2.5-7b", "mixdpo-llama3-8b-base",
-                            "selective-dpo-llama3-8b-base", "gamma-simpo-llama3-8b-instruct",
-                            "gamma-dpo-llama3-8b-instruct", "simpo-llama3-8b-base"}
-    mixdpo = configs["mixdpo-llama3-8b-base"]
-    assert (mixdpo.beta, mixdpo.label_smoothing, mixdpo.learning_rate, mixdpo.route_below,
-            mixdpo.difficulty, mixdpo.order) == (0.01, 0.1, 1e-6, 0.5, "rating", "easy-first")
+    assert set(configs) == {
+        "dpo-qwen2.5-7b", "mixdpo-llama3-8b-base", "mixdpo-mistral-7b-base",
+        "mixdpo-qwen2.5-7b-base", "mixdpo-ipo-llama3-8b-base", "mixdpo-argilla-llama3-8b-base",
+        "mixdpo-llama3-8b-instruct", "mixdpo-embedding-llama3-8b-base",
+        "mixdpo-reward-llama3-8b-base", "selective-dpo-llama3-8b-base",
+        "gamma-simpo-llama3-8b-instruct", "gamma-dpo-llama3-8b-instruct", "simpo-llama3-8b-base"}
+    settings = ("beta", "label_smoothing", "learning_rate", "route_below", "route_at_or_below",
+                "route_fraction", "difficulty", "order", "num_train_epochs")
+    expected = {  # the papers' / authors' numbers each recipe cites
+        "mixdpo-llama3-8b-base": (0.01, 0.1, 1e-6, 0.5, None, None, "rating", "easy-first", 1),
+        "mixdpo-mistral-7b-base": (0.01, 0.1, 2e-7, 0.5, None, None, "rating", "easy-first", 1),
+        "mixdpo-qwen2.5-7b-base": (0.01, 0.0, 8e-7, 0.5, None, None, "rating", "easy-first", 1),
+        "mixdpo-ipo-llama3-8b-base": (0.01, 0.0, 1e-6, 0.5, None, None, "rating", "easy-first",
+                                      1),
+        "mixdpo-argilla-llama3-8b-base": (0.05, 0.0, 5e-7, None, 0.5, None, "rating",
+                                          "easy-first", 2),
+        "mixdpo-llama3-8b-instruct": (0.01, 0.0, 1e-6, -0.5, None, None, "rating",
+                                      "easy-first", 1),
+        "mixdpo-embedding-llama3-8b-base": (0.01, 0.1, 1e-7, None, None, 0.1, "embedding",
+                                            "easy-first", 1),
+        "mixdpo-reward-llama3-8b-base": (0.01, 0.0, 1e-7, None, None, 0.1, "reward",
+                                         "easy-first", 1),
+        "dpo-qwen2.5-7b": (0.01, 0.0, 8e-7, None, None, None, "rating", "shuffle", 1),
+    }
+    for name, values in expected.items():
+        assert tuple(getattr(configs[name], key) for key in settings) == values, name
+    ipo = configs["mixdpo-ipo-llama3-8b-base"]
+    assert ipo.loss_type == ["ipo"] and ipo.average_log_prob is False      # summed, ipo-sft
     selective = configs["selective-dpo-llama3-8b-base"]
     assert (selective.select_easiest, selective.beta, selective.difficulty) == \
         (0.5, 0.01, "validation-loss")
@@ -25,10 +47,22 @@ def test_every_recipe_parses_and_keeps_its_paper_settings():
     assert (gamma_simpo.loss_type, gamma_simpo.beta, gamma_simpo.gamma, gamma_simpo.margin_tau,
             gamma_simpo.adaptive_margin) == (["simpo"], 10.0, 4.0, 10.0, True)
     gamma_dpo = configs["gamma-dpo-llama3-8b-instruct"]
-    assert gamma_dpo.margin_center and gamma_dpo.average_log_prob
+    # No published gamma-DPO settings: beta from Table 6's DPO range, ratio and tau Table 7.
+    assert gamma_dpo.margin_center and gamma_dpo.average_log_prob is False
+    assert gamma_dpo.beta in (0.01, 0.05, 0.1) and gamma_dpo.gamma == pytest.approx(
+        0.4 * gamma_dpo.beta)
+    assert "NO PUBLISHED SETTINGS" in (RECIPES[0].parent / "gamma-dpo-llama3-8b-instruct.yaml"
+                                       ).read_text()
     assert configs["simpo-llama3-8b-base"].reference_free
+    for name, config in configs.items():
+        # The papers' optimizer: fp32 master weights and fp32 AdamW states, bf16 compute.
+        assert (config.mixed_precision, config.optim) == ("bf16", "adamw"), name
+        assert config.global_batch_size == 128, name
     for path in RECIPES:
-        assert "Source:" in path.read_text(), f"{path.name} does not cite its source"
+        text = path.read_text()
+        assert "Source" in text, f"{path.name} does not cite its source"
+        assert "micro_batch_size" not in text and "num_epochs" not in text, \
+            f"{path.name} uses the old option names"
 
 
 def parse(*argv):

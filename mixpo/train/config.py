@@ -74,7 +74,11 @@ class TrainConfig:
         "", "empty = use the file as prepared (its order; its `hard` column only with "
         "routing: true); otherwise score, select, route and order it here: "
         + " | ".join(DIFFICULTY_KINDS), choices=("",) + tuple(DIFFICULTY_KINDS))
-    order: str = option("easy-first", "with difficulty: " + "; ".join(
+    score_columns: typing.Optional[list[str]] = option(
+        None, "with difficulty: rating: the (chosen, rejected) rating columns when not one of "
+        "the known names (e.g. MixDPO's instruct ratings)")
+    order: str = option("easy-first", "with difficulty (without: shuffle permutes the file, "
+                        "anything else keeps its order): " + "; ".join(
         f"{name} = {meaning}" for name, meaning in ORDERS.items()), choices=ORDERS)
     route_below: typing.Optional[float] = option(None, "MixDPO: hard = difficulty < this")
     route_at_or_below: typing.Optional[float] = option(
@@ -221,6 +225,11 @@ class TrainConfig:
         if not self.difficulty and (routes or self.select_easiest is not None):
             raise ValueError("route_below / route_at_or_below / route_fraction / select_easiest "
                              "need a difficulty (" + ", ".join(DIFFICULTY_KINDS) + ")")
+        if self.score_columns is not None and (self.difficulty != "rating"
+                                               or len(self.score_columns) != 2):
+            raise ValueError("score_columns names two rating columns (chosen, rejected) for "
+                             f"difficulty rating, got {self.score_columns} with difficulty "
+                             f"{self.difficulty or 'empty'}")
         if self.routing is False and routes:
             raise ValueError(f"routing: false contradicts {routes[0]}")
         if self.mixed_precision != "no" and self.dtype not in ("auto", "float32"):

@@ -68,10 +68,17 @@ def load_examples(cfg: TrainConfig, tokenizer, env, path: str, split: str = "",
                   if getattr(cfg, name) is not None}
         dataset, summary = prepare_dataset(
             dataset, difficulty=cfg.difficulty, select_easiest=cfg.select_easiest,
-            order=cfg.order, seed=cfg.seed, row_names=row_names, **routes)
+            order=cfg.order, seed=cfg.seed, row_names=row_names,
+            score_columns=tuple(cfg.score_columns) if cfg.score_columns else None, **routes)
         source_rows = dataset["__source_row"]
         if env.is_main:
             print(summary.line())
+    elif prepare and cfg.order == "shuffle":
+        # No difficulty, random order: a seeded permutation of the file (TRL's sampler order
+        # for baselines such as SimPO on data without scores).
+        import numpy as np
+        source_rows = np.random.default_rng(cfg.seed).permutation(len(dataset)).tolist()
+        dataset = dataset.select(source_rows)
     examples = tokenize_rows(dataset, tokenizer, cfg.max_length, cfg.max_prompt_length,
                              row_names=lambda index: row_names(source_rows[index]))
     # MixDPO routing only when the run asks for it (a `hard` column alone routes nothing).
