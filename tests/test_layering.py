@@ -1,6 +1,6 @@
 """The package imports only downward: every `import` in mixpo/ (module level and inside
 functions) names a module of a lower layer, or of its own group in the same layer. The
-layers are the README's architecture table."""
+layers are ARCHITECTURE.md's table."""
 import ast
 from pathlib import Path
 
