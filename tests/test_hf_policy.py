@@ -145,3 +145,59 @@ def test_gradient_checkpointing_is_enabled_without_deprecation_warnings(tmp_path
     assert model.training
     plain = load_causal_lm(str(tmp_path), torch.float32, "sdpa", gradient_checkpointing=False)
     assert not any(getattr(module, "gradient_checkpointing", False) for module in plain.modules())
+
+
+def test_gemma2_softcap_30_matches_trl_fused_lm_head():
+    """Gemma-2's final_logit_softcapping 30 (its real value): mixpo's logit-free DPO loss and
+    its gradients equal the same loss on trl 1.16's fused LM head (`add_fused_lm_head`)."""
+    import copy
+
+    import transformers
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    from mixpo.loss_config import LossConfig
+
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(**TINY, head_dim=8, final_logit_softcapping=30.0,
+                                       attn_logit_softcapping=None, sliding_window=16)
+    model = transformers.AutoModelForCausalLM.from_config(config).train()
+    with torch.no_grad():   # logits of order 30, so that the softcap binds
+        model.get_output_embeddings().weight.mul_(300.0)
+    theirs = copy.deepcopy(model)
+    trl_utils.add_fused_lm_head(theirs)
+    gen = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(0, 301, (4, 10), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 8:] = 0
+    attention_mask[3, 7:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :3] = -100                                       # the prompt
+    ref = torch.tensor([-40.0, -35.0, -45.0, -30.0])
+    beta = 0.1
+
+    policy = PreferenceModel(model, LossConfig(beta=beta))
+    assert policy.loss.config.softcap == 30.0
+    ours, _ = policy({"input_ids": input_ids, "attention_mask": attention_mask,
+                      "labels": labels}, ref_logps=ref)
+    ours.backward()
+    out = theirs(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                 fused_lm_head=True)
+    sequence = out.log_probs.sum(1)
+    h = (sequence[:2] - ref[:2]) - (sequence[2:] - ref[2:])
+    want = -torch.nn.functional.logsigmoid(beta * h).mean()
+    want.backward()
+    torch.testing.assert_close(ours.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    grads = dict(theirs.named_parameters())
+    compared = 0
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        compared += 1
+    assert compared > 10
+    # The softcap mattered: without it the log-probs are far from TRL's.
+    from dataclasses import replace
+    policy.loss.config = replace(policy.loss.config, softcap=None)
+    with torch.no_grad():
+        uncapped = policy({"input_ids": input_ids, "attention_mask": attention_mask,
+                           "labels": labels}, logps_only=True)
+    assert (uncapped - sequence.detach()).abs().max() > 1.0
