@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"mixpo {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except TimeoutError as error:        # a collective timed out (mixpo.train.distributed)
+        print(f"mixpo {args.command}: error: {error}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

@@ -124,8 +124,10 @@ def test_old_key_names_still_work(tiny, tmp_path):
     with pytest.warns(FutureWarning, match="'micro_batch_size' is now "
                                            "'per_device_train_batch_size'"):
         cfg = config(tiny, tmp_path, micro_batch_size=4, num_epochs=2, bf16="false")
-    assert (cfg.per_device_train_batch_size, cfg.num_train_epochs, cfg.dtype) == \
-        (4, 2, "float32")
+    # Hugging Face's bf16 switch is mixed precision (fp32 master weights, bf16 compute).
+    assert (cfg.per_device_train_batch_size, cfg.num_train_epochs, cfg.mixed_precision) == \
+        (4, 2, "no")
+    assert config(tiny, tmp_path, bf16=True).mixed_precision == "bf16"
     previous = {"config": {**cfg.to_dict(), "micro_batch_size": 4}, "completed_steps": None}
     del previous["config"]["per_device_train_batch_size"]
     checkpoint.check_same_run(previous, cfg.to_dict(), tmp_path)    # same run, old names

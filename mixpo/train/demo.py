@@ -311,20 +311,19 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from mixpo.train import distributed
 
-    env = distributed.setup(cfg.device, cfg.ddp_timeout)
-    threads = torch.get_num_threads()
-    if env.device.type == "cpu":
-        # A 0.1 M-parameter model gains nothing from intra-op threads, and spinning OpenMP
-        # threads on a busy machine make every step several times slower.
-        torch.set_num_threads(1)
-    try:
-        from mixpo.train.checkpoint import output_lock
+    from mixpo.train.checkpoint import output_lock
 
-        with output_lock(Path(cfg.output_dir), enabled=env.is_main):
-            return _run_demo(cfg, env)
+    threads = torch.get_num_threads()
+    try:
+        with distributed.process_group(cfg.device, cfg.ddp_timeout) as env:
+            if env.device.type == "cpu":
+                # A 0.1 M-parameter model gains nothing from intra-op threads, and spinning
+                # OpenMP threads on a busy machine make every step several times slower.
+                torch.set_num_threads(1)
+            with output_lock(Path(cfg.output_dir), enabled=env.is_main):
+                return _run_demo(cfg, env)
     finally:
         torch.set_num_threads(threads)
-        distributed.teardown(env)
 
 
 def _run_demo(cfg: DemoConfig, env) -> dict:

@@ -7,7 +7,9 @@ norm, LM head). A plain `python -m mixpo train` is one process with no process g
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -145,11 +147,45 @@ def broadcast_object(obj, env: DistributedEnv):
     return holder[0]
 
 
-def teardown(env: DistributedEnv) -> None:
-    """Leave the process group cleanly: every rank reaches the barrier before any destroys
-    it (a rank tearing down while its peer still sends aborts the peer)."""
+def teardown(env: DistributedEnv, clean: bool = True) -> None:
+    """Leave the process group: on a clean exit every rank reaches the barrier before any
+    destroys it (a rank tearing down while its peer still sends aborts the peer); after an
+    error no barrier (the peer may be the stuck one), just the destroy."""
     if env.distributed and dist.is_initialized():
         try:
-            dist.barrier()
+            if clean:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+class CollectiveTimeout(TimeoutError):
+    """A collective waited longer than ddp_timeout for another rank."""
+
+
+# gloo: "Timed out waiting ...", "Application timeout caused pair closure"; NCCL's watchdog:
+# "... collective operation timeout".
+_TIMEOUT_MESSAGE = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def process_group(device_preference: str = "auto", timeout_seconds: int = 1800):
+    """`setup`, then `teardown` on the way out. Under torchrun, a collective that times out
+    (a stopped, stuck or dead peer) becomes a CollectiveTimeout naming the rank and the
+    timeout, instead of a backend traceback; the process group is then left without a
+    barrier, so the error surfaces at once."""
+    env = setup(device_preference, timeout_seconds)
+    try:
+        yield env
+    except RuntimeError as error:
+        teardown(env, clean=False)
+        if env.distributed and _TIMEOUT_MESSAGE.search(str(error)):
+            raise CollectiveTimeout(
+                f"rank {env.rank}: a collective waited longer than ddp_timeout = "
+                f"{timeout_seconds} s for another rank (stopped, stuck or dead): "
+                f"{str(error).splitlines()[0]}") from error
+        raise
+    except BaseException:
+        teardown(env, clean=False)
+        raise
+    teardown(env)

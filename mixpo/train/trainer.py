@@ -14,6 +14,8 @@ rerun resumes from the last finite checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import random
 from pathlib import Path
@@ -76,7 +78,6 @@ def load_examples(cfg: TrainConfig, tokenizer, env, path: str, split: str = "",
     elif prepare and cfg.order == "shuffle":
         # No difficulty, random order: a seeded permutation of the file (TRL's sampler order
         # for baselines such as SimPO on data without scores).
-        import numpy as np
         source_rows = np.random.default_rng(cfg.seed).permutation(len(dataset)).tolist()
         dataset = dataset.select(source_rows)
     examples = tokenize_rows(dataset, tokenizer, cfg.max_length, cfg.max_prompt_length,
@@ -143,14 +144,10 @@ def train(cfg: TrainConfig, env=None) -> dict:
     Returns {'output_dir', 'final_dir', 'completed_steps', 'last_metrics'}."""
     cfg.validate()
     check_data_paths(cfg)
-    own_env = env is None
-    env = env or distributed.setup(cfg.device, cfg.ddp_timeout)
-    try:
-        with checkpoint.output_lock(Path(cfg.output_dir), enabled=env.is_main):
-            return _train(cfg, env)
-    finally:
-        if own_env:
-            distributed.teardown(env)
+    joined = contextlib.nullcontext(env) if env is not None else \
+        distributed.process_group(cfg.device, cfg.ddp_timeout)
+    with joined as env, checkpoint.output_lock(Path(cfg.output_dir), enabled=env.is_main):
+        return _train(cfg, env)
 
 
 def _reference_logps(cfg, policy, examples, collator, env, output_dir, key, name):
