@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
+import torch
 
 from mixpo.cli import main
+from mixpo.data import difficulty
 from mixpo.data.io import load_rows
 from fixtures import (argilla_rows, raw_completion_rows, save_tiny_model, torch_threads,
                            ultrafeedback_rows, write_jsonl)
@@ -195,24 +198,162 @@ def test_prepare_help_names_the_orders_and_thresholds(capsys):
     (["prepare", "{uf}", "-o", "{out}", "--difficulty", "embedding"], "score-embedding"),
     (["prepare", "{selected}", "-o", "{out}", "--select-easiest", "0.5"],
      "selected.jsonl already selected the easiest 0.5 of its pairs"),
+    (["prepare", "{big}", "-o", "{out}"], "big.jsonl line 3, column 'score_chosen': integer "
+     "1000000000000000000000000000000 does not fit in 64 bits; write it as a float (1e+30)"),
+    (["inspect", "{big}"], "big.jsonl line 3, column 'score_chosen': integer"),
+    (["prepare", "{strings}", "-o", "{out}"], "strings.parquet row 0, column 'score_chosen': "
+     "score '7.0' is not a number: the column holds strings; convert it to numbers first"),
+    (["inspect", "{strings}"], "column 'score_chosen': score '7.0' is not a number: the "
+     "column holds strings"),
+    (["prepare", "{images}", "-o", "{out}"], "out.jsonl: column 'image.bytes' holds binary "
+     "values, which JSON cannot hold; write .parquet or a directory instead"),
+    (["score-reward", "{uf}", "-o", "{out}", "--model", "{tmp}/no-model", "--device", "bogus"],
+     "--device 'bogus' is not a device; use cpu, cuda, cuda:N, mps or xpu"),
+    (["score-reward", "{uf}", "-o", "{out}", "--model", "{tmp}/no-model", "--device", "cuda:99"],
+     "--device cuda:99: "),
+    pytest.param(["score-reward", "{uf}", "-o", "{out}", "--model", "{tmp}/no-model", "--device",
+                  "cuda"], "--device cuda: cuda is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")),
+    (["score-validation", "{uf}", "-o", "{out}", "--model", "{tmp}/no-model", "--device",
+      "bogus"], "--device 'bogus' is not a device"),
+    (["score-validation", "{uf}", "-o", "{out}", "--model", "{tmp}/no-model", "--device", "meta"],
+     "--device 'meta': models run on cpu, cuda, mps, xpu, not on meta"),
+    (["score-reward", "{uf}", "-o", "{out}", "--model", "{tmp}/no-model", "--max-length", "0"],
+     "--max-length must be >= 1 (tokens kept), got 0"),
+    (["score-reward", "{uf}", "-o", "{out}", "--model", "{tmp}/no-model", "--max-length=-3"],
+     "--max-length must be >= 1 (tokens kept), got -3"),
+    (["score-reward", "{uf}", "-o", "{out}", "--model", "{tmp}/no-model", "--batch-size", "0"],
+     "--batch-size must be >= 1, got 0"),
+    (["score-validation", "{uf}", "-o", "{out}", "--model", "{tmp}/no-model", "--max-length",
+      "0"], "--max-length must be >= 2 (a prompt token and a completion token), got 0"),
+    (["score-validation", "{uf}", "-o", "{out}", "--model", "{tmp}/no-model", "--max-length=-3"],
+     "--max-length must be >= 2 (a prompt token and a completion token), got -3"),
+    (["score-validation", "{uf}", "-o", "{out}", "--model", "{tmp}/no-model",
+      "--max-prompt-length", "0"], "--max-prompt-length must be >= 1, got 0"),
+    (["score-validation", "{uf}", "-o", "{out}", "--model", "{tmp}/no-model",
+      "--micro-batch-size", "0"], "--micro-batch-size must be >= 1, got 0"),
 ])
 def test_user_errors_exit_2_with_one_line_and_no_output(tmp_path, capsys, uf_file, argv, message):
     bad_rows = ultrafeedback_rows(4)
     bad_rows[2]["score_chosen"] = float("nan")
     # json.dumps writes the NaN literal, which Python's json (and so load_rows) accepts.
     (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad_rows))
+    big_rows = ultrafeedback_rows(4)
+    big_rows[2]["score_chosen"] = 10 ** 30  # an integer Arrow cannot hold (json.dumps keeps it)
+    write_jsonl(tmp_path / "big.jsonl", big_rows)
+    datasets.Dataset.from_list([dict(r, score_chosen=str(r["score_chosen"]))
+                                for r in ultrafeedback_rows(4)]).to_parquet(
+        str(tmp_path / "strings.parquet"))
+    datasets.Dataset.from_list([dict(r, image={"bytes": b"\x89PNG", "path": "a.png"})
+                                for r in ultrafeedback_rows(4)]).to_parquet(
+        str(tmp_path / "images.parquet"))
     write_jsonl(tmp_path / "raw.jsonl", raw_completion_rows())
     (tmp_path / "fake.parquet").write_text("prompt,chosen\n")
     selected = write_jsonl(tmp_path / "selected.jsonl",
                            [dict(r, selected_easiest=0.5) for r in ultrafeedback_rows(4)])
     paths = {"bad": tmp_path / "bad.jsonl", "uf": uf_file, "raw": tmp_path / "raw.jsonl",
              "missing": tmp_path / "missing.jsonl", "fake": tmp_path / "fake.parquet",
-             "out": tmp_path / "out.jsonl", "tmp": tmp_path, "selected": selected}
+             "out": tmp_path / "out.jsonl", "tmp": tmp_path, "selected": selected,
+             "big": tmp_path / "big.jsonl", "strings": tmp_path / "strings.parquet",
+             "images": tmp_path / "images.parquet"}
     before = sorted(os.listdir(tmp_path))
+    # {tmp}/no-model holds no model: an option error, not "cannot load", shows that the
+    # options are checked before any model is loaded.
     code, out, err = _run(capsys, "data", *[a.format(**paths) for a in argv])
     assert code == 2 and message in err and "Traceback" not in err
     assert err.startswith("mixpo data: error:") and err.count("\n") == 1
     assert sorted(os.listdir(tmp_path)) == before  # no output, no temporary files
+
+
+def test_nan_in_a_score_column_the_difficulty_does_not_use_is_kept(tmp_path, capsys):
+    rows = [dict(r, reward_chosen=0.5 + i, reward_rejected=0.25)
+            for i, r in enumerate(ultrafeedback_rows(6))]
+    rows[1]["score_chosen"] = math.nan  # a rating column; this run scores by reward
+    source = write_jsonl(tmp_path / "nan.jsonl", rows)
+    for name in ("out.jsonl", "out.json", "out.parquet"):
+        code, out, err = _run(capsys, "data", "prepare", source, "-o", tmp_path / name,
+                              "--difficulty", "reward", "--order", "as-is")
+        assert code == 0 and "6 rows in, 6 out" in out and err == ""
+        prepared, _ = load_rows(tmp_path / name)
+        assert math.isnan(prepared["score_chosen"][1])
+        assert prepared["score_chosen"][2:] == [r["score_chosen"] for r in rows[2:]]
+        assert prepared["difficulty"] == [0.25 + i for i in range(6)]
+    # Scored by rating, the same NaN is an error naming it.
+    code, _, err = _run(capsys, "data", "prepare", source, "-o", tmp_path / "rating.jsonl")
+    assert code == 2 and "nan.jsonl line 2, column 'score_chosen': score is nan" in err
+
+
+def test_prepare_and_inspect_warn_about_identical_repeated_and_single_rows(tmp_path, capsys,
+                                                                        uf_file):
+    rows = ultrafeedback_rows(6)
+    rows[3] = dict(rows[3], rejected=rows[3]["chosen"])
+    rows += [rows[1], rows[1]]
+    source = write_jsonl(tmp_path / "w.jsonl", rows)
+    same = (f"mixpo data: warning: 1 of 8 pairs has chosen == rejected (the first: {source} "
+            "line 4); they teach nothing")
+    repeated = (f"mixpo data: warning: 2 of 8 rows repeat an earlier row exactly (the first: "
+                f"{source} line 7 repeats {source} line 2); each copy trains on its pair again")
+    for command in (["prepare", source, "-o", tmp_path / "w.parquet"], ["inspect", source]):
+        for _ in range(2):  # every run warns, not only the first in a process
+            code, out, err = _run(capsys, "data", *command)
+            lines = err.splitlines()
+            assert code == 0 and len(lines) == 2, err
+            assert lines[0].startswith(same) and lines[1] == repeated
+    # --select-easiest drops the identical pairs and says so; only the repeats are warned of.
+    code, out, err = _run(capsys, "data", "prepare", source, "-o", tmp_path / "s.jsonl",
+                          "--select-easiest", "1.0")
+    assert code == 0 and "1 dropped as chosen == rejected" in out and err == repeated + "\n"
+    one = write_jsonl(tmp_path / "one.jsonl", ultrafeedback_rows(1))
+    for command in (["prepare", one, "-o", tmp_path / "one.parquet"], ["inspect", one]):
+        code, _, err = _run(capsys, "data", *command)
+        assert code == 0 and err == (f"mixpo data: warning: {one} has only 1 row: there is "
+                                     "nothing to order, select or route\n")
+    for command in (["prepare", uf_file, "-o", tmp_path / "clean.jsonl"], ["inspect", uf_file]):
+        assert _run(capsys, "data", *command)[::2] == (0, "")  # clean data: no warning
+
+
+def test_json_output_of_binary_columns_fails_before_the_work(tmp_path, capsys, monkeypatch):
+    source = tmp_path / "images.parquet"
+    datasets.Dataset.from_list([dict(r, image={"bytes": b"\x89PNG", "path": "a.png"})
+                                for r in ultrafeedback_rows(4)]).to_parquet(str(source))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the data was prepared before the output was checked")
+
+    monkeypatch.setattr(difficulty, "prepare_dataset", must_not_run)
+    code, _, err = _run(capsys, "data", "prepare", source, "-o", tmp_path / "o.jsonl")
+    assert code == 2 and "column 'image.bytes' holds binary values" in err
+    assert err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def damaged_models(tmp_path_factory):
+    """A reward model and a causal LM whose model.safetensors lost its second half."""
+    root = tmp_path_factory.mktemp("damaged")
+    models = {}
+    for kind in ("reward", "causal-lm"):
+        directory = save_tiny_model(root / kind, ultrafeedback_rows(20), kind=kind)
+        weights = directory / "model.safetensors"
+        with open(weights, "r+b") as handle:
+            handle.truncate(weights.stat().st_size // 2)
+        models[kind] = directory
+    return models
+
+
+@pytest.mark.parametrize("command, kind", [
+    (["score-reward"], "reward"),
+    (["score-validation", "--batch-size", "2", "--evals", "1", "--seeds", "1"], "causal-lm"),
+])
+def test_truncated_safetensors_is_one_line_naming_the_file(tmp_path, capsys, uf_file,
+                                                          damaged_models, command, kind):
+    model = damaged_models[kind]
+    code, _, err = _run(capsys, "data", command[0], uf_file, "-o", tmp_path / "o.jsonl",
+                        "--model", model, *command[1:])
+    what = "reward model" if kind == "reward" else "causal LM"
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"mixpo data: error: cannot load a {what} from '{model}': "
+                          f"{model / 'model.safetensors'} is truncated or damaged (")
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_conflicting_options_are_rejected_by_argparse(capsys, uf_file, tmp_path):

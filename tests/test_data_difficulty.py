@@ -1,5 +1,6 @@
 """mixpo.data.difficulty: difficulty kinds, easy-first order, selection, routing, swap band."""
 import math
+import warnings
 
 import datasets
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 from mixpo.data.difficulty import (compute_difficulty, easy_first_order, fraction_count,
                                    prepare_dataset, route_hard, select_count, swap_band)
+from mixpo.data.formats import DataWarning
 from mixpo.data.io import RowNames
 from fixtures import argilla_rows, ultrafeedback_rows
 
@@ -221,8 +223,23 @@ def test_select_easiest_drops_identical_pairs_first():
             summary.dropped_by_request) == (21, 9, 2, 10)
     assert summary.line().endswith("10 dropped by --select-easiest 0.5 (floor), 2 dropped as "
                                    "chosen == rejected")
-    unselected, summary = prepare_dataset(datasets.Dataset.from_list(rows))
+    with pytest.warns(DataWarning, match=r"^2 of 21 pairs have chosen == rejected \(the "
+                      r"first: row 3\); they teach nothing .*--select-easiest drops them"):
+        unselected, summary = prepare_dataset(datasets.Dataset.from_list(rows))
     assert len(unselected) == 21 and "chosen == rejected" not in summary.line()
+
+
+def test_prepare_warns_only_about_what_it_keeps():
+    rows = _numbered_rows(6)
+    rows[2] = dict(rows[2], rejected=rows[2]["chosen"])
+    dataset = datasets.Dataset.from_list(rows + [rows[4]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_dataset(dataset, select_easiest=1.0)  # drops (and reports) the identical pair
+        prepare_dataset(datasets.Dataset.from_list(rows[3:]))  # nothing to warn about
+    assert [str(w.message) for w in caught if w.category is DataWarning] == [
+        "1 of 7 rows repeats an earlier row exactly (the first: row 6 repeats row 4); each copy "
+        "trains on its pair again"]
 
 
 def test_a_selection_is_recorded_and_never_applied_twice(uf):

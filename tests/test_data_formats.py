@@ -7,9 +7,10 @@ import pytest
 
 from mixpo.data.formats import (check_preference_rows, check_score, detect_format,
                                 read_column_scores, render_example, resolve_score_columns,
-                                split_example)
+                                row_warnings, split_example)
+from mixpo.data.io import RowNames, load_rows
 from fixtures import (argilla_rows, build_tiny_tokenizer, corpus_texts, raw_completion_rows,
-                           ultrafeedback_rows)
+                           ultrafeedback_rows, write_jsonl)
 
 USER = {"role": "user", "content": "why is the sky blue"}
 GOOD = {"role": "assistant", "content": "light scatters"}
@@ -80,10 +81,14 @@ def test_check_preference_rows_names_the_bad_row():
 
 def test_scores():
     assert check_score(np.float32(2.5), "row 0", "s") == 2.5
+    assert check_score(10 ** 30, "row 0", "s") == 1e30  # an int within the float range
     for value, message in ((None, "missing score"), (math.nan, "score is nan"),
-                           ("7", "score '7' is not a number"),
-                           (True, "score True is not a number")):
-        with pytest.raises(ValueError, match=f"row 4, column 'score_chosen': {message}"):
+                           ("7", "score '7' is not a number: the column holds strings; "
+                                 "convert it to numbers first$"),
+                           (True, "score True is not a number$"),
+                           (10 ** 400, "score \\(an integer of 401 digits\\) is beyond the "
+                                       "float range")):
+        with pytest.raises(ValueError, match=f"^row 4, column 'score_chosen': {message}"):
             check_score(value, "row 4", "score_chosen")
     rows = ultrafeedback_rows(4)
     rows[2]["score_rejected"] = None
@@ -91,6 +96,43 @@ def test_scores():
     with pytest.raises(ValueError, match="row 2, column 'score_rejected': missing score"):
         read_column_scores(dataset, "score_rejected")
     assert read_column_scores(dataset, "score_chosen").dtype == np.float64
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_string_score_columns_are_refused_not_parsed(tmp_path, suffix):
+    rows = [dict(r, score_chosen=str(r["score_chosen"]), score_rejected=str(r["score_rejected"]))
+            for r in ultrafeedback_rows(4)]
+    path = tmp_path / f"s{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    else:
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    dataset, row_names = load_rows(path)
+    where = "line 1" if suffix == ".jsonl" else "row 0"
+    with pytest.raises(ValueError, match=rf"s{suffix} {where}, column 'score_chosen': score "
+                                         rf"'{rows[0]['score_chosen']}' is not a number: the "
+                                         "column holds strings"):
+        read_column_scores(dataset, "score_chosen", row_names)
+
+
+def test_row_warnings_count_identical_and_repeated_rows():
+    rows = ultrafeedback_rows(6)
+    rows[2] = dict(rows[2], rejected=rows[2]["chosen"])
+    rows[4] = dict(rows[4], rejected=rows[4]["chosen"])
+    rows += [rows[1], rows[2], rows[1]]  # rows 6 and 8 repeat row 1, row 7 repeats row 2
+    dataset = datasets.Dataset.from_list(rows)
+    names = RowNames("d.jsonl", tuple(range(1, 10)))
+    same, repeated = row_warnings(dataset, names, batch_size=4)  # batches cut the repeats
+    assert same.startswith("3 of 9 pairs have chosen == rejected (the first: d.jsonl line 3)")
+    assert repeated == ("3 of 9 rows repeat an earlier row exactly (the first: d.jsonl line 7 "
+                        "repeats d.jsonl line 2); each copy trains on its pair again")
+    assert row_warnings(dataset, names, identical=False) == [repeated]
+    # One differing column (the id) makes a row no repeat; every other row is clean.
+    assert row_warnings(datasets.Dataset.from_list(ultrafeedback_rows(6))) == []
+    assert row_warnings(datasets.Dataset.from_list(
+        [dict(rows[1], prompt_id="other"), rows[1]])) == []
+    assert row_warnings(datasets.Dataset.from_list(rows[:1]), RowNames("one.jsonl")) == [
+        "one.jsonl has only 1 row: there is nothing to order, select or route"]
 
 
 def test_resolve_score_columns():

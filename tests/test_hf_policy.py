@@ -201,3 +201,65 @@ def test_gemma2_softcap_30_matches_trl_fused_lm_head():
         uncapped = policy({"input_ids": input_ids, "attention_mask": attention_mask,
                            "labels": labels}, logps_only=True)
     assert (uncapped - sequence.detach()).abs().max() > 1.0
+
+
+def test_check_device_names_the_option_and_what_is_wrong():
+    from mixpo.hf.loading import check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    for name, message in (("bogus", "^--model-device 'bogus' is not a device; use cpu, cuda"),
+                          ("meta", "^--model-device 'meta': models run on cpu, cuda, mps, xpu"),
+                          ("cuda:99", "^--model-device cuda:99: ")):
+        with pytest.raises(ValueError, match=message):
+            check_device(name, "--model-device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^--device cuda: cuda is not available on this "
+                                             r"machine.*; use --device cpu$"):
+            check_device("cuda")
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_a_truncated_safetensors_file_is_named(tmp_path, shards):
+    from mixpo.hf.loading import load_causal_lm, load_pretrained
+
+    tiny_model("llama").save_pretrained(tmp_path, max_shard_size="20KB" if shards > 1 else "1GB")
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) >= shards
+    broken = files[-1]
+    with open(broken, "r+b") as handle:
+        handle.truncate(broken.stat().st_size - 100)
+    message = (rf"^cannot load a causal LM from '{tmp_path}': {broken} is truncated or damaged "
+               r"\(Error while deserializing header: .*\); download or save it again$")
+    with pytest.raises(ValueError, match=message):
+        load_causal_lm(str(tmp_path), torch.float32, "sdpa")
+    import transformers
+    with pytest.raises(ValueError, match=message.replace("a causal LM", "a model")):
+        load_pretrained(transformers.AutoModelForCausalLM, str(tmp_path), "model")
+
+
+def test_flash_attention_without_flash_attn_falls_back_to_sdpa(tmp_path, monkeypatch):
+    import importlib.util
+
+    from mixpo.hf import loading
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with pytest.warns(UserWarning, match=r"^attn_implementation flash_attention_2: it runs on "
+                                         r"CUDA GPUs only, this run is on cpu; using sdpa"):
+        assert loading.attention_implementation("flash_attention_2", cpu) == "sdpa"
+    assert loading.attention_implementation("eager", cpu) == "eager"
+    assert loading.attention_implementation("auto", cpu) == "sdpa"
+    installed = {"flash_attn": importlib.util.find_spec("torch")}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: installed.get(name))
+    assert loading.attention_implementation("flash_attention_2", cuda) == "flash_attention_2"
+    assert loading.attention_implementation("auto", cuda) == "flash_attention_2"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.warns(UserWarning, match="the flash-attn package is not installed; using sdpa"):
+        assert loading.attention_implementation("flash_attention_2", cuda) == "sdpa"
+    monkeypatch.undo()
+    # Asked for at load time (flash-attn missing or unusable: transformers' ImportError).
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed")
+    tiny_model("llama").save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="^attn_implementation flash_attention_2: .*using sdpa"):
+        model = loading.load_causal_lm(str(tmp_path), torch.float32, "flash_attention_2")
+    assert model.config._attn_implementation == "sdpa"

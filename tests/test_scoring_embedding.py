@@ -10,10 +10,12 @@ import torch
 import mixpo.scoring.embedding as embedding
 from mixpo.cli import main
 from mixpo.data.difficulty import compute_difficulty, prepare_dataset
+from mixpo.data.formats import DataWarning
 from mixpo.data.io import load_rows
 from mixpo.scoring.embedding import (EmbeddingCache, embedding_distances, load_embedding_model,
                                      model_key, response_text)
-from fixtures import embedding_model_path, torch_threads, ultrafeedback_rows, write_jsonl
+from fixtures import (embedding_model_path, save_tiny_model, torch_threads, ultrafeedback_rows,
+                      write_jsonl)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,6 +28,17 @@ def offline_single_thread():
 @pytest.fixture(scope="module")
 def model_dir():
     return embedding_model_path()
+
+
+@pytest.fixture(scope="module")
+def damaged_dir(tmp_path_factory):
+    """A model directory whose model.safetensors lost its second half (an interrupted copy)."""
+    directory = save_tiny_model(tmp_path_factory.mktemp("damaged") / "model",
+                                ultrafeedback_rows(4), kind="reward")
+    weights = directory / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +107,8 @@ def test_identical_responses_give_distance_zero_and_are_the_hardest(model):
     assert counts["identical"] == 1 and counts["texts"] == 9
     scored = dataset.add_column("embedding_distance", distances.tolist())
     assert compute_difficulty(scored, "embedding").tolist() == distances.tolist()  # bigger = easier
-    prepared, _ = prepare_dataset(scored, difficulty="embedding", route_below=1e-9)
+    with pytest.warns(DataWarning, match="1 of 5 pairs has chosen == rejected"):
+        prepared, _ = prepare_dataset(scored, difficulty="embedding", route_below=1e-9)
     assert prepared["prompt"][-1] == rows[2]["prompt"] and prepared["hard"] == [False] * 4 + [True]
 
 
@@ -190,10 +204,21 @@ def test_cli_score_embedding_then_prepare(model, model_dir, tmp_path, capsys, mo
      "score the pairs first with `mixpo data score-embedding` or pass --embedding-model"),
     (["score-embedding", "{uf}", "-o", "{out}", "--embedding-model", "{model}",
       "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["score-embedding", "{uf}", "-o", "{out}", "--embedding-model", "{tmp}/absent",
+      "--device", "bogus"], "--device 'bogus' is not a device; use cpu, cuda, cuda:N"),
+    (["score-embedding", "{uf}", "-o", "{out}", "--embedding-model", "{tmp}/absent",
+      "--device", "cuda:99"], "--device cuda:99: "),
+    (["prepare", "{uf}", "-o", "{out}", "--difficulty", "embedding", "--embedding-model",
+      "{tmp}/absent", "--embedding-device", "bogus"], "--embedding-device 'bogus' is not a"),
+    (["score-embedding", "{uf}", "-o", "{out}", "--embedding-model", "{damaged}"],
+     "cannot load a sentence-transformers model from '{damaged}': "
+     "{damaged}/model.safetensors is truncated or damaged ("),
 ])
-def test_bad_input_exits_2_with_one_line(tmp_path, capsys, model_dir, argv, message):
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, model_dir, damaged_dir, argv,
+                                         message):
     paths = {"uf": write_jsonl(tmp_path / "uf.jsonl", ultrafeedback_rows(4)),
-             "out": tmp_path / "out.jsonl", "tmp": tmp_path, "model": model_dir}
+             "out": tmp_path / "out.jsonl", "tmp": tmp_path, "model": model_dir,
+             "damaged": damaged_dir}
     (tmp_path / "empty").mkdir()
     code, out, err = _run(capsys, "data", *[a.format(**paths) for a in argv])
     assert code == 2 and message.format(**paths) in err and "Traceback" not in err

@@ -1,10 +1,14 @@
 """mixpo.scoring.reward: reward-model margins with a tiny LlamaForSequenceClassification."""
+import copy
+import math
+
 import datasets
 import pytest
 import torch
 
 from mixpo.data.difficulty import prepare_dataset
-from mixpo.scoring.reward import load_reward_model, score_with_reward_model
+from mixpo.scoring.reward import (check_reward_settings, load_reward_model,
+                                  score_with_reward_model)
 from fixtures import (build_tiny_reward_model, build_tiny_tokenizer, corpus_texts,
                            save_tiny_model, torch_threads, ultrafeedback_rows)
 
@@ -77,6 +81,34 @@ def test_load_reward_model_checks_outputs(tmp_path, rows):
     tokenizer.save_pretrained(tmp_path / "classifier")
     with pytest.raises(ValueError, match="num_labels=1"):
         load_reward_model(str(tmp_path / "classifier"))
+
+
+def test_bad_options_fail_before_the_model_loads(tmp_path, rows):
+    missing = str(tmp_path / "no-model")  # loading it would fail with "cannot load"
+    for device, message in (("bogus", "^--device 'bogus' is not a device"),
+                            ("cuda:99", "^--device cuda:99: ")):
+        with pytest.raises(ValueError, match=message):
+            load_reward_model(missing, device=device)
+    for settings, message in ((dict(max_length=0), "^--max-length must be >= 1 .*got 0$"),
+                              (dict(max_length=-2), "^--max-length must be >= 1 .*got -2$"),
+                              (dict(batch_size=0), "^--batch-size must be >= 1, got 0$")):
+        with pytest.raises(ValueError, match=message):
+            check_reward_settings(**settings)
+        with pytest.raises(ValueError, match=message):  # before any row is rendered
+            score_with_reward_model(datasets.Dataset.from_list(rows), None, None, **settings)
+
+
+def test_a_non_finite_reward_is_an_error_naming_the_row(rows, reward_model):
+    model, tokenizer = reward_model
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.score.weight[0, 0] = math.inf  # +inf and -inf terms: NaN scores
+        broken.score.weight[0, 1] = -math.inf
+    with pytest.raises(ValueError, match=r"^data.jsonl line 1, column 'reward_chosen': the "
+                                         r"reward model returned nan \(a float16/bfloat16 "
+                                         r"overflow\? try --dtype float32\)$"):
+        score_with_reward_model(datasets.Dataset.from_list(rows), broken, tokenizer,
+                                row_names=lambda i: f"data.jsonl line {i + 1}")
 
 
 def test_empty_completion_is_named(rows, reward_model):

@@ -197,6 +197,34 @@ def test_settings_are_checked(tiny):
     with pytest.raises(ValueError, match="none of the LoRA target modules"):
         score_pairs(dataset, model, tokenizer, _small(lora_target_modules=("c_attn",)), log=None)
     _small(full_parameter=True, lora_r=0).check(16)  # LoRA settings unused without LoRA
+    # Each bad count is named on its own, and checked before the model or the data is used.
+    for option, field, value in (("--max-length", "max_length", 0),
+                                 ("--max-length", "max_length", -4),
+                                 ("--max-prompt-length", "max_prompt_length", 0),
+                                 ("--micro-batch-size", "micro_batch_size", 0),
+                                 ("--epochs", "epochs", -1), ("--evals", "evals", 0)):
+        with pytest.raises(ValueError, match=rf"^{option} must be >= [12]\b.*got {value}$"):
+            _small(**{field: value}).check_options()
+    with pytest.raises(ValueError, match="^--device 'bogus' is not a device"):
+        score_validation_loss(dataset, "/no/such/model", _small(device="bogus"))
+
+
+def test_a_non_finite_validation_loss_is_an_error_naming_the_row(tiny, monkeypatch):
+    rows, tokenizer, model = tiny
+
+    def nan_scores(dataset, *args, **kwargs):
+        scores = np.linspace(0.5, 0.7, len(dataset))
+        scores[3] = np.nan
+        return scores, None
+
+    monkeypatch.setattr(validation, "score_pairs", nan_scores)
+    monkeypatch.setattr(validation, "load_tokenizer", lambda path: tokenizer)
+    monkeypatch.setattr(validation, "load_causal_lm", lambda *args, **kwargs: model)
+    dupes = [dict(rows[0], rejected=rows[0]["chosen"])] + rows  # dropped: the names shift
+    with pytest.raises(ValueError, match=r"^line 5, column 'validation_loss': the validation "
+                                         r"DPO loss is nan \(a float16/bfloat16 overflow\?"):
+        score_validation_loss(datasets.Dataset.from_list(dupes), "tiny", _small(),
+                              row_names=lambda i: f"line {i + 1}", log=None)
 
 
 def test_prepare_selects_the_easiest_by_validation_loss(tiny, scored):

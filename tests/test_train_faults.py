@@ -89,6 +89,8 @@ def test_divergence_stops_the_run_and_saves_nothing_non_finite(tiny, tmp_path):
     (dict(report_to="mlflow"), "report_to must list"),
     (dict(route_below=0.5), "need a difficulty"),
     (dict(route_below=0.5, route_at_or_below=0.5, difficulty="rating"), "choose one of"),
+    (dict(max_length=1), "max_length must be >= 2"),
+    (dict(score_columns=["a", "b"], difficulty="reward"), "score_columns names two"),
 ])
 def test_nonsense_options_are_refused_before_anything_loads(tiny, tmp_path, override, match):
     root, data = tiny

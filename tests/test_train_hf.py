@@ -69,6 +69,35 @@ def test_export_checkpoint_tensorboard_eval_and_log_lines(tiny, tmp_path, capsys
     assert main(["export", str(tmp_path / "nope"), "-o", str(tmp_path / "x")]) == 2
 
 
+def test_flash_attention_2_without_flash_attn_trains_with_sdpa(tiny, tmp_path):
+    import importlib.util
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn can run here")
+    with pytest.warns(UserWarning, match=r"^attn_implementation flash_attention_2: .*; using "
+                                         r"sdpa instead$"):
+        result = train(config(tiny, tmp_path / "run", attn_implementation="flash_attention_2",
+                              max_steps=1, save_steps=0))
+    assert result["completed_steps"] == 1
+
+
+def test_a_truncated_model_file_is_a_one_line_error_naming_it(tiny, tmp_path, capsys):
+    import shutil
+    root, data, _ = tiny
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    weights = model / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text("")
+    argv = ["train", str(recipe), "--model_name_or_path", str(model), "--train_file", str(data),
+            "--max_length", "48", "--output_dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mixpo train: error: cannot load a causal LM from '{model}': "
+                          f"{weights} is truncated or damaged (") and err.count("\n") == 1
+
+
 def test_split_of_a_saved_dataset_dict(tiny, tmp_path):
     import datasets
     _, data, held_out = tiny

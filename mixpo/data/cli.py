@@ -8,6 +8,9 @@ which mixpo.cli prints as one line (exit code 2).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+import warnings
 
 from mixpo.data.kinds import (DIFFICULTY_KINDS, DIFFICULTY_LABELS, ORDERS, PAIR_STRATEGIES,
                               describe)
@@ -18,6 +21,26 @@ def _quiet_datasets() -> None:
     import datasets
 
     datasets.disable_progress_bars()
+
+
+@contextlib.contextmanager
+def one_line_data_warnings():
+    """Inside: each DataWarning (mixpo.data.formats) is printed as one `mixpo data: warning:
+    ...` line on stderr, every time (not once per place); other warnings as usual."""
+    from mixpo.data.formats import DataWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DataWarning)
+        show = warnings.showwarning
+
+        def show_one_line(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, DataWarning):
+                print(f"mixpo data: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show_one_line
+        yield
 
 
 def add_input(parser: argparse.ArgumentParser, output: bool = True) -> None:
@@ -45,14 +68,18 @@ def _score_columns(args: argparse.Namespace) -> tuple[str, str] | None:
     return tuple(args.score_columns) if args.score_columns else None
 
 
-def rewrite(args: argparse.Namespace, transform) -> int:
+def rewrite(args: argparse.Namespace, transform, keeps_columns: bool = True) -> int:
     """Load IN, run `transform(dataset, row_names) -> (dataset, summary line)`, write OUT
-    atomically and print the summary line."""
+    atomically and print the summary line. A transform that `keeps_columns` (every input
+    column goes to OUT) has OUT checked first, so an output it cannot write fails before the
+    work (a binary column to JSON); DataWarnings are printed as one line each."""
     _quiet_datasets()
-    from mixpo.data.io import load_rows, save_rows
+    from mixpo.data.io import check_output, load_rows, save_rows
 
     dataset, row_names = load_rows(args.input, args.split)
-    result, line = transform(dataset, row_names)
+    check_output(dataset if keeps_columns else dataset.select_columns([]), args.output)
+    with one_line_data_warnings():
+        result, line = transform(dataset, row_names)
     save_rows(result, args.output)
     print(f"{line} -> {args.output}")
     return 0
@@ -67,7 +94,7 @@ def _handle_pairs(args: argparse.Namespace) -> int:
                                      response_key=args.response_key, score_key=args.score_key)
         return pairs, summary.line()
 
-    return rewrite(args, transform)
+    return rewrite(args, transform, keeps_columns=False)  # completions become chosen/rejected
 
 
 def prepare_transform(args: argparse.Namespace):
@@ -97,10 +124,11 @@ def _handle_inspect(args: argparse.Namespace) -> int:
     from mixpo.data.io import load_rows
 
     dataset, row_names = load_rows(args.input, args.split)
-    report, values = inspect_margins(
-        dataset, difficulty=args.difficulty, route_below=args.route_below,
-        route_at_or_below=args.route_at_or_below, score_columns=_score_columns(args),
-        row_names=row_names)
+    with one_line_data_warnings():
+        report, values = inspect_margins(
+            dataset, difficulty=args.difficulty, route_below=args.route_below,
+            route_at_or_below=args.route_at_or_below, score_columns=_score_columns(args),
+            row_names=row_names)
     for line in report.lines():
         print(line)
     if args.plot:

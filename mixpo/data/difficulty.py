@@ -22,15 +22,16 @@ band and the 90-100 % band trade places.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import datasets
 import numpy as np
 
 from mixpo.data.formats import (EMBEDDING_DISTANCE_COLUMN, REWARD_COLUMNS,
-                                SELECTED_EASIEST_COLUMN, VALIDATION_LOSS_COLUMN,
+                                SELECTED_EASIEST_COLUMN, VALIDATION_LOSS_COLUMN, DataWarning,
                                 check_preference_rows, identical_pairs, read_column_scores,
-                                resolve_score_columns)
+                                resolve_score_columns, row_warnings)
 from mixpo.data.io import RowNamer, default_row_names
 from mixpo.data.kinds import DIFFICULTY_KINDS, ORDERS
 
@@ -223,6 +224,9 @@ def prepare_dataset(dataset: datasets.Dataset, difficulty: str = "rating",
     Raises:
         ValueError naming the row and column for bad scores or empty chosen/rejected, and for
         inconsistent options.
+    Warns:
+        DataWarning (`mixpo.data.formats.row_warnings`) for a single row, pairs whose chosen
+        equals rejected (unless `select_easiest` drops them) and rows repeated exactly.
     """
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; choose from {', '.join(ORDERS)}")
@@ -233,6 +237,9 @@ def prepare_dataset(dataset: datasets.Dataset, difficulty: str = "rating",
         _check_not_selected(dataset, row_names)
     check_preference_rows(dataset, row_names)
     scores = compute_difficulty(dataset, difficulty, score_columns, row_names)
+    # --select-easiest drops (and reports) the identical pairs itself.
+    for message in row_warnings(dataset, row_names, identical=select_easiest is None):
+        warnings.warn(message, DataWarning, stacklevel=2)
     ties = _count_ties(dataset, difficulty, scores, score_columns, row_names)
 
     candidates = np.arange(len(scores))

@@ -102,11 +102,28 @@ def check_score(value: Any, where: str, column: str) -> float:
     """`value` as a finite float, or ValueError naming `where` and `column`."""
     if value is None:
         raise ValueError(f"{where}, column {column!r}: missing score")
+    if isinstance(value, str):
+        # As TRL: scores are numbers, never parsed from text ("4.5", "N/A", "4,5" ...).
+        raise ValueError(f"{where}, column {column!r}: score {value!r} is not a number: the "
+                         "column holds strings; convert it to numbers first")
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         raise ValueError(f"{where}, column {column!r}: score {value!r} is not a number")
-    if not math.isfinite(value):
-        raise ValueError(f"{where}, column {column!r}: score is {value}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a Python int beyond the float range
+        raise ValueError(f"{where}, column {column!r}: score (an integer of "
+                         f"{len(str(abs(value)))} digits) is beyond the float range") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}, column {column!r}: score is {number}")
+    return number
+
+
+def check_finite_scores(values, places, what: str, hint: str = "") -> None:
+    """ValueError at the first non-finite number of `values` (a computed score column),
+    `places` (an iterable) naming where each goes: '{place}: {what} nan ({hint})'."""
+    for place, value in zip(places, values):
+        if not math.isfinite(value):
+            raise ValueError(f"{place}: {what} {value}" + (f" ({hint})" if hint else ""))
 
 
 def read_column_scores(dataset: datasets.Dataset, column: str,
@@ -222,6 +239,58 @@ def identical_pairs(dataset: datasets.Dataset,
             for example in (split_example(row, row_names(index))
                             for index, row in enumerate(dataset.select_columns(columns)))]
     return np.array(same, dtype=bool)
+
+
+class DataWarning(UserWarning):
+    """Rows that are valid but probably not what was meant (`row_warnings`); the CLI prints
+    each as one `mixpo data: warning: ...` line."""
+
+
+def _first_repeats(keys: dict, key: str, index: int, dataset: datasets.Dataset) -> int | None:
+    """The earlier row index whose repr is `key` (None if `key`'s hash only collided)."""
+    earlier = keys.setdefault(hash(key), index)
+    if earlier == index:
+        return None
+    return earlier if repr(dataset[earlier]) == key else None
+
+
+def row_warnings(dataset: datasets.Dataset, row_names: RowNamer = default_row_names,
+                 identical: bool = True, batch_size: int = 2048) -> list[str]:
+    """One-line warnings about valid preference rows that are probably not what was meant:
+    a single row (nothing to order or route), pairs whose chosen equals rejected (with
+    `identical`; their DPO loss is log 2 whatever the model learns) and rows that repeat an
+    earlier row in every column. Rows must already be valid (`check_preference_rows`): the
+    prompt is shared, so a pair's completions are equal exactly when its chosen and rejected
+    columns are. One batched pass; only a hash per row is kept."""
+    messages = []
+    if len(dataset) == 1:
+        messages.append(f"{getattr(row_names, 'source', 'the data')} has only 1 row: there is "
+                        "nothing to order, select or route")
+    same, first_same, repeats, first_repeat, keys = 0, None, 0, None, {}
+    index = 0
+    for batch in dataset.iter(batch_size=batch_size):
+        columns = list(batch)
+        for values in zip(*batch.values()):
+            row = dict(zip(columns, values))
+            if identical and row.get("chosen") == row.get("rejected"):
+                same += 1
+                first_same = index if first_same is None else first_same
+            earlier = _first_repeats(keys, repr(row), index, dataset)
+            if earlier is not None:
+                repeats += 1
+                first_repeat = (index, earlier) if first_repeat is None else first_repeat
+            index += 1
+    if same:
+        verb = "has" if same == 1 else "have"
+        messages.append(f"{same} of {len(dataset)} pairs {verb} chosen == rejected (the first: "
+                        f"{row_names(first_same)}); they teach nothing (DPO loss log 2 whatever "
+                        "the model learns): --select-easiest drops them, as Selective DPO does")
+    if repeats:
+        verb = "repeats" if repeats == 1 else "repeat"
+        messages.append(f"{repeats} of {len(dataset)} rows {verb} an earlier row exactly (the "
+                        f"first: {row_names(first_repeat[0])} repeats "
+                        f"{row_names(first_repeat[1])}); each copy trains on its pair again")
+    return messages
 
 
 def _plain_conversation(messages: list[dict]) -> str:

@@ -3,13 +3,14 @@ pairs a routing threshold would send to SFT, and a histogram like MixDPO's Figur
 distributions of UltraFeedback and argilla)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import datasets
 import numpy as np
 
 from mixpo.data.difficulty import compute_difficulty, route_hard
-from mixpo.data.formats import check_preference_rows
+from mixpo.data.formats import DataWarning, check_preference_rows, row_warnings
 from mixpo.data.io import RowNamer, default_row_names
 
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -52,10 +53,12 @@ def inspect_margins(dataset: datasets.Dataset, difficulty: str = "rating",
     rule) would route to SFT; at most one of the two.
 
     Returns (the report, the difficulty values [n] for plotting). Rows are validated as in
-    `prepare_dataset`, with the same ValueErrors.
+    `prepare_dataset`, with the same ValueErrors, and warned about as there (DataWarning).
     """
     layout = check_preference_rows(dataset, row_names)
     values = compute_difficulty(dataset, difficulty, score_columns, row_names)
+    for message in row_warnings(dataset, row_names):
+        warnings.warn(message, DataWarning, stacklevel=2)
     would_be_hard = None
     if route_below is not None or route_at_or_below is not None:
         would_be_hard = int(route_hard(values, route_below=route_below,

@@ -48,17 +48,73 @@ def default_row_names(index: int) -> str:
 RowNamer = Callable[[int], str]
 
 
+# What Arrow raises for JSON values it cannot hold as one typed table (OverflowError: an
+# integer column with a value past 64 bits).
+ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError)
+INT64_RANGE = (-2 ** 63, 2 ** 63)
+
+
 def _arrow_accepts(rows: list[dict]) -> bool:
     try:
         pa.Table.from_pylist(rows)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+    except ARROW_ERRORS:
         return False
     return True
 
 
+def _oversized_integer(value, path: str) -> tuple[str, int] | None:
+    """(where inside the value, the integer) of the first int outside int64 in `value`
+    (nested lists and objects included), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if INT64_RANGE[0] <= value < INT64_RANGE[1] else (path, value)
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _oversized_integer(item, f"{path}[{key}]" if isinstance(key, int)
+                                   else f"{path}.{key}")
+        if found:
+            return found
+    return None
+
+
+def _integer_overflow(rows: list[dict], row_names: RowNamer) -> str | None:
+    """Name the first row and column holding an integer Arrow cannot store (beyond 64 bits,
+    such as 10**30 written without a decimal point), or None."""
+    for index, row in enumerate(rows):
+        for column, value in row.items():
+            found = _oversized_integer(value, column)
+            if found:
+                where, number = found
+                digits = str(number)
+                shown = digits if len(digits) <= 40 else f"{digits[:10]}... ({len(digits)} digits)"
+                try:
+                    hint = f"write it as a float ({float(number):g}) if that is the value meant"
+                except OverflowError:
+                    hint = "it is beyond the float range too"
+                return (f"{row_names(index)}, column {where!r}: integer {shown} does not fit "
+                        f"in 64 bits; {hint}")
+    return None
+
+
+def _kind(value) -> str:
+    """A JSON value's kind, for messages: 'a string', 'a number', 'a list', ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else \
+        "an object" if isinstance(value, dict) else type(value).__name__
+
+
 def _schema_conflict(rows: list[dict], row_names: RowNamer) -> str:
-    """Name the first row (and column) whose value types clash with the rows before it:
-    bisect for the shortest prefix Arrow cannot hold as one table."""
+    """Name the first row (and column) whose value types clash with the rows before it, and
+    the two kinds of value: bisect for the shortest prefix Arrow cannot hold as one table."""
     low, high = 1, len(rows)  # invariant: rows[:high] is rejected, rows[:low - 1] accepted
     while low < high:
         middle = (low + high) // 2
@@ -68,16 +124,27 @@ def _schema_conflict(rows: list[dict], row_names: RowNamer) -> str:
             high = middle
     prefix = rows[:high]
     columns = [c for c in rows[high - 1] if not _arrow_accepts([{c: r.get(c)} for r in prefix])]
-    where = f" column {columns[0]!r}" if columns else ""
-    return f"{row_names(high - 1)},{where}: value types differ from the rows before it"
+    if not columns:
+        return f"{row_names(high - 1)}: value types differ from the rows before it"
+    column = columns[0]
+    value = rows[high - 1][column]
+    before = sorted({_kind(r.get(column)) for r in prefix[:-1]} - {"null", _kind(value)})
+    shown = f" ({value!r})" if isinstance(value, (str, int, float)) and len(repr(value)) <= 40 \
+        else ""
+    detail = (f"{_kind(value)}{shown} where the rows before it have {' or '.join(before)}"
+              if before else "value types differ from the rows before it")
+    return f"{row_names(high - 1)}, column {column!r}: {detail}"
 
 
 def _rows_to_dataset(rows: list[dict], row_names: RowNamer) -> datasets.Dataset:
-    """Build a Dataset from JSON objects; an Arrow type conflict becomes a ValueError naming
-    the first row (and column) that causes it."""
+    """Build a Dataset from JSON objects; an integer Arrow cannot store or an Arrow type
+    conflict becomes a ValueError naming the first row and column that causes it."""
     try:
         return datasets.Dataset.from_list(rows)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as error:
+    except ARROW_ERRORS as error:
+        overflow = _integer_overflow(rows, row_names)
+        if overflow:
+            raise ValueError(overflow) from None
         if _arrow_accepts(rows):  # not a type clash between rows
             raise ValueError(f"{row_names(0)} onwards: cannot build a dataset ({error})") from None
         raise ValueError(_schema_conflict(rows, row_names)) from None
@@ -213,15 +280,57 @@ def output_kind(path: str | os.PathLike) -> str:
                      f"{', '.join(FILE_FORMATS)} or a directory")
 
 
+# NaN and +-inf are written as the literals NaN / Infinity / -Infinity (Python's json, as
+# the input that held them): every column is kept as it was, even one the run does not use
+# (a NaN rating beside the reward scores a run is prepared on), and the file reads back with
+# load_rows, datasets' JSON loader, pandas and pyarrow (strict parsers such as jq refuse
+# it). The columns mixpo computes (difficulty, rewards, losses) are checked finite.
 def _write_json_lines(dataset: datasets.Dataset, path: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for row in dataset:
-            handle.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _write_json(dataset: datasets.Dataset, path: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(dataset.to_list(), handle, ensure_ascii=False, allow_nan=False, indent=1)
+        json.dump(dataset.to_list(), handle, ensure_ascii=False, indent=1)
+
+
+def _json_unwritable(arrow_type: pa.DataType, where: str) -> tuple[str, pa.DataType] | None:
+    """(column path, type) of the first part of `arrow_type` JSON has no value for (binary
+    data such as images, dates and times, decimals), or None."""
+    if pa.types.is_struct(arrow_type):
+        parts = [(f"{where}.{field.name}", field.type) for field in arrow_type]
+    elif pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or \
+            pa.types.is_fixed_size_list(arrow_type):
+        parts = [(f"{where}[]", arrow_type.value_type)]
+    elif pa.types.is_map(arrow_type):
+        parts = [(f"{where}{{}}", arrow_type.key_type), (f"{where}{{}}", arrow_type.item_type)]
+    elif (pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type)
+          or pa.types.is_fixed_size_binary(arrow_type) or pa.types.is_temporal(arrow_type)
+          or pa.types.is_decimal(arrow_type)):
+        return where, arrow_type
+    else:
+        return None
+    for part, part_type in parts:
+        found = _json_unwritable(part_type, part)
+        if found:
+            return found
+    return None
+
+
+def check_output(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
+    """The kind `save_rows` would write `dataset` to `path` as (`output_kind`); ValueError,
+    before any work is done, for an unsupported output name or a column a JSON output cannot
+    hold (binary data, dates and times, decimals: write .parquet or a directory instead)."""
+    kind = output_kind(path)
+    if kind in ("jsonl", "json"):
+        for field in dataset.data.schema:
+            found = _json_unwritable(field.type, field.name)
+            if found:
+                raise ValueError(f"{path}: column {found[0]!r} holds {found[1]} values, which "
+                                 f"JSON cannot hold; write .parquet or a directory instead")
+    return kind
 
 
 def save_rows(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
@@ -233,11 +342,15 @@ def save_rows(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
             (`Dataset.save_to_disk`). Missing parent directories are created.
     Returns:
         The kind written ('jsonl', 'json', 'parquet' or 'dataset').
+    Raises:
+        ValueError for an unsupported output or a column JSON cannot hold (`check_output`),
+        and when the output cannot be written (permissions, a full disk).
+    NaN and +-inf are written to JSON as NaN / Infinity / -Infinity (see `_write_json_lines`).
     The data is written to a temporary path beside `path` and moved into place with
     `os.replace`; on any error the temporary data is removed and `path` is left as it was.
     """
     path = Path(path)
-    kind = output_kind(path)
+    kind = check_output(dataset, path)
     try:
         _write_atomically(dataset, path, kind)
     except OSError as error:  # permissions, a full disk: the user's to fix, not a crash

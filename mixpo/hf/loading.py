@@ -2,7 +2,10 @@
 fallback, one place that prepares a causal LM for preference training."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -16,17 +19,80 @@ LOGIT_TRANSFORMS = (SOFTCAP_ATTRIBUTE, *SCALE_ATTRIBUTES, DIVISOR_ATTRIBUTE)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_device(name: str, option: str = "--device") -> torch.device:
+    """`name` ('cpu', 'cuda', 'cuda:1', 'mps', ...) as a torch.device this machine has, or a
+    ValueError naming `option`: checked before a model is loaded, not when it is moved."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{option} {name!r} is not a device; use cpu, cuda, cuda:N, mps or "
+                         "xpu") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"{option} {name!r}: models run on {', '.join(DEVICE_TYPES)}, not on "
+                         f"{device.type}")
+    backend = getattr(torch, device.type) if device.type != "mps" else torch.backends.mps
+    if device.type != "cpu" and not backend.is_available():
+        build = (" (this torch is a CPU-only build)" if device.type == "cuda"
+                 and torch.version.cuda is None and torch.version.hip is None else "")
+        raise ValueError(f"{option} {name}: {device.type} is not available on this "
+                         f"machine{build}; use {option} cpu")
+    if device.index is not None and device.type in ("cuda", "xpu"):
+        count = backend.device_count()
+        if device.index >= count:
+            raise ValueError(f"{option} {name}: this machine has {count} {device.type} "
+                             f"device(s) (0 to {count - 1})")
+    return device
+
+
+def broken_weight_file(path: str) -> tuple[Path, str] | None:
+    """(file, reason) for the first .safetensors file under the directory `path` that
+    safetensors cannot open (truncated, not safetensors at all), else None. Only headers
+    are read."""
+    from safetensors import SafetensorError, safe_open
+
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    for file in sorted(root.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            return file, reason
+    return None
+
+
+@contextlib.contextmanager
+def loading_errors(what: str, path: str, extra: tuple = ()):
+    """Inside: a missing or broken model directory (missing files, unknown model types, bad
+    configs, a damaged safetensors file, and any exception type in `extra`) becomes a
+    one-line ValueError naming `what`, `path` and, for damaged weights, the file."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        broken = broken_weight_file(path)
+        file, reason = broken if broken else ("a weights file", str(error).splitlines()[0])
+        raise ValueError(f"cannot load a {what} from {path!r}: {file} is truncated or damaged "
+                         f"({reason}); download or save it again") from None
+    except (OSError, ValueError, *extra) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"cannot load a {what} from {path!r}: {message}") from None
+
+
 def load_pretrained(factory, path: str, what: str, **kwargs):
     """`factory.from_pretrained(path, **kwargs)` (a transformers Auto class), with a missing
-    or broken model directory reported as a ValueError naming `what` and `path`."""
+    or broken model directory reported as a ValueError naming `what` and `path`, and the
+    file for a truncated or damaged safetensors file (`loading_errors`)."""
     if not path:
         raise ValueError(f"no path given for the {what}")
-    try:
+    with loading_errors(what, path):
         return factory.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as error:  # missing files, unknown model types, bad configs
-        raise ValueError(f"cannot load a {what} from {path!r}: "
-                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
-                         ) from None
 
 
 def ensure_pad_token(tokenizer, model=None) -> int:
@@ -58,12 +124,36 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+FLASH_ATTENTION = "flash_attention_2"
+
+
+def _flash_attention_missing(device: torch.device) -> str | None:
+    """Why flash_attention_2 cannot run here (a one-line reason), or None when it can."""
+    if device.type != "cuda":
+        return f"it runs on CUDA GPUs only, this run is on {device.type}"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed"
+    return None
+
+
+def flash_attention_fallback(reason: str) -> str:
+    """The note `attention_implementation` and `load_causal_lm` warn with; 'sdpa'."""
+    warnings.warn(f"attn_implementation {FLASH_ATTENTION}: {reason}; using sdpa instead",
+                  stacklevel=3)
+    return "sdpa"
+
+
 def attention_implementation(name: str, device: torch.device) -> str:
-    """'auto': flash_attention_2 on a GPU when flash-attn is importable, else sdpa."""
-    if name != "auto":
-        return name
-    flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    return "flash_attention_2" if flash else "sdpa"
+    """'auto': flash_attention_2 on a GPU when flash-attn is importable, else sdpa. An
+    explicit flash_attention_2 that cannot run here (no flash-attn, no GPU) falls back to
+    sdpa with a warning: the same model, a slower kernel, rather than a crash at load."""
+    if name == "auto":
+        return "sdpa" if _flash_attention_missing(device) else FLASH_ATTENTION
+    if name == FLASH_ATTENTION:
+        reason = _flash_attention_missing(device)
+        if reason:
+            return flash_attention_fallback(reason)
+    return name
 
 
 def logit_transform(config) -> tuple[float, float | None]:
@@ -92,8 +182,15 @@ def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str,
 
     if not path:
         raise ValueError("model_name_or_path is empty: give a model directory")
-    model = load_pretrained(AutoModelForCausalLM, path, "causal LM", dtype=dtype,
-                            attn_implementation=attn_implementation)
+    try:
+        model = load_pretrained(AutoModelForCausalLM, path, "causal LM", dtype=dtype,
+                                attn_implementation=attn_implementation)
+    except ImportError as error:  # flash-attn present but unusable (a build for another torch)
+        if attn_implementation != FLASH_ATTENTION:
+            raise
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        model = load_pretrained(AutoModelForCausalLM, path, "causal LM", dtype=dtype,
+                                attn_implementation=flash_attention_fallback(reason))
     # Preference training runs without dropout (TRL's disable_dropout default): the policy
     # and its reference must score a sequence identically at step 0.
     for module in model.modules():

@@ -18,7 +18,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _handle_score_reward(args: argparse.Namespace) -> int:
-    from mixpo.scoring.reward import load_reward_model, score_with_reward_model
+    from mixpo.scoring.reward import (check_reward_settings, load_reward_model,
+                                      score_with_reward_model)
+
+    check_reward_settings(args.batch_size, args.max_length, args.device)  # before any loading
 
     def transform(dataset, row_names):
         model, tokenizer = load_reward_model(args.model, device=args.device, dtype=args.dtype)
@@ -52,6 +55,7 @@ def _handle_score_validation(args: argparse.Namespace) -> int:
         lora_target_modules=_comma_list(args.lora_target_modules, "--lora-target-modules"),
         max_length=args.max_length, max_prompt_length=args.max_prompt_length, dtype=args.dtype,
         device=args.device)
+    settings.check_options()  # before any loading
 
     def transform(dataset, row_names):
         scored, summary = score_validation_loss(dataset, args.model, settings, row_names=row_names)
@@ -68,8 +72,10 @@ def _embedding_cache(args: argparse.Namespace) -> tuple[str | None, bool]:
 
 
 def _handle_score_embedding(args: argparse.Namespace) -> int:
+    from mixpo.hf.loading import check_device
     from mixpo.scoring.embedding import score_embedding_distance
 
+    check_device(args.device)  # before any loading
     cache_dir, use_cache = _embedding_cache(args)
 
     def transform(dataset, row_names):
@@ -88,8 +94,10 @@ def _handle_prepare(args: argparse.Namespace) -> int:
     if args.difficulty != "embedding":
         raise ValueError(f"--embedding-model is used by --difficulty embedding only (this run "
                          f"scores by {args.difficulty})")
+    from mixpo.hf.loading import check_device
     from mixpo.scoring.embedding import score_embedding_distance
 
+    check_device(args.embedding_device, "--embedding-device")  # before any loading
     cache_dir, use_cache = _embedding_cache(args)
     prepare = prepare_transform(args)
 

@@ -32,9 +32,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from mixpo.data.formats import EMBEDDING_DISTANCE_COLUMN, check_preference_rows, split_example
+from mixpo.data.formats import (EMBEDDING_DISTANCE_COLUMN, check_finite_scores,
+                                check_preference_rows, split_example)
 from mixpo.data.io import RowNamer, default_row_names
 from mixpo.files import atomic_output
+from mixpo.hf.loading import check_device, loading_errors
 
 # Bump when the text format or the pooling changes: cached vectors of another method differ.
 METHOD = "responses '### assistant: {content}\\n', mean of last hidden states; v1"
@@ -66,14 +68,11 @@ def load_embedding_model(path: str, device: str = "cpu"):
     if not directory.is_dir():
         raise ValueError(f"--embedding-model {path!r} is not a directory; give a local "
                          "sentence-transformers model directory")
+    check_device(device)
     from sentence_transformers import SentenceTransformer
 
-    try:
+    with loading_errors("sentence-transformers model", path, extra=(RuntimeError, KeyError)):
         model = SentenceTransformer(str(directory), device=device, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"cannot load a sentence-transformers model from {path!r}: "
-                         f"{message}") from None
     return model.eval()
 
 
@@ -252,6 +251,7 @@ def score_embedding_distance(dataset: datasets.Dataset, model_path: str, batch_s
     `default_cache_dir()`); `use_cache=False` embeds everything and writes nothing."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    check_device(device)
     chosen, rejected = response_texts(dataset, row_names)  # bad rows fail before loading
     model = load_embedding_model(model_path, device)
     cache = None
@@ -259,6 +259,9 @@ def score_embedding_distance(dataset: datasets.Dataset, model_path: str, batch_s
         key = model_key(model_path, getattr(model, "max_seq_length", None))
         cache = EmbeddingCache(default_cache_dir() if cache_dir is None else cache_dir, key)
     distances, counts = pair_distances(chosen, rejected, model, batch_size, cache, progress)
+    check_finite_scores(distances, (f"{row_names(i)}, column {EMBEDDING_DISTANCE_COLUMN!r}"
+                                    for i in range(len(distances))), "the embedding distance is",
+                        "the model returned non-finite embeddings")
     if EMBEDDING_DISTANCE_COLUMN in dataset.column_names:
         dataset = dataset.remove_columns(EMBEDDING_DISTANCE_COLUMN)
     scored = dataset.add_column(EMBEDDING_DISTANCE_COLUMN, distances.tolist())

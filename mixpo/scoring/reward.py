@@ -9,18 +9,32 @@ from __future__ import annotations
 import datasets
 import torch
 
-from mixpo.data.formats import (REWARD_COLUMNS, Example, check_preference_rows, render_example,
-                                split_example)
+from mixpo.data.formats import (REWARD_COLUMNS, Example, check_finite_scores,
+                                check_preference_rows, render_example, split_example)
 from mixpo.data.io import RowNamer, default_row_names
-from mixpo.hf.loading import ensure_pad_token, load_pretrained
+from mixpo.hf.loading import check_device, ensure_pad_token, load_pretrained
+
+
+def check_reward_settings(batch_size: int = 8, max_length: int | None = None,
+                          device: str | None = None) -> None:
+    """ValueError naming the option for a batch size or truncation length below 1, or a
+    device this machine lacks (`check_device`); cheap, so run before anything is loaded."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"--max-length must be >= 1 (tokens kept), got {max_length}")
+    if device is not None:
+        check_device(device)
 
 
 def load_reward_model(model_path: str, device: str = "cpu", dtype: str | None = None):
     """(model, tokenizer) from a local directory or Hub name: an
     AutoModelForSequenceClassification with one output, in eval mode on `device` (in `dtype`,
-    e.g. 'bfloat16', when given). ValueError when it cannot be loaded or has several outputs."""
+    e.g. 'bfloat16', when given). ValueError when it cannot be loaded or has several outputs,
+    or when this machine has no `device` (checked first)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    check_device(device)
     tokenizer = load_pretrained(AutoTokenizer, model_path, "tokenizer")
     model = load_pretrained(AutoModelForSequenceClassification, model_path, "reward model",
                             dtype=getattr(torch, dtype) if dtype else None)
@@ -50,8 +64,7 @@ def reward_scores(texts: list[str], model, tokenizer, batch_size: int = 8,
     pad token gets EOS as its pad token (and the model config that pad id), which is how
     sequence-classification models find each sequence's last token.
     """
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    check_reward_settings(batch_size, max_length)
     ensure_pad_token(tokenizer, model)  # the model finds each sequence's last token by it
     by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     scores = [0.0] * len(texts)
@@ -83,6 +96,7 @@ def score_with_reward_model(dataset: datasets.Dataset, model, tokenizer, batch_s
     AutoModelForSequenceClassification with num_labels=1. Rows are validated first
     (ValueError naming the row and column for an empty chosen/rejected).
     """
+    check_reward_settings(batch_size, max_length)
     check_preference_rows(dataset, row_names)
     chat = bool(getattr(tokenizer, "chat_template", None))
     chosen_texts, rejected_texts = [], []
@@ -96,6 +110,10 @@ def score_with_reward_model(dataset: datasets.Dataset, model, tokenizer, batch_s
     special = not chat
     scores = reward_scores(chosen_texts + rejected_texts, model, tokenizer, batch_size,
                            max_length, add_special_tokens=special)
+    check_finite_scores(scores, [f"{row_names(i)}, column {REWARD_COLUMNS[side]!r}"
+                                 for side in (0, 1) for i in range(len(dataset))],
+                        "the reward model returned",
+                        "a float16/bfloat16 overflow? try --dtype float32")
     result = dataset.remove_columns([c for c in REWARD_COLUMNS if c in dataset.column_names])
     result = result.add_column(REWARD_COLUMNS[0], scores[:len(dataset)])
     return result.add_column(REWARD_COLUMNS[1], scores[len(dataset):])

@@ -45,10 +45,11 @@ import numpy as np
 import torch
 
 from mixpo.data.collate import PreferenceCollator
-from mixpo.data.formats import VALIDATION_LOSS_COLUMN, check_preference_rows, identical_pairs
+from mixpo.data.formats import (VALIDATION_LOSS_COLUMN, check_finite_scores,
+                                check_preference_rows, identical_pairs)
 from mixpo.data.io import RowNamer, default_row_names
 from mixpo.data.tokenize import tokenize_rows
-from mixpo.hf.loading import ensure_pad_token, load_causal_lm, load_tokenizer
+from mixpo.hf.loading import check_device, ensure_pad_token, load_causal_lm, load_tokenizer
 from mixpo.hf.policy import PreferenceModel, pair_logps
 from mixpo.loss_config import LossConfig
 from mixpo.scoring import LORA_TARGET_MODULES
@@ -110,19 +111,30 @@ class ValidationSettings:
         return (f"LoRA r {self.lora_r} alpha {self.lora_alpha:g} dropout {self.lora_dropout:g}"
                 f"{where}; lr {self.learning_rate:g}")
 
-    def check(self, num_examples: int) -> None:
-        """ValueError (naming the option) for settings that cannot work on `num_examples`
-        pairs. An effective batch too large for the data is an error, with the largest
-        --batch-size that gives `evals` scorings (the authors' 512 assumes UltraFeedback's
-        ~30,000 pairs per half), never a silent change of the schedule."""
+    def check_options(self) -> None:
+        """ValueError naming the option for a setting that cannot work on any data (counts
+        below 1, a --max-length under 2 tokens, a device this machine lacks); cheap, so the
+        CLI runs it before reading the data."""
         if self.folds < 2:
             raise ValueError(f"--folds must be >= 2, got {self.folds}")
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed")
-        counts = (self.evals, self.batch_size, self.forward_batch, self.epochs)
-        if min(counts) < 1 or self.max_length < 2:
-            raise ValueError("--evals, --batch-size, --micro-batch-size and --epochs must be >= 1, "
-                             "--max-length >= 2")
+        for option, value in (("--evals", self.evals), ("--batch-size", self.batch_size),
+                              ("--micro-batch-size", self.micro_batch_size),
+                              ("--epochs", self.epochs),
+                              ("--max-prompt-length", self.max_prompt_length)):
+            if value is not None and value < 1:
+                raise ValueError(f"{option} must be >= 1, got {value}")
+        if self.max_length < 2:
+            raise ValueError(f"--max-length must be >= 2 (a prompt token and a completion "
+                             f"token), got {self.max_length}")
+        check_device(self.device)
+    def check(self, num_examples: int) -> None:
+        """ValueError (naming the option) for settings that cannot work on `num_examples`
+        pairs (`check_options` first). An effective batch too large for the data is an error,
+        with the largest --batch-size that gives `evals` scorings (the authors' 512 assumes
+        UltraFeedback's ~30,000 pairs per half), never a silent change of the schedule."""
+        self.check_options()
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -381,6 +393,9 @@ def score_validation_loss(dataset: datasets.Dataset, model_path: str,
     model = load_causal_lm(model_path, dtype, "sdpa", trainable=False).to(settings.device)
     scores, summary = score_pairs(dataset, model, tokenizer, settings,
                                   lambda index: row_names(int(kept[index])), log)
+    check_finite_scores(scores, (f"{row_names(int(index))}, column {VALIDATION_LOSS_COLUMN!r}"
+                                 for index in kept), "the validation DPO loss is",
+                        "a float16/bfloat16 overflow? try --dtype float32, or a lower --lr")
     if VALIDATION_LOSS_COLUMN in dataset.column_names:
         dataset = dataset.remove_columns(VALIDATION_LOSS_COLUMN)
     summary = replace(summary, identical_dropped=int(same.sum()))

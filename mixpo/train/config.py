@@ -190,6 +190,9 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (a prompt token and a completion token), "
+                             f"got {self.max_length}")
         for key in ("global_batch_size", "gradient_accumulation_steps"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
