@@ -79,6 +79,23 @@ class LossConfig:
     token_metrics: bool = False
     ignore_index: int = -100
 
+    @classmethod
+    def from_options(cls, options, **overrides) -> "LossConfig":
+        """The loss an options object with these field names describes (mixpo's TrainConfig,
+        the TRL integration's MixpoDPOConfig): each field read from `options` where it has
+        it, list-valued loss_type / loss_weights as tuples, and no fixed gamma under
+        `options.adaptive_margin` (gamma-PO's solver supplies the margins). `overrides` win
+        (e.g. the model's logit_scale / softcap)."""
+        values = {field.name: getattr(options, field.name) for field in fields(cls)
+                  if hasattr(options, field.name)}
+        for name in ("loss_type", "loss_weights"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        if getattr(options, "adaptive_margin", False):
+            values["gamma"] = None
+        values.update(overrides)
+        return cls(**values)
+
     def __post_init__(self):
         types = self.loss_type
         if isinstance(types, str):

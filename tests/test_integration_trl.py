@@ -15,12 +15,7 @@ from fixtures import WORDS, build_tiny_causal_lm, build_tiny_tokenizer  # noqa: 
 from mixpo.integrations.trl import MixpoDPOConfig, MixpoDPOTrainer      # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rows(n=24, seed=0):

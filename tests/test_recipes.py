@@ -17,12 +17,7 @@ from mixpo.train.metrics import read_metrics
 RECIPES = Path(__file__).parent.parent / "recipes"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def instruct_rows():

@@ -23,14 +23,7 @@ COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "lo
             "logps/rejected", "gamma/mean", "grad_norm", "learning_rate")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared machine extra OpenMP threads spin
-    and make a run several times slower. Subprocesses get OMP_NUM_THREADS=1 to match."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,16 @@ import torch
 from mixpo.data.tokenize import IGNORE_INDEX, PASSTHROUGH_COLUMNS
 
 
+def _chosen_then_rejected(examples: list[dict]) -> tuple[list, list]:
+    """Token ids and HF labels of every chosen sequence, then every rejected one."""
+    if not examples:
+        raise ValueError("cannot collate an empty list of pairs")
+    sequences = [e["chosen_input_ids"] for e in examples] + \
+                [e["rejected_input_ids"] for e in examples]
+    labels = [e["chosen_labels"] for e in examples] + [e["rejected_labels"] for e in examples]
+    return sequences, labels
+
+
 class PreferenceCollator:
     """Pads a list of `tokenize_pair` outputs (B pairs; ids as lists or arrays) on the right.
 
@@ -35,11 +45,7 @@ class PreferenceCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: list[dict]) -> dict:
-        if not examples:
-            raise ValueError("cannot collate an empty list of pairs")
-        sequences = [e["chosen_input_ids"] for e in examples] + \
-                    [e["rejected_input_ids"] for e in examples]
-        labels = [e["chosen_labels"] for e in examples] + [e["rejected_labels"] for e in examples]
+        sequences, labels = _chosen_then_rejected(examples)
         length = max(map(len, sequences))
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -103,11 +109,7 @@ class PackedPreferenceCollator:
         self.pad_token_id = pad_token_id           # unused: nothing is padded
 
     def __call__(self, examples: list[dict]) -> dict:
-        if not examples:
-            raise ValueError("cannot collate an empty list of pairs")
-        sequences = [e["chosen_input_ids"] for e in examples] + \
-                    [e["rejected_input_ids"] for e in examples]
-        labels = [e["chosen_labels"] for e in examples] + [e["rejected_labels"] for e in examples]
+        sequences, labels = _chosen_then_rejected(examples)
         ids, positions, aligned, lengths = [], [], [], []
         for sequence, hf_labels in zip(sequences, labels):
             sequence = torch.as_tensor(sequence, dtype=torch.long)

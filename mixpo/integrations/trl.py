@@ -110,17 +110,7 @@ class MixpoDPOConfig(DPOConfig):
 
     def loss_config(self, **transform) -> LossConfig:
         """The loss these arguments describe (ValueError naming a bad option)."""
-        return LossConfig(
-            loss_type=tuple(self.loss_type), loss_weights=None if self.loss_weights is None
-            else tuple(self.loss_weights), beta=self.beta,
-            gamma=None if self.adaptive_margin else self.gamma,
-            label_smoothing=self.label_smoothing, average_log_prob=self.average_log_prob,
-            sft_weight=self.sft_weight, nll_normalization=self.nll_normalization,
-            cpo_alpha=self.cpo_alpha, discopop_tau=self.discopop_tau,
-            use_weighting=self.use_weighting, f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef, ld_alpha=self.ld_alpha,
-            rdpo_alpha=self.rdpo_alpha, dpop_lambda=self.dpop_lambda, token_metrics=True,
-            **transform)
+        return LossConfig.from_options(self, token_metrics=True, **transform)
 
 
 def _as_mixpo_config(args) -> MixpoDPOConfig:

@@ -266,17 +266,7 @@ class TrainConfig:
         """The run's loss as a LossConfig (ValueError naming a bad option); `transform`:
         the model's logit_scale / softcap."""
         names = [name for item in self.loss_type for name in item.split(",") if name]
-        return LossConfig(
-            loss_type=tuple(names), loss_weights=None if self.loss_weights is None
-            else tuple(self.loss_weights), beta=self.beta,
-            gamma=None if self.adaptive_margin else self.gamma,
-            label_smoothing=self.label_smoothing, average_log_prob=self.average_log_prob,
-            sft_weight=self.sft_weight, nll_normalization=self.nll_normalization,
-            cpo_alpha=self.cpo_alpha, discopop_tau=self.discopop_tau,
-            use_weighting=self.use_weighting, f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef, ld_alpha=self.ld_alpha,
-            rdpo_alpha=self.rdpo_alpha, dpop_lambda=self.dpop_lambda,
-            token_metrics=self.token_metrics, **transform)
+        return LossConfig.from_options(self, loss_type=tuple(names), **transform)
 
     @property
     def margin_mean(self) -> float:
