@@ -107,7 +107,12 @@ def _worker_mixpo(spec: dict) -> dict:
 
 
 def _worker_trl(spec: dict) -> dict:
-    """trl's DPOTrainer (its own fused head), sigmoid DPO, reference log-probs precomputed."""
+    """trl's DPOTrainer (its own fused head), sigmoid DPO, reference log-probs precomputed.
+    Optional spec keys (benchmarks/bench_train.py sets them; this stage keeps the defaults):
+    beta (0.01), learning_rate (1e-6), lr_scheduler_type ("linear"), accumulation (1),
+    sampling ("random"; "sequential" reads the file in order, as mixpo's sampler does), seed
+    (0). Returns per micro-batch the non-padding and the padded token counts, the step times,
+    the peak and trl's log history."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -127,7 +132,7 @@ def _worker_trl(spec: dict) -> dict:
         spec["model"], dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa")
     if cuda:
         model = model.cuda()
-    stamps, tokens = [], []
+    stamps, tokens, padded = [], [], []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -137,13 +142,18 @@ def _worker_trl(spec: dict) -> dict:
     class CountingTrainer(DPOTrainer):
         def training_step(self, model, inputs, *args, **kwargs):
             tokens.append(int(inputs["attention_mask"].sum()))
+            padded.append(int(inputs["attention_mask"].numel()))
             return super().training_step(model, inputs, *args, **kwargs)
 
     args = DPOConfig(output_dir=spec["output_dir"], per_device_train_batch_size=spec["pairs"],
-                     max_steps=spec["steps"], learning_rate=1e-6, beta=0.01, loss_type="sigmoid",
+                     gradient_accumulation_steps=spec.get("accumulation", 1),
+                     max_steps=spec["steps"], learning_rate=spec.get("learning_rate", 1e-6),
+                     lr_scheduler_type=spec.get("lr_scheduler_type", "linear"),
+                     beta=spec.get("beta", 0.01), loss_type="sigmoid",
                      logging_steps=1, save_strategy="no", report_to="none", bf16=cuda,
                      gradient_checkpointing=False, max_length=spec["max_length"],
-                     precompute_ref_log_probs=True, seed=0, use_cpu=not cuda,
+                     precompute_ref_log_probs=True, seed=spec.get("seed", 0), use_cpu=not cuda,
+                     train_sampling_strategy=spec.get("sampling", "random"),
                      dataloader_num_workers=0, disable_tqdm=True)
     trainer = CountingTrainer(model=model, args=args, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[Clock()])
@@ -157,7 +167,8 @@ def _worker_trl(spec: dict) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     # Step k's time: from the end of step k-1 (or the start) to the end of step k.
     step_s = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"step_seconds": step_s, "tokens_per_step": tokens, "peak_gb": peak}
+    return {"step_seconds": step_s, "tokens_per_step": tokens, "padded_tokens_per_step": padded,
+            "peak_gb": peak, "log_history": trainer.state.log_history}
 
 def stage_training(ctx):
     """A real training run on a ~1B Llama (Llama-3.2-1B's shape, random init, built from a

@@ -32,6 +32,10 @@ def test_plain_rows_mask_the_prompt_and_append_eos(tokenizer):
     assert out["rejected_labels"][len(prompt):] == out["rejected_input_ids"][len(prompt):]
     assert (out["score_chosen"], out["score_rejected"], out["hard"]) == (8.0, 3.0, False)
     assert "extra" not in out
+    # A completion that already ends with EOS gets no second one (TRL appends it if missing).
+    ended = dict(row, chosen="blue" + tokenizer.eos_token)
+    assert as_lists(tokenize_pair(ended, tokenizer, max_length=32))["chosen_input_ids"] == \
+        out["chosen_input_ids"]
 
 
 def test_conversational_rows_use_the_chat_template_and_never_double_eos(tokenizer):

@@ -302,11 +302,16 @@ def render_example(example: Example, tokenizer) -> tuple[str, str, str]:
 
     Conversational examples go through the tokenizer's chat template when it has one (the
     completion is the templated conversation minus the templated prompt, as TRL does);
-    otherwise `role: content` lines. Completions end with the EOS token, as in TRL.
+    otherwise `role: content` lines. Completions end with the EOS token, appended only when
+    missing, as TRL does.
     """
     eos = getattr(tokenizer, "eos_token", None) or ""
+
+    def ended(text: str) -> str:
+        return text if eos and text.endswith(eos) else text + eos
+
     if not example.conversational:
-        return example.prompt, example.chosen + eos, example.rejected + eos
+        return example.prompt, ended(example.chosen), ended(example.rejected)
     if getattr(tokenizer, "chat_template", None):
         prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False,
                                                     add_generation_prompt=True)
@@ -319,6 +324,6 @@ def render_example(example: Example, tokenizer) -> tuple[str, str, str]:
             completions.append(full[len(prompt_text):])
         return prompt_text, completions[0], completions[1]
     prompt_text = _plain_conversation(example.prompt) + "assistant: "
-    chosen_text = "\n".join(m["content"] for m in example.chosen) + eos
-    rejected_text = "\n".join(m["content"] for m in example.rejected) + eos
+    chosen_text = ended("\n".join(m["content"] for m in example.chosen))
+    rejected_text = ended("\n".join(m["content"] for m in example.rejected))
     return prompt_text, chosen_text, rejected_text
