@@ -225,7 +225,7 @@ def _training(ctx, shape, work, started):
                  "max_prompt_length": shape["prompt_words"] + 1, "loss_type": "sigmoid",
                  "beta": 0.01, "label_smoothing": 0.1, "adaptive_margin": True, "gamma": 0.5,
                  "margin_tau": 10.0, "learning_rate": 1e-6, "optim": "adamw",
-                 "global_batch_size": shape["pairs"], "micro_batch_size": shape["pairs"],
+                 "global_batch_size": shape["pairs"], "per_device_train_batch_size": shape["pairs"],
                  "max_steps": shape["steps"], "logging_steps": 1, "save_steps": 0,
                  "progress_bar": False, "gradient_checkpointing": False,
                  "attn_implementation": "sdpa", "warmup_ratio": 0.0}

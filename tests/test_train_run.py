@@ -37,7 +37,7 @@ def tiny_run(tmp_path_factory):
     recipe = root / "recipe.yaml"
     recipe.write_text(f"model_name_or_path: {root / 'model'}\ntrain_file: {data}\n"
                       "max_length: 48\nmax_prompt_length: 16\nbeta: 0.1\nlearning_rate: 1.0e-3\n"
-                      "global_batch_size: 8\nmicro_batch_size: 4\nlogging_steps: 1\n"
+                      "global_batch_size: 8\nper_device_train_batch_size: 4\nlogging_steps: 1\n"
                       "progress_bar: false\n")
     return root, recipe
 
@@ -145,7 +145,7 @@ def test_reference_cache_key_follows_model_tokens_and_dtype(tiny_run):
 
 def test_step_in_backward_matches_a_normal_step(tiny_run, tmp_path):
     _, recipe = tiny_run
-    common = dict(max_steps=4, micro_batch_size=8, max_grad_norm=0.0)
+    common = dict(max_steps=4, per_device_train_batch_size=8, max_grad_norm=0.0)
     normal = run(recipe, tmp_path / "normal", **common)
     stepped = run(recipe, tmp_path / "stepped", step_in_backward=True, **common)
     assert_same_trajectory(normal, stepped)
@@ -246,7 +246,7 @@ def test_two_process_fsdp_run_follows_the_one_process_run(tiny_run, tmp_path):
     out = tmp_path / "two"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", "-m", "mixpo", "train", str(recipe), "--output_dir",
-               str(out), "--max_steps", "4", "--save_steps", "2", "--micro_batch_size", "2"]
+               str(out), "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2"]
     result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_trajectory(single, read_metrics(out))
