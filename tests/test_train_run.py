@@ -246,7 +246,8 @@ def test_two_process_fsdp_run_follows_the_one_process_run(tiny_run, tmp_path):
     out = tmp_path / "two"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", "-m", "mixpo", "train", str(recipe), "--output_dir",
-               str(out), "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2"]
+               str(out), "--max_steps", "4", "--save_steps", "2",
+               "--per_device_train_batch_size", "2"]
     result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_trajectory(single, read_metrics(out))
