@@ -178,6 +178,26 @@ def test_unknown_loss_type_is_named(tokenizer, tmp_path):
         make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, loss_type="kto")
 
 
+def test_precompute_with_several_processes_needs_datasets_on_disk(tokenizer, tmp_path,
+                                                                  monkeypatch):
+    from types import SimpleNamespace
+
+    from mixpo.integrations.trl import _check_precompute_cache
+
+    monkeypatch.setattr(MixpoDPOConfig, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="precompute_ref_log_probs with 2 processes needs"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path,
+             precompute_ref_log_probs=True)
+    datasets.Dataset.from_list(rows()).save_to_disk(str(tmp_path / "data"))
+    on_disk = datasets.load_from_disk(str(tmp_path / "data"))
+    args = SimpleNamespace(precompute_ref_log_probs=True, world_size=2)
+    _check_precompute_cache(args, on_disk, {"test": on_disk}, None)        # accepted
+    with pytest.raises(ValueError, match="in-memory"):
+        _check_precompute_cache(args, on_disk, {"test": datasets.Dataset.from_list(rows())})
+    _check_precompute_cache(SimpleNamespace(precompute_ref_log_probs=True, world_size=1),
+                            datasets.Dataset.from_list(rows()))             # one process: fine
+
+
 def test_mixpo_metrics_are_json_serialisable(tokenizer, tmp_path):
     trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, max_steps=1)
     trainer.train()

@@ -220,6 +220,23 @@ def _check_routing_column(dataset, column: str) -> None:
                              f"got {value!r}")
 
 
+def _check_precompute_cache(args, *datasets) -> None:
+    """trl 1.16 caches precomputed reference log-probs next to the dataset's files; an
+    in-memory dataset's cache folder is per process, so with several processes every rank but
+    the first fails after the whole reference pass. Refuse before it."""
+    if not args.precompute_ref_log_probs or args.world_size <= 1:
+        return
+    for dataset in datasets:
+        splits = dataset.values() if isinstance(dataset, dict) else [dataset]
+        for split in splits:
+            if getattr(split, "cache_files", None) == []:
+                raise ValueError(
+                    f"precompute_ref_log_probs with {args.world_size} processes needs datasets "
+                    "with files on disk (datasets.load_from_disk / load_dataset): trl caches "
+                    "the reference log-probs next to them, and an in-memory dataset's cache "
+                    "is private to each process")
+
+
 class MixpoDPOTrainer(DPOTrainer):
     """trl.DPOTrainer with mixpo's fused logit-free loss, MixDPO routing, gamma-PO margins and a
     curriculum sampler (module docstring). Same constructor as trl.DPOTrainer."""
@@ -231,6 +248,7 @@ class MixpoDPOTrainer(DPOTrainer):
                  optimizers=(None, None), quantization_config=None, peft_config=None):
         args = _as_mixpo_config(args)
         args.loss_config()                                     # every loss option, checked now
+        _check_precompute_cache(args, train_dataset, eval_dataset)
         # TRL 1.16 turns padding_free off (with a warning) for DPO: mixpo packs in its own
         # forward instead, from TRL's padded batch.
         self._padding_free, args.padding_free = args.padding_free, False
