@@ -86,10 +86,11 @@ LENGTHS = {
 }
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])   # boolean / additive packed masks
 @pytest.mark.parametrize("layout", sorted(LENGTHS))
 @pytest.mark.parametrize("loss", [dict(loss_type="sigmoid"), dict(loss_type="ipo", ld_alpha=0.5),
                                   dict(loss_type="simpo")])
-def test_packed_batches_match_padded_batches(layout, loss):
+def test_packed_batches_match_padded_batches(layout, loss, attention):
     from mixpo.data.collate import PackedPreferenceCollator, PreferenceCollator
     from mixpo.loss_config import LossConfig
 
@@ -100,6 +101,8 @@ def test_packed_batches_match_padded_batches(layout, loss):
     collators = (("padded", PreferenceCollator(0)), ("packed", PackedPreferenceCollator()))
     for name, collator in collators:
         model = tiny_model("llama").train()
+        model.set_attn_implementation(attention)
+        assert model.config._attn_implementation == attention
         with torch.no_grad():
             model.get_output_embeddings().weight.div_(20.0)
         policy = PreferenceModel(model, LossConfig(beta=0.5, **loss))

@@ -30,20 +30,22 @@ def decoder_layers(causal_lm) -> list[torch.nn.Module]:
 def packed_attention(batch: dict, attn_implementation: str, dtype: torch.dtype) -> dict:
     """The body's attention keywords for a padding-free batch (one row holding several
     sequences, `mixpo.data.collate.PackedPreferenceCollator`): position ids restarting per
-    sequence, and attention kept within each sequence. flash_attention_2 finds the sequences
-    from the position ids (varlen kernels); sdpa / eager get an additive block-diagonal
-    causal mask [1, 1, L, L] built on the device from the lengths (no host sync)."""
+    sequence, and attention kept within each sequence. flash_attention_2/3 find the sequences
+    from the position ids (varlen kernels); sdpa gets a boolean block-diagonal causal mask
+    [1, 1, L, L] (1 byte per entry, True = attend), eager its additive form in `dtype`; both
+    are built on the device from the lengths (no host sync)."""
     position_ids = batch["position_ids"]
-    if attn_implementation == "flash_attention_2":
+    if attn_implementation in ("flash_attention_2", "flash_attention_3"):
         return {"position_ids": position_ids, "attention_mask": None}
     lengths = batch["sequence_lengths"]
     total = position_ids.shape[1]
     sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device),
                                        lengths, output_size=total)
-    causal = torch.ones(total, total, dtype=torch.bool, device=lengths.device).tril_()
-    allowed = causal & (sequence[:, None] == sequence[None, :])
-    mask = torch.zeros(total, total, dtype=dtype, device=lengths.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    allowed = (sequence[:, None] == sequence[None, :]).tril_()         # the only [L, L] bool
+    if attn_implementation == "sdpa":
+        return {"position_ids": position_ids, "attention_mask": allowed[None, None]}
+    mask = torch.full((total, total), torch.finfo(dtype).min, dtype=dtype,
+                      device=lengths.device).masked_fill_(allowed, 0.0)
     return {"position_ids": position_ids, "attention_mask": mask[None, None]}
 
 
