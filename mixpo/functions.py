@@ -14,7 +14,9 @@ front end can feed the shared per-pair epilogue.
    d loss / d logp per sequence to stage 1.
 
 `triton` (a bool, from `mixpo.kernels.dispatch.use_triton`) selects the Triton kernels or
-their torch twins. No argument checking here: `mixpo.losses` does it.
+their torch twins. No argument checking here: `mixpo.losses` does it. Stage 1 runs with
+autocast off: the front ends have already cast its inputs to the autocast dtype, and the
+twins' matmuls and reductions must keep the precision they were written for.
 """
 from __future__ import annotations
 
@@ -48,14 +50,19 @@ def _stat_sums(stats: dict, sequence_of, num_seqs: int, device) -> torch.Tensor:
     return sums
 
 
+def _no_autocast(tensor: torch.Tensor):
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 class LogitsSequenceLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, token_weight, config, triton, inplace_backward):
         ctx.set_materialize_grads(False)
         ops = kernel_ops("logits_logps", triton)
-        token_logps, lse, stats = ops.token_logps_forward(
-            logits, labels, config.ignore_index, config.logit_scale, config.softcap,
-            config.needs_stats)
+        with _no_autocast(logits):
+            token_logps, lse, stats = ops.token_logps_forward(
+                logits, labels, config.ignore_index, config.logit_scale, config.softcap,
+                config.needs_stats)
         ctx.save_for_backward(logits, labels, lse, token_weight)
         ctx.config, ctx.triton, ctx.inplace = config, triton, inplace_backward
         weighted = (token_logps * token_weight).sum(dim=1) if token_weight is not None \
@@ -71,9 +78,10 @@ class LogitsSequenceLogps(torch.autograd.Function):
         coef = _position_coefficients(grad_seq, grad_weighted, token_weight, labels.shape,
                                       lse.device)
         config = ctx.config
-        dlogits = kernel_ops("logits_logps", ctx.triton).token_logps_backward(
-            logits, labels, lse, coef, config.ignore_index, inplace=ctx.inplace,
-            logit_scale=config.logit_scale, softcap=config.softcap)
+        with _no_autocast(logits):
+            dlogits = kernel_ops("logits_logps", ctx.triton).token_logps_backward(
+                logits, labels, lse, coef, config.ignore_index, inplace=ctx.inplace,
+                logit_scale=config.logit_scale, softcap=config.softcap)
         return dlogits, None, None, None, None, None
 
 
@@ -119,9 +127,11 @@ class LinearSequenceLogps(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         hidden2d = hidden.reshape(-1, hidden.shape[-1])
         row_labels = labels.reshape(-1)[rows]
-        token_logps, lse, aux = kernel_ops("linear_logps", triton).linear_token_logps_forward(
-            hidden2d, weight, bias, row_labels, rows, config.logit_scale, config.softcap,
-            config.needs_stats)
+        with _no_autocast(hidden):
+            token_logps, lse, aux = kernel_ops("linear_logps", triton) \
+                .linear_token_logps_forward(hidden2d, weight, bias, row_labels, rows,
+                                            config.logit_scale, config.softcap,
+                                            config.needs_stats)
         seq_logps = torch.zeros(num_seqs, dtype=torch.float32, device=hidden.device)
         seq_logps.index_add_(0, sequences, token_logps)
         weighted = token_logps.new_empty(0)
@@ -147,10 +157,11 @@ class LinearSequenceLogps(torch.autograd.Function):
             grad_token += grad_weighted.float()[sequences] * row_weight
         hidden2d = hidden.reshape(-1, hidden.shape[-1])
         config = ctx.config
-        dhidden, dweight, dbias = kernel_ops("linear_logps", ctx.triton) \
-            .linear_token_logps_backward(hidden2d, weight, bias, row_labels, rows, lse,
-                                         grad_token.contiguous(), label_logit,
-                                         config.logit_scale, config.softcap)
+        with _no_autocast(hidden):
+            dhidden, dweight, dbias = kernel_ops("linear_logps", ctx.triton) \
+                .linear_token_logps_backward(hidden2d, weight, bias, row_labels, rows, lse,
+                                             grad_token.contiguous(), label_logit,
+                                             config.logit_scale, config.softcap)
         return (dhidden.view_as(hidden), dweight if ctx.needs_input_grad[1] else None,
                 dbias if ctx.needs_input_grad[2] else None) + (None,) * 7
 

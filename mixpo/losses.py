@@ -197,6 +197,23 @@ def logits_loss(logits, labels, config: LossConfig, *, ref_logps=None, hard=None
                  inputs={"logits": logits})
 
 
+def autocast_head_inputs(hidden, weight, bias):
+    """Under `torch.autocast`, hidden, weight and bias in the autocast dtype, as `F.linear`
+    (so a model's own LM head, and trl's fused head) would compute the logits: a body with
+    fp32 weights ends in an fp32 norm, and without this cast the head would run in fp32. The
+    casts are differentiable (fp32 gradients reach fp32 parameters). Outside autocast the
+    tensors are returned as they are."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(tensor):
+        return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def _linear_stage_one(hidden, weight, bias, labels, config, backend, completion_rows,
                       completion_sequences, num_sequences, counts):
     """Stage 1 of the logit-free path: compacted rows (given, or found here), LD-DPO row
@@ -228,7 +245,9 @@ def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_lo
     `validate=False` (inputs checked by the caller) keep the call free of host syncs.
     Padding-free batches: hidden [1, L, H] and labels [1, L] hold every sequence packed in
     one row; `completion_sequences` [n] then names the sequence of each completion row and
-    `completion_counts` [2B] the sequences' lengths in completion tokens."""
+    `completion_counts` [2B] the sequences' lengths in completion tokens. Under
+    torch.autocast the head runs in the autocast dtype (`autocast_head_inputs`)."""
+    hidden, weight, bias = autocast_head_inputs(hidden, weight, bias)
     packed = completion_sequences is not None
     if validate and not packed:
         labels, counts = check_linear_inputs(hidden, weight, bias, labels, config.ignore_index,
@@ -338,7 +357,9 @@ def linear_preference_loss(hidden, weight, labels, *, bias=None, ref_logps=None,
     hidden [2B, T, H] (the model body's last hidden states, chosen rows first), weight [V, H]
     (lm_head weight, possibly tied to the embedding), bias [V] or None, labels [2B, T] and
     ref_logps as in `preference_loss`. Prompt and padding tokens (labels == ignore_index) are
-    compacted away before any matmul. Gradients flow to hidden, weight and bias.
+    compacted away before any matmul. Gradients flow to hidden, weight and bias. Under
+    torch.autocast the head computes in the autocast dtype, as `F.linear` would (the model's
+    own head, trl's fused head), whatever the dtype of the body's output.
     {loss keywords}
     Returns a `PreferenceLossOutput`; only `.loss` carries gradient.
     """
@@ -369,8 +390,10 @@ def sequence_logps(hidden, weight, labels, *, bias=None, average=False, ld_alpha
     log-probs over a dataset. hidden [S, T, H] (any S; with `ld_alpha`, the 2B rows of pairs
     as the loss takes them, and their LD-DPO weighted sums are returned), weight [V, H],
     labels [S, T]; logit_scale / softcap as in `linear_preference_loss`; the completion_*
-    tensors as in `mixpo.losses.linear_loss` (packed batches, no host sync).
+    tensors as in `mixpo.losses.linear_loss` (packed batches, no host sync). Under
+    torch.autocast the head runs in the autocast dtype, as `F.linear` would.
     """
+    hidden, weight, bias = autocast_head_inputs(hidden, weight, bias)
     config = LossConfig(ld_alpha=ld_alpha, logit_scale=logit_scale, softcap=softcap,
                         ignore_index=ignore_index)
     if completion_rows is None:

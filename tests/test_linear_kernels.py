@@ -333,6 +333,36 @@ def test_sequence_logps_triton_vs_torch(dtype):
         assert_close(got, formula, 1e-5, "triton vs formula")
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_autocast_runs_the_head_in_the_autocast_dtype(backend):
+    """fp32 hidden states and weight under torch.autocast(bf16): the loss, the reference
+    log-probs and the gradients are those of the bf16 head (as F.linear under autocast
+    computes the logits), and the gradients reach the fp32 tensors in fp32."""
+    hidden, weight, bias, labels = make_batch(num_seqs=4, vocab_size=300, bias=True, seed=3)
+    ref = -torch.linspace(20, 40, 4)
+
+    def run(hidden, weight, bias, autocast):
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = mixpo.linear_preference_loss(*leaves[:2], labels, bias=leaves[2],
+                                               ref_logps=ref, beta=0.5, backend=backend)
+            logps = mixpo.sequence_logps(*leaves[:2], labels, bias=leaves[2],
+                                         backend=backend)
+        out.loss.backward()
+        return out.loss.detach(), logps, [leaf.grad for leaf in leaves]
+
+    loss, logps, grads = run(hidden, weight, bias, autocast=True)
+    bf16_loss, bf16_logps, bf16_grads = run(hidden.bfloat16(), weight.bfloat16(),
+                                            bias.bfloat16(), autocast=False)
+    fp32_loss, fp32_logps, _ = run(hidden, weight, bias, autocast=False)
+    assert torch.equal(loss, bf16_loss) and torch.equal(logps, bf16_logps)
+    for grad, bf16_grad in zip(grads, bf16_grads):
+        assert grad.dtype == torch.float32
+        assert torch.equal(grad, bf16_grad.float())
+    assert not torch.equal(logps, fp32_logps)          # the fp32 head is not what ran
+    assert_close(loss, fp32_loss, 2e-2, "autocast vs fp32")
+
+
 # ----------------------------------------------------------------------------------------------
 # CPU peak memory: torch backend vs materialised logits, 2048 tokens x V 128256 x H 64
 # ----------------------------------------------------------------------------------------------

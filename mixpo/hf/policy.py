@@ -49,12 +49,15 @@ def packed_attention(batch: dict, attn_implementation: str, dtype: torch.dtype) 
     return {"position_ids": position_ids, "attention_mask": mask[None, None]}
 
 
-def _head_in(head, dtype):
-    """The LM head's weight and bias in the hidden states' dtype: under autocast the body's
-    output is 16-bit while the (fp32 master) head is not; the cast is differentiable."""
-    weight = head.weight if head.weight.dtype == dtype else head.weight.to(dtype)
-    bias = head.bias if head.bias is None or head.bias.dtype == dtype else head.bias.to(dtype)
-    return weight, bias
+def _head_inputs(hidden, head):
+    """(hidden, weight, bias) for the loss. Under autocast the loss itself casts all three to
+    the autocast dtype (`mixpo.losses.autocast_head_inputs`); otherwise hidden states that
+    left the body in another dtype than the head's (an fp32 final norm in a 16-bit model) are
+    cast to the head's, as the model's own lm_head would need them."""
+    weight, bias = head.weight, head.bias
+    if not torch.is_autocast_enabled(hidden.device.type) and hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    return hidden, weight, bias
 
 
 class PreferenceModel(torch.nn.Module):
@@ -106,14 +109,12 @@ class PreferenceModel(torch.nn.Module):
             if shape["completion_rows"] is None:
                 shape = {}
             with torch.no_grad():
-                hidden = self.hidden_states(batch)
-                weight, bias = _head_in(head, hidden.dtype)
+                hidden, weight, bias = _head_inputs(self.hidden_states(batch), head)
                 return sequence_logps(hidden, weight, labels, bias=bias,
                                       ld_alpha=config.ld_alpha, logit_scale=config.logit_scale,
                                       softcap=config.softcap, backend=self.loss.backend,
                                       **shape)
-        hidden = self.hidden_states(batch)
-        weight, bias = _head_in(head, hidden.dtype)
+        hidden, weight, bias = _head_inputs(self.hidden_states(batch), head)
         out = linear_loss(hidden, weight, labels, config, bias=bias,
                           ref_logps=ref_logps, hard=batch.get("hard"), margin=margin,
                           gamma=gamma, backend=self.loss.backend, validate=validate and
