@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mixpo.kernels.configs import DWEIGHT_CHUNK_BYTES
 from mixpo.train.plan import KNOWN_SHAPES, canonical_shape_name
 
 # ----------------------------------------------------------------------------------------------
@@ -418,20 +419,36 @@ def linear_softmax_bwd(w: Workload) -> KernelCost:
         fp32_matmul="tf32x3")
 
 
+def vocab_chunks(w: Workload) -> int:
+    """Vocab chunks of the logit-free backward: 1 for fp32 weights, else enough chunks that
+    each one's fp32 weight-gradient buffer fits `mixpo.kernels.configs.DWEIGHT_CHUNK_BYTES`."""
+    if w.dtype == "fp32":
+        return 1
+    rows = max(1, DWEIGHT_CHUNK_BYTES // (FP32_BYTES * w.shape.hidden_size))
+    return -(-w.shape.vocab_size // rows)
+
+
 def linear_label_bwd(w: Workload) -> KernelCost:
     """`_linear_label_bwd_kernel`, grid (token tiles, H tiles): the one-hot part of the
     gradient, dHidden[row] += coef * weight[label] and dWeight[label] += coef * hidden[row],
     fp32 atomics into the accumulators the softmax kernel used. No matmul. Labels are taken as
-    distinct rows of the weight (at most min(n, V) rows)."""
+    distinct rows of the weight (at most min(n, V) rows). With 16-bit weights it runs once per
+    vocab chunk (`mixpo.kernels.configs.DWEIGHT_CHUNK_BYTES`); a token whose label is outside the
+    chunk has a zero coefficient and moves no memory, so only the labels, coefficients and
+    their per-chunk masking are re-read each chunk."""
     s, (n, V, H) = DTYPE_BYTES[w.dtype], (w.completion_tokens, w.shape.vocab_size,
                                           w.shape.hidden_size)
     label_rows = min(n, V)
+    chunks = vocab_chunks(w)
     vector = len(LINEAR_LABEL_BWD_VECTOR_OPS) + 2 * _cast_ops(w.dtype)
     return KernelCost(
         "linear_label_bwd", "kernel", vector_ops=n * H * vector,
         bytes_moved={"hidden read (completion rows)": n * H * s,
                      "weight[label] rows read": label_rows * H * s,
-                     "rows, labels, coefficients read": n * (2 * INDEX_BYTES + FP32_BYTES),
+                     "rows, labels, coefficients read": chunks * n * (2 * INDEX_BYTES
+                                                                      + FP32_BYTES),
+                     "chunk masking of labels and coefficients (torch)":
+                     (chunks - 1) * n * 2 * (INDEX_BYTES + FP32_BYTES) if chunks > 1 else 0,
                      "dHidden fp32 atomics (read + write)": 2 * n * H * FP32_BYTES,
                      "dWeight[label] fp32 atomics (read + write)":
                      2 * label_rows * H * FP32_BYTES})
@@ -444,7 +461,8 @@ def linear_bwd_buffers(w: Workload) -> KernelCost:
 
     coef = grad_seq[rows // T]: a division (rows read, indices written) and a gather (indices
     and the [2B] gradients read, [n] fp32 written). dWeight accumulates in a zero-filled fp32
-    [V, H] buffer, cast to the weight dtype after (no copy for fp32). 16-bit dHidden
+    [V, H] buffer for fp32 weights (the output itself); 16-bit weights use one fp32 buffer
+    of a vocab chunk, zero-filled per chunk and cast into the 16-bit output. 16-bit dHidden
     accumulates in a zero-filled fp32 [n, H] buffer; `dhidden[rows] = dh_acc.to(dtype)` casts
     it into a temporary (fp32 read, 16-bit written) that index_put_ reads and scatters into
     the zero-filled [N, H] output. fp32 dHidden accumulates in the output itself. Accumulating
@@ -455,7 +473,7 @@ def linear_bwd_buffers(w: Workload) -> KernelCost:
     moved = {"coefficient gather (torch)": 3 * n * INDEX_BYTES + n * FP32_BYTES
              + 2 * w.pairs * FP32_BYTES,
              "dHidden zero fill": N * H * s,
-             "dWeight fp32 zero fill": V * H * FP32_BYTES}
+             "dWeight fp32 zero fill (per chunk)": V * H * FP32_BYTES}
     if w.dtype != "fp32":
         moved.update({"dHidden fp32 buffer zero fill": n * H * FP32_BYTES,
                       "dHidden cast (fp32 read, temporary written)": n * H * (FP32_BYTES + s),

@@ -139,6 +139,37 @@ def test_backward_matches_twin_and_formula(dtype, with_bias):
     assert not_listed.any() and out[0][not_listed].abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_in_vocab_chunks_equals_one_pass(dtype):
+    """16-bit weights: the weight gradient accumulated one vocab chunk at a time (an fp32
+    buffer of one chunk, not of [V, H]) equals the single-pass result; labels in every chunk,
+    the last chunk partial; bias and softcap on."""
+    block_v = linear_logps.choose("linear_softmax_bwd", dtype=dtype,
+                                  num_tokens=64).block("BLOCK_V")
+    vocab_size = 3 * block_v + 37
+    hidden, weight, bias, labels = make_batch(num_seqs=3, seq_len=10, hidden_size=32,
+                                              vocab_size=vocab_size, dtype=dtype, bias=True,
+                                              seed=4)
+    rows, row_labels = compact(labels)
+    row_labels[:4] = torch.tensor([5, block_v + 1, 2 * block_v + 2, vocab_size - 1])
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    transform = dict(logit_scale=0.7, softcap=30.0)
+    _, lse, aux = linear_twin.linear_token_logps_forward(hidden2d, weight, bias, row_labels,
+                                                         rows, **transform)
+    grad_token = torch.randn(rows.shape[0], generator=torch.Generator().manual_seed(5))
+    args = (hidden2d, weight, bias, row_labels, rows, lse, grad_token, aux["label_logit"])
+    one_pass = linear_logps.linear_token_logps_backward(*args, **transform)
+    chunked = linear_logps.linear_token_logps_backward(*args, **transform, vocab_chunk=block_v)
+    assert torch.equal(chunked[1], one_pass[1]) and torch.equal(chunked[2], one_pass[2])
+    assert_close(chunked[0], one_pass[0], 1e-2, "dhidden")       # fp32 atomics reordered
+    twin = linear_twin.linear_token_logps_backward(*args[:7], **transform)
+    for name, got, want in zip(("dhidden", "dweight", "dbias"), chunked, twin):
+        assert got.dtype == want.dtype
+        assert_close(got, want, TOLERANCE[dtype], f"{name} vs twin")
+    # Llama-3-8B: a 256 MiB fp32 buffer of 16384 vocab rows instead of all 128256.
+    assert linear_logps._vocab_chunk_rows(128256, 4096, 128, None) == 16384
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_vocab_few_tokens(dtype):
     """V = 128256 (Llama-3): 16 vocab tiles of 8192, the last one partial. (The interpreter

@@ -23,6 +23,11 @@ import torch
 
 from mixpo.kernels.dispatch import INTERPRET
 
+# Logit-free backward with 16-bit weights: the fp32 weight-gradient accumulator covers this
+# many bytes at most, one vocab chunk at a time (each chunk's gradient is rounded into the
+# 16-bit result when complete), instead of a whole fp32 [V, H] copy (2.1 GB at Llama-3-8B).
+DWEIGHT_CHUNK_BYTES = 256 * 2**20
+
 DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 

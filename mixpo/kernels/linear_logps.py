@@ -20,6 +20,10 @@ Backward, d logp / d logits = onehot(label) - softmax, times each token's coeffi
       zero (e.g. the rejected responses of MixDPO's hard pairs) skip everything.
     - `_linear_label_bwd_kernel`, grid (token tiles, H tiles): the sparse one-hot part,
       dHidden[row] += coef * weight[label] and dWeight[label] += coef * hidden[row].
+    With 16-bit weights both run once per vocab chunk (`DWEIGHT_CHUNK_BYTES` of fp32
+    dWeight accumulator, rounded into the 16-bit gradient when the chunk is done), so the
+    backward never holds an fp32 [V, H] copy; tokens whose label lies in another chunk get a
+    zero coefficient there and move no memory.
 
 Hidden rows are read through the `rows` index array (prompt and padding rows are never copied
 or multiplied). Offsets into hidden, weight and the gradient buffers are int64 (n * H, V * H
@@ -33,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixpo.kernels.configs import DTYPE_TAGS, choose
+from mixpo.kernels.configs import DTYPE_TAGS, DWEIGHT_CHUNK_BYTES, choose
 from mixpo.kernels.dispatch import INTERPRET
 from mixpo.kernels.logits_logps import STAT_NAMES, transform_logits, transform_slope
 
@@ -239,7 +243,10 @@ def _linear_label_bwd_kernel(
     rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
     labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = mask_n[:, None] & (offs_h < hidden_size)[None, :]
+    # Tokens with a zero coefficient (labels outside this vocab chunk, routed rejected
+    # responses) move no memory.
+    active_n = mask_n & (coef != 0.0)
+    mask = active_n[:, None] & (offs_h < hidden_size)[None, :]
     # The one-hot part of the gradient touches one weight row per token: weight[label].
     e = tl.load(hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :], mask=mask,
                 other=0.0).to(tl.float32)
@@ -253,7 +260,7 @@ def _linear_label_bwd_kernel(
                   coef[:, None] * e, mask=mask, sem="relaxed")
     if has_bias:
         if pid_h == 0:
-            tl.atomic_add(dbias_ptr + labels, coef, mask=mask_n, sem="relaxed")
+            tl.atomic_add(dbias_ptr + labels, coef, mask=active_n, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,17 +364,24 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
     return label_value - lse, lse, aux
 
 
+def _vocab_chunk_rows(vocab_size: int, hidden_size: int, block_v: int, vocab_chunk) -> int:
+    rows = vocab_chunk or DWEIGHT_CHUNK_BYTES // (4 * hidden_size)
+    return min(vocab_size, max(block_v, rows // block_v * block_v))
+
+
 def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_token,
                                 label_logit, logit_scale: float = 1.0, softcap=None,
-                                filter_eps=None):
+                                filter_eps=None, vocab_chunk=None):
     """Gradients of sum(grad_token * token_logps) w.r.t. hidden, weight and bias.
 
     Same inputs as the forward plus its lse [n] fp32, grad_token [n] fp32 and the labels' raw
     logits aux["label_logit"] [n]. Returns (dhidden [N, H] contiguous, zero on rows not
     listed; dweight [V, H]; dbias [V] or None) in the input dtypes, accumulated in fp32: fp32
-    dhidden in place, otherwise in an [n, H] fp32 buffer; dweight in a [V, H] fp32 buffer
-    (returned as is for fp32 weights). `filter_eps` overrides the tile-skipping threshold
-    `FILTER_EPS[dtype]` (0: skip only tiles whose softmax underflows to exactly 0).
+    dhidden in place, otherwise in an [n, H] fp32 buffer; fp32 dweight in place; 16-bit
+    dweight through an fp32 buffer of `vocab_chunk` rows (default: DWEIGHT_CHUNK_BYTES' worth,
+    a multiple of the vocab tile), the vocab processed chunk by chunk. `filter_eps` overrides
+    the tile-skipping threshold `FILTER_EPS[dtype]` (0: skip only tiles whose softmax
+    underflows to exactly 0).
     """
     _check(hidden, weight, bias, labels, rows)
     hidden, weight = _unit_stride(hidden), _unit_stride(weight)
@@ -375,7 +389,9 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
     dtype, device = hidden.dtype, hidden.device
     direct = dtype == torch.float32
     dhidden = torch.zeros(hidden.shape, dtype=dtype, device=device)
-    dweight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+    # 16-bit dweight: every row is written chunk by chunk below.
+    dweight = (torch.zeros if direct or not num_tokens else torch.empty)(
+        weight.shape, dtype=dtype, device=device)
     dbias = None if bias is None else torch.zeros(vocab_size, dtype=torch.float32,
                                                   device=device)
     if num_tokens:
@@ -385,28 +401,50 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
         dh_acc = dhidden if direct else torch.zeros(num_tokens, hidden_size,
                                                     dtype=torch.float32, device=device)
         bias32 = coef if bias is None else bias.float().contiguous()      # dummy when unused
-        dbias_acc = coef if dbias is None else dbias
         eps = FILTER_EPS[dtype] if filter_eps is None else float(filter_eps)
-        launch = choose(_spec_name("linear_softmax_bwd", dtype), dtype=dtype,
-                        num_tokens=num_tokens)
-        grid = (triton.cdiv(num_tokens, launch.block("BLOCK_N"))
-                * triton.cdiv(vocab_size, launch.block("BLOCK_V")),)
-        _linear_softmax_bwd_kernel[grid](
-            hidden, weight, bias32, rows, lse.contiguous(), coef, dh_acc, dweight, dbias_acc,
-            num_tokens, vocab_size, hidden_size, eps, hidden.stride(0), weight.stride(0),
-            dh_acc.stride(0), dweight.stride(0), int(bias is not None), int(direct),
-            float(logit_scale), float(softcap or 0.0), UPCAST=INTERPRET, SOFTCAP=bool(softcap),
-            **launch.launch_kwargs())
+        dense = choose(_spec_name("linear_softmax_bwd", dtype), dtype=dtype,
+                       num_tokens=num_tokens)
+        label = choose("linear_label_bwd", num_tokens=num_tokens)
         # The one-hot part at the label: coef * dz'/dz there.
         _, label_slope = label_transform(label_logit.float(), logit_scale, softcap)
         label_coef = (coef * label_slope).contiguous()
-        launch = choose("linear_label_bwd", num_tokens=num_tokens)
-        grid = (triton.cdiv(num_tokens, launch.block("BLOCK_N")),
-                triton.cdiv(hidden_size, launch.block("BLOCK_H")))
-        _linear_label_bwd_kernel[grid](
-            hidden, weight, labels, rows, label_coef, dh_acc, dweight, dbias_acc,
-            num_tokens, hidden_size, hidden.stride(0), weight.stride(0), dh_acc.stride(0),
-            dweight.stride(0), int(bias is not None), int(direct), **launch.launch_kwargs())
+        chunk_rows = vocab_size if direct else _vocab_chunk_rows(
+            vocab_size, hidden_size, dense.block("BLOCK_V"), vocab_chunk)
+        dw_acc = dweight if direct else torch.empty(chunk_rows, hidden_size,
+                                                    dtype=torch.float32, device=device)
+        for v0 in range(0, vocab_size, chunk_rows):
+            v1 = min(v0 + chunk_rows, vocab_size)
+            # Views of this chunk's vocab rows: the kernels see a vocab of v1 - v0 entries
+            # (the softmax still normalises by the full lse).
+            dw_chunk = dw_acc[:v1 - v0]
+            if not direct:
+                dw_chunk.zero_()
+            bias_chunk = bias32[v0:v1] if bias is not None else bias32
+            dbias_chunk = dbias[v0:v1] if dbias is not None else coef
+            grid = (triton.cdiv(num_tokens, dense.block("BLOCK_N"))
+                    * triton.cdiv(v1 - v0, dense.block("BLOCK_V")),)
+            _linear_softmax_bwd_kernel[grid](
+                hidden, weight[v0:v1], bias_chunk, rows, lse.contiguous(), coef, dh_acc,
+                dw_chunk, dbias_chunk, num_tokens, v1 - v0, hidden_size, eps,
+                hidden.stride(0), weight.stride(0), dh_acc.stride(0), dw_chunk.stride(0),
+                int(bias is not None), int(direct), float(logit_scale), float(softcap or 0.0),
+                UPCAST=INTERPRET, SOFTCAP=bool(softcap), **dense.launch_kwargs())
+            # Labels outside the chunk get a zero coefficient (and a harmless in-chunk index).
+            if v0 == 0 and v1 == vocab_size:
+                chunk_labels, chunk_coef = labels, label_coef
+            else:
+                inside = (labels >= v0) & (labels < v1)
+                chunk_labels = torch.where(inside, labels - v0, 0).contiguous()
+                chunk_coef = torch.where(inside, label_coef, 0.0).contiguous()
+            grid = (triton.cdiv(num_tokens, label.block("BLOCK_N")),
+                    triton.cdiv(hidden_size, label.block("BLOCK_H")))
+            _linear_label_bwd_kernel[grid](
+                hidden, weight[v0:v1], chunk_labels, rows, chunk_coef, dh_acc, dw_chunk,
+                dbias_chunk, num_tokens, hidden_size, hidden.stride(0), weight.stride(0),
+                dh_acc.stride(0), dw_chunk.stride(0), int(bias is not None), int(direct),
+                **label.launch_kwargs())
+            if not direct:
+                dweight[v0:v1] = dw_chunk
         if not direct:
             dhidden[rows] = dh_acc.to(dtype)
     return (dhidden, dweight.to(weight.dtype),

@@ -11,10 +11,11 @@ mixpo column (the trainer's options):
   optimizer    AdamW moments: 4 B/param (adamw / adamw_bf16: two bf16 moments),
                2 B/param (adamw_8bit) / N
   reference    0 when precomputed (a file of 2 floats per pair), bf16 copy / N when live
-  loss head    logit-free: an fp32 [V, H] accumulator for the head's gradient, plus the final
-               hidden states and their gradient [tokens, H] bf16 (no [tokens, V] tensor);
-               on one GPU with fp32 master weights, autocast's bf16 copy of the head and
-               its bf16 gradient (2 + 2 B per head entry)
+  loss head    logit-free: the head's gradient accumulates in fp32 one vocab chunk at a time
+               (a buffer of at most DWEIGHT_CHUNK_BYTES, 256 MiB), plus the final hidden
+               states and their gradient [tokens, H] bf16 (no [tokens, V] tensor); on one
+               GPU with fp32 master weights, autocast's bf16 copy of the head and its bf16
+               gradient (2 + 2 B per head entry)
   fp32 master weights (`mixed_precision: bf16`, the papers' setup): weights 4 B, gradients
   4 B, AdamW fp32 moments 8 B per param / N.
 TRL-default column (trl 1.16 DPOTrainer with bf16 mixed precision, as usually launched):
@@ -35,6 +36,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from mixpo.kernels.configs import DWEIGHT_CHUNK_BYTES
 
 GIB = 2 ** 30
 RUNTIME_RESERVE_BYTES = 3 * GIB
@@ -180,8 +183,8 @@ def mixpo_plan(shape: ModelShape, work: Workload, optim: str = "adamw_bf16",
     state_bytes = 8 if master_weights and optim == "adamw" else \
         {"adamw": 4, "adamw_bf16": 4, "adamw_8bit": 2}[optim]
     hidden = work.tokens * shape.hidden_size * 2
-    head = (shape.vocab_size * shape.hidden_size * 4 + 2 * hidden if logit_free
-            else materialised_logits_bytes(shape, work))
+    head = (min(shape.vocab_size * shape.hidden_size * 4, DWEIGHT_CHUNK_BYTES) + 2 * hidden
+            if logit_free else materialised_logits_bytes(shape, work))
     if logit_free and master_weights and gpus == 1:
         # Under autocast the head runs on a bf16 copy of its weight (as F.linear would) and
         # returns a bf16 gradient before it reaches the fp32 master gradient.
