@@ -448,7 +448,7 @@ def linear_label_bwd(w: Workload) -> KernelCost:
                      "rows, labels, coefficients read": chunks * n * (2 * INDEX_BYTES
                                                                       + FP32_BYTES),
                      "chunk masking of labels and coefficients (torch)":
-                     (chunks - 1) * n * 2 * (INDEX_BYTES + FP32_BYTES) if chunks > 1 else 0,
+                     chunks * n * 2 * (INDEX_BYTES + FP32_BYTES) if chunks > 1 else 0,
                      "dHidden fp32 atomics (read + write)": 2 * n * H * FP32_BYTES,
                      "dWeight[label] fp32 atomics (read + write)":
                      2 * label_rows * H * FP32_BYTES})
@@ -592,9 +592,10 @@ ASSUMPTIONS = (
     "hidden[row] . weight[label] dot product (vector ops, n x H) in the split-0 programs",
     "logit-free backward: softmax kernel (recompute every tile; for the kept_tile_fraction "
     "of tiles whose softmax mass passes filter_eps: G = -coef * softmax, dHidden and dWeight "
-    "products) and label kernel (one-hot part, n x H, no matmul); dWeight in a zero-filled "
-    "fp32 [V, H] buffer, atomics read+write it once at best, then cast to the weight dtype; "
-    "16-bit dHidden via an fp32 [n, H] buffer",
+    "products) and label kernel (one-hot part, n x H, no matmul); fp32 dWeight accumulates "
+    "in place, 16-bit dWeight in a zero-filled fp32 buffer of one vocab chunk "
+    "(DWEIGHT_CHUNK_BYTES) at a time, cast into the 16-bit gradient; atomics read+write each "
+    "element once at best; 16-bit dHidden via an fp32 [n, H] buffer",
     "fp32 inputs: logit-free kernels at TF32 peak / 3 (tf32x3), torch GEMMs at fp32 peak",
     "matmul_flop_floor_fwd_bwd = 6nVH / matmul peak: the issue-6 goal (fwd+bwd within 1.25x "
     "of it) needs the backward's tile skipping, since dense recompute alone is 1.33x",

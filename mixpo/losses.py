@@ -197,6 +197,9 @@ def logits_loss(logits, labels, config: LossConfig, *, ref_logps=None, hard=None
                  inputs={"logits": logits})
 
 
+CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def autocast_head_inputs(hidden, weight, bias):
     """Under `torch.autocast`, hidden, weight and bias in the autocast dtype, as `F.linear`
     (so a model's own LM head, and trl's fused head) would compute the logits: a body with
@@ -208,8 +211,10 @@ def autocast_head_inputs(hidden, weight, bias):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 
-    def cast(tensor):
-        return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+    def cast(tensor):   # autocast's eligible dtypes only: fp64 stays (and is refused later)
+        if tensor is None or tensor.dtype == dtype or tensor.dtype not in CASTABLE:
+            return tensor
+        return tensor.to(dtype)
 
     return cast(hidden), cast(weight), cast(bias)
 

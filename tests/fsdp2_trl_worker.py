@@ -1,4 +1,4 @@
-"""Worker for tests/test_integration_trl_fsdp2.py, run under torchrun (2 processes, gloo).
+"""Worker for tests/test_integration_trl_distributed.py, run under torchrun (2 processes, gloo).
 
 MixpoDPOTrainer's loss on a model sharded exactly as `accelerate launch` with FSDP2 shards it
 (`accelerate.utils.fsdp_utils.fsdp2_prepare_model`: one unit per decoder layer, the embedding,

@@ -105,9 +105,40 @@ def test_step_zero_under_bf16_autocast_agrees_with_stock(tokenizer, tmp_path):
     assert our_loss.dtype == torch.float32
     torch.testing.assert_close(our_loss, stock_loss, rtol=2e-2, atol=1e-3)
     for name, grad in stock_grads.items():
-        assert our_grads[name].dtype == torch.float32, name
         error = (our_grads[name] - grad).norm() / grad.norm().clamp(min=1e-12)
         assert error < 2e-2, (name, error.item())      # measured: 6e-3
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_bf16_training_runs_body_and_head_under_autocast(tokenizer, tmp_path, monkeypatch,
+                                                         precompute):
+    """trl's bf16=True on an fp32 model: accelerate's mixed precision wraps the model's
+    forward, and mixpo's head branch (which runs the body itself) must stay inside it: the
+    loss sees bf16 activations from the body, reference pass and training steps alike."""
+    import mixpo.integrations.trl as integration
+
+    seen = []
+
+    def recording(function):
+        def wrapper(hidden, *args, **kwargs):
+            seen.append((function.__name__, torch.is_autocast_enabled("cpu"), hidden.dtype))
+            return function(hidden, *args, **kwargs)
+        return wrapper
+
+    for name in ("linear_loss", "sequence_logps"):
+        monkeypatch.setattr(integration, name, recording(getattr(integration, name)))
+    # A hook on the body's first MLP records the dtype the body computes in.
+    body_dtypes = []
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, bf16=True,
+                   max_steps=1, precompute_ref_log_probs=precompute)
+    trainer.model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda module, inputs, output: body_dtypes.append(output.dtype))
+    trainer.train()
+    assert [call[0] for call in seen].count("linear_loss") == 1
+    assert all(autocast for _, autocast, _ in seen), seen
+    assert "sequence_logps" in [call[0] for call in seen]    # reference: live or precomputed
+    assert body_dtypes and set(body_dtypes) == {torch.bfloat16}, body_dtypes
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
@@ -214,6 +245,16 @@ def test_precompute_with_several_processes_needs_datasets_on_disk(tokenizer, tmp
         _check_precompute_cache(args, on_disk, {"test": datasets.Dataset.from_list(rows())})
     _check_precompute_cache(SimpleNamespace(precompute_ref_log_probs=True, world_size=1),
                             datasets.Dataset.from_list(rows()))             # one process: fine
+    datasets.disable_caching()            # every map then writes to a per-process temp folder
+    try:
+        with pytest.raises(ValueError, match="needs datasets with files on disk"):
+            _check_precompute_cache(args, on_disk)
+    finally:
+        datasets.enable_caching()
+    # The check also guards trl's own tokenized copy, right before the reference pass.
+    with pytest.raises(ValueError, match="in-memory"):
+        MixpoDPOTrainer._precompute_ref_logps(SimpleNamespace(args=args),
+                                              datasets.Dataset.from_list(rows()), "train", 4)
 
 
 def test_mixpo_metrics_are_json_serialisable(tokenizer, tmp_path):

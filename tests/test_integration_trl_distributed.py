@@ -46,6 +46,9 @@ def test_fsdp2_sharded_loss_and_gradients_equal_unsharded(tmp_path, loss_type, t
         assert result["max_grad_error"] < 1e-5, result["worst"]
         assert result["grads"] == (20 if tied == "tied" else 21)
         assert result["routed"] >= 1                            # MixDPO routing was exercised
+        # accelerate's [final norm, lm_head] unit is unsharded when the body's norm runs, so
+        # the loss reads the full head weight in the forward (`_full` would gather a shard).
+        assert result["head_weight_in_forward"] == "Parameter"
     # each rank saw its own half of the global batch
     assert results[0]["plain_loss"] != results[1]["plain_loss"]
 

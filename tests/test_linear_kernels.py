@@ -151,7 +151,10 @@ def test_backward_in_vocab_chunks_equals_one_pass(dtype):
                                               vocab_size=vocab_size, dtype=dtype, bias=True,
                                               seed=4)
     rows, row_labels = compact(labels)
-    row_labels[:4] = torch.tensor([5, block_v + 1, 2 * block_v + 2, vocab_size - 1])
+    boundaries = [0, block_v - 1, block_v, block_v + 1, 2 * block_v, 3 * block_v - 1,
+                  3 * block_v, vocab_size - 1]                   # first / last of each chunk
+    assert rows.shape[0] > len(boundaries)
+    row_labels[:len(boundaries)] = torch.tensor(boundaries)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     transform = dict(logit_scale=0.7, softcap=30.0)
     _, lse, aux = linear_twin.linear_token_logps_forward(hidden2d, weight, bias, row_labels,
@@ -392,6 +395,11 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(backend):
         assert torch.equal(grad, bf16_grad.float())
     assert not torch.equal(logps, fp32_logps)          # the fp32 head is not what ran
     assert_close(loss, fp32_loss, 2e-2, "autocast vs fp32")
+    # Like F.linear, autocast leaves fp64 alone, and mixpo then refuses it by name.
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            pytest.raises(ValueError, match="hidden must be float32, bfloat16 or float16"):
+        mixpo.linear_preference_loss(hidden.double(), weight.double(), labels, ref_logps=ref,
+                                     backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------

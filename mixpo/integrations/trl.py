@@ -222,14 +222,18 @@ def _check_routing_column(dataset, column: str) -> None:
 
 def _check_precompute_cache(args, *datasets) -> None:
     """trl 1.16 caches precomputed reference log-probs next to the dataset's files; an
-    in-memory dataset's cache folder is per process, so with several processes every rank but
-    the first fails after the whole reference pass. Refuse before it."""
+    in-memory dataset's cache folder (or any, with datasets' caching disabled) is per process,
+    so with several processes every rank but the first fails after the whole reference pass.
+    Refuse before it."""
     if not args.precompute_ref_log_probs or args.world_size <= 1:
         return
+    import datasets as hf_datasets
+
     for dataset in datasets:
         splits = dataset.values() if isinstance(dataset, dict) else [dataset]
         for split in splits:
-            if getattr(split, "cache_files", None) == []:
+            files = getattr(split, "cache_files", None)
+            if files is not None and (files == [] or not hf_datasets.is_caching_enabled()):
                 raise ValueError(
                     f"precompute_ref_log_probs with {args.world_size} processes needs datasets "
                     "with files on disk (datasets.load_from_disk / load_dataset): trl caches "
@@ -342,6 +346,10 @@ class MixpoDPOTrainer(DPOTrainer):
         return self.args.loss_config(logit_scale=logit_scale, softcap=softcap)
 
     # -- reference log-probs ---------------------------------------------------------------
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        _check_precompute_cache(self.args, dataset)       # the tokenized copy trl caches on
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch with `mixpo.sequence_logps` (logit-free)."""
         from trl.models.utils import disable_gradient_checkpointing
@@ -393,7 +401,11 @@ class MixpoDPOTrainer(DPOTrainer):
                                margin=margin, backend=self.args.mixpo_backend,
                                validate=not shape, **shape)
 
-        out = model(**model_kwargs, use_cache=False, mixpo_head=head)
+        # accelerate applies mixed precision by wrapping the model's forward; the mixpo_head
+        # branch of the patched forward runs the body itself, so enter autocast here (as
+        # compute_ref_log_probs does): the body and the head then compute as in stock TRL.
+        with self.accelerator.autocast():
+            out = model(**model_kwargs, use_cache=False, mixpo_head=head)
         self._log_loss_metrics(out, inputs, mode)
         if return_outputs:
             return out.loss, out
