@@ -141,6 +141,53 @@ def test_bf16_training_runs_body_and_head_under_autocast(tokenizer, tmp_path, mo
     assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
 
 
+def tiny_mixtral(tokenizer, seed=0):
+    """A random 2-layer Mixtral (4 experts, top-2) with a load-balancing coefficient."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2,
+                           router_aux_loss_coef=0.05, max_position_embeddings=256,
+                           pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MixtralForCausalLM(config)
+
+
+def test_moe_router_aux_loss_equals_stock_dpo_trainer(tokenizer, tmp_path):
+    """trl 1.16 adds router_aux_loss_coef * aux_loss for MoE models: mixpo's head adds the
+    same term from the body's router logits (padded and padding-free alike)."""
+    results = {}
+    for name, trainer_class, config_class, extra in (
+            ("stock", trl.DPOTrainer, trl.DPOConfig, {}),
+            ("mixpo", MixpoDPOTrainer, MixpoDPOConfig, {"curriculum": False}),
+            ("packed", MixpoDPOTrainer, MixpoDPOConfig, {"curriculum": False,
+                                                          "padding_free": True})):
+        args = config_class(output_dir=str(tmp_path / name), per_device_train_batch_size=4,
+                            max_steps=1, save_strategy="no", report_to="none", seed=0,
+                            use_cpu=True, max_length=64, bf16=False, beta=0.3,
+                            dataloader_num_workers=0, **extra)
+        trainer = trainer_class(model=tiny_mixtral(tokenizer).train(),
+                                ref_model=tiny_mixtral(tokenizer), args=args,
+                                train_dataset=datasets.Dataset.from_list(rows()),
+                                processing_class=tokenizer)
+        assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.05
+        loss, grads, _ = first_step(trainer)
+        results[name] = (loss, grads, trainer._metrics["train"]["aux_loss"][-1])
+    stock_loss, stock_grads, stock_aux = results["stock"]
+    assert stock_aux > 1.0                          # a real term: about num_experts_per_tok
+    for name in ("mixpo", "packed"):
+        loss, grads, aux = results[name]
+        assert aux == pytest.approx(stock_aux, rel=1e-6), name
+        torch.testing.assert_close(loss, stock_loss, rtol=1e-5, atol=1e-6)
+        for parameter, grad in stock_grads.items():
+            torch.testing.assert_close(grads[parameter], grad, rtol=1e-4, atol=1e-6,
+                                       msg=f"{name} {parameter}")
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_padding_free_equals_padded(tokenizer, tmp_path, loss_type):
     options = dict(loss_type=loss_type, beta=0.3, curriculum=True, ld_alpha=0.5)

@@ -29,14 +29,19 @@ What changes against stock TRL, and what does not:
   kept, TRL's `dataloader_drop_last=False`), on by default when routing or a `difficulty`
   column is present (`curriculum=None`), and said so in the log. TRL shuffles otherwise.
 - Metrics: TRL's names and definitions (rewards/*, logps/*, logits/chosen, logits/rejected,
-  entropy, mean_token_accuracy, num_tokens) plus gamma/mean, gamma/std and
+  entropy, mean_token_accuracy, num_tokens, aux_loss) plus gamma/mean, gamma/std and
   routing/sft_fraction.
+- MoE models: trl's `router_aux_loss_coef * aux_loss`, the load-balancing loss computed from
+  the body's router logits by the model's own `load_balancing_loss_func`.
+- Mixed precision: the forward runs inside accelerate's autocast (bf16=True computes the body
+  and the head in bf16, as stock TRL).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from types import MethodType
 from typing import Optional
@@ -148,12 +153,31 @@ def _attach_mixpo_head(causal_lm) -> None:
             return previous(*args, **kwargs)
         kwargs.pop("labels", None)
         kwargs.pop("fused_lm_head", None)
+        router = kwargs.pop("output_router_logits", False)
         body = self.get_decoder() if hasattr(self, "get_decoder") else self.base_model
-        hidden = body(*args, **kwargs).last_hidden_state
-        return mixpo_head(hidden, self.get_output_embeddings())
+        outputs = body(*args, **kwargs, **({"output_router_logits": True} if router else {}))
+        result = mixpo_head(outputs.last_hidden_state, self.get_output_embeddings())
+        if not router:
+            return result
+        mask = kwargs.get("attention_mask")       # packed rows pass a 4-D mask: no padding
+        return result, _router_aux_loss(self, outputs.router_logits,
+                                        mask if mask is not None and mask.ndim == 2 else None)
 
     causal_lm.forward = MethodType(forward, causal_lm)
     causal_lm._mixpo_head_attached = True
+
+
+def _router_aux_loss(causal_lm, router_logits, attention_mask):
+    """The MoE load-balancing loss as the model's own forward computes it (its modeling
+    module's `load_balancing_loss_func`, with its expert counts): what trl 1.16 adds as
+    `router_aux_loss_coef * outputs.aux_loss`."""
+    for cls in type(causal_lm).__mro__:         # FSDP2 subclasses the model's class
+        function = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+        if function is not None:
+            return function(router_logits, causal_lm.num_experts,
+                            causal_lm.num_experts_per_tok, attention_mask)
+    raise ValueError(f"{type(causal_lm).__name__} returns router logits but its modeling "
+                     "module has no load_balancing_loss_func: set router_aux_loss_coef=0.0")
 
 
 def _full(tensor):
@@ -404,12 +428,20 @@ class MixpoDPOTrainer(DPOTrainer):
         # accelerate applies mixed precision by wrapping the model's forward; the mixpo_head
         # branch of the patched forward runs the body itself, so enter autocast here (as
         # compute_ref_log_probs does): the body and the head then compute as in stock TRL.
+        if self.aux_loss_enabled:          # MoE: trl's router load-balancing term
+            model_kwargs["output_router_logits"] = True
         with self.accelerator.autocast():
             out = model(**model_kwargs, use_cache=False, mixpo_head=head)
+        loss = out.loss if not self.aux_loss_enabled else None
+        if self.aux_loss_enabled:
+            out, aux_loss = out
+            loss = out.loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         self._log_loss_metrics(out, inputs, mode)
         if return_outputs:
-            return out.loss, out
-        return out.loss
+            return loss, out
+        return loss
 
     def _log_loss_metrics(self, out, inputs, mode) -> None:
         """TRL's metrics (per-pair values and token sums gathered over processes, as TRL does)
