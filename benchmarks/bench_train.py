@@ -1,5 +1,6 @@
 """Training throughput and peak memory, side by side in one run: mixpo's trainer padded, mixpo's
-trainer packed (`padding_free: true`) and trl 1.16's DPOTrainer, on the same model, the same
+trainer packed (`padding_free: true`), trl 1.16's DPOTrainer and the same trl loop with mixpo's
+head (MixpoDPOTrainer, padded and padding-free), on the same model, the same
 data, the same global batch and the same number of steps (issue 14).
 
 Model: a Llama built locally from a LlamaConfig (random init, tied embeddings, GQA with 4
@@ -43,7 +44,11 @@ the other (`--jobs` > 1 runs them at once: for tests only, the timings then cont
                  scores every position, prompt and padding included, and it always computes
                  entropy, mean logits and top-1 for its metrics. DPOConfig.padding_free falls
                  back to padding in 1.16, so trl runs padded. Attention sdpa.
-All three: sigmoid DPO (beta 0.1), reference log-probs precomputed before training (no
+  mixpo_in_trl   trl's DPOTrainer loop with mixpo's head: mixpo.integrations.trl's
+                 MixpoDPOTrainer (two names changed, curriculum off so it samples as trl does),
+                 padded; mixpo_in_trl_packed with its padding_free (mixpo packs trl's padded
+                 batch inside the forward, sdpa with a block-diagonal mask).
+All of them: sigmoid DPO (beta 0.1), reference log-probs precomputed before training (no
 reference model in memory), torch AdamW, constant learning rate 1e-4 without warm-up (large
 enough that the loss moves in a few steps, so the trajectories can be compared), max_grad_norm
 1, no gradient checkpointing, seed 0, the data read in file order (mixpo's sampler never
@@ -102,7 +107,7 @@ import sys
 import tempfile
 import time
 
-from bench_train_report import (BASELINE, CONFIGS, _length_stats, _print_summary,
+from bench_train_report import (BASELINE, CONFIGS, TRL_LOOP, _length_stats, _print_summary,
                                 flop_estimate, notes, plot, summarise)
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -249,7 +254,7 @@ def worker(spec: dict) -> dict:
     import gpu_stage_training as shared   # beside this script (sys.path[0])
 
     cuda = torch.cuda.is_available()
-    trl = spec["config"] == "trl"
+    trl = spec["config"] in TRL_LOOP
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     # Library code is not training memory: every worker imports its trainer's stack, and the
@@ -259,6 +264,8 @@ def worker(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
     if trl:
         from trl import DPOConfig, DPOTrainer  # noqa: F401
+        if spec["config"] != "trl":
+            import mixpo.integrations.trl  # noqa: F401
     else:
         import tqdm.auto  # noqa: F401
         import yaml  # noqa: F401
@@ -333,8 +340,10 @@ def make_specs(args, work: pathlib.Path, dist: dict) -> dict:
     specs = {}
     for config in CONFIGS:
         out = work / config
-        if config == "trl":
+        if config in TRL_LOOP:
             specs[config] = {**common, "config": config, "trl": {
+                "trainer": "trl" if config == "trl" else "mixpo",
+                "padding_free": config == "mixpo_in_trl_packed",
                 "model": str(work / "model"), "train_file": str(work / "train.jsonl"),
                 "output_dir": str(out), "pairs": args.micro_batch, "steps": args.steps,
                 "accumulation": accumulation, "max_length": dist["max_length"],

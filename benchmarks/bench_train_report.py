@@ -6,7 +6,8 @@ from __future__ import annotations
 import pathlib
 import statistics
 
-CONFIGS = ("mixpo_padded", "mixpo_packed", "trl")
+CONFIGS = ("mixpo_padded", "mixpo_packed", "trl", "mixpo_in_trl", "mixpo_in_trl_packed")
+TRL_LOOP = ("trl", "mixpo_in_trl", "mixpo_in_trl_packed")     # run through trl's trainer
 BASELINE = "trl"
 GOAL = {"speedup": 1.5, "memory_ratio": 0.5}     # mixpo_packed vs trl (issue 14)
 
@@ -27,7 +28,9 @@ def flop_estimate(model: dict, accounting: dict, lengths, cuda: bool) -> dict:
     rows = [2 * per_step] * steps                       # sequences per step
     positions = {"mixpo_padded": (padded, completion), "mixpo_packed": (real, completion),
                  "trl": (padded, completion if cuda else
-                         [p - r for p, r in zip(padded, rows)])}
+                         [p - r for p, r in zip(padded, rows)]),
+                 "mixpo_in_trl": (padded, completion),
+                 "mixpo_in_trl_packed": (real, completion)}
     estimate = {}
     for name, (body_tokens, head_tokens) in positions.items():
         body_flops = 6 * body * sum(body_tokens[1:])
@@ -56,7 +59,8 @@ def summarise(results: dict, accounting: dict) -> dict:
         pairs = [(x, y) for x, y in zip(results[a][key], results[b][key])
                  if x is not None and y is not None]
         return max((abs(x - y) for x, y in pairs), default=None)
-    for a, b in (("mixpo_padded", "mixpo_packed"), ("mixpo_padded", "trl")):
+    for a, b in (("mixpo_padded", "mixpo_packed"), ("mixpo_padded", "trl"),
+                 ("mixpo_in_trl", "trl"), ("mixpo_in_trl", "mixpo_in_trl_packed")):
         if a in ok and b in ok:
             summary[f"{a}_vs_{b}"] = {
                 "first_step_loss": [results[a]["loss"][0], results[b]["loss"][0]],
@@ -87,7 +91,10 @@ def notes(report: dict) -> list[str]:
             "computes entropy / mean logits / top-1, so this ratio overstates what a GPU, "
             "where trl compacts the completion rows, would show")
     for key, label in (("mixpo_padded_vs_mixpo_packed", "mixpo padded vs packed"),
-                       ("mixpo_padded_vs_trl", "mixpo padded vs trl")):
+                       ("mixpo_padded_vs_trl", "mixpo padded vs trl"),
+                       ("mixpo_in_trl_vs_trl", "MixpoDPOTrainer vs trl's DPOTrainer"),
+                       ("mixpo_in_trl_vs_mixpo_in_trl_packed",
+                        "MixpoDPOTrainer padded vs padding_free")):
         if key not in summary:
             continue
         diff = summary[key]["max_abs_loss_diff"]
@@ -127,14 +134,14 @@ def _length_stats(lengths) -> dict:
 def _print_summary(report: dict) -> None:
     for name, row in report["configs"].items():
         if "error" in row:
-            print(f"{name:13s} error: {row['error']}")
+            print(f"{name:19s} error: {row['error']}")
             continue
         ratios = row.get("vs_trl")
         flops = report["summary"]["flop_estimate"][name]
         versus = (f" | {ratios['speedup']:.2f}x trl tokens/s, {ratios['memory_ratio']:.2f}x "
                   "its peak") if ratios else ""
         versus += f" | FLOPs {flops['flops_vs_trl']:.2f}x trl's, head {flops['head_share']:.0%}"
-        print(f"{name:13s} {row['tokens_per_s']:9.1f} tok/s  peak {row['peak_mib']:8.1f} MiB  "
+        print(f"{name:19s} {row['tokens_per_s']:9.1f} tok/s  peak {row['peak_mib']:8.1f} MiB  "
               f"pad {row['pad_fraction']:.3f}  tokens ok {row['tokens_match_data']}{versus}")
     for note in report["notes"]:
         print(f"note: {note}")
@@ -152,7 +159,8 @@ def plot(report: dict, path: pathlib.Path) -> None:
 
     rows = {name: row for name, row in report["configs"].items() if "error" not in row}
     names = list(rows)
-    colors = {"mixpo_padded": "tab:blue", "mixpo_packed": "tab:green", "trl": "tab:gray"}
+    colors = {"mixpo_padded": "tab:blue", "mixpo_packed": "tab:green", "trl": "tab:gray",
+              "mixpo_in_trl": "tab:purple", "mixpo_in_trl_packed": "tab:olive"}
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = (("tokens_per_s", "real tokens / s (steps 2..N)", "speedup"),
               ("peak_mib", "peak memory, MiB", "memory_ratio"))

@@ -111,11 +111,19 @@ def _worker_trl(spec: dict) -> dict:
     Optional spec keys (benchmarks/bench_train.py sets them; this stage keeps the defaults):
     beta (0.01), learning_rate (1e-6), lr_scheduler_type ("linear"), accumulation (1),
     sampling ("random"; "sequential" reads the file in order, as mixpo's sampler does), seed
-    (0). Returns per micro-batch the non-padding and the padded token counts, the step times,
-    the peak and trl's log history."""
+    (0), trainer ("trl"; "mixpo": mixpo.integrations.trl's MixpoDPOTrainer, the same run
+    with mixpo's fused head inside trl) and padding_free (False; mixpo only). Returns per
+    micro-batch the non-padding and the padded token counts, the step times, the peak and
+    trl's log history."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    extra = {}
+    if spec.get("trainer", "trl") == "mixpo":
+        from mixpo.integrations.trl import MixpoDPOConfig as DPOConfig   # noqa: F811
+        from mixpo.integrations.trl import MixpoDPOTrainer as DPOTrainer  # noqa: F811
+        extra = {"padding_free": spec.get("padding_free", False), "curriculum": False}
 
     ready, waited = pathlib.Path(spec["ready"]), 0.0   # --quick starts it before the model exists
     while not ready.exists():
@@ -142,7 +150,9 @@ def _worker_trl(spec: dict) -> dict:
     class CountingTrainer(DPOTrainer):
         def training_step(self, model, inputs, *args, **kwargs):
             tokens.append(int(inputs["attention_mask"].sum()))
-            padded.append(int(inputs["attention_mask"].numel()))
+            # padding_free (mixpo): the forward packs the real tokens into one row
+            padded.append(tokens[-1] if spec.get("padding_free")
+                          else int(inputs["attention_mask"].numel()))
             return super().training_step(model, inputs, *args, **kwargs)
 
     args = DPOConfig(output_dir=spec["output_dir"], per_device_train_batch_size=spec["pairs"],
@@ -154,7 +164,7 @@ def _worker_trl(spec: dict) -> dict:
                      gradient_checkpointing=False, max_length=spec["max_length"],
                      precompute_ref_log_probs=True, seed=spec.get("seed", 0), use_cpu=not cuda,
                      train_sampling_strategy=spec.get("sampling", "random"),
-                     dataloader_num_workers=0, disable_tqdm=True)
+                     dataloader_num_workers=0, disable_tqdm=True, **extra)
     trainer = CountingTrainer(model=model, args=args, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[Clock()])
     sync()

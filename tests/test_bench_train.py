@@ -1,9 +1,9 @@
 """benchmarks/bench_train.py end to end at a tiny shape on the CPU (a 1-layer Llama, V 512, a
-few dozen tokens a sequence, gradient accumulation 2): the three configurations run in their
-own processes (at once here, --jobs 3: the timings are not the point) and the JSON report has
+few dozen tokens a sequence, gradient accumulation 2): the five configurations run in their
+own processes (two at once here, --jobs 2: the timings are not the point) and the JSON report has
 the fields the issue asks for, with values that make sense: the same real tokens in every
 configuration, no padding in the packed run, the first loss log 2 (the policy is the
-reference) and the same trajectory in all three."""
+reference) and the same trajectory in all five."""
 import json
 import math
 import os
@@ -26,7 +26,7 @@ def report(tmp_path_factory):
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--layers", "1", "--hidden", "64", "--vocab", "512",
          "--words", "200", "--length-scale", "0.05", "--global-batch", "4",
-         "--micro-batch", "2", "--steps", str(STEPS), "--jobs", "3", "--threads", "1",
+         "--micro-batch", "2", "--steps", str(STEPS), "--jobs", "2", "--threads", "1",
          "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert out.with_suffix(".png").stat().st_size > 1000
@@ -52,7 +52,8 @@ def test_report_records_the_setting(report):
 
 def test_every_configuration_measured_the_same_tokens(report):
     configs = report["configs"]
-    assert set(configs) == {"mixpo_padded", "mixpo_packed", "trl"}
+    assert set(configs) == {"mixpo_padded", "mixpo_packed", "trl", "mixpo_in_trl",
+                            "mixpo_in_trl_packed"}
     real = report["batch"]["real_tokens_per_step"]
     for name, row in configs.items():
         assert "error" not in row, (name, row)
@@ -62,10 +63,12 @@ def test_every_configuration_measured_the_same_tokens(report):
         assert len(row["step_end_s"]) == STEPS and len(row["loss"]) == STEPS
         assert 0 < row["peak_mib"] < 4096, (name, row["peak_mib"])
     assert configs["mixpo_packed"]["pad_fraction"] == 0
+    assert configs["mixpo_in_trl_packed"]["pad_fraction"] == 0
     padded = configs["mixpo_padded"]["pad_fraction"]
     assert 0 < padded < 1 and padded == pytest.approx(configs["trl"]["pad_fraction"])
+    assert configs["mixpo_in_trl"]["pad_fraction"] == pytest.approx(padded)
     assert report["summary"]["pad_fraction_padded"] == padded
-    for name in ("mixpo_padded", "mixpo_packed"):
+    for name in ("mixpo_padded", "mixpo_packed", "mixpo_in_trl", "mixpo_in_trl_packed"):
         ratios = configs[name]["vs_trl"]
         assert ratios["speedup"] > 0 and ratios["memory_ratio"] > 0
     goal = report["summary"]["goal"]
@@ -78,7 +81,8 @@ def test_losses_agree_across_configurations(report):
         assert row["loss"][0] == pytest.approx(math.log(2), abs=1e-5)
         assert all(math.isfinite(x) for x in row["loss"])
     summary = report["summary"]
-    for key in ("mixpo_padded_vs_mixpo_packed", "mixpo_padded_vs_trl"):
+    for key in ("mixpo_padded_vs_mixpo_packed", "mixpo_padded_vs_trl", "mixpo_in_trl_vs_trl",
+                "mixpo_in_trl_vs_mixpo_in_trl_packed"):
         assert summary[key]["max_abs_loss_diff"] < 1e-4, summary[key]
         assert summary[key]["max_abs_logps_chosen_diff"] < 1e-3, summary[key]
     # The learning rate is large enough that the loss moves: the comparison is not vacuous.
