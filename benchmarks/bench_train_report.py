@@ -172,6 +172,7 @@ def plot(report: dict, path: pathlib.Path) -> None:
             axis.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                           ha="center", va="bottom", fontsize=8)
         axis.set_ylabel(label)
+        axis.tick_params(axis="x", labelrotation=25, labelsize=8)
     model_state = report["model"]["model_state_mib"]
     axes[1].axhline(model_state, color="k", linestyle=":", linewidth=1)
     axes[1].annotate("weights + grads + AdamW states", (len(names) - 0.5, model_state),
