@@ -116,6 +116,11 @@ def ld_row_weights(counts: torch.Tensor, sequences: torch.Tensor, ld_alpha: floa
     return torch.where(rank <= shared[sequences], 1.0, ld_alpha)
 
 
+def _sequence_sums(values: torch.Tensor, sequences: torch.Tensor, num_seqs: int):
+    sums = torch.zeros(num_seqs, dtype=torch.float64, device=values.device)
+    return sums.index_add_(0, sequences, values.double()).float()
+
+
 class LinearSequenceLogps(torch.autograd.Function):
     """hidden [..., H] (any leading shape: [S, T] padded or [1, L] packed), rows [n] flat
     indices of the completion positions, sequences [n] the sequence of each, num_seqs S,
@@ -132,12 +137,13 @@ class LinearSequenceLogps(torch.autograd.Function):
                 .linear_token_logps_forward(hidden2d, weight, bias, row_labels, rows,
                                             config.logit_scale, config.softcap,
                                             config.needs_stats)
-        seq_logps = torch.zeros(num_seqs, dtype=torch.float32, device=hidden.device)
-        seq_logps.index_add_(0, sequences, token_logps)
+        # Sequence sums accumulate in fp64 ([n] values into [S]: nothing to pay): an fp32
+        # index_add_ adds one token at a time, and at sums of about -5000 that drifts ~1e-3,
+        # ten times a pairwise fp32 sum.
+        seq_logps = _sequence_sums(token_logps, sequences, num_seqs)
         weighted = token_logps.new_empty(0)
         if row_weight is not None:
-            weighted = torch.zeros_like(seq_logps).index_add_(0, sequences,
-                                                               token_logps * row_weight)
+            weighted = _sequence_sums(token_logps * row_weight, sequences, num_seqs)
         stat_sums = _stat_sums(aux, sequences, num_seqs, hidden.device) \
             if config.needs_stats else token_logps.new_empty(0)
         ctx.mark_non_differentiable(stat_sums)
