@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from mixpo.checks import (check_finite_logps, check_float_tensor, check_hard, check_labels,
-                          check_linear_inputs, check_pair_count, pair_vector)
+from mixpo.checks import (FLOAT_DTYPES, check_finite_logps, check_float_tensor, check_hard,
+                          check_labels, check_linear_inputs, check_pair_count, pair_vector)
 from mixpo.functions import (LinearSequenceLogps, LogitsSequenceLogps, PairLoss, compact_rows,
                              ld_row_weights, ld_token_weights)
 from mixpo.kernels.dispatch import use_triton
@@ -197,9 +197,6 @@ def logits_loss(logits, labels, config: LossConfig, *, ref_logps=None, hard=None
                  inputs={"logits": logits})
 
 
-CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def autocast_head_inputs(hidden, weight, bias):
     """Under `torch.autocast`, hidden, weight and bias in the autocast dtype, as `F.linear`
     (so a model's own LM head, and trl's fused head) would compute the logits: a body with
@@ -212,7 +209,7 @@ def autocast_head_inputs(hidden, weight, bias):
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(tensor):   # autocast's eligible dtypes only: fp64 stays (and is refused later)
-        if tensor is None or tensor.dtype == dtype or tensor.dtype not in CASTABLE:
+        if tensor is None or tensor.dtype == dtype or tensor.dtype not in FLOAT_DTYPES:
             return tensor
         return tensor.to(dtype)
 

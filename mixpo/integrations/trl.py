@@ -276,6 +276,8 @@ class MixpoDPOTrainer(DPOTrainer):
                  optimizers=(None, None), quantization_config=None, peft_config=None):
         args = _as_mixpo_config(args)
         args.loss_config()                                     # every loss option, checked now
+        # Before trl tokenizes (the cheap place to fail); _precompute_ref_logps checks trl's
+        # own tokenized copies again, which is what its cache really sits next to.
         _check_precompute_cache(args, train_dataset, eval_dataset)
         # TRL 1.16 turns padding_free off (with a warning) for DPO: mixpo packs in its own
         # forward instead, from TRL's padded batch.
@@ -425,19 +427,20 @@ class MixpoDPOTrainer(DPOTrainer):
                                margin=margin, backend=self.args.mixpo_backend,
                                validate=not shape, **shape)
 
+        if self.aux_loss_enabled:          # MoE: trl's router load-balancing term
+            model_kwargs["output_router_logits"] = True
         # accelerate applies mixed precision by wrapping the model's forward; the mixpo_head
         # branch of the patched forward runs the body itself, so enter autocast here (as
         # compute_ref_log_probs does): the body and the head then compute as in stock TRL.
-        if self.aux_loss_enabled:          # MoE: trl's router load-balancing term
-            model_kwargs["output_router_logits"] = True
         with self.accelerator.autocast():
             out = model(**model_kwargs, use_cache=False, mixpo_head=head)
-        loss = out.loss if not self.aux_loss_enabled else None
+        loss = None
         if self.aux_loss_enabled:
             out, aux_loss = out
             loss = out.loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        loss = out.loss if loss is None else loss
         self._log_loss_metrics(out, inputs, mode)
         if return_outputs:
             return loss, out

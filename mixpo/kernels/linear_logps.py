@@ -412,6 +412,9 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
             vocab_size, hidden_size, dense.block("BLOCK_V"), vocab_chunk)
         dw_acc = dweight if direct else torch.empty(chunk_rows, hidden_size,
                                                     dtype=torch.float32, device=device)
+        lse = lse.contiguous()
+        label_grid = (triton.cdiv(num_tokens, label.block("BLOCK_N")),
+                      triton.cdiv(hidden_size, label.block("BLOCK_H")))
         for v0 in range(0, vocab_size, chunk_rows):
             v1 = min(v0 + chunk_rows, vocab_size)
             # Views of this chunk's vocab rows: the kernels see a vocab of v1 - v0 entries
@@ -424,21 +427,19 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
             grid = (triton.cdiv(num_tokens, dense.block("BLOCK_N"))
                     * triton.cdiv(v1 - v0, dense.block("BLOCK_V")),)
             _linear_softmax_bwd_kernel[grid](
-                hidden, weight[v0:v1], bias_chunk, rows, lse.contiguous(), coef, dh_acc,
+                hidden, weight[v0:v1], bias_chunk, rows, lse, coef, dh_acc,
                 dw_chunk, dbias_chunk, num_tokens, v1 - v0, hidden_size, eps,
                 hidden.stride(0), weight.stride(0), dh_acc.stride(0), dw_chunk.stride(0),
                 int(bias is not None), int(direct), float(logit_scale), float(softcap or 0.0),
                 UPCAST=INTERPRET, SOFTCAP=bool(softcap), **dense.launch_kwargs())
             # Labels outside the chunk get a zero coefficient (and a harmless in-chunk index).
-            if v0 == 0 and v1 == vocab_size:
+            if chunk_rows >= vocab_size:
                 chunk_labels, chunk_coef = labels, label_coef
             else:
                 inside = (labels >= v0) & (labels < v1)
                 chunk_labels = torch.where(inside, labels - v0, 0).contiguous()
                 chunk_coef = torch.where(inside, label_coef, 0.0).contiguous()
-            grid = (triton.cdiv(num_tokens, label.block("BLOCK_N")),
-                    triton.cdiv(hidden_size, label.block("BLOCK_H")))
-            _linear_label_bwd_kernel[grid](
+            _linear_label_bwd_kernel[label_grid](
                 hidden, weight[v0:v1], chunk_labels, rows, chunk_coef, dh_acc, dw_chunk,
                 dbias_chunk, num_tokens, hidden_size, hidden.stride(0), weight.stride(0),
                 dh_acc.stride(0), dw_chunk.stride(0), int(bias is not None), int(direct),
