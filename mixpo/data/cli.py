@@ -76,11 +76,12 @@ def rewrite(args: argparse.Namespace, transform, keeps_columns: bool = True) -> 
     _quiet_datasets()
     from mixpo.data.io import check_output, load_rows, save_rows
 
+    owner = f"mixpo data {args.data_command}"
     dataset, row_names = load_rows(args.input, args.split)
-    check_output(dataset if keeps_columns else dataset.select_columns([]), args.output)
+    check_output(dataset if keeps_columns else dataset.select_columns([]), args.output, owner)
     with one_line_data_warnings():
         result, line = transform(dataset, row_names)
-    save_rows(result, args.output)
+    save_rows(result, args.output, owner)
     print(f"{line} -> {args.output}")
     return 0
 

@@ -297,13 +297,14 @@ def _plain_conversation(messages: list[dict]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
 
 
-def render_example(example: Example, tokenizer) -> tuple[str, str, str]:
+def render_example(example: Example, tokenizer,
+                   plain_conversations: bool = False) -> tuple[str, str, str]:
     """Texts to tokenize for `example`: (prompt, chosen completion, rejected completion).
 
-    Conversational examples go through the tokenizer's chat template when it has one (the
-    completion is the templated conversation minus the templated prompt, as TRL does);
-    otherwise `role: content` lines. Completions end with the EOS token, appended only when
-    missing, as TRL does.
+    Conversational examples go through the tokenizer's chat template (the completion is the
+    templated conversation minus the templated prompt, as TRL does). A tokenizer without one
+    is refused, as TRL refuses it, unless `plain_conversations`: then `role: content` lines.
+    Completions end with the EOS token, appended only when missing, as TRL does.
     """
     eos = getattr(tokenizer, "eos_token", None) or ""
 
@@ -323,6 +324,12 @@ def render_example(example: Example, tokenizer) -> tuple[str, str, str]:
                                  "the conversation; cannot separate the completion")
             completions.append(full[len(prompt_text):])
         return prompt_text, completions[0], completions[1]
+    if not plain_conversations:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"conversational rows need a tokenizer with a chat template and "
+                         f"{name} has none (TRL refuses them too): use a tokenizer that has "
+                         "one (tokenizer_name_or_path), or give prompt/chosen/rejected as "
+                         "plain strings")
     prompt_text = _plain_conversation(example.prompt) + "assistant: "
     chosen_text = ended("\n".join(m["content"] for m in example.chosen))
     rejected_text = ended("\n".join(m["content"] for m in example.rejected))

@@ -18,7 +18,9 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixpo.files import atomic_output
+from mixpo.files import atomic_output, check_replaceable, check_writable
+
+OWNER = "mixpo data"  # the writer recorded in a save_to_disk output when the caller names none
 
 FILE_FORMATS = (".jsonl", ".json", ".parquet")
 
@@ -319,11 +321,18 @@ def _json_unwritable(arrow_type: pa.DataType, where: str) -> tuple[str, pa.DataT
     return None
 
 
-def check_output(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
+def check_output(dataset: datasets.Dataset, path: str | os.PathLike,
+                 owner: str = OWNER) -> str:
     """The kind `save_rows` would write `dataset` to `path` as (`output_kind`); ValueError,
-    before any work is done, for an unsupported output name or a column a JSON output cannot
-    hold (binary data, dates and times, decimals: write .parquet or a directory instead)."""
+    before any work is done, for an unsupported output name, a column a JSON output cannot
+    hold (binary data, dates and times, decimals: write .parquet or a directory instead), or
+    an existing directory `owner` did not write (`mixpo.files.check_replaceable`)."""
     kind = output_kind(path)
+    if kind == "dataset":
+        check_replaceable(path, owner)
+    elif Path(path).is_dir():
+        raise ValueError(f"{path} is a directory; give a file name for a {kind} output")
+    check_writable(path)
     if kind in ("jsonl", "json"):
         for field in dataset.data.schema:
             found = _json_unwritable(field.type, field.name)
@@ -333,13 +342,15 @@ def check_output(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
     return kind
 
 
-def save_rows(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
+def save_rows(dataset: datasets.Dataset, path: str | os.PathLike, owner: str = OWNER) -> str:
     """Write `dataset` to `path` atomically, in the format `path`'s extension names.
 
     Args:
         dataset: the rows to write (every column is written).
         path: `.jsonl` (JSON Lines), `.json` (a JSON list of rows), `.parquet`, or a directory
             (`Dataset.save_to_disk`). Missing parent directories are created.
+        owner: the command writing it (recorded in a directory output; an existing directory
+            is replaced only if the same command wrote it).
     Returns:
         The kind written ('jsonl', 'json', 'parquet' or 'dataset').
     Raises:
@@ -350,16 +361,16 @@ def save_rows(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
     `os.replace`; on any error the temporary data is removed and `path` is left as it was.
     """
     path = Path(path)
-    kind = check_output(dataset, path)
+    kind = check_output(dataset, path, owner)
     try:
-        _write_atomically(dataset, path, kind)
+        _write_atomically(dataset, path, kind, owner)
     except OSError as error:  # permissions, a full disk: the user's to fix, not a crash
         raise ValueError(f"{path}: cannot write ({error.strerror or error})") from None
     return kind
 
 
-def _write_atomically(dataset: datasets.Dataset, path: Path, kind: str) -> None:
-    with atomic_output(path, directory=kind == "dataset") as staged:
+def _write_atomically(dataset: datasets.Dataset, path: Path, kind: str, owner: str) -> None:
+    with atomic_output(path, directory=kind == "dataset", owner=owner) as staged:
         if kind == "dataset":
             dataset.save_to_disk(str(staged))  # applies an indices mapping itself
         elif kind == "jsonl":

@@ -2,8 +2,9 @@
 HF-style labels (label t = token t; prompt tokens = IGNORE_INDEX).
 
 Rendering follows `mixpo.data.formats.render_example`: conversational rows go through the
-tokenizer's chat template when it has one (the completion is the templated conversation minus
-the templated prompt), everything else is plain concatenation. Each part is tokenized without
+tokenizer's chat template (the completion is the templated conversation minus the templated
+prompt; a tokenizer without one is refused, as TRL does), everything else is plain
+concatenation. Each part is tokenized without
 special tokens, then, as TRL does, EOS is appended to each completion (not doubled when the
 rendered completion already ends with it) and BOS is put in front of the prompt when the
 tokenizer adds one by default and the rendered prompt does not already start with it.
@@ -58,7 +59,10 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int 
     the row has.
     """
     example = split_example(row, where)
-    prompt_text, chosen_text, rejected_text = render_example(example, tokenizer)
+    try:
+        prompt_text, chosen_text, rejected_text = render_example(example, tokenizer)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
     prompt = _encode(tokenizer, prompt_text)
     if add_bos is None:
         add_bos = adds_bos_by_default(tokenizer)

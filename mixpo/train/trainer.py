@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixpo.files import atomic_write_text, check_replaceable
 from mixpo.hf.loading import attention_implementation, load_causal_lm, load_tokenizer, torch_dtype
 from mixpo.hf.policy import PreferenceModel, decoder_layers
 from mixpo.margins import AdaptiveMargin
@@ -40,6 +41,10 @@ PREPARE_HINT = ("produce it with `mixpo data prepare RAW -o {path}` (from UltraF
 
 class Diverged(ValueError):
     """The loss or gradient norm became non-finite."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; says where a rerun resumes (the CLI prints it as one line)."""
 
 
 def check_data_paths(cfg: TrainConfig) -> None:
@@ -144,10 +149,17 @@ def train(cfg: TrainConfig, env=None) -> dict:
     Returns {'output_dir', 'final_dir', 'completed_steps', 'last_metrics'}."""
     cfg.validate()
     check_data_paths(cfg)
+    output_dir = Path(cfg.output_dir)
+    check_replaceable(output_dir / checkpoint.FINAL_DIR, checkpoint.OWNER)
     joined = contextlib.nullcontext(env) if env is not None else \
         distributed.process_group(cfg.device, cfg.ddp_timeout)
-    with joined as env, checkpoint.output_lock(Path(cfg.output_dir), enabled=env.is_main):
-        return _train(cfg, env)
+    try:
+        with joined as env, checkpoint.output_lock(output_dir, enabled=env.is_main):
+            return _train(cfg, env)
+    except KeyboardInterrupt:
+        latest = checkpoint.latest_checkpoint(output_dir)
+        raise Interrupted(f"interrupted; rerun the same command to resume from "
+                          f"{latest or 'the start (no checkpoint was saved yet)'}") from None
 
 
 def _reference_logps(cfg, policy, examples, collator, env, output_dir, key, name):
@@ -207,7 +219,8 @@ def _train(cfg: TrainConfig, env) -> dict:
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partial_checkpoints(output_dir)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(),
+                                                                     sort_keys=False))
         if sampler.dropped_rows_per_epoch:
             print(f"note: drop_last: the last {sampler.dropped_rows_per_epoch} pairs of each "
                   f"epoch do not fill a global batch of {global_batch} and are skipped")
