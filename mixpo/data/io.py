@@ -152,10 +152,21 @@ def _rows_to_dataset(rows: list[dict], row_names: RowNamer) -> datasets.Dataset:
         raise ValueError(_schema_conflict(rows, row_names)) from None
 
 
+def _utf8(raw: bytes, where: str) -> str:
+    """`raw` decoded; ValueError naming `where` and the column of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{where}, column {error.start + 1}: not UTF-8 text (byte "
+                         f"0x{raw[error.start]:02x}: {error.reason}); re-save the file as "
+                         "UTF-8") from None
+
+
 def _read_json_lines(path: Path) -> tuple[datasets.Dataset, RowNames]:
     rows, line_numbers = [], []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line = _utf8(raw, f"{path} line {line_number}")
             if not line.strip():
                 continue  # blank lines (often a trailing newline) are not rows
             try:
@@ -177,7 +188,12 @@ def _read_json_lines(path: Path) -> tuple[datasets.Dataset, RowNames]:
 def _read_json(path: Path) -> tuple[datasets.Dataset, RowNames]:
     """A .json file is a list of row objects, a dict of equal-length columns, or (as on the
     HF Hub) JSON Lines under a .json name."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        _utf8(raw.splitlines()[line - 1], f"{path} line {line}")
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as error:
@@ -207,7 +223,26 @@ def _read_parquet(path: Path) -> tuple[datasets.Dataset, RowNames]:
         raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
     if table.num_rows == 0:
         raise ValueError(f"{path}: no rows")
-    return datasets.Dataset(table), RowNames(str(path))
+    try:
+        return datasets.Dataset(table), RowNames(str(path))
+    except (TypeError, ValueError, NotImplementedError) as error:
+        for field in table.schema:
+            if _has_map(field.type):
+                raise ValueError(f"{path}, column {field.name!r}: a Parquet map "
+                                 f"({field.type}), which datasets cannot hold; store it as a "
+                                 "list of key/value structs or drop the column") from None
+        raise ValueError(f"{path}: cannot build a dataset ({error})") from None
+
+
+def _has_map(arrow_type: pa.DataType) -> bool:
+    if pa.types.is_map(arrow_type):
+        return True
+    if pa.types.is_struct(arrow_type):
+        return any(_has_map(field.type) for field in arrow_type)
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or \
+            pa.types.is_fixed_size_list(arrow_type):
+        return _has_map(arrow_type.value_type)
+    return False
 
 
 def _read_saved_dataset(path: Path, split: str | None) -> tuple[datasets.Dataset, RowNames]:

@@ -112,7 +112,7 @@ def _kept_rows(path: Path, resume_step: int | None) -> list[str]:
 def format_row(row: dict, total_steps: int) -> str:
     """The one line printed per logging step."""
     parts = [f"step {row['step']}/{total_steps}"]
-    for name, spec in (("loss", ".4f"), ("rewards/accuracies", ".3f"), ("rewards/margins", ".4f"),
+    for name, spec in (("loss", ".4f"), ("rewards/accuracies", ".3f"), ("rewards/margins", ".4g"),
                        ("learning_rate", ".2e"), ("grad_norm", ".3g"),
                        ("tokens_per_second", ".0f"), ("eval/loss", ".4f")):
         if name in row:
