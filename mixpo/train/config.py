@@ -94,6 +94,9 @@ class TrainConfig:
     padding_free: bool = option(False, "pack each micro-batch's sequences into one row "
                                 "(position ids restart per sequence, attention stays within "
                                 "each): no compute on padding")
+    prefix_sharing: bool = option(False, "with padding_free: each pair's prompt is read once, "
+                                  "chosen and rejected attend to one copy of it (sdpa, eager, "
+                                  "flex_attention; under flash-attn rows stay unshared)")
     group_by_length: int = option(0, "with padding_free or not: sort pairs by length inside "
                                   "windows of this many rows of the order (0 = off), so "
                                   "micro-batches hold similar lengths; the easy-to-hard order "
@@ -241,6 +244,9 @@ class TrainConfig:
                              f"dtype float32 (or auto), not {self.dtype}")
         if self.optim == "adamw_8bit" and importlib.util.find_spec("torchao") is None:
             raise ValueError("optim 'adamw_8bit' needs torchao (pip install torchao)")
+        if self.prefix_sharing and not self.padding_free:
+            raise ValueError("prefix_sharing needs padding_free: true (the shared prompt and "
+                             "both completions go into one packed row)")
         if "wandb" in self.report_to:
             check_wandb_ready()
         if "tensorboard" in self.report_to and \

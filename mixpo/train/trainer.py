@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from mixpo.files import atomic_write_text, check_replaceable
-from mixpo.hf.loading import attention_implementation, load_causal_lm, load_tokenizer, torch_dtype
+from mixpo.hf.loading import (attention_implementation, load_causal_lm, load_tokenizer,
+                              runs_flash_attention, torch_dtype)
 from mixpo.hf.policy import PreferenceModel, decoder_layers
 from mixpo.margins import AdaptiveMargin
 from mixpo.train import checkpoint, distributed
@@ -117,6 +118,24 @@ def group_by_length(examples: list[dict], window: int, verbose: bool = True) -> 
     return grouped
 
 
+def make_collator(cfg: TrainConfig, tokenizer, env):
+    """Padded rows, packed rows (padding_free) or packed rows with each prompt read once
+    (prefix_sharing; flash-attn's varlen kernels cannot mask the rejected response from the
+    chosen one, so under flash-attn the rows stay unshared, said once)."""
+    from mixpo.data.collate import (PackedPreferenceCollator, PreferenceCollator,
+                                    SharedPrefixCollator)
+
+    if not cfg.padding_free:
+        return PreferenceCollator(tokenizer.pad_token_id)
+    if cfg.prefix_sharing:
+        if not runs_flash_attention(cfg.attn_implementation, env.device):
+            return SharedPrefixCollator()
+        if env.is_main:
+            print("prefix_sharing: flash-attn cannot mask the rejected response from the "
+                  "chosen one; packing unshared rows (use attn_implementation sdpa to share)")
+    return PackedPreferenceCollator()
+
+
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -178,7 +197,6 @@ def _train(cfg: TrainConfig, env) -> dict:
     import yaml
     from tqdm.auto import tqdm
 
-    from mixpo.data.collate import PackedPreferenceCollator, PreferenceCollator
     from mixpo.data.sampler import CurriculumSampler
 
     output_dir = Path(cfg.output_dir)
@@ -192,8 +210,7 @@ def _train(cfg: TrainConfig, env) -> dict:
     examples = load_examples(cfg, tokenizer, env, cfg.train_file, cfg.split)
     eval_examples = load_examples(cfg, tokenizer, env, cfg.eval_file, cfg.eval_split,
                                   prepare=False) if cfg.eval_file else []
-    collator = PackedPreferenceCollator() if cfg.padding_free \
-        else PreferenceCollator(tokenizer.pad_token_id)
+    collator = make_collator(cfg, tokenizer, env)
     micro = cfg.per_device_train_batch_size
     global_batch = cfg.global_batch_size if cfg.gradient_accumulation_steps is None \
         else micro * cfg.gradient_accumulation_steps * env.world_size
