@@ -14,7 +14,6 @@ from dataclasses import replace
 from mixpo.hf.loading import logit_transform
 from mixpo.loss_config import LossConfig
 from mixpo.losses import linear_loss, sequence_logps, shift_labels
-from mixpo.modules import LinearPreferenceLoss
 
 
 def decoder_layers(causal_lm) -> list[torch.nn.Module]:
@@ -128,12 +127,14 @@ class PreferenceModel(torch.nn.Module):
     (`logit_transform` of the HF config: Gemma-2's softcap, Cohere's and Granite's scales).
     """
 
-    def __init__(self, causal_lm, loss_config: LossConfig | None = None):
+    def __init__(self, causal_lm, loss_config: LossConfig | None = None,
+                 backend: str = "auto"):
         super().__init__()
         self.causal_lm = causal_lm
         logit_scale, softcap = logit_transform(causal_lm.config)
-        config = replace(loss_config or LossConfig(), logit_scale=logit_scale, softcap=softcap)
-        self.loss = LinearPreferenceLoss.from_config(config)
+        self.loss_config = replace(loss_config or LossConfig(), logit_scale=logit_scale,
+                                   softcap=softcap)
+        self.backend = backend
 
     def hidden_states(self, batch: dict):
         """The body's last hidden states as the loss reads them: [2B, T, H] padded, [1, L, H]
@@ -163,7 +164,7 @@ class PreferenceModel(torch.nn.Module):
         shape = {"completion_rows": batch.get("completion_rows"),
                  "completion_sequences": batch.get("completion_sequences"),
                  "completion_counts": batch.get("completion_counts")}
-        config = self.loss.config
+        config = self.loss_config
         if logps_only:
             if shape["completion_rows"] is None:
                 shape = {}
@@ -171,12 +172,12 @@ class PreferenceModel(torch.nn.Module):
                 hidden, weight, bias = _head_inputs(self.hidden_states(batch), head)
                 return sequence_logps(hidden, weight, labels, bias=bias,
                                       ld_alpha=config.ld_alpha, logit_scale=config.logit_scale,
-                                      softcap=config.softcap, backend=self.loss.backend,
+                                      softcap=config.softcap, backend=self.backend,
                                       **shape)
         hidden, weight, bias = _head_inputs(self.hidden_states(batch), head)
         out = linear_loss(hidden, weight, labels, config, bias=bias,
                           ref_logps=ref_logps, hard=batch.get("hard"), margin=margin,
-                          gamma=gamma, backend=self.loss.backend, validate=validate and
+                          gamma=gamma, backend=self.backend, validate=validate and
                           not packed, **shape)
         return out.loss, out
 

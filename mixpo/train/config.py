@@ -387,10 +387,12 @@ def add_config_arguments(parser, config_class=TrainConfig) -> None:
             names.append(f"--{aliases[item.name]}")
         names += [name.replace("_", "-") for name in names if "_" in name]
         is_bool = types[item.name] in (bool, typing.Optional[bool])
+        default = item.default_factory() if item.default is dataclasses.MISSING \
+            else item.default                    # list fields have a factory, not a default
         parser.add_argument(*names, dest=item.name, default=argparse.SUPPRESS,
                             metavar="BOOL" if is_bool else "VALUE",
                             nargs="?" if is_bool else None, const="true" if is_bool else None,
-                            help=f"{item.metadata.get('help', '')} (default {item.default!r})"
+                            help=f"{item.metadata.get('help', '')} (default {default!r})"
                             .replace("%", "%%"))
 
 
