@@ -6,8 +6,8 @@ Notation (as in the README's loss table): per sequence `logp` = summed completio
 `n` its completion tokens, `ref` the reference model's `logp`, `u = logp - ref` the log-ratio
 (`u = logp` for a reference-free type), per token `u / n` when the type normalises length.
 `h = u_w - u_l`, `z = beta * h - gamma` (with an f-divergence, `h = s(u_w) - s(u_l)`),
-`e` = label_smoothing, `s` = sigmoid. Type names and hyper-parameter names are TRL's (trl 1.16 DPOTrainer; SimPO, CPO
-and ORPO as in TRL's CPOTrainer / ORPOTrainer and Liger-Kernel).
+`e` = label_smoothing, `s` = sigmoid. Type names and hyper-parameter names are TRL's (trl
+1.16 DPOTrainer; SimPO, CPO and ORPO as in TRL's CPOTrainer / ORPOTrainer and Liger-Kernel).
 
 Imports nothing heavy at module level (the command line reads it to build its parsers); the
 functions work on tensors through their methods.
