@@ -1,0 +1,207 @@
+"""The model side of `MixpoDPOTrainer` (mixpo.integrations.trl): mixpo's head runs inside the
+model's forward, on the LM head as one linear map (hidden, weight, bias), under every wrapper
+trl trains through.
+
+- FSDP2: DTensor parameters are gathered (`full_tensor`), as trl's fused head does.
+- DeepSpeed ZeRO-3: the head's partitioned parameters are gathered around the fused call with
+  trl's own `maybe_gather_lm_head_ctx` (parameters already available, such as an embedding
+  tied to the head, are left alone; duplicates are dropped), and gathered again when the
+  backward unpacks a parameter the loss saved, so no gathered copy lives from the forward to
+  the backward. ZeRO-1/2 do not partition parameters: nothing to do.
+- PEFT LoRA on the head: exactly PEFT's forward, W x + b + sum_a s_a B_a A_a dropout_a(x)
+  (+ s_a b_Ba with lora_bias), as the one linear map [x | s_a A_a dropout_a(x) ...] times
+  [W | B_a ...]^T: gradients reach A and B, B A is never formed. It costs a [V, H + r] copy of
+  the head and its gradient per step. Adapters disabled or merged: the base head. Other
+  adapter types and LoRA variants (DoRA, ...) on the head are refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from types import MethodType
+
+import torch
+
+# The batch keys trl's collators add that are not model inputs (trl's `_non_model_keys`), and
+# the per-pair columns mixpo's collator carries.
+PASSTHROUGH = ("hard", "difficulty")
+NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps") + PASSTHROUGH
+
+
+def attach_mixpo_head(causal_lm) -> None:
+    """Patch `causal_lm.forward` (as TRL's add_fused_lm_head does) so that
+    `model(..., mixpo_head=fn)` runs the body only and returns fn(hidden, lm_head): the head is
+    read inside the model's forward (FSDP has unsharded it, ZeRO-3's hooks are armed), through
+    every wrapper (DDP, DeepSpeed, PEFT, accelerate). The body is the model's `base_model`, as
+    trl's (a vision-language model's body takes the image inputs). Without `mixpo_head` the
+    previous forward (TRL's) runs unchanged."""
+    if getattr(causal_lm, "_mixpo_head_attached", False):
+        return
+    previous = causal_lm.forward
+
+    def forward(self, *args, mixpo_head=None, **kwargs):
+        if mixpo_head is None:
+            return previous(*args, **kwargs)
+        kwargs.pop("labels", None)
+        kwargs.pop("fused_lm_head", None)
+        router = kwargs.pop("output_router_logits", False)
+        outputs = self.base_model(*args, **kwargs,
+                                  **({"output_router_logits": True} if router else {}))
+        result = mixpo_head(outputs.last_hidden_state, self.get_output_embeddings())
+        if not router:
+            return result
+        mask = kwargs.get("attention_mask")       # packed rows pass a 4-D mask: no padding
+        return result, router_aux_loss(self, outputs.router_logits,
+                                       mask if mask is not None and mask.ndim == 2 else None)
+
+    causal_lm.forward = MethodType(forward, causal_lm)
+    causal_lm._mixpo_head_attached = True
+
+
+def router_aux_loss(causal_lm, router_logits, attention_mask):
+    """The MoE load-balancing loss as the model's own forward computes it (its modeling
+    module's `load_balancing_loss_func`, with its expert counts): what trl 1.16 adds as
+    `router_aux_loss_coef * outputs.aux_loss`."""
+    for cls in type(causal_lm).__mro__:         # FSDP2 subclasses the model's class
+        function = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+        if function is not None:
+            return function(router_logits, causal_lm.num_experts,
+                            causal_lm.num_experts_per_tok, attention_mask)
+    raise ValueError(f"{type(causal_lm).__name__} returns router logits but its modeling "
+                     "module has no load_balancing_loss_func: set router_aux_loss_coef=0.0")
+
+
+def full(tensor):
+    """An FSDP2 DTensor parameter gathered, anything else as is."""
+    return tensor.full_tensor() if tensor is not None and hasattr(tensor, "full_tensor") \
+        else tensor
+
+
+# -- DeepSpeed ZeRO-3 ----------------------------------------------------------------------
+def _zero3_parameters(lm_head) -> list:
+    """The head's ZeRO-3 parameters (empty without ZeRO-3), deduplicated by identity."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return []
+    return list({id(p): p for p in lm_head.parameters() if hasattr(p, "ds_id")}.values())
+
+
+class _Gathered:
+    """A ZeRO-3 parameter saved for the backward, held without its (gathered) storage."""
+
+    def __init__(self, parameter):
+        self.parameter = parameter
+
+    def gather(self) -> torch.Tensor:
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        # The detached alias keeps the gathered storage alive for this backward only: ZeRO-3
+        # releases a parameter by pointing it at an empty tensor, not by freeing the storage.
+        with maybe_gather_lm_head_ctx(self.parameter):
+            return self.parameter.detach()
+
+
+@contextlib.contextmanager
+def gathered_head(lm_head):
+    """The LM head's parameters whole for one fused call (module docstring). A no-op unless
+    DeepSpeed ZeRO-3 partitions them."""
+    parameters = _zero3_parameters(lm_head)
+    if not parameters:
+        yield
+        return
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    def pack(tensor):
+        for parameter in parameters:
+            if tensor is parameter:
+                return _Gathered(parameter)
+        return tensor
+
+    def unpack(saved):
+        return saved.gather() if isinstance(saved, _Gathered) else saved
+
+    with maybe_gather_lm_head_ctx(*parameters), \
+            torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+# -- PEFT ----------------------------------------------------------------------------------
+def _lora_adapters(lm_head) -> list:
+    """The active LoRA adapters of a PEFT-wrapped head that change its output ([] for a plain
+    head, disabled or merged adapters); ValueError for what the linear map cannot hold."""
+    if not hasattr(lm_head, "base_layer"):
+        return []
+    if not hasattr(lm_head, "lora_A"):
+        raise ValueError(f"a {type(lm_head).__name__} adapter on the LM head is not supported "
+                         "by mixpo's logit-free head: leave lm_head out of target_modules "
+                         "(or use modules_to_save=['lm_head'])")
+    if lm_head.disable_adapters or lm_head.merged:
+        return []
+    adapters = [name for name in lm_head.active_adapters if name in lm_head.lora_A]
+    for name in adapters:
+        if name in getattr(lm_head, "lora_variant", {}) or getattr(lm_head, "fan_in_fan_out",
+                                                                    False):
+            raise ValueError(f"LoRA adapter {name!r} on the LM head uses a variant (use_dora, "
+                             "fan_in_fan_out, ...) that mixpo's logit-free head does not "
+                             "support: leave lm_head out of target_modules")
+    return adapters
+
+
+def head_tensors(hidden, lm_head) -> tuple:
+    """(hidden, weight, bias) whose linear map is the head's output (module docstring)."""
+    adapters = _lora_adapters(lm_head)
+    base = lm_head.base_layer if hasattr(lm_head, "base_layer") else lm_head
+    weight, bias = full(base.weight), full(base.bias)
+    if not adapters:
+        return hidden, weight, bias
+    hiddens, weights = [hidden], [weight]
+    for name in adapters:
+        lora_a, lora_b = lm_head.lora_A[name], lm_head.lora_B[name]
+        scaling = lm_head.scaling[name]
+        down = lora_a(lm_head.lora_dropout[name](hidden.to(lora_a.weight.dtype)))
+        hiddens.append((down * scaling).to(hidden.dtype))
+        weights.append(full(lora_b.weight).to(weight.dtype))
+        if lora_b.bias is not None:
+            lora_bias = full(lora_b.bias) * scaling
+            bias = lora_bias if bias is None else bias + lora_bias
+    return torch.cat(hiddens, dim=-1), torch.cat(weights, dim=1), bias
+
+
+# -- batches -------------------------------------------------------------------------------
+def model_inputs(inputs) -> dict:
+    """The body's keywords from trl's batch: every key trl's own forward passes (text ids and
+    masks, and a vision-language model's pixel_values, image_grid_thw, pixel_attention_mask,
+    token_type_ids, ...)."""
+    return {key: value for key, value in inputs.items() if key not in NON_MODEL_KEYS}
+
+
+def position_labels(inputs) -> torch.Tensor:
+    """TRL's batch (input_ids, completion_mask [2B, L]) as mixpo's position-aligned labels:
+    position t reads token t+1 when that token is a completion token, else -100."""
+    input_ids, completion = inputs["input_ids"], inputs["completion_mask"]
+    labels = torch.full_like(input_ids, -100)
+    labels[:, :-1] = input_ids[:, 1:].masked_fill(completion[:, 1:] == 0, -100)
+    return labels
+
+
+def packed(inputs, attn_implementation: str, dtype) -> tuple[dict, dict]:
+    """TRL's right-padded [2B, L] batch as one padding-free row: (the body's keywords, the
+    loss's labels and completion_* shape). Boolean indexing reads the lengths on the host
+    (TRL's own metrics sync every step anyway)."""
+    from mixpo.hf.policy import packed_attention
+
+    real = inputs["attention_mask"].bool()
+    lengths = real.sum(dim=1)
+    labels = position_labels(inputs)
+    packed_labels = labels[real][None]
+    rows = torch.nonzero(packed_labels[0] != -100).squeeze(1)
+    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device),
+                                       lengths)
+    batch = {"position_ids": (real.cumsum(dim=1) - 1)[real][None], "sequence_lengths": lengths}
+    body = {"input_ids": inputs["input_ids"][real][None],
+            **packed_attention(batch, attn_implementation, dtype)}
+    shape = {"labels": packed_labels, "completion_rows": rows,
+             "completion_sequences": sequence[rows],
+             "completion_counts": (labels != -100).sum(dim=1).float()}
+    return body, shape
