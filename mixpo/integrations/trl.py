@@ -56,7 +56,7 @@ from mixpo.integrations.trl_checkpoint import (MARGIN_STATE, incomplete, load_ma
 from mixpo.integrations.trl_data import (Difficulty, PassthroughCollator,
                                          check_precompute_cache, curriculum_on,
                                          curriculum_order, routing_configured, with_routing)
-from mixpo.integrations.trl_head import (PASSTHROUGH, attach_mixpo_head, gathered_head,
+from mixpo.integrations.trl_head import (PASSTHROUGH, HeadOutput, attach_mixpo_head,
                                          head_tensors, model_inputs, packed, position_labels)
 from mixpo.loss_config import LossConfig
 from mixpo.losses import linear_loss, sequence_logps
@@ -265,12 +265,10 @@ class MixpoDPOTrainer(DPOTrainer):
                                           unwrapped.peft_config else None)
 
         def head(hidden, lm_head):
-            with gathered_head(lm_head):
-                hidden, weight, bias = head_tensors(hidden, lm_head)
-                return sequence_logps(hidden, weight, labels, bias=bias,
-                                      ld_alpha=config.ld_alpha, logit_scale=config.logit_scale,
-                                      softcap=config.softcap, backend=self.args.mixpo_backend,
-                                      **shape)
+            hidden, weight, bias = head_tensors(hidden, lm_head)
+            return sequence_logps(hidden, weight, labels, bias=bias, ld_alpha=config.ld_alpha,
+                                  logit_scale=config.logit_scale, softcap=config.softcap,
+                                  backend=self.args.mixpo_backend, **shape)
 
         with torch.no_grad(), disable_gradient_checkpointing(
                 self.model, self.args.gradient_checkpointing_kwargs), adapter_context, \
@@ -296,12 +294,10 @@ class MixpoDPOTrainer(DPOTrainer):
         labels = shape.pop("labels", labels)
 
         def head(hidden, lm_head):
-            with gathered_head(lm_head):
-                hidden, weight, bias = head_tensors(hidden, lm_head)
-                return linear_loss(hidden, weight, labels, config, bias=bias,
-                                   ref_logps=ref_logps, hard=hard, margin=margin,
-                                   backend=self.args.mixpo_backend, validate=not shape,
-                                   **shape)
+            hidden, weight, bias = head_tensors(hidden, lm_head)
+            return linear_loss(hidden, weight, labels, config, bias=bias, ref_logps=ref_logps,
+                               hard=hard, margin=margin, backend=self.args.mixpo_backend,
+                               validate=not shape, **shape)
 
         if self.aux_loss_enabled:          # MoE: trl's router load-balancing term
             model_kwargs["output_router_logits"] = True
@@ -313,9 +309,11 @@ class MixpoDPOTrainer(DPOTrainer):
         loss = None
         if self.aux_loss_enabled:
             out, aux_loss = out
+            out = HeadOutput.result(out)
             loss = out.loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        out = HeadOutput.result(out)
         loss = out.loss if loss is None else loss
         self._log_loss_metrics(out, inputs, mode)
         if return_outputs:

@@ -3,11 +3,14 @@ model's forward, on the LM head as one linear map (hidden, weight, bias), under 
 trl trains through.
 
 - FSDP2: DTensor parameters are gathered (`full_tensor`), as trl's fused head does.
-- DeepSpeed ZeRO-3: the head's partitioned parameters are gathered around the fused call with
-  trl's own `maybe_gather_lm_head_ctx` (parameters already available, such as an embedding
-  tied to the head, are left alone; duplicates are dropped), and gathered again when the
-  backward unpacks a parameter the loss saved, so no gathered copy lives from the forward to
-  the backward. ZeRO-1/2 do not partition parameters: nothing to do.
+- DeepSpeed ZeRO-3 partitions every parameter to 0 elements outside its module's forward,
+  and the head module never runs its forward here. Read as module attributes inside the
+  engine's forward, the head's parameters are gathered by ZeRO-3 itself, which registers them
+  as external parameters of the running module (the model; an embedding tied to the head is
+  the same parameter, registered once). The model's backward hooks gather them again for the
+  backward, so the forward's result leaves the model as a dict (`HeadOutput`), where those
+  hooks find its tensors (a dataclass hides them: the backward then saw a 0-row weight).
+  ZeRO-1/2 do not partition parameters.
 - PEFT LoRA on the head: exactly PEFT's forward, W x + b + sum_a s_a B_a A_a dropout_a(x)
   (+ s_a b_Ba with lora_bias), as the one linear map [x | s_a A_a dropout_a(x) ...] times
   [W | B_a ...]^T: gradients reach A and B, B A is never formed. It costs a [V, H + r] copy of
@@ -16,11 +19,13 @@ trl trains through.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import sys
 from types import MethodType
 
 import torch
+
+from mixpo.losses import PreferenceLossOutput
 
 # The batch keys trl's collators add that are not model inputs (trl's `_non_model_keys`), and
 # the per-pair columns mixpo's collator carries.
@@ -47,7 +52,8 @@ def attach_mixpo_head(causal_lm) -> None:
         router = kwargs.pop("output_router_logits", False)
         outputs = self.base_model(*args, **kwargs,
                                   **({"output_router_logits": True} if router else {}))
-        result = mixpo_head(outputs.last_hidden_state, self.get_output_embeddings())
+        result = HeadOutput.of(mixpo_head(outputs.last_hidden_state,
+                                          self.get_output_embeddings()))
         if not router:
             return result
         mask = kwargs.get("attention_mask")       # packed rows pass a 4-D mask: no padding
@@ -56,6 +62,25 @@ def attach_mixpo_head(causal_lm) -> None:
 
     causal_lm.forward = MethodType(forward, causal_lm)
     causal_lm._mixpo_head_attached = True
+
+
+class HeadOutput(dict):
+    """The loss's `PreferenceLossOutput` as a dict for the trip out of the model's forward:
+    wrappers hook the tensors of a module's output, and DeepSpeed ZeRO-3 gathers the
+    parameters the module read (the head's) for the backward through those hooks, but finds
+    tensors only in tensors, tuples, lists and dicts (accelerate's fp32 output conversion
+    rebuilds dicts too). `result(output)` gives the dataclass back, with the hooked tensors."""
+
+    @classmethod
+    def of(cls, result):
+        if not isinstance(result, PreferenceLossOutput):
+            return result
+        return cls((field.name, getattr(result, field.name))
+                   for field in dataclasses.fields(result))
+
+    @staticmethod
+    def result(output):
+        return PreferenceLossOutput(**output) if isinstance(output, HeadOutput) else output
 
 
 def router_aux_loss(causal_lm, router_logits, attention_mask):
@@ -75,55 +100,6 @@ def full(tensor):
     """An FSDP2 DTensor parameter gathered, anything else as is."""
     return tensor.full_tensor() if tensor is not None and hasattr(tensor, "full_tensor") \
         else tensor
-
-
-# -- DeepSpeed ZeRO-3 ----------------------------------------------------------------------
-def _zero3_parameters(lm_head) -> list:
-    """The head's ZeRO-3 parameters (empty without ZeRO-3), deduplicated by identity."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        return []
-    return list({id(p): p for p in lm_head.parameters() if hasattr(p, "ds_id")}.values())
-
-
-class _Gathered:
-    """A ZeRO-3 parameter saved for the backward, held without its (gathered) storage."""
-
-    def __init__(self, parameter):
-        self.parameter = parameter
-
-    def gather(self) -> torch.Tensor:
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
-
-        # The detached alias keeps the gathered storage alive for this backward only: ZeRO-3
-        # releases a parameter by pointing it at an empty tensor, not by freeing the storage.
-        with maybe_gather_lm_head_ctx(self.parameter):
-            return self.parameter.detach()
-
-
-@contextlib.contextmanager
-def gathered_head(lm_head):
-    """The LM head's parameters whole for one fused call (module docstring). A no-op unless
-    DeepSpeed ZeRO-3 partitions them."""
-    parameters = _zero3_parameters(lm_head)
-    if not parameters:
-        yield
-        return
-    from trl.trainer.utils import maybe_gather_lm_head_ctx
-
-    def pack(tensor):
-        for parameter in parameters:
-            if tensor is parameter:
-                return _Gathered(parameter)
-        return tensor
-
-    def unpack(saved):
-        return saved.gather() if isinstance(saved, _Gathered) else saved
-
-    with maybe_gather_lm_head_ctx(*parameters), \
-            torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
 
 
 # -- PEFT ----------------------------------------------------------------------------------
