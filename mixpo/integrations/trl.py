@@ -57,6 +57,7 @@ from mixpo.integrations.trl_data import (Difficulty, PassthroughCollator,
                                          check_precompute_cache, curriculum_on,
                                          curriculum_order, routing_configured, with_routing)
 from mixpo.integrations.trl_head import (PASSTHROUGH, HeadOutput, attach_mixpo_head,
+                                         check_head_adapters, head_adapters_allowed,
                                          head_tensors, model_inputs, packed, position_labels)
 from mixpo.loss_config import LossConfig
 from mixpo.losses import linear_loss, sequence_logps
@@ -186,12 +187,14 @@ class MixpoDPOTrainer(DPOTrainer):
                 raise ValueError("padding_free packs text-only batches: set padding_free=False "
                                  "for a dataset with images")
         self._margin = None
-        super().__init__(model=model, ref_model=ref_model, args=args,
-                         data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class,
-                         compute_metrics=compute_metrics, callbacks=callbacks,
-                         optimizers=optimizers, quantization_config=quantization_config,
-                         peft_config=peft_config)
+        with head_adapters_allowed():
+            super().__init__(model=model, ref_model=ref_model, args=args,
+                             data_collator=data_collator, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class,
+                             compute_metrics=compute_metrics, callbacks=callbacks,
+                             optimizers=optimizers, quantization_config=quantization_config,
+                             peft_config=peft_config)
+        check_head_adapters(_causal_lm(self.model))
         self.data_collator = PassthroughCollator(self.data_collator)
         if args.adaptive_margin:    # each process keeps its own queue, as the authors' code
             gamma0 = LossConfig(loss_type=tuple(args.loss_type), gamma=args.gamma).fixed_gamma

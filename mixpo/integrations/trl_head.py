@@ -19,6 +19,7 @@ trl trains through.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from types import MethodType
@@ -122,6 +123,35 @@ def _lora_adapters(lm_head) -> list:
                              "fan_in_fan_out, ...) that mixpo's logit-free head does not "
                              "support: leave lm_head out of target_modules")
     return adapters
+
+
+def check_head_adapters(model) -> None:
+    """ValueError naming what mixpo's head cannot run, before training."""
+    if hasattr(model, "get_output_embeddings"):
+        _lora_adapters(model.get_output_embeddings())
+
+
+class _NoModule:
+    """A class no module is an instance of."""
+
+
+@contextlib.contextmanager
+def head_adapters_allowed():
+    """trl 1.16's DPOTrainer refuses a PEFT adapter on lm_head (its fused head reads
+    lm_head.weight and would never train the adapter, its message says); mixpo's head runs
+    the adapter (`head_tensors`), so that refusal (trl's only use of `BaseTunerLayer` in
+    dpo_trainer) is lifted while MixpoDPOTrainer's constructor runs."""
+    import trl.trainer.dpo_trainer as dpo_trainer
+
+    original = getattr(dpo_trainer, "BaseTunerLayer", None)
+    if original is None:
+        yield
+        return
+    dpo_trainer.BaseTunerLayer = _NoModule
+    try:
+        yield
+    finally:
+        dpo_trainer.BaseTunerLayer = original
 
 
 def head_tensors(hidden, lm_head) -> tuple:
