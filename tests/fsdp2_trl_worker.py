@@ -27,6 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fixtures import build_tiny_causal_lm, build_tiny_tokenizer   # noqa: E402
 from test_integration_trl import rows                              # noqa: E402
 
+# examples/accelerate/fsdp2.yaml's layout (tests/test_examples.py checks they agree).
+FSDP2_LAYOUT = {"fsdp_version": 2, "auto_wrap_policy": "transformer_based_wrap",
+                "reshard_after_forward": True}
+
 
 def main(out_path: str, loss_type: str, tied: bool) -> None:
     import datasets
@@ -79,8 +83,7 @@ def main(out_path: str, loss_type: str, tied: bool) -> None:
 
     # The same step through accelerate's FSDP2 layout.
     plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=["LlamaDecoderLayer"], reshard_after_forward=True,
+        **FSDP2_LAYOUT, transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
         cpu_ram_efficient_loading=False)
     accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin),
                                   torch_device_mesh=None, mixed_precision="no",

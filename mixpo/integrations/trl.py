@@ -9,11 +9,15 @@
 
 What changes against stock TRL, and what does not:
 - The loss is mixpo's logit-free fused loss (`mixpo.linear_preference_loss`) on the body's last
-  hidden state and the LM-head weight (PEFT: the base model's head), computed inside the
-  model's forward (so FSDP has the head unsharded), for every loss type TRL 1.16's DPOTrainer
-  has plus simpo, cpo and orpo; TRL's list form, loss_weights, use_weighting,
-  f_divergence_type, ld_alpha and discopop_tau keep their meaning. The logit transform of the
-  model (Gemma-2 softcap, Cohere / Granite scales) is read from its config as TRL reads it.
+  hidden state and the LM head (`trl_head`: FSDP2 DTensors gathered, DeepSpeed ZeRO-3's
+  partitions gathered by ZeRO-3 for the forward and the backward, a PEFT LoRA on the head run
+  as PEFT computes it; a frozen head gets no dWeight), computed inside the model's forward,
+  for every loss type TRL 1.16's DPOTrainer has plus simpo, cpo and orpo; TRL's list form,
+  loss_weights, use_weighting, f_divergence_type, ld_alpha and discopop_tau keep their
+  meaning. The logit transform of the model (Gemma-2 softcap, Cohere / Granite scales) is read
+  from its config as TRL reads it. Every model input of TRL's batch reaches the body
+  (vision-language models' pixel_values, image_grid_thw, ...).
+- `evaluate()` with `compute_metrics`: the logits come from an extra forward, as in stock TRL.
 - Definitions that differ from TRL 1.16, said once in the log where they apply: with
   loss_type "sigmoid", label_smoothing is cDPO (the MixDPO authors' setting); TRL's sigmoid
   ignores it. Everything else agrees with TRL (losses and gradients, tested).
@@ -24,7 +28,9 @@ What changes against stock TRL, and what does not:
   with `difficulty` / `score_columns`): routed pairs take the SFT loss of their chosen
   response. Routing happens only when configured.
 - gamma-PO: `adaptive_margin=True` (gamma0 = `gamma`, `margin_tau`, `margin_center`); the
-  solver's state is saved in TRL checkpoints and restored on resume.
+  solver's state is saved in TRL checkpoints and restored on resume (`trl_checkpoint`:
+  weights-only loads; `resume_from_checkpoint=True` skips a checkpoint whose save was cut
+  short).
 - Curriculum: with routing or a difficulty configured, the pairs are ordered easy-first by
   the same difficulty and stable sort as `mixpo data prepare` (`order="as-is"` keeps the
   dataset's order, `order="shuffle"` permutes it) and fed through a sequential sampler (the
