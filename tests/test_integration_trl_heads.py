@@ -205,6 +205,13 @@ def test_vision_inputs_reach_the_body_as_in_stock_trl(tmp_path):
                                 train_dataset=datasets.Dataset.from_list(vision_rows()),
                                 processing_class=processor)
         results[name] = first_step(trainer)
+    with pytest.raises(ValueError, match="padding_free packs text-only batches: set "
+                       "padding_free=False for a dataset with images"):
+        MixpoDPOTrainer(model=tiny_llava(text), ref_model=tiny_llava(text),
+                        args=MixpoDPOConfig(output_dir=str(tmp_path / "packed"), use_cpu=True,
+                                            padding_free=True, report_to="none"),
+                        train_dataset=datasets.Dataset.from_list(vision_rows()),
+                        processing_class=processor)
     (stock_loss, stock_grads, batch), (loss, grads, _) = results["stock"], results["mixpo"]
     assert batch["pixel_values"].shape == (4, 3, 8, 8)          # per chosen and rejected row
     tower = [name for name in stock_grads if "vision_tower" in name]
