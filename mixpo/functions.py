@@ -167,8 +167,9 @@ class LinearSequenceLogps(torch.autograd.Function):
             dhidden, dweight, dbias = kernel_ops("linear_logps", ctx.triton) \
                 .linear_token_logps_backward(hidden2d, weight, bias, row_labels, rows, lse,
                                              grad_token.contiguous(), label_logit,
-                                             config.logit_scale, config.softcap)
-        return (dhidden.view_as(hidden), dweight if ctx.needs_input_grad[1] else None,
+                                             config.logit_scale, config.softcap,
+                                             weight_grad=ctx.needs_input_grad[1])
+        return (dhidden.view_as(hidden), dweight,
                 dbias if ctx.needs_input_grad[2] else None) + (None,) * 7
 
 

@@ -3,7 +3,9 @@
 and precomputed reference log-probs that trains, logs, checkpoints and resumes, a LoRA run,
 and the curriculum sampler."""
 import json
+import pickle
 import random
+import re
 
 import pytest
 import torch
@@ -202,32 +204,125 @@ def test_padding_free_equals_padded(tokenizer, tmp_path, loss_type):
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_routing_adaptive_margins_precompute_checkpoint_resume(tokenizer, tmp_path):
+def test_routing_margins_curriculum_checkpoint_interrupted_save_and_resume(tokenizer, tmp_path,
+                                                                           monkeypatch, caplog):
+    """MixDPO routing + gamma-PO + precomputed reference through TRL's loop, easy-first: the
+    6 tied pairs come last, so the routed fraction per step is 0, 0, 0, 0, 0.5, 1. The save
+    of checkpoint-6 is interrupted where a kill would leave it (after the model, optimizer
+    and RNG states, before mixpo's solver state and trainer_state.json). A path to it is
+    refused naming what is missing and the checkpoint to use; resume_from_checkpoint=True
+    falls back to checkpoint-4 and retrains steps 5-6 exactly; a solver-state file that is a
+    code-running pickle is refused, never unpickled."""
+    import mixpo.integrations.trl as integration
+
     options = dict(loss_type="sigmoid", beta=0.1, route_below=0.5, adaptive_margin=True,
-                   gamma=0.5, precompute_ref_log_probs=True, max_steps=4, save_strategy="steps",
+                   gamma=0.5, precompute_ref_log_probs=True, max_steps=6, save_strategy="steps",
                    save_steps=2)
-    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "run", **options)
-    assert trainer.train_dataset["hard"] == [row["score_chosen"] - row["score_rejected"] < 0.5
-                                             for row in rows()]
-    assert trainer._curriculum            # routing configured: the dataset's order
-    trainer.train()
+    run = tmp_path / "run"
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, run, **options)
+    gaps = [row["score_chosen"] - row["score_rejected"] for row in rows()]
+    order = sorted(range(len(gaps)), key=lambda index: -gaps[index])       # stable, easy-first
+    assert trainer.train_dataset["hard"] == [gaps[index] < 0.5 for index in order]
+    assert trainer._curriculum
+
+    save = integration.save_margin_state
+
+    def killed_at_step_6(margin, folder, rank):
+        if folder.endswith("checkpoint-6"):
+            raise KeyboardInterrupt("killed while saving checkpoint-6")
+        save(margin, folder, rank)
+
+    monkeypatch.setattr(integration, "save_margin_state", killed_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    monkeypatch.setattr(integration, "save_margin_state", save)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logged) == 4
-    assert all(entry["routing/sft_fraction"] == 0.25 for entry in logged)  # 1 tie in 4
+    assert [entry["routing/sft_fraction"] for entry in logged] == [0, 0, 0, 0, 0.5, 1.0]
     assert any(entry["gamma/std"] > 0 for entry in logged)
-    assert all("ref_chosen_logps" in row for row in [trainer.train_dataset[0]])
-    solver_file = tmp_path / "run" / "checkpoint-2" / "mixpo_margin_rank0.pt"
-    saved = torch.load(solver_file, weights_only=False)
+    assert "ref_chosen_logps" in trainer.train_dataset[0]
+    interrupted = run / "checkpoint-6"
+    assert (interrupted / "model.safetensors").is_file()
+    assert not (interrupted / "trainer_state.json").exists()
+    assert not (interrupted / "mixpo_margin_rank0.pt").exists()
+    saved = torch.load(run / "checkpoint-2" / "mixpo_margin_rank0.pt", weights_only=True)
     assert len(saved["queue"]) == 8 + 2 * 4            # initial queue + two steps of 4 gaps
     losses = [entry["loss"] for entry in logged]
 
-    # Resume from checkpoint-2: the same steps 3-4 (solver queue and data position restored).
-    resumed = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "run", **options)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    resumed = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, run, **options)
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint-6: trainer_state.json "
+                       r"is missing: its save was interrupted; resume from .*checkpoint-4"):
+        resumed.train(resume_from_checkpoint=str(interrupted))
+    caplog.clear()
+    resumed.train(resume_from_checkpoint=True)
+    assert re.search(r"not resuming from \S*checkpoint-6 .*resuming from \S*checkpoint-4",
+                     caplog.text)
     again = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
-    assert len(again) == 4      # steps 1-2 from the checkpoint's history, 3-4 trained again
-    assert again[2:] == pytest.approx(losses[2:], rel=1e-5)
-    assert len(resumed._margin.queue) == 8 + 4 * 4
+    assert len(again) == 6      # steps 1-4 from the checkpoint's history, 5-6 trained again
+    assert again[4:] == pytest.approx(losses[4:], rel=1e-5)
+    assert len(resumed._margin.queue) == 8 + 6 * 4
+
+    # A checkpoint with its trainer state but no solver state: named, with its causes.
+    (run / "checkpoint-4" / "mixpo_margin_rank0.pt").unlink()
+    with pytest.raises(ValueError, match="checkpoint-4: mixpo_margin_rank0.pt missing .*"
+                       "interrupted, or the run that wrote it had no adaptive_margin"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, run, **options).train(
+            resume_from_checkpoint=str(run / "checkpoint-4"))
+
+    # A solver-state file that runs code when unpickled is refused, in one line, by name.
+    marker = tmp_path / "code-ran"
+    with open(run / "checkpoint-2" / "mixpo_margin_rank0.pt", "wb") as handle:
+        pickle.dump(_RunsCode(str(marker)), handle)
+    with pytest.raises(ValueError, match=r"^\S*checkpoint-2/mixpo_margin_rank0.pt: not a "
+                       r"gamma-PO solver state mixpo wrote, refused by torch.load\(weights_only"
+                       r"=True\) \([^\n]*\)$"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, run, **options).train(
+            resume_from_checkpoint=str(run / "checkpoint-2"))
+    assert not marker.exists()
+
+
+class _RunsCode:
+    """Unpickling this creates a file: what a crafted checkpoint file could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_curriculum_is_prepare_s_easy_first_order_unless_asked(tokenizer, tmp_path, caplog):
+    """The default curriculum is `mixpo data prepare`'s order (same difficulty, same stable
+    sort), whether the data was prepared or not; order="as-is" keeps the dataset's order;
+    the log says which; what cannot be ordered is refused by name."""
+    from mixpo.data.difficulty import prepare_dataset
+
+    raw = datasets.Dataset.from_list(rows())
+    prepared, _ = prepare_dataset(raw, route_below=0.5)
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "a", route_below=0.5)
+    assert trainer.train_dataset["prompt_ids"] == [tokenizer(prompt)["input_ids"]
+                                                  for prompt in prepared["prompt"]]
+    assert "curriculum on: easy-first by rating difficulty" in caplog.text
+    # A file prepared in its own order is re-sorted by its difficulty column, unless as-is.
+    as_is, _ = prepare_dataset(raw, order="as-is")
+    caplog.clear()
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "b", dataset=as_is)
+    assert trainer.train_dataset["difficulty"] == prepared["difficulty"]
+    assert "easy-first by the dataset's `difficulty` column" in caplog.text
+    caplog.clear()
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "c", dataset=as_is,
+                   order="as-is")
+    assert trainer.train_dataset["difficulty"] == as_is["difficulty"]
+    assert "the dataset's own order (order='as-is')" in caplog.text
+    with pytest.raises(ValueError, match="order='easy-first' is the curriculum's order; with "
+                       "curriculum=False TRL shuffles"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "d", curriculum=False,
+             order="easy-first")
+    unscored = raw.remove_columns(["score_chosen", "score_rejected"]).add_column(
+        "flag", [index % 4 == 1 for index in range(len(raw))])
+    with pytest.raises(ValueError, match="the curriculum orders pairs easy-first by "
+                       "difficulty, and .*; pass order='as-is'"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "e", dataset=unscored,
+             routing_column="flag")
 
 
 def test_routing_column_is_type_checked_and_not_used_unless_asked(tokenizer, tmp_path):
@@ -246,7 +341,7 @@ def test_routing_column_is_type_checked_and_not_used_unless_asked(tokenizer, tmp
 
 def test_curriculum_sampler_yields_dataset_order(tokenizer, tmp_path):
     trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, curriculum=True,
-                   per_device_train_batch_size=5)
+                   order="as-is", per_device_train_batch_size=5)
     batches = list(trainer.get_train_dataloader())
     data = rows()
     first_ids = tokenizer(data[0]["prompt"] + data[0]["chosen"])["input_ids"]
@@ -278,7 +373,7 @@ def test_precompute_with_several_processes_needs_datasets_on_disk(tokenizer, tmp
                                                                   monkeypatch):
     from types import SimpleNamespace
 
-    from mixpo.integrations.trl import _check_precompute_cache
+    from mixpo.integrations.trl_data import check_precompute_cache
 
     monkeypatch.setattr(MixpoDPOConfig, "world_size", property(lambda self: 2))
     with pytest.raises(ValueError, match="precompute_ref_log_probs with 2 processes needs"):
@@ -287,15 +382,15 @@ def test_precompute_with_several_processes_needs_datasets_on_disk(tokenizer, tmp
     datasets.Dataset.from_list(rows()).save_to_disk(str(tmp_path / "data"))
     on_disk = datasets.load_from_disk(str(tmp_path / "data"))
     args = SimpleNamespace(precompute_ref_log_probs=True, world_size=2)
-    _check_precompute_cache(args, on_disk, {"test": on_disk}, None)        # accepted
+    check_precompute_cache(args, on_disk, {"test": on_disk}, None)        # accepted
     with pytest.raises(ValueError, match="in-memory"):
-        _check_precompute_cache(args, on_disk, {"test": datasets.Dataset.from_list(rows())})
-    _check_precompute_cache(SimpleNamespace(precompute_ref_log_probs=True, world_size=1),
+        check_precompute_cache(args, on_disk, {"test": datasets.Dataset.from_list(rows())})
+    check_precompute_cache(SimpleNamespace(precompute_ref_log_probs=True, world_size=1),
                             datasets.Dataset.from_list(rows()))             # one process: fine
     datasets.disable_caching()            # every map then writes to a per-process temp folder
     try:
         with pytest.raises(ValueError, match="needs datasets with files on disk"):
-            _check_precompute_cache(args, on_disk)
+            check_precompute_cache(args, on_disk)
     finally:
         datasets.enable_caching()
     # The check also guards trl's own tokenized copy, right before the reference pass.

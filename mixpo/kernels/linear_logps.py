@@ -164,7 +164,7 @@ def _linear_softmax_bwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, lse_ptr, coef_ptr,
     dhidden_ptr, dweight_ptr, dbias_ptr,
     n_tokens, vocab_size, hidden_size, filter_eps, stride_hn, stride_wv, stride_dhn,
-    stride_dwv, has_bias, dh_direct, logit_scale, softcap,
+    stride_dwv, has_bias, dh_direct, weight_grad, logit_scale, softcap,
     UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -219,21 +219,24 @@ def _linear_softmax_bwd_kernel(
                 w = tl.load(w_rows[:, None] + offs_h[None, :], mask=mask_vh, other=0.0)
                 if UPCAST or (e.dtype == tl.float32):
                     dh = tl.dot(gd, w.to(tl.float32), input_precision="tf32x3")     # [BN, BH]
-                    dw = tl.dot(tl.trans(gd), e.to(tl.float32), input_precision="tf32x3")
                 else:
                     dh = tl.dot(gd, w)                                             # [BN, BH]
-                    dw = tl.dot(tl.trans(gd), e)                                   # [BV, BH]
                 tl.atomic_add(dh_rows[:, None] + offs_h[None, :], dh, mask=mask_nh,
                               sem="relaxed")
-                tl.atomic_add(dw_rows[:, None] + offs_h[None, :], dw, mask=mask_vh,
-                              sem="relaxed")
+                if weight_grad:         # a frozen head: no dWeight product, no buffer
+                    if UPCAST or (e.dtype == tl.float32):
+                        dw = tl.dot(tl.trans(gd), e.to(tl.float32), input_precision="tf32x3")
+                    else:
+                        dw = tl.dot(tl.trans(gd), e)                               # [BV, BH]
+                    tl.atomic_add(dw_rows[:, None] + offs_h[None, :], dw, mask=mask_vh,
+                                  sem="relaxed")
 
 
 @triton.jit
 def _linear_label_bwd_kernel(
     hidden_ptr, weight_ptr, labels_ptr, rows_ptr, coef_ptr, dhidden_ptr, dweight_ptr,
     dbias_ptr, n_tokens, hidden_size, stride_hn, stride_wv, stride_dhn, stride_dwv,
-    has_bias, dh_direct, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    has_bias, dh_direct, weight_grad, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -256,8 +259,9 @@ def _linear_label_bwd_kernel(
     tl.atomic_add(dhidden_ptr + dh_rows[:, None] + offs_h[None, :], coef[:, None] * w,
                   mask=mask, sem="relaxed")
     # Atomics: several tokens may share a label.
-    tl.atomic_add(dweight_ptr + labels[:, None] * stride_dwv + offs_h[None, :],
-                  coef[:, None] * e, mask=mask, sem="relaxed")
+    if weight_grad:
+        tl.atomic_add(dweight_ptr + labels[:, None] * stride_dwv + offs_h[None, :],
+                      coef[:, None] * e, mask=mask, sem="relaxed")
     if has_bias:
         if pid_h == 0:
             tl.atomic_add(dbias_ptr + labels, coef, mask=active_n, sem="relaxed")
@@ -371,7 +375,7 @@ def _vocab_chunk_rows(vocab_size: int, hidden_size: int, block_v: int, vocab_chu
 
 def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_token,
                                 label_logit, logit_scale: float = 1.0, softcap=None,
-                                filter_eps=None, vocab_chunk=None):
+                                filter_eps=None, vocab_chunk=None, weight_grad: bool = True):
     """Gradients of sum(grad_token * token_logps) w.r.t. hidden, weight and bias.
 
     Same inputs as the forward plus its lse [n] fp32, grad_token [n] fp32 and the labels' raw
@@ -381,7 +385,8 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
     dweight through an fp32 buffer of `vocab_chunk` rows (default: DWEIGHT_CHUNK_BYTES' worth,
     a multiple of the vocab tile), the vocab processed chunk by chunk. `filter_eps` overrides
     the tile-skipping threshold `FILTER_EPS[dtype]` (0: skip only tiles whose softmax
-    underflows to exactly 0).
+    underflows to exactly 0). `weight_grad=False` (a frozen head): dweight is None, and
+    neither its products nor its buffers exist.
     """
     _check(hidden, weight, bias, labels, rows)
     hidden, weight = _unit_stride(hidden), _unit_stride(weight)
@@ -390,8 +395,9 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
     direct = dtype == torch.float32
     dhidden = torch.zeros(hidden.shape, dtype=dtype, device=device)
     # 16-bit dweight: every row is written chunk by chunk below.
-    dweight = (torch.zeros if direct or not num_tokens else torch.empty)(
-        weight.shape, dtype=dtype, device=device)
+    dweight = None if not weight_grad else (torch.zeros if direct or not num_tokens
+                                            else torch.empty)(weight.shape, dtype=dtype,
+                                                              device=device)
     dbias = None if bias is None else torch.zeros(vocab_size, dtype=torch.float32,
                                                   device=device)
     if num_tokens:
@@ -408,10 +414,10 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
         # The one-hot part at the label: coef * dz'/dz there.
         _, label_slope = label_transform(label_logit.float(), logit_scale, softcap)
         label_coef = (coef * label_slope).contiguous()
-        chunk_rows = vocab_size if direct else _vocab_chunk_rows(
+        chunk_rows = vocab_size if direct or not weight_grad else _vocab_chunk_rows(
             vocab_size, hidden_size, dense.block("BLOCK_V"), vocab_chunk)
-        dw_acc = dweight if direct else torch.empty(chunk_rows, hidden_size,
-                                                    dtype=torch.float32, device=device)
+        dw_acc = None if not weight_grad else dweight if direct else torch.empty(
+            chunk_rows, hidden_size, dtype=torch.float32, device=device)
         lse = lse.contiguous()
         label_grid = (triton.cdiv(num_tokens, label.block("BLOCK_N")),
                       triton.cdiv(hidden_size, label.block("BLOCK_H")))
@@ -419,8 +425,9 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
             v1 = min(v0 + chunk_rows, vocab_size)
             # Views of this chunk's vocab rows: the kernels see a vocab of v1 - v0 entries
             # (the softmax still normalises by the full lse).
-            dw_chunk = dw_acc[:v1 - v0]
-            if not direct:
+            # Without weight_grad, dhidden's buffer stands in as a pointer never written.
+            dw_chunk = dh_acc if dw_acc is None else dw_acc[:v1 - v0]
+            if not direct and weight_grad:
                 dw_chunk.zero_()
             bias_chunk = bias32[v0:v1] if bias is not None else bias32
             dbias_chunk = dbias[v0:v1] if dbias is not None else coef
@@ -430,7 +437,8 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
                 hidden, weight[v0:v1], bias_chunk, rows, lse, coef, dh_acc,
                 dw_chunk, dbias_chunk, num_tokens, v1 - v0, hidden_size, eps,
                 hidden.stride(0), weight.stride(0), dh_acc.stride(0), dw_chunk.stride(0),
-                int(bias is not None), int(direct), float(logit_scale), float(softcap or 0.0),
+                int(bias is not None), int(direct), int(weight_grad), float(logit_scale),
+                float(softcap or 0.0),
                 UPCAST=INTERPRET, SOFTCAP=bool(softcap), **dense.launch_kwargs())
             # Labels outside the chunk get a zero coefficient (and a harmless in-chunk index).
             if chunk_rows >= vocab_size:
@@ -443,10 +451,10 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
                 hidden, weight[v0:v1], chunk_labels, rows, chunk_coef, dh_acc, dw_chunk,
                 dbias_chunk, num_tokens, hidden_size, hidden.stride(0), weight.stride(0),
                 dh_acc.stride(0), dw_chunk.stride(0), int(bias is not None), int(direct),
-                **label.launch_kwargs())
-            if not direct:
+                int(weight_grad), **label.launch_kwargs())
+            if not direct and weight_grad:
                 dweight[v0:v1] = dw_chunk
         if not direct:
             dhidden[rows] = dh_acc.to(dtype)
-    return (dhidden, dweight.to(weight.dtype),
+    return (dhidden, None if dweight is None else dweight.to(weight.dtype),
             None if dbias is None else dbias.to(bias.dtype))

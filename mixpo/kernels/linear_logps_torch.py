@@ -62,16 +62,19 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
 
 
 def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_token,
-                                label_logit=None, logit_scale: float = 1.0, softcap=None):
+                                label_logit=None, logit_scale: float = 1.0, softcap=None,
+                                weight_grad: bool = True):
     """Gradients of sum(grad_token * token_logps) w.r.t. hidden, weight and bias.
 
     Same inputs as the forward plus its lse [n] and grad_token [n] fp32 (`label_logit`, the
     Triton helper's input, is recomputed here). Returns (dhidden [N, H], zero on rows not
-    listed; dweight [V, H]; dbias [V] or None) in the input dtypes, accumulated in fp32.
+    listed; dweight [V, H], or None with `weight_grad=False` (a frozen head: no dWeight
+    product or buffer); dbias [V] or None) in the input dtypes, accumulated in fp32.
     """
     weight32, bias32 = _fp32(weight), _fp32(bias)
     dhidden = torch.zeros_like(hidden)
-    dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+        if weight_grad else None
     dbias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32,
                                                   device=bias.device)
     transformed = logit_scale != 1.0 or bool(softcap)
@@ -93,7 +96,9 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
         if transformed:
             grad_logits.mul_(slope)
         dhidden[rows[t0:t1]] = (grad_logits @ weight32).to(hidden.dtype)
-        dweight.addmm_(grad_logits.T, hidden_block)  # accumulate without a [V, H] temporary
+        if dweight is not None:
+            dweight.addmm_(grad_logits.T, hidden_block)  # accumulate, no [V, H] temporary
         if dbias is not None:
             dbias += grad_logits.sum(0)
-    return dhidden, dweight.to(weight.dtype), None if dbias is None else dbias.to(bias.dtype)
+    return (dhidden, None if dweight is None else dweight.to(weight.dtype),
+            None if dbias is None else dbias.to(bias.dtype))
