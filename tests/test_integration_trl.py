@@ -167,7 +167,10 @@ def test_moe_router_aux_loss_equals_stock_dpo_trainer(tokenizer, tmp_path):
             ("stock", trl.DPOTrainer, trl.DPOConfig, {}),
             ("mixpo", MixpoDPOTrainer, MixpoDPOConfig, {"curriculum": False}),
             ("packed", MixpoDPOTrainer, MixpoDPOConfig, {"curriculum": False,
-                                                          "padding_free": True})):
+                                                          "padding_free": True}),
+            ("shared", MixpoDPOTrainer, MixpoDPOConfig, {"curriculum": False,
+                                                          "padding_free": True,
+                                                          "prefix_sharing": True})):
         args = config_class(output_dir=str(tmp_path / name), per_device_train_batch_size=4,
                             max_steps=1, save_strategy="no", report_to="none", seed=0,
                             use_cpu=True, max_length=64, bf16=False, beta=0.3,
@@ -181,7 +184,7 @@ def test_moe_router_aux_loss_equals_stock_dpo_trainer(tokenizer, tmp_path):
         results[name] = (loss, grads, trainer._metrics["train"]["aux_loss"][-1])
     stock_loss, stock_grads, stock_aux = results["stock"]
     assert stock_aux > 1.0                          # a real term: about num_experts_per_tok
-    for name in ("mixpo", "packed"):
+    for name in ("mixpo", "packed", "shared"):      # shared rows weigh prompt tokens twice
         loss, grads, aux = results[name]
         assert aux == pytest.approx(stock_aux, rel=1e-6), name
         torch.testing.assert_close(loss, stock_loss, rtol=1e-5, atol=1e-6)
@@ -191,17 +194,29 @@ def test_moe_router_aux_loss_equals_stock_dpo_trainer(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_padding_free_equals_padded(tokenizer, tmp_path, loss_type):
-    options = dict(loss_type=loss_type, beta=0.3, curriculum=True, ld_alpha=0.5)
+def test_padding_free_and_prefix_sharing_equal_padded(tokenizer, tmp_path, loss_type):
+    options = dict(loss_type=loss_type, beta=0.3, curriculum=True, ld_alpha=0.5,
+                   route_below=1.0, sft_weight=0.1)
     padded = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "padded", **options)
-    packed = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "packed",
-                  padding_free=True, **options)
-    assert packed._padding_free and not packed.args.padding_free   # TRL's switch stays off
     padded_loss, padded_grads, _ = first_step(padded)
-    packed_loss, packed_grads, _ = first_step(packed)
-    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
-    for name, grad in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    metrics = {name: values[-1] for name, values in padded._metrics["train"].items()}
+    for name, extra in (("packed", {}), ("shared", {"prefix_sharing": True})):
+        ours = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / name,
+                    padding_free=True, **extra, **options)
+        assert ours._padding_free and not ours.args.padding_free   # TRL's switch stays off
+        loss, grads, _ = first_step(ours)
+        torch.testing.assert_close(loss, padded_loss, rtol=1e-5, atol=1e-6)
+        for parameter, grad in padded_grads.items():
+            torch.testing.assert_close(grads[parameter], grad, rtol=1e-4, atol=1e-6,
+                                       msg=f"{name} {parameter}")
+        for metric, value in metrics.items():
+            assert ours._metrics["train"][metric][-1] == pytest.approx(
+                value, rel=1e-4, abs=1e-5), (name, metric)
+
+
+def test_prefix_sharing_needs_padding_free(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="prefix_sharing needs padding_free=True"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, prefix_sharing=True)
 
 
 def test_routing_margins_curriculum_checkpoint_interrupted_save_and_resume(tokenizer, tmp_path,
@@ -271,10 +286,15 @@ def test_routing_margins_curriculum_checkpoint_interrupted_save_and_resume(token
     # A solver-state file that runs code when unpickled is refused, in one line, by name.
     marker = tmp_path / "code-ran"
     with open(run / "checkpoint-2" / "mixpo_margin_rank0.pt", "wb") as handle:
-        pickle.dump(_RunsCode(str(marker)), handle)
+        pickle.dump(_RunsCode(str(marker)), handle)          # a bare pickle
     with pytest.raises(ValueError, match=r"^\S*checkpoint-2/mixpo_margin_rank0.pt: not a "
-                       r"gamma-PO solver state mixpo wrote, refused by torch.load\(weights_only"
-                       r"=True\) \([^\n]*\)$"):
+                       r"gamma-PO solver state mixpo wrote \([^\n]*\)$"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, run, **options).train(
+            resume_from_checkpoint=str(run / "checkpoint-2"))
+    torch.save({"queue": [], "x": _RunsCode(str(marker))},    # torch's own format
+               run / "checkpoint-2" / "mixpo_margin_rank0.pt")
+    with pytest.raises(ValueError, match=r"^\S*checkpoint-2/mixpo_margin_rank0.pt: refused: it "
+                       r"holds Python objects other than tensors"):
         make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, run, **options).train(
             resume_from_checkpoint=str(run / "checkpoint-2"))
     assert not marker.exists()
@@ -403,3 +423,29 @@ def test_mixpo_metrics_are_json_serialisable(tokenizer, tmp_path):
     trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, max_steps=1)
     trainer.train()
     json.dumps(trainer.state.log_history)
+
+
+def test_the_readme_snippet_runs_on_a_cpu(tokenizer, tmp_path, monkeypatch):
+    """The README's "Inside TRL" block, as written, on a tiny model and rated rows."""
+    readme = (__import__("pathlib").Path(__file__).resolve().parent.parent / "README.md")
+    blocks = re.findall(r"```python\n(.*?)\n```", readme.read_text(), re.S)
+    snippet = next(block for block in blocks if "MixpoDPOTrainer(model=model" in block)
+    monkeypatch.chdir(tmp_path)
+    scope = {"model": build_tiny_causal_lm(tokenizer).train(), "tokenizer": tokenizer,
+             "dataset": datasets.Dataset.from_list(rows(8))}
+    exec(snippet, scope)
+    state = scope["trainer"].state
+    assert not scope["args"].bf16 and state.global_step > 0
+    assert torch.isfinite(torch.tensor(state.log_history[-1]["train_loss"]))
+
+
+def test_the_callers_args_build_the_same_trainer_twice(tokenizer, tmp_path):
+    args = MixpoDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1,
+                          report_to="none", use_cpu=True, bf16=False, max_length=64,
+                          padding_free=True, curriculum=False)
+    for _ in range(2):
+        trainer = MixpoDPOTrainer(model=build_tiny_causal_lm(tokenizer),
+                                  ref_model=build_tiny_causal_lm(tokenizer), args=args,
+                                  train_dataset=datasets.Dataset.from_list(rows(8)),
+                                  processing_class=tokenizer)
+        assert trainer._padding_free and args.padding_free

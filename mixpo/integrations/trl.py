@@ -47,6 +47,7 @@ What changes against stock TRL, and what does not:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import warnings
@@ -64,7 +65,8 @@ from mixpo.integrations.trl_data import (Difficulty, PassthroughCollator,
                                          curriculum_order, routing_configured, with_routing)
 from mixpo.integrations.trl_head import (PASSTHROUGH, HeadOutput, attach_mixpo_head,
                                          check_head_adapters, head_adapters_allowed,
-                                         head_tensors, model_inputs, packed, position_labels)
+                                         head_tensors, model_inputs, packed, position_labels,
+                                         shared)
 from mixpo.loss_config import LossConfig
 from mixpo.losses import linear_loss, sequence_logps
 from mixpo.margins import AdaptiveMargin
@@ -121,6 +123,11 @@ class MixpoDPOConfig(DPOConfig):
         "help": "Pack each micro-batch's sequences into one row (position ids restart per "
                 "sequence, attention stays within each): no compute on padding. trl 1.16 "
                 "disables this for DPO; mixpo's head supports it."})
+    prefix_sharing: bool = field(default=False, metadata={
+        "help": "With padding_free: each pair's prompt is read once, chosen and rejected "
+                "attend to one copy of it ([prompt | chosen | rejected] per pair, the rejected "
+                "tokens masked from the chosen ones); values equal the unshared rows. sdpa, "
+                "eager, flex_attention; under flash-attn the rows stay unshared."})
     curriculum: Optional[bool] = field(default=None, metadata={
         "help": "Feed the pairs in the curriculum order (`order`) through a sequential "
                 "sampler; None = on when routing, an `order` or a `difficulty` column (from "
@@ -171,7 +178,9 @@ class MixpoDPOTrainer(DPOTrainer):
                  optimizers=(None, None), quantization_config=None, peft_config=None):
         import datasets
 
-        args = _as_mixpo_config(args)
+        # A copy: the padding_free switch is taken below, and the caller's args must build
+        # the same trainer again.
+        args = copy.copy(_as_mixpo_config(args))
         args.loss_config()                                     # every loss option, checked now
         # Before trl tokenizes (the cheap place to fail); _precompute_ref_logps checks trl's
         # own tokenized copies again, which is what its cache really sits next to.
@@ -179,6 +188,9 @@ class MixpoDPOTrainer(DPOTrainer):
         # TRL 1.16 turns padding_free off (with a warning) for DPO: mixpo packs in its own
         # forward instead, from TRL's padded batch.
         self._padding_free, args.padding_free = args.padding_free, False
+        if args.prefix_sharing and not self._padding_free:
+            raise ValueError("prefix_sharing needs padding_free=True (the shared prompt and "
+                             "both completions go into one packed row)")
         self._routing = routing_configured(args)
         ordered = isinstance(train_dataset, datasets.Dataset)
         self._curriculum = curriculum_on(args, train_dataset if ordered else None)
@@ -240,11 +252,20 @@ class MixpoDPOTrainer(DPOTrainer):
         return super()._get_train_sampler(train_dataset)
 
     def _body_inputs(self, model, inputs) -> tuple[dict, dict]:
-        """The body's keywords, and (padding-free) the packed labels and completion_* shape."""
+        """The body's keywords, and (padding-free) the packed labels and completion_* shape
+        (prefix-shared: also `gather`, the row positions the loss reads)."""
         if not self._padding_free:
             return model_inputs(inputs), {}
         causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
-        return packed(inputs, causal_lm.config._attn_implementation, causal_lm.dtype)
+        implementation = causal_lm.config._attn_implementation
+        if self.args.prefix_sharing:
+            if not implementation.startswith("flash_attention"):
+                return shared(inputs, implementation, causal_lm.dtype)
+            if not getattr(self, "_said_unshared", False) and self.is_world_process_zero():
+                logger.warning("mixpo: prefix_sharing: flash-attn cannot mask the rejected "
+                               "response from the chosen one; packing unshared rows")
+                self._said_unshared = True
+        return packed(inputs, implementation, causal_lm.dtype)
 
     def _loss_config_for(self, model) -> LossConfig:
         causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
@@ -266,6 +287,7 @@ class MixpoDPOTrainer(DPOTrainer):
         labels = position_labels(inputs)
         model_kwargs, shape = self._body_inputs(model, inputs)
         labels = shape.pop("labels", labels)
+        gather = shape.pop("gather", None)
         adapter_context = contextlib.nullcontext()
         if self.ref_model is None and hasattr(self.accelerator.unwrap_model(self.model),
                                               "peft_config"):
@@ -274,7 +296,8 @@ class MixpoDPOTrainer(DPOTrainer):
                                           unwrapped.peft_config else None)
 
         def head(hidden, lm_head):
-            hidden, weight, bias = head_tensors(hidden, lm_head)
+            hidden, weight, bias = head_tensors(
+                hidden if gather is None else hidden[:, gather], lm_head)
             return sequence_logps(hidden, weight, labels, bias=bias, ld_alpha=config.ld_alpha,
                                   logit_scale=config.logit_scale, softcap=config.softcap,
                                   backend=self.args.mixpo_backend, **shape)
@@ -301,9 +324,11 @@ class MixpoDPOTrainer(DPOTrainer):
         margin = self._margin if mode == "train" else None    # eval batches stay out of it
         model_kwargs, shape = self._body_inputs(model, inputs)
         labels = shape.pop("labels", labels)
+        gather = shape.pop("gather", None)
 
         def head(hidden, lm_head):
-            hidden, weight, bias = head_tensors(hidden, lm_head)
+            hidden, weight, bias = head_tensors(
+                hidden if gather is None else hidden[:, gather], lm_head)
             return linear_loss(hidden, weight, labels, config, bias=bias, ref_logps=ref_logps,
                                hard=hard, margin=margin, backend=self.args.mixpo_backend,
                                validate=not shape, **shape)

@@ -1,8 +1,8 @@
 """gamma-PO's solver state in TRL checkpoints (`MixpoDPOTrainer`): one file per process,
 `mixpo_margin_rank<r>.pt`, written with the RNG states (before trainer_state.json, which
-transformers writes last, and before old checkpoints are rotated away), read back with
-`torch.load(weights_only=True)` only (tensors, numbers, lists and dicts: a file that asks
-for anything else is refused), and the choice of the checkpoint to resume from: the newest
+transformers writes last, and before old checkpoints are rotated away), read back
+weights-only (`mixpo.files.load_tensors`: tensors, numbers, lists and dicts; a file that
+asks for anything else is refused), and the choice of the checkpoint to resume from: the newest
 complete one for `resume_from_checkpoint=True`."""
 from __future__ import annotations
 
@@ -29,12 +29,16 @@ def save_margin_state(margin, folder: str, rank: int) -> None:
 def load_margin_state(margin, path: str) -> None:
     """Restore `margin` (a mixpo.AdaptiveMargin) from `path`; ValueError naming the file for
     one mixpo did not write (a pickle that runs code included: never unpickled)."""
+    from mixpo.files import UnsafeFileError, load_tensors
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        state = load_tensors(path)
+    except UnsafeFileError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:  # damaged
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        raise ValueError(f"{path}: not a gamma-PO solver state mixpo wrote, refused by "
-                         f"torch.load(weights_only=True) ({reason})") from None
+        raise ValueError(f"{path}: not a gamma-PO solver state mixpo wrote ({reason})") \
+            from None
     if not (isinstance(state, dict) and isinstance(state.get("queue"), list)
             and isinstance(state.get("generator"), torch.Tensor)
             and state["generator"].dtype == torch.uint8):

@@ -51,15 +51,19 @@ def attach_mixpo_head(causal_lm) -> None:
         kwargs.pop("labels", None)
         kwargs.pop("fused_lm_head", None)
         router = kwargs.pop("output_router_logits", False)
+        token_weights = kwargs.pop("mixpo_token_weights", None)
         outputs = self.base_model(*args, **kwargs,
                                   **({"output_router_logits": True} if router else {}))
         result = HeadOutput.of(mixpo_head(outputs.last_hidden_state,
                                           self.get_output_embeddings()))
         if not router:
             return result
-        mask = kwargs.get("attention_mask")       # packed rows pass a 4-D mask: no padding
-        return result, router_aux_loss(self, outputs.router_logits,
-                                       mask if mask is not None and mask.ndim == 2 else None)
+        # Packed rows pass a 4-D mask (no padding: every token counts once); shared rows count
+        # each prompt token twice, as the unshared rows it stands for.
+        mask = kwargs.get("attention_mask")
+        weights = token_weights if token_weights is not None else \
+            mask if mask is not None and mask.ndim == 2 else None
+        return result, router_aux_loss(self, outputs.router_logits, weights)
 
     causal_lm.forward = MethodType(forward, causal_lm)
     causal_lm._mixpo_head_attached = True
@@ -211,3 +215,36 @@ def packed(inputs, attn_implementation: str, dtype) -> tuple[dict, dict]:
              "completion_sequences": sequence[rows],
              "completion_counts": (labels != -100).sum(dim=1).float()}
     return body, shape
+
+
+def shared(inputs, attn_implementation: str, dtype) -> tuple[dict, dict]:
+    """TRL's right-padded [2B, L] batch as prefix-shared rows ([prompt | chosen | rejected]
+    per pair in one row, `mixpo.data.collate.SharedPrefixCollator`, whose layout this reuses):
+    (the body's keywords, the loss's labels, completion_* shape and `gather`, the row
+    positions whose hidden states the loss reads, in the unshared order). Built on the host
+    (TRL's own metrics sync every step anyway)."""
+    from mixpo.data.collate import SharedPrefixCollator
+    from mixpo.hf.policy import shared_prefix_attention
+
+    device = inputs["input_ids"].device
+    ids, real = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
+    completion = inputs["completion_mask"].cpu().bool()
+    pairs = ids.shape[0] // 2
+    examples = []
+    for pair in range(pairs):
+        example = {}
+        for side, row in (("chosen", pair), ("rejected", pairs + pair)):
+            tokens, scored = ids[row][real[row]], completion[row][real[row]]
+            example[f"{side}_input_ids"] = tokens
+            example[f"{side}_labels"] = tokens.masked_fill(~scored, -100)
+        example["prompt_length"] = int((~scored).long().cumprod(0).sum())   # leading prompt
+        examples.append(example)
+    batch = {name: tensor.to(device) for name, tensor in SharedPrefixCollator()(examples).items()}
+    segment = torch.repeat_interleave(torch.arange(3 * pairs, device=device),
+                                      batch["segment_lengths"])
+    body = {"input_ids": batch["input_ids"],
+            "mixpo_token_weights": ((segment % 3 == 0).float() + 1.0)[None],
+            **shared_prefix_attention(batch, attn_implementation, dtype)}
+    shape = {name: batch[name] for name in ("labels", "completion_rows", "completion_sequences",
+                                            "completion_counts")}
+    return body, {**shape, "gather": batch["completion_positions"]}
