@@ -224,6 +224,9 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizers: list, traine
     except (OSError, dcp.api.CheckpointException) as error:  # a full disk, lost permissions
         if env.is_main:
             shutil.rmtree(staging, ignore_errors=True)
+        if any(isinstance(failure, KeyboardInterrupt)    # Ctrl-C inside DCP's writer
+               for failure, _ in getattr(error, "failures", {}).values()):
+            raise KeyboardInterrupt from None
         raise ValueError(f"cannot save checkpoint-{step} in {output_dir} ({_os_reason(error)}); "
                          "the earlier checkpoints are intact: free space or fix permissions, "
                          "then rerun to resume") from None
@@ -242,7 +245,8 @@ def _os_reason(error: Exception) -> str:
     failures = getattr(error, "failures", None)
     if failures:
         error = next(iter(failures.values()))[0]
-    return getattr(error, "strerror", None) or str(error).splitlines()[0]
+    lines = str(error).strip().splitlines()
+    return getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)
 
 
 def load_checkpoint(path: Path, model, optimizers: list, env) -> tuple[dict, dict]:

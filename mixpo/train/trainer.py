@@ -15,7 +15,7 @@ rerun resumes from the last finite checkpoint.
 from __future__ import annotations
 
 import contextlib
-
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -193,9 +193,81 @@ def _reference_logps(cfg, policy, examples, collator, env, output_dir, key, name
         print(f"reference log-probs{label}: {origin} ({output_dir / name})")
 
 
+@dataclasses.dataclass
+class Run:
+    """Everything the loop reads, built once by `prepare`."""
+    cfg: TrainConfig
+    env: object
+    output_dir: Path
+    tokenizer: object
+    examples: list
+    eval_examples: list
+    collator: object
+    sampler: object
+    fingerprint: str
+    policy: PreferenceModel | None = None
+    reference_model: PreferenceModel | None = None
+    margin: AdaptiveMargin | None = None
+    optimizers: list = dataclasses.field(default_factory=list)
+    grad_sq_sum: torch.Tensor | None = None      # step_in_backward's running |g|^2
+    window: MetricsWindow = dataclasses.field(default_factory=MetricsWindow)
+    params: list = dataclasses.field(default_factory=list)    # the trainable parameters
+    log: MetricsLog | None = None
+    resumed: bool = False
+    finished: bool = False       # the final export already holds every step
+
+    @property
+    def total_steps(self) -> int:
+        return self.sampler.total_steps
+
+
+@dataclasses.dataclass
+class Watch:
+    """The loop's bookkeeping: the device-side divergence flag (the first step whose loss or
+    gradient norm is not finite, -1 while none), each step's learning rate, the last saved
+    step and the last logged row."""
+    first_bad_step: torch.Tensor
+    last_saved: int
+    learning_rates: dict = dataclasses.field(default_factory=dict)
+    row: dict | None = None
+
+
 def _train(cfg: TrainConfig, env) -> dict:
-    import yaml
     from tqdm.auto import tqdm
+
+    run = prepare(cfg, env)
+    if run.finished:
+        return {"output_dir": str(run.output_dir), "completed_steps": run.total_steps,
+                "final_dir": str(run.output_dir / checkpoint.FINAL_DIR), "last_metrics": None}
+    watch = Watch(torch.full((), -1, dtype=torch.long, device=env.device),
+                  last_saved=run.sampler.start_step if run.resumed else 0)
+    run.policy.train()
+    progress = tqdm(total=run.total_steps, initial=run.sampler.start_step, desc="train",
+                    disable=not (env.is_main and cfg.progress_bar))
+    for step in run.sampler:
+        lr, grad_norm = train_step(run, step, watch)
+        progress.update(1)
+        after_step(run, watch, step.index + 1, lr, grad_norm, progress)
+    progress.close()
+    run.log.close()
+    final_dir = finish(run, watch)
+    return {"output_dir": str(run.output_dir), "final_dir": str(final_dir),
+            "completed_steps": run.total_steps, "last_metrics": watch.row}
+
+
+def prepare(cfg: TrainConfig, env) -> Run:
+    """Data, model, reference log-probs, optimizer and resume. A run whose final export
+    already holds every step comes back `finished`, with no model loaded."""
+    run = _prepare_data(cfg, env)
+    if run.finished:
+        return run
+    _prepare_model(run)
+    _resume(run)
+    return run
+
+
+def _prepare_data(cfg: TrainConfig, env) -> Run:
+    import yaml
 
     from mixpo.data.sampler import CurriculumSampler
 
@@ -203,14 +275,10 @@ def _train(cfg: TrainConfig, env) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    dtype = weights_dtype(cfg, env)
-
-    # ---- data ------------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     examples = load_examples(cfg, tokenizer, env, cfg.train_file, cfg.split)
     eval_examples = load_examples(cfg, tokenizer, env, cfg.eval_file, cfg.eval_split,
                                   prepare=False) if cfg.eval_file else []
-    collator = make_collator(cfg, tokenizer, env)
     micro = cfg.per_device_train_batch_size
     global_batch = cfg.global_batch_size if cfg.gradient_accumulation_steps is None \
         else micro * cfg.gradient_accumulation_steps * env.world_size
@@ -221,18 +289,20 @@ def _train(cfg: TrainConfig, env) -> dict:
                          "per_device_train_batch_size = global_batch_size and run without "
                          f"torchrun (now {sampler.accumulation_steps} micro-batches x "
                          f"{env.world_size} processes)")
-    total_steps = sampler.total_steps
-    fingerprint = cache_key(cfg.model_name_or_path, dtype, examples, cfg.ld_alpha)
+    fingerprint = cache_key(cfg.model_name_or_path, weights_dtype(cfg, env), examples,
+                            cfg.ld_alpha)
+    run = Run(cfg, env, output_dir, tokenizer, examples, eval_examples,
+              make_collator(cfg, tokenizer, env), sampler, fingerprint)
     previous = distributed.broadcast_object(
         checkpoint.previous_run(output_dir) if env.is_main else None, env)
     checkpoint.check_same_run(previous, cfg.to_dict(), output_dir, fingerprint,
                               cfg.resume_on_changed_data)
-    if previous is not None and previous["completed_steps"] == total_steps:
+    if previous is not None and previous["completed_steps"] == run.total_steps:
         if env.is_main:
-            print(f"{output_dir / checkpoint.FINAL_DIR} already holds this run's {total_steps} "
-                  "steps; nothing to do")
-        return {"output_dir": str(output_dir), "completed_steps": total_steps,
-                "final_dir": str(output_dir / checkpoint.FINAL_DIR), "last_metrics": None}
+            print(f"{output_dir / checkpoint.FINAL_DIR} already holds this run's "
+                  f"{run.total_steps} steps; nothing to do")
+        run.finished = True
+        return run
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partial_checkpoints(output_dir)
@@ -245,147 +315,168 @@ def _train(cfg: TrainConfig, env) -> dict:
             print(f"note: each epoch ends with a smaller step of {sampler.last_batch_rows} "
                   f"pairs (the hardest, in an easy-first order); drop_last skips it")
     distributed.barrier(env)
+    return run
 
-    # ---- model and reference ---------------------------------------------------------------
-    policy = build_policy(cfg, env)
+
+def _prepare_model(run: Run) -> None:
+    """The policy, the reference (precomputed log-probs, or a frozen copy), gamma-PO's
+    solver and the optimizers."""
+    cfg, env = run.cfg, run.env
+    dtype = weights_dtype(cfg, env)
+    run.policy = build_policy(cfg, env)
     if env.is_main and cfg.optim == "adamw" and dtype != torch.float32:
         print("note: torch AdamW on 16-bit parameters rounds updates smaller than the "
               "parameters' resolution away (most of them at lr ~1e-6); optim adamw_bf16 "
               "rounds stochastically instead")
-    reference_model = None
     if not cfg.reference_free and cfg.reference == "precomputed":
         # The policy has not moved yet, so it *is* the reference model for this pass.
-        _reference_logps(cfg, policy, examples, collator, env, output_dir, fingerprint,
-                         "reference_logps.pt")
-        if eval_examples:
-            _reference_logps(cfg, policy, eval_examples, collator, env, output_dir,
-                             cache_key(cfg.model_name_or_path, dtype, eval_examples,
-                                       cfg.ld_alpha), "reference_logps_eval.pt")
+        _reference_logps(cfg, run.policy, run.examples, run.collator, env, run.output_dir,
+                         run.fingerprint, "reference_logps.pt")
+        if run.eval_examples:
+            _reference_logps(cfg, run.policy, run.eval_examples, run.collator, env,
+                             run.output_dir, cache_key(cfg.model_name_or_path, dtype,
+                                                       run.eval_examples, cfg.ld_alpha),
+                             "reference_logps_eval.pt")
     elif not cfg.reference_free:
-        reference_model = build_policy(cfg, env, trainable=False)
-    margin = None
+        run.reference_model = build_policy(cfg, env, trainable=False)
     if cfg.adaptive_margin:  # gamma-PO; each rank keeps its own queue, as the authors do
-        margin = AdaptiveMargin(cfg.margin_mean, cfg.margin_tau, seed=cfg.seed + env.rank,
-                                center=cfg.margin_center, check_finite=False)
+        run.margin = AdaptiveMargin(cfg.margin_mean, cfg.margin_tau, seed=cfg.seed + env.rank,
+                                    center=cfg.margin_center, check_finite=False)
+    run.optimizers = build_optimizers(run.policy, cfg, env.device)
+    run.params = [p for p in run.policy.parameters() if p.requires_grad]
+    if cfg.step_in_backward:
+        run.grad_sq_sum = attach_step_in_backward(run.optimizers, env.device)
 
-    # ---- optimizer and resume --------------------------------------------------------------
-    optimizers = build_optimizers(policy, cfg, env.device)
-    grad_sq_sum = attach_step_in_backward(optimizers, env.device) if cfg.step_in_backward else None
-    params = [p for p in policy.parameters() if p.requires_grad]
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    window = MetricsWindow()
+
+def _resume(run: Run) -> None:
+    """Load the newest usable checkpoint, if any, and open the metrics log."""
+    from tqdm.auto import tqdm
+
+    cfg, env = run.cfg, run.env
     resume_from = distributed.broadcast_object(
-        checkpoint.usable_checkpoint(output_dir, env.world_size) if env.is_main else None, env)
-    if resume_from is not None:
-        trainer_state, rank_state = checkpoint.load_checkpoint(resume_from, policy, optimizers,
-                                                               env)
-        sampler.load_state_dict(trainer_state["sampler"])
-        if sampler.start_step > total_steps:
-            raise ValueError(f"{resume_from} is past this run's last step ({total_steps}); "
-                             "raise max_steps / num_train_epochs or use another output_dir")
-        window.load_state_dict(rank_state["metrics_window"])
-        if margin is not None:
-            margin.load_state_dict(rank_state["margin"])
-        if env.is_main:
-            print(f"resuming from {resume_from} (step {sampler.start_step} of {total_steps})")
-    log = MetricsLog(output_dir, env.is_main, sampler.start_step if resume_from else None,
-                     cfg.report_to, run_name=output_dir.name, config=cfg.to_dict(),
-                     total_steps=total_steps, printer=tqdm.write if cfg.progress_bar else print)
-
-    # ---- the loop --------------------------------------------------------------------------
-    policy.train()
-    progress = tqdm(total=total_steps, initial=sampler.start_step, desc="train",
-                    disable=not (env.is_main and cfg.progress_bar))
-    # Device-side divergence watch: the first step whose loss or gradient norm is not finite.
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=env.device)
-    learning_rates: dict[int, float] = {}
-    last_saved = sampler.start_step if resume_from else 0
-    row = None
-    for step in sampler:
-        lr = learning_rate_at(cfg.lr_scheduler_type, step.index, total_steps, warmup_steps,
-                              cfg.learning_rate)
-        learning_rates[step.index + 1] = lr
-        set_lr(optimizers, lr)
-        step_finite = torch.ones((), dtype=torch.bool, device=env.device)
-        for indices in step.micro_batches:
-            # A rank with no rows left in a last, smaller step runs a stand-in with weight 0,
-            # so that every rank takes part in the same collectives.
-            weight = len(indices) * env.world_size / step.pairs
-            batch = collator([examples[i] for i in (indices or [0])])
-            tokens = int(batch["attention_mask"].sum()) if indices else 0  # on the CPU batch
-            batch = {name: tensor.to(env.device, non_blocking=True)
-                     for name, tensor in batch.items()}
-            ref_logps = _batch_reference(cfg, reference_model, batch, env)
-            with autocast(cfg, env):
-                loss, out = policy(batch, ref_logps=ref_logps,
-                                   margin=margin if indices else None, validate=False)
-            # The step's loss is the mean over its pairs on every rank (FSDP averages ranks).
-            (loss * weight).backward()
-            step_finite &= torch.isfinite(loss)
-            if indices:
-                window.add(out, tokens=tokens)
-
-        if grad_sq_sum is not None:  # parameters were already updated inside backward
-            grad_norm = grad_sq_sum.sqrt()  # a tensor: read on the host only when logged
-            grad_sq_sum.zero_()
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            for optimizer in optimizers:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        done = step.index + 1
-        local_norm = grad_norm.to_local() if hasattr(grad_norm, "to_local") else grad_norm
-        step_finite &= torch.isfinite(local_norm).all()
-        first_bad_step = torch.where((first_bad_step < 0) & ~step_finite,
-                                     torch.full_like(first_bad_step, done), first_bad_step)
-        progress.update(1)
-
-        logging_step = done % cfg.logging_steps == 0 or done == total_steps
-        saving_step = cfg.save_steps and done % cfg.save_steps == 0
-        eval_step = eval_examples and ((cfg.eval_steps and done % cfg.eval_steps == 0)
-                                       or done == total_steps)
-        if logging_step or saving_step or eval_step:
-            _stop_if_diverged(first_bad_step, learning_rates, last_saved, env)
-        if logging_step:
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2 DTensor (collective: every rank)
-                grad_norm = grad_norm.full_tensor()
-            row = {"step": done, **window.summarize(env), "learning_rate": lr,
-                   "grad_norm": grad_norm.item(), "memory/peak_gb": peak_memory_gb(env.device)}
-        if eval_step:
-            evaluation = evaluate(cfg, policy, eval_examples, collator, reference_model, env)
-            row = {**row, **evaluation} if logging_step else {"step": done, **evaluation}
-        if logging_step or eval_step:
-            log.write(row)
-            progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
-        if saving_step:
-            if not checkpoint.all_finite(policy, env):
-                raise Diverged(f"training diverged by step {done} (learning_rate {lr:.3g}): "
-                               "the weights are not finite; nothing was saved after step "
-                               f"{last_saved}")
-            sampler_state = {**sampler.state_dict(), "start_step": done}
-            rank_state = {"metrics_window": window.state_dict(),
-                          "margin": None if margin is None else margin.state_dict()}
-            checkpoint.save_checkpoint(
-                output_dir, done, policy, optimizers,
-                {"step": done, "sampler": sampler_state, "world_size": env.world_size,
-                 "config": cfg.to_dict(), "fingerprint": fingerprint}, rank_state, env,
-                cfg.save_total_limit)
-            last_saved = done
-    progress.close()
-    log.close()
-
-    _stop_if_diverged(first_bad_step, learning_rates, last_saved, env)
-    if not checkpoint.all_finite(policy, env):
-        raise Diverged(f"training diverged (learning_rate {cfg.learning_rate:.3g}): the final "
-                       "weights are not finite; nothing was exported")
-    final_dir = checkpoint.export_final(
-        output_dir, policy, policy.causal_lm, tokenizer,
-        {"completed_steps": total_steps, "config": cfg.to_dict(), "fingerprint": fingerprint},
+        checkpoint.usable_checkpoint(run.output_dir, env.world_size) if env.is_main else None,
         env)
-    if env.is_main:
+    if resume_from is not None:
+        trainer_state, rank_state = checkpoint.load_checkpoint(resume_from, run.policy,
+                                                               run.optimizers, env)
+        run.sampler.load_state_dict(trainer_state["sampler"])
+        if run.sampler.start_step > run.total_steps:
+            raise ValueError(f"{resume_from} is past this run's last step ({run.total_steps}); "
+                             "raise max_steps / num_train_epochs or use another output_dir")
+        run.window.load_state_dict(rank_state["metrics_window"])
+        if run.margin is not None:
+            run.margin.load_state_dict(rank_state["margin"])
+        run.resumed = True
+        if env.is_main:
+            print(f"resuming from {resume_from} (step {run.sampler.start_step} of "
+                  f"{run.total_steps})")
+    run.log = MetricsLog(run.output_dir, env.is_main,
+                         run.sampler.start_step if run.resumed else None, cfg.report_to,
+                         run_name=run.output_dir.name, config=cfg.to_dict(),
+                         total_steps=run.total_steps,
+                         printer=tqdm.write if cfg.progress_bar else print)
+
+
+def train_step(run: Run, step, watch: Watch):
+    """One optimizer step: its micro-batches forward and backward, then clip and update (or,
+    with step_in_backward, the updates already made). Returns (lr, grad norm tensor); the
+    divergence flag is updated on the device."""
+    cfg, env = run.cfg, run.env
+    lr = learning_rate_at(cfg.lr_scheduler_type, step.index, run.total_steps,
+                          math.ceil(cfg.warmup_ratio * run.total_steps), cfg.learning_rate)
+    watch.learning_rates[step.index + 1] = lr
+    set_lr(run.optimizers, lr)
+    step_finite = torch.ones((), dtype=torch.bool, device=env.device)
+    for indices in step.micro_batches:
+        # A rank with no rows left in a last, smaller step runs a stand-in with weight 0,
+        # so that every rank takes part in the same collectives.
+        weight = len(indices) * env.world_size / step.pairs
+        batch = run.collator([run.examples[i] for i in (indices or [0])])
+        tokens = int(batch["attention_mask"].sum()) if indices else 0  # on the CPU batch
+        batch = {name: tensor.to(env.device, non_blocking=True)
+                 for name, tensor in batch.items()}
+        ref_logps = _batch_reference(cfg, run.reference_model, batch, env)
+        with autocast(cfg, env):
+            loss, out = run.policy(batch, ref_logps=ref_logps,
+                                   margin=run.margin if indices else None, validate=False)
+        # The step's loss is the mean over its pairs on every rank (FSDP averages ranks).
+        (loss * weight).backward()
+        step_finite &= torch.isfinite(loss)
+        if indices:
+            run.window.add(out, tokens=tokens)
+    if run.grad_sq_sum is not None:  # parameters were already updated inside backward
+        grad_norm = run.grad_sq_sum.sqrt()  # a tensor: read on the host only when logged
+        run.grad_sq_sum.zero_()
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params,
+                                                   cfg.max_grad_norm or float("inf"))
+        for optimizer in run.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    local_norm = grad_norm.to_local() if hasattr(grad_norm, "to_local") else grad_norm
+    step_finite &= torch.isfinite(local_norm).all()
+    watch.first_bad_step = torch.where((watch.first_bad_step < 0) & ~step_finite,
+                                       torch.full_like(watch.first_bad_step, step.index + 1),
+                                       watch.first_bad_step)
+    return lr, grad_norm
+
+
+def after_step(run: Run, watch: Watch, done: int, lr: float, grad_norm, progress) -> None:
+    """Log, evaluate and checkpoint when step `done` is due for it (the divergence flag is
+    read on the host only then)."""
+    cfg, env = run.cfg, run.env
+    logging_step = done % cfg.logging_steps == 0 or done == run.total_steps
+    saving_step = cfg.save_steps and done % cfg.save_steps == 0
+    eval_step = run.eval_examples and ((cfg.eval_steps and done % cfg.eval_steps == 0)
+                                       or done == run.total_steps)
+    if logging_step or saving_step or eval_step:
+        _stop_if_diverged(watch.first_bad_step, watch.learning_rates, watch.last_saved, env)
+    if logging_step:
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 DTensor (collective: every rank)
+            grad_norm = grad_norm.full_tensor()
+        watch.row = {"step": done, **run.window.summarize(env), "learning_rate": lr,
+                     "grad_norm": grad_norm.item(), "memory/peak_gb": peak_memory_gb(env.device)}
+    if eval_step:
+        evaluation = evaluate(cfg, run.policy, run.eval_examples, run.collator,
+                              run.reference_model, env)
+        watch.row = {**watch.row, **evaluation} if logging_step \
+            else {"step": done, **evaluation}
+    if logging_step or eval_step:
+        run.log.write(watch.row)
+        progress.set_postfix(loss=f"{watch.row.get('loss', float('nan')):.4f}")
+    if saving_step:
+        _save(run, watch, done, lr)
+
+
+def _save(run: Run, watch: Watch, done: int, lr: float) -> None:
+    if not checkpoint.all_finite(run.policy, run.env):
+        raise Diverged(f"training diverged by step {done} (learning_rate {lr:.3g}): the "
+                       f"weights are not finite; nothing was saved after step "
+                       f"{watch.last_saved}")
+    sampler_state = {**run.sampler.state_dict(), "start_step": done}
+    rank_state = {"metrics_window": run.window.state_dict(),
+                  "margin": None if run.margin is None else run.margin.state_dict()}
+    checkpoint.save_checkpoint(
+        run.output_dir, done, run.policy, run.optimizers,
+        {"step": done, "sampler": sampler_state, "world_size": run.env.world_size,
+         "config": run.cfg.to_dict(), "fingerprint": run.fingerprint}, rank_state, run.env,
+        run.cfg.save_total_limit)
+    watch.last_saved = done
+
+
+def finish(run: Run, watch: Watch) -> Path:
+    """The final divergence check and the Hugging Face export (`OUTPUT/final/`)."""
+    _stop_if_diverged(watch.first_bad_step, watch.learning_rates, watch.last_saved, run.env)
+    if not checkpoint.all_finite(run.policy, run.env):
+        raise Diverged(f"training diverged (learning_rate {run.cfg.learning_rate:.3g}): the "
+                       "final weights are not finite; nothing was exported")
+    final_dir = checkpoint.export_final(
+        run.output_dir, run.policy, run.policy.causal_lm, run.tokenizer,
+        {"completed_steps": run.total_steps, "config": run.cfg.to_dict(),
+         "fingerprint": run.fingerprint}, run.env)
+    if run.env.is_main:
         print(f"saved {final_dir}")
-    return {"output_dir": str(output_dir), "final_dir": str(final_dir),
-            "completed_steps": total_steps, "last_metrics": row}
+    return final_dir
 
 
 def _batch_reference(cfg, reference_model, batch, env):
