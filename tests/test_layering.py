@@ -8,7 +8,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mixpo"
 
 # Lowest first. Groups on one line share a layer and may not import each other.
 LAYERS = (
-    ("mixpo.loss_spec", "mixpo.files", "mixpo.data.kinds"),   # vocabularies, atomic files
+    ("mixpo.loss_spec", "mixpo.files", "mixpo.data.kinds",    # vocabularies, atomic files,
+     "mixpo.schedule"),                                       # learning-rate schedules
     ("mixpo.kernels",),                                       # Triton kernels + torch twins
     ("mixpo.core", "mixpo.data"),                             # the loss API | data steps
     ("mixpo.hf",),                                            # Hugging Face loading, policy

@@ -67,3 +67,21 @@ def test_cosine_schedule_matches_hugging_face():
         optimizer.step()
         schedule.step()
     assert cosine_lr(0, 20, 3, 1.0) == 0.0 and cosine_lr(3, 20, 3, 1.0) == 1.0
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant", "constant_with_warmup"])
+def test_every_schedule_matches_hugging_face(name):
+    """mixpo.schedule is the one schedule of the trainer and of Selective DPO's reference
+    models: each equals transformers' get_scheduler of the same name, step by step."""
+    from transformers import get_scheduler
+
+    from mixpo.schedule import learning_rate_at
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2e-6)
+    schedule = get_scheduler(name, optimizer, num_warmup_steps=4, num_training_steps=17)
+    for step in range(17):
+        assert learning_rate_at(name, step, 17, 4, 2e-6) == pytest.approx(
+            optimizer.param_groups[0]["lr"], rel=1e-12, abs=1e-20), step
+        optimizer.step()
+        schedule.step()

@@ -52,6 +52,7 @@ from mixpo.data.tokenize import tokenize_rows
 from mixpo.hf.loading import check_device, ensure_pad_token, load_causal_lm, load_tokenizer
 from mixpo.hf.policy import PreferenceModel, pair_logps
 from mixpo.loss_config import LossConfig
+from mixpo.schedule import learning_rate_at, set_lr
 from mixpo.scoring import LORA_TARGET_MODULES
 
 
@@ -269,19 +270,19 @@ def train_reference_model(initial: PreferenceModel, batches: _Batches, train_ind
     `epochs` passes, the loss `initial` was built with, precomputed reference log-probs `ref`
     [N, 2]) and call `on_eval(model, step)` at the scoring steps of `settings.schedule`, in
     eval mode. LoRA adapters or a full copy (`_trainable`); `initial`'s weights are not
-    changed. AdamW (weight decay 0) with transformers' cosine schedule and warmup, gradients
+    changed. AdamW (weight decay 0) with the trainer's cosine schedule and warmup
+    (`mixpo.schedule`, equal to transformers' get_cosine_schedule_with_warmup), gradients
     clipped to `max_grad_norm`, as the authors' HF Trainer."""
-    from transformers import get_cosine_schedule_with_warmup
-
     steps, interval, _ = settings.schedule(len(train_indices))
+    warmup = math.ceil(settings.warmup_ratio * steps)
     rng = np.random.default_rng(seed)
     with _trainable(initial, settings) as (policy, parameters):
         optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
-        scheduler = get_cosine_schedule_with_warmup(
-            optimizer, math.ceil(settings.warmup_ratio * steps), steps)
         step = 0
         for _ in range(settings.epochs):
             for indices in _batches(rng.permutation(train_indices), settings.batch_size):
+                set_lr([optimizer], learning_rate_at("cosine", step, steps, warmup,
+                                                     settings.learning_rate))
                 optimizer.zero_grad(set_to_none=True)
                 for micro_indices in _batches(indices, settings.forward_batch):
                     batch, ref_logps = batches(micro_indices, ref)
@@ -291,7 +292,6 @@ def train_reference_model(initial: PreferenceModel, batches: _Batches, train_ind
                 if settings.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
                 step += 1
                 if step % interval == 0 and step // interval <= settings.evals:
                     policy.eval()

@@ -18,10 +18,10 @@ from pathlib import Path
 from mixpo.data.kinds import DIFFICULTY_KINDS, ORDERS
 from mixpo.loss_config import LossConfig
 from mixpo.loss_spec import LOSS_TYPES
+from mixpo.schedule import SCHEDULERS
 
 OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_8bit")
 REFERENCES = ("precomputed", "live", "none")
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")  # HF's names
 REPORTERS = ("none", "tensorboard", "wandb")
 
 # Earlier spellings of config keys, still accepted in recipes and on the command line (a note

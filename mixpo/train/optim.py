@@ -16,37 +16,10 @@ by the global norm (unknown until every gradient exists).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
-
-def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup from 0, then cosine to 0
-    (Hugging Face's get_cosine_schedule_with_warmup)."""
-    if step < warmup_steps:
-        return base_lr * step / max(1, warmup_steps)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def learning_rate_at(schedule: str, step: int, total_steps: int, warmup_steps: int,
-                     base_lr: float) -> float:
-    """The learning rate of step `step` (0-based) under Hugging Face's schedules with linear
-    warmup: "cosine" (get_cosine_schedule_with_warmup), "linear" (to 0 at the end),
-    "constant" (no warmup), "constant_with_warmup"."""
-    if schedule == "cosine":
-        return cosine_lr(step, total_steps, warmup_steps, base_lr)
-    if schedule == "constant":
-        return base_lr
-    if step < warmup_steps:
-        return base_lr * step / max(1, warmup_steps)
-    if schedule == "constant_with_warmup":
-        return base_lr
-    if schedule == "linear":
-        return base_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    raise ValueError(f"lr_scheduler_type {schedule!r} is not one of cosine, linear, constant, "
-                     "constant_with_warmup")
+from mixpo.schedule import cosine_lr, learning_rate_at, set_lr  # noqa: F401 - re-exported
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -142,12 +115,6 @@ def build_optimizers(model: torch.nn.Module, cfg, device: torch.device) -> list:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [[p] for p in params] if cfg.step_in_backward else [params]
     return [_make_optimizer(group, cfg, device) for group in groups]
-
-
-def set_lr(optimizers: list, lr: float) -> None:
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
 
 
 def attach_step_in_backward(optimizers: list, device: torch.device) -> torch.Tensor:
