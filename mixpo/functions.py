@@ -177,7 +177,8 @@ class LinearSequenceLogps(torch.autograd.Function):
                 .linear_token_logps_backward(hidden2d, weight, bias, row_labels, rows, lse,
                                              grad_token.contiguous(), label_logit,
                                              config.logit_scale, config.softcap,
-                                             workspace_bytes=ctx.workspace_bytes)
+                                             workspace_bytes=ctx.workspace_bytes,
+                                             weight_grad=ctx.needs_input_grad[1])
         return (dhidden.view_as(hidden), dweight if ctx.needs_input_grad[1] else None,
                 dbias if ctx.needs_input_grad[2] else None) + (None,) * 8
 
@@ -353,7 +354,8 @@ class LinearOnePassLoss(torch.autograd.Function):
                 .linear_token_logps_one_pass(hidden2d, weight, bias, row_labels, rows,
                                              [tokens for _, tokens in groups], coefficients,
                                              config.logit_scale, config.softcap,
-                                             config.needs_stats)
+                                             config.needs_stats,
+                                             weight_grad=weight.requires_grad)
         seq_logps = seq_sums.float()
         preference = seq_logps if weighted_sums is None else weighted_sums.float()
         weights = None if pair_weights is None else pair_weights(seq_logps, stat_sums, counts)

@@ -310,8 +310,11 @@ def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_lo
     rows, sequences, row_weight = _completion_rows(labels, config, completion_rows,
                                                    completion_sequences, counts, hidden.device)
     inputs = {"hidden": hidden, "weight": weight, "bias": bias}
-    groups = plan_linear_passes(config, margin, passes, weight, rows.shape[0], sequences,
-                                counts, workspace_bytes)
+    # One pass computes gradients in the forward: only worth it when a backward follows.
+    training = torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in (hidden, weight, bias))
+    groups = plan_linear_passes(config, margin, passes if training else 2, weight,
+                                rows.shape[0], sequences, counts, workspace_bytes)
     if groups is not None:
         return _linear_one_pass(hidden, weight, bias, labels, config, groups, rows, sequences,
                                 row_weight, counts, ref_logps=ref_logps, hard=hard,

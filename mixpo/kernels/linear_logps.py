@@ -364,7 +364,8 @@ BACKWARD_METHODS = ("gemm", "atomic")
 
 def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_token,
                                 label_logit=None, logit_scale: float = 1.0, softcap=None,
-                                workspace_bytes=None, method: str = "gemm", filter_eps=None):
+                                workspace_bytes=None, method: str = "gemm", filter_eps=None,
+                                weight_grad: bool = True):
     """Gradients of sum(grad_token * token_logps) w.r.t. hidden, weight and bias.
 
     Same inputs as the forward plus its lse [n] fp32 and grad_token [n] fp32 (`label_logit`
@@ -379,7 +380,8 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
     vocab rows whose workspace fits `workspace_bytes` (default
     `configs.DEFAULT_WORKSPACE_BYTES`, 256 MiB: 10,880 rows at 12,288 bf16 tokens). No
     atomics: two runs give bit-identical gradients. Extra memory: the workspace, fp32
-    [n, H] and a copy of hidden[rows].
+    [n, H] and a copy of hidden[rows]. weight_grad=False (a frozen head) skips the dWeight
+    GEMM (dweight None).
     method "atomic": `mixpo.kernels.linear_logps_atomic` (one tile kernel, fp32 atomics,
     optional CCE gradient filter `filter_eps`; not bitwise reproducible).
     """
@@ -414,7 +416,7 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
             **launch.launch_kwargs())
 
     return twin.gemm_backward(hidden, weight, bias, rows, hidden[rows], fill, dtype,
-                              launch.block("BLOCK_V"), workspace_bytes)
+                              launch.block("BLOCK_V"), workspace_bytes, weight_grad)
 
 
 # One pass (forward and exact gradient together) is GEMM-bound and runs the same torch code

@@ -26,6 +26,7 @@ from mixpo.kernels.logits_logps_torch import (STAT_NAMES, _row_chunks, block_sta
 
 _FP32 = 4
 _LSE_COLUMNS = 8192
+_TWIN_BLOCK = 256          # vocab-chunk granule of the torch backward
 
 
 def _fp32(tensor):
@@ -152,22 +153,25 @@ def _softmax_grad_(block, labels, lse, coef, logit_scale, softcap):
 
 
 def gemm_backward(hidden, weight, bias, rows, embed, fill, grad_dtype, block_v: int,
-                  workspace_bytes=None):
+                  workspace_bytes=None, weight_grad: bool = True):
     """The two-pass backward's GEMMs, for both backends. Per vocab chunk [v0, v1) of C rows
     (`vocab_chunk_rows`): `fill(v0, v1, grad)` writes the chunk's softmax gradient into the
     workspace `grad` [n, v1 - v0] (grad_dtype, contiguous); then dHidden_acc (fp32 [n, H]) +=
     grad @ W[v0:v1] (`addmm_fp32`), dWeight[v0:v1] = grad^T @ embed (one GEMM over all n
     tokens, fp32 accumulation, each row written once) and dbias[v0:v1] = column sums.
     embed [n, H] = hidden[rows] in grad_dtype. Returns (dhidden [N, H], dweight [V, H], dbias
-    [V] or None) in the input dtypes; deterministic (no atomics, fixed summation order)."""
+    [V] or None) in the input dtypes; deterministic (no atomics, fixed summation order).
+    weight_grad=False (a frozen head) skips the dWeight GEMM and returns None for it."""
     num_tokens, (vocab_size, hidden_size) = rows.shape[0], weight.shape
     device = hidden.device
     dhidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=device)
     dbias = None if bias is None else torch.zeros(vocab_size, dtype=torch.float32,
                                                   device=device)
     if not num_tokens:
-        return dhidden, torch.zeros_like(weight), None if bias is None else dbias.to(bias.dtype)
-    dweight = torch.empty(weight.shape, dtype=weight.dtype, device=device)
+        return (dhidden, torch.zeros_like(weight) if weight_grad else None,
+                None if bias is None else dbias.to(bias.dtype))
+    dweight = torch.empty(weight.shape, dtype=weight.dtype, device=device) if weight_grad \
+        else None
     chunk = vocab_chunk_rows(num_tokens, vocab_size, grad_dtype.itemsize, block_v,
                              workspace_bytes)
     workspace = torch.empty(num_tokens * chunk, dtype=grad_dtype, device=device)
@@ -177,7 +181,9 @@ def gemm_backward(hidden, weight, bias, rows, embed, fill, grad_dtype, block_v: 
         fill(v0, v1, grad)
         weight_chunk = weight[v0:v1].to(grad_dtype)
         addmm_fp32(dh_acc, grad, weight_chunk)
-        if dweight.dtype == grad_dtype:
+        if dweight is None:
+            pass
+        elif dweight.dtype == grad_dtype:
             torch.mm(grad.T, embed, out=dweight[v0:v1])
         else:           # fp32 G with 16-bit weights (this twin): one rounding per element
             dweight[v0:v1] = grad.T @ embed
@@ -189,13 +195,14 @@ def gemm_backward(hidden, weight, bias, rows, embed, fill, grad_dtype, block_v: 
 
 def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_token,
                                 label_logit=None, logit_scale: float = 1.0, softcap=None,
-                                workspace_bytes=None):
+                                workspace_bytes=None, weight_grad: bool = True):
     """Gradients of sum(grad_token * token_logps) w.r.t. hidden, weight and bias.
 
     Same inputs as the forward plus its lse [n] and grad_token [n] fp32 (`label_logit`, the
     Triton helper's input, is not needed here). Returns (dhidden [N, H], zero on rows not
     listed; dweight [V, H]; dbias [V] or None) in the input dtypes, accumulated in fp32:
-    `gemm_backward` with G formed in fp32 (workspace [n, C] fp32).
+    `gemm_backward` with G formed in fp32 (workspace [n, C] fp32); weight_grad=False skips
+    dweight (None).
     """
     embed = hidden[rows].float()
     bias32, coef = _fp32(bias), grad_token.float()
@@ -207,12 +214,13 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
         transform_logits(grad, logit_scale, softcap)
         _softmax_grad_(grad, labels - v0, lse, coef, logit_scale, softcap)
 
-    return gemm_backward(hidden, weight, bias, rows, embed, fill, torch.float32, 1,
-                         workspace_bytes)
+    return gemm_backward(hidden, weight, bias, rows, embed, fill, torch.float32, _TWIN_BLOCK,
+                         workspace_bytes, weight_grad)
 
 
 def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coefficients,
-                                logit_scale: float = 1.0, softcap=None, stats: bool = False):
+                                logit_scale: float = 1.0, softcap=None, stats: bool = False,
+                                weight_grad: bool = True):
     """Forward and exact backward in one pass over `groups` of tokens.
 
     hidden, weight, bias, labels [n], rows [n] as in the forward; groups: index tensors into
@@ -224,8 +232,8 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
     log-sum-exp, label log-probs and stats, the coefficients, G in place, dHidden rows =
     G @ W (written once), dWeight += G^T @ E. dWeight accumulates in the output for fp32
     weights; 16-bit weights need an fp32 [V, H] accumulator when there is more than one group.
-    Returns (token_logps [n], lse [n], aux as the forward's, dhidden [N, H], dweight [V, H],
-    dbias [V] or None), gradients in the input dtypes.
+    Returns (token_logps [n], lse [n], aux as the forward's, dhidden [N, H], dweight [V, H]
+    or None with weight_grad=False, dbias [V] or None), gradients in the input dtypes.
     """
     num_tokens, (vocab_size, _) = rows.shape[0], weight.shape
     device, dtype = hidden.device, hidden.dtype
@@ -238,7 +246,7 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
     dhidden = torch.zeros(hidden.shape, dtype=dtype, device=device)
     direct = weight.dtype == torch.float32 or len(groups) == 1
     dweight = torch.zeros(weight.shape, dtype=weight.dtype if direct else torch.float32,
-                          device=device)
+                          device=device) if weight_grad else None
     dbias = None if bias is None else torch.zeros(vocab_size, dtype=torch.float32,
                                                   device=device)
     largest = max((len(group) for group in groups), default=0)
@@ -263,13 +271,16 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
                               softcap)
         if weight.dtype == torch.float32:
             dhidden[group_rows] = (grad @ weight).to(dtype)
-            dweight.addmm_(grad.T, embed)
+            if dweight is not None:
+                dweight.addmm_(grad.T, embed)
         else:
             grad16 = grad.to(weight.dtype)
             dh = torch.zeros(count, weight.shape[1], dtype=torch.float32, device=device)
             addmm_fp32(dh, grad16, weight)
             dhidden[group_rows] = dh.to(dtype)
-            if direct:
+            if dweight is None:
+                pass
+            elif direct:
                 torch.mm(grad16.T, embed.to(weight.dtype), out=dweight)
             else:
                 addmm_fp32(dweight, grad16.T, embed.to(weight.dtype))
@@ -278,5 +289,6 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
     aux = {"label_logit": label_logit}
     if stats:
         aux.update(zip(STAT_NAMES, stat_values))
-    return (token_logps, lse, aux, dhidden, dweight.to(weight.dtype),
+    return (token_logps, lse, aux, dhidden,
+            None if dweight is None else dweight.to(weight.dtype),
             None if dbias is None else dbias.to(bias.dtype))
