@@ -4,12 +4,13 @@ Twin: `mixpo.kernels.linear_logps_torch` (same functions, inputs and outputs).
 Only per-token values leave the forward (log-sum-exp, label logit); the backward recomputes
 the logits one vocab chunk at a time, so nothing of size N x V is ever stored.
 
-Forward (`_linear_lse_fwd_kernel`), grid (token tiles, vocab splits): each program multiplies
+Forward (`_linear_lse_fwd_kernel`), grid (vocab splits, token tiles): each program multiplies
     a tile of tokens by tiles of weight rows in SRAM (tl.dot over BLOCK_H chunks of H, fp32
     accumulation) with an online log-sum-exp over the vocab tiles of its split, and writes one
     partial LSE per token into a [splits, n] buffer, combined on the host. The split count
-    comes from the compiled kernel's real occupancy (registers, shared memory) and the SM
-    count, so the grid fills whole waves (`vocab_splits`). The label's logit is a dot product
+    comes from the compiled kernel's real occupancy (registers, shared memory), the SM count
+    and the L2 size: enough splits that the resident programs' hidden tiles stay in L2
+    (`l2_min_splits`), and whole waves (`vocab_splits`). The label's logit is a dot product
     hidden[row] . weight[label] in the split-0 programs.
 Backward (default, `method="gemm"`), per vocab chunk [v0, v1) sized to the workspace budget:
     `_linear_softmax_grad_kernel` recomputes each [BLOCK_N, BLOCK_V] logits tile once and
@@ -39,6 +40,7 @@ import triton
 import triton.language as tl
 
 from mixpo.kernels import linear_logps_torch as twin
+from mixpo.kernels import logits_logps
 from mixpo.kernels.configs import DTYPE_TAGS, choose
 from mixpo.kernels.dispatch import INTERPRET
 from mixpo.kernels.logits_logps import STAT_NAMES, transform_logits, transform_slope
@@ -81,8 +83,10 @@ def _linear_lse_fwd_kernel(
     UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, STATS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    # Splits vary fastest in launch order: the programs resident at once share few token
+    # tiles, whose hidden rows then stay in L2 while the weight streams past them.
+    split = tl.program_id(0)
+    pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_tokens
     # Compacted token i is hidden row rows[i]: pointer to the start of that row (int64).
@@ -128,7 +132,7 @@ def _linear_lse_fwd_kernel(
     if STATS:
         # part_stats [5, splits, n]: E[z'] under the split's softmax, log sum exp(2 z'),
         # sum z', first argmax, max.
-        plane = tl.num_programs(1).to(tl.int64) * n_tokens
+        plane = tl.num_programs(0).to(tl.int64) * n_tokens
         tl.store(part_stats_ptr + part, run_ez / run_sum, mask=mask_n)
         tl.store(part_stats_ptr + plane + part, 2.0 * run_max + tl.log(run_sq), mask=mask_n)
         tl.store(part_stats_ptr + 2 * plane + part, run_z, mask=mask_n)
@@ -249,13 +253,14 @@ def _forward_slots(device: torch.device, key, compile_kernel) -> int:
     return _SLOTS[key]
 
 
-def vocab_splits(n_tiles: int, v_tiles: int, slots: int) -> int:
-    """Vocab splits of the forward grid (n_tiles x splits programs, `slots` resident at once):
-    the fewest whose waves are at least 90 % full, else the fullest (more splits cost one
-    partial log-sum-exp per split and token). 12,288 tokens in 128-token tiles on 132 SMs at
-    one CTA per SM: 4 splits, 384 programs in 3 waves of 132 (97 %), not 3 splits (73 %)."""
-    best, best_fill = 1, 0.0
-    for splits in range(1, min(v_tiles, 2 * slots) + 1):
+def vocab_splits(n_tiles: int, v_tiles: int, slots: int, min_splits: int = 1) -> int:
+    """Vocab splits of the forward grid (splits x n_tiles programs, `slots` resident at once):
+    the fewest from `min_splits` on whose waves are at least 90 % full, else the fullest
+    (each split costs one partial log-sum-exp per token). 12,288 tokens in 128-token tiles on
+    132 SMs at one CTA each, no L2 bound: 4 splits, 384 programs in 3 waves (97 %), where
+    3 splits left the last wave a quarter empty (73 %)."""
+    best, best_fill = 1, -1.0
+    for splits in range(max(1, min(min_splits, v_tiles)), min(v_tiles, 2 * slots) + 1):
         splits = -(-v_tiles // -(-v_tiles // splits))          # no empty split
         programs = n_tiles * splits
         fill = programs / (-(-programs // slots) * slots)
@@ -264,6 +269,13 @@ def vocab_splits(n_tiles: int, v_tiles: int, slots: int) -> int:
         if fill > best_fill + 1e-9:
             best, best_fill = splits, fill
     return best
+
+
+def l2_min_splits(slots: int, tile_bytes: int, l2_bytes: int) -> int:
+    """Splits that keep the hidden tiles of the resident programs (slots / splits token tiles
+    of `tile_bytes` each) within half of L2: otherwise every vocab step re-reads them from
+    HBM (at Llama-3 shape on an H100: 132 x 2 MiB tiles, 101 GB of re-reads in place of 0.1)."""
+    return max(1, -(-slots * tile_bytes // max(1, l2_bytes // 2)))
 
 
 def _check(hidden, weight, bias, labels, rows):
@@ -344,13 +356,17 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
     # Split the vocab as far as the compiled kernel's occupancy needs to fill the GPU.
     slots = _forward_slots(device, (hidden.dtype, bool(softcap), stats, launch),
                            lambda: launch_kernel((1, 1), label_logit, label_logit, 1, True))
-    splits = vocab_splits(n_tiles, v_tiles, slots)
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size \
+        if device.type == "cuda" and not INTERPRET else 0
+    min_splits = l2_min_splits(slots, block_n * hidden_size * hidden.element_size(),
+                               l2_bytes) if l2_bytes else 1
+    splits = vocab_splits(n_tiles, v_tiles, slots, min_splits)
     tiles_per_split = triton.cdiv(v_tiles, splits)
     splits = triton.cdiv(v_tiles, tiles_per_split)                # no empty split
     part_lse = torch.empty(splits, num_tokens, dtype=torch.float32, device=device)
     part_stats = torch.empty((5, splits, num_tokens) if stats else (1,), dtype=torch.float32,
                              device=device)
-    launch_kernel((n_tiles, splits), part_lse, part_stats, tiles_per_split)
+    launch_kernel((splits, n_tiles), part_lse, part_stats, tiles_per_split)
     lse = part_lse[0] if splits == 1 else torch.logsumexp(part_lse, dim=0)
     label_value, _ = label_transform(label_logit, logit_scale, softcap)
     aux = {"label_logit": label_logit}
@@ -419,6 +435,26 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
                               launch.block("BLOCK_V"), workspace_bytes, weight_grad)
 
 
-# One pass (forward and exact gradient together) is GEMM-bound and runs the same torch code
-# (cuBLAS on a GPU) on both backends.
-linear_token_logps_one_pass = twin.linear_token_logps_one_pass
+class TritonGroupOps:
+    """The one pass's elementwise steps with the `token_logps` kernels of
+    `mixpo.kernels.logits_logps` over a group's raw fp32 logits [t, V]: one read for the
+    log-sum-exp (and stats), one read + write for the gradient in place."""
+
+    @staticmethod
+    def logps(block, labels, logit_scale, softcap, stats):
+        token_logps, lse, token_stats = logits_logps.token_logps_forward(
+            block[None], labels[None], -1, logit_scale, softcap, stats)
+        values = [token_stats[name][0] for name in STAT_NAMES] if stats else []
+        return lse[0], (token_logps + lse)[0], values
+
+    @staticmethod
+    def grad_(block, labels, lse, coef, logit_scale, softcap):
+        return logits_logps.token_logps_backward(block[None], labels[None], lse[None],
+                                                 coef[None], -1, True, logit_scale,
+                                                 softcap)[0]
+
+
+def linear_token_logps_one_pass(*args, **kwargs):
+    """The one pass (`linear_logps_torch.linear_token_logps_one_pass`: cuBLAS GEMMs) with the
+    elementwise steps in Triton (`TritonGroupOps`)."""
+    return twin.linear_token_logps_one_pass(*args, ops=TritonGroupOps, **kwargs)

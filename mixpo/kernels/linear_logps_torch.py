@@ -218,9 +218,26 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
                          workspace_bytes, weight_grad)
 
 
+class TorchGroupOps:
+    """The one pass's elementwise steps on a group's raw fp32 logits block [t, V], in torch
+    (the Triton backend plugs in the `token_logps` kernels instead)."""
+
+    @staticmethod
+    def logps(block, labels, logit_scale, softcap, stats):
+        """(lse [t], transformed label logit [t], stats list); leaves the block as `grad_`
+        needs it (here: transformed in place)."""
+        lse, value, _, token_stats = _block_logps(block, labels, logit_scale, softcap, stats,
+                                                  keep=True)
+        return lse, value, token_stats
+
+    @staticmethod
+    def grad_(block, labels, lse, coef, logit_scale, softcap):
+        return _softmax_grad_(block, labels, lse, coef, logit_scale, softcap)
+
+
 def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coefficients,
                                 logit_scale: float = 1.0, softcap=None, stats: bool = False,
-                                weight_grad: bool = True):
+                                weight_grad: bool = True, ops=TorchGroupOps):
     """Forward and exact backward in one pass over `groups` of tokens.
 
     hidden, weight, bias, labels [n], rows [n] as in the forward; groups: index tensors into
@@ -229,7 +246,8 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
     fp32 of group k (its position in `groups`), called once per group, in order, as soon as
     its log-probs exist.
     Per group: logits [t, V] fp32 (the workspace: callers size groups to their budget),
-    log-sum-exp, label log-probs and stats, the coefficients, G in place, dHidden rows =
+    log-sum-exp, label log-probs and stats (`ops.logps`), the coefficients, G in place
+    (`ops.grad_`; `ops`: TorchGroupOps or the Triton backend's kernels), dHidden rows =
     G @ W (written once), dWeight += G^T @ E. dWeight accumulates in the output for fp32
     weights; 16-bit weights need an fp32 [V, H] accumulator when there is more than one group.
     Returns (token_logps [n], lse [n], aux as the forward's, dhidden [N, H], dweight [V, H]
@@ -259,16 +277,16 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
         embed = hidden[group_rows].float()
         block = _raw_logits(embed, weight, bias32,
                             buffer[:count * vocab_size].view(count, vocab_size))
-        group_lse, value, raw, group_stats = _block_logps(block, group_labels, logit_scale,
-                                                          softcap, stats, keep=True)
+        raw = block.gather(-1, group_labels[:, None]).squeeze(-1)
+        group_lse, value, group_stats = ops.logps(block, group_labels, logit_scale, softcap,
+                                                  stats)
         group_logps = value - group_lse
         token_logps[group], lse[group], label_logit[group] = group_logps, group_lse, raw
         for index, stat in enumerate(group_stats):
             stat_values[index, group] = stat
         coef = coefficients(position, group_logps,
                             {"label_logit": raw, **dict(zip(STAT_NAMES, group_stats))})
-        grad = _softmax_grad_(block, group_labels, group_lse, coef.float(), logit_scale,
-                              softcap)
+        grad = ops.grad_(block, group_labels, group_lse, coef.float(), logit_scale, softcap)
         if weight.dtype == torch.float32:
             dhidden[group_rows] = (grad @ weight).to(dtype)
             if dweight is not None:
