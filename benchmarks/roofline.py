@@ -67,8 +67,8 @@ class DevicePeaks:
     hbm_bytes_per_s: float      # bytes/s
     source: str
     # L2 <-> SM traffic (tile reloads, atomics resolved in L2), bytes/s: an assumption of the
-    # order public microbenchmarks report, not a datasheet figure; benchmarks/gpu_check.py
-    # measures it (stage 1, l2_read_tb_s). 0 leaves L2 out of the model.
+    # order public microbenchmarks report, not a datasheet figure (benchmarks/gpu_check.py
+    # times the kernels it bounds). 0 leaves L2 out of the model.
     l2_bytes_per_s: float = 0.0
 
     @property

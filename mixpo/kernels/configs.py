@@ -202,12 +202,15 @@ register(KernelSpec(
 # memory, sm_80 | sm_90, compiled as the JIT specialises real launches (16-byte aligned
 # pointers, H, row strides multiples of 16; without those hints Triton neither vectorises nor
 # pipelines them), from `mixpo bench compile` (benchmarks/results/compile_report.json):
-#   linear_lse_fwd 128x128x64     bf16  250 / 0 /  64 KB | 187 / 0 /  96 KB
-#   linear_lse_fwd 256x128x32     bf16  see compile_report.json
-#   linear_lse_fwd_fp32           fp32  255 / 0 /  32 KB | 164 / 0 /  48 KB
-#   linear_softmax_grad(_fp32), linear_atomic_bwd(_fp32): see compile_report.json
-# The forward picks the 256-token tile from 4096 tokens on: twice the FLOPs per weight byte
-# read through L2 (benchmarks/roofline.py), and enough token tiles to fill the SMs.
+#   linear_lse_fwd 128x128x64        bf16  255 / 0 /  64 KB | 230 / 0 /  96 KB
+#   linear_lse_fwd 256x128x32        bf16  255 / 0 /  48 KB | 254 / 0 /  72 KB  (STATS: spills)
+#   linear_lse_fwd_fp32 64x64x32     fp32  255 / 0 /  32 KB | 164 / 0 /  48 KB
+#   linear_softmax_grad 128x128x64   bf16  255 / 0 /  64 KB | 226 / 0 /  96 KB
+#   linear_softmax_grad_fp32         fp32  254 / 0 /  32 KB | 158 / 0 /  48 KB
+#   linear_atomic_bwd 128x128x32     bf16  255 / 0 /  80 KB | 241 / 0 /  96 KB
+# The forward picks the 256-token tile from 4096 tokens on (without token statistics, whose
+# registers spill at 256): a third less L2 traffic per FLOP than 128 x 128 (benchmarks/
+# roofline.py). The gradient kernel keeps 128 x 128: its 256-wide tiles spill (176-764 B).
 # ----------------------------------------------------------------------------------------------
 _LINEAR_POINTERS = {"hidden_ptr": "*{dtype}", "weight_ptr": "*{dtype}", "labels_ptr": "*i64",
                     "rows_ptr": "*i64", "grad_ptr": "*{dtype}", "kept_ptr": "*i32"}
@@ -229,9 +232,10 @@ _LINEAR_ARGUMENTS = {
 FORWARD_LARGE_TILE_TOKENS = 4096
 
 
-def _select_forward_tile(configs, num_tokens, **_):
+def _select_forward_tile(configs, num_tokens, stats=False, **_):
+    # The 256-token tile spills registers with the token statistics (STATS): 128 there.
     return configs[1] if len(configs) > 1 and num_tokens >= FORWARD_LARGE_TILE_TOKENS \
-        else configs[0]
+        and not stats else configs[0]
 
 
 _LINEAR_GPU_CONFIGS = {

@@ -335,7 +335,7 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
             aux.update({name: empty.clone() for name in STAT_NAMES})
         return empty, empty.clone(), aux
     launch = choose(_spec_name("linear_lse_fwd", hidden.dtype), dtype=hidden.dtype,
-                    num_tokens=num_tokens)
+                    num_tokens=num_tokens, stats=stats)
     block_n, block_v = launch.block("BLOCK_N"), launch.block("BLOCK_V")
     n_tiles, v_tiles = triton.cdiv(num_tokens, block_n), triton.cdiv(vocab_size, block_v)
     label_logit = torch.empty(num_tokens, dtype=torch.float32, device=device)
