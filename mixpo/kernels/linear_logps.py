@@ -445,10 +445,10 @@ class TritonGroupOps:
         token_logps, lse, token_stats = logits_logps.token_logps_forward(
             block[None], labels[None], -1, logit_scale, softcap, stats)
         values = [token_stats[name][0] for name in STAT_NAMES] if stats else []
-        return lse[0], (token_logps + lse)[0], values
+        return lse[0], (token_logps + lse)[0], values, None
 
     @staticmethod
-    def grad_(block, labels, lse, coef, logit_scale, softcap):
+    def grad_(block, labels, lse, coef, logit_scale, softcap, _state):
         return logits_logps.token_logps_backward(block[None], labels[None], lse[None],
                                                  coef[None], -1, True, logit_scale,
                                                  softcap)[0]

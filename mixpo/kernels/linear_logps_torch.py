@@ -136,11 +136,14 @@ def _block_logps(block, labels, logit_scale, softcap, stats, keep):
     return row_max.squeeze(-1) + sums.log(), value, raw, []
 
 
-def _softmax_grad_(block, labels, lse, coef, logit_scale, softcap):
+def _softmax_grad_(block, labels, lse, coef, logit_scale, softcap, shifted=False):
     """The transformed logits block [t, C] (vocab columns of `labels`' frame) turned in place
-    into G = coef * (onehot - softmax) * dz'/dz. Labels outside [0, C) add no one-hot."""
+    into G = coef * (onehot - softmax) * dz'/dz (`shifted`: the block already holds
+    z' - lse). Labels outside [0, C) add no one-hot."""
     slope = transform_slope(block.clone(), logit_scale, softcap) if softcap else logit_scale
-    grad = block.sub_(lse[:, None]).exp_().mul_(-coef[:, None])
+    if not shifted:
+        block.sub_(lse[:, None])
+    grad = block.exp_().mul_(-coef[:, None])
     inside = (labels >= 0) & (labels < block.shape[1])
     if bool(inside.all()):
         grad.scatter_add_(-1, labels[:, None], coef[:, None])
@@ -207,12 +210,18 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
     embed = hidden[rows].float()
     bias32, coef = _fp32(bias), grad_token.float()
 
+    plain = bias32 is None and logit_scale == 1.0 and not softcap
+    neg_lse = -lse[:, None]
+
     def fill(v0, v1, grad):
-        torch.mm(embed, weight[v0:v1].float().T, out=grad)
-        if bias32 is not None:
-            grad += bias32[v0:v1]
-        transform_logits(grad, logit_scale, softcap)
-        _softmax_grad_(grad, labels - v0, lse, coef, logit_scale, softcap)
+        if plain:       # z - lse straight from the GEMM (one elementwise pass saved)
+            torch.addmm(neg_lse, embed, weight[v0:v1].float().T, out=grad)
+        else:
+            torch.mm(embed, weight[v0:v1].float().T, out=grad)
+            if bias32 is not None:
+                grad += bias32[v0:v1]
+            transform_logits(grad, logit_scale, softcap)
+        _softmax_grad_(grad, labels - v0, lse, coef, logit_scale, softcap, shifted=plain)
 
     return gemm_backward(hidden, weight, bias, rows, embed, fill, torch.float32, _TWIN_BLOCK,
                          workspace_bytes, weight_grad)
@@ -220,19 +229,32 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
 
 class TorchGroupOps:
     """The one pass's elementwise steps on a group's raw fp32 logits block [t, V], in torch
-    (the Triton backend plugs in the `token_logps` kernels instead)."""
+    (the Triton backend plugs in the `token_logps` kernels instead). `logps` leaves
+    q = exp(z' - row max) in the block and returns its row sums as the state, so `grad_`
+    needs one multiply: G = coef * (onehot - q / sum) * dz'/dz."""
 
     @staticmethod
     def logps(block, labels, logit_scale, softcap, stats):
-        """(lse [t], transformed label logit [t], stats list); leaves the block as `grad_`
-        needs it (here: transformed in place)."""
-        lse, value, _, token_stats = _block_logps(block, labels, logit_scale, softcap, stats,
-                                                  keep=True)
-        return lse, value, token_stats
+        """(lse [t], transformed label logit [t], stats list, state for `grad_`)."""
+        block = transform_logits(block, logit_scale, softcap)
+        value = block.gather(-1, labels[:, None]).squeeze(-1)
+        slope = transform_slope(block.clone(), logit_scale, softcap) if softcap \
+            else logit_scale
+        token_stats = []
+        if stats:
+            token_stats = block_stats(block, torch.logsumexp(block, dim=-1), labels)
+        row_max = block.max(dim=-1, keepdim=True).values
+        sums = block.sub_(row_max).exp_().sum(-1)
+        return row_max.squeeze(-1) + sums.log(), value, token_stats, (sums, slope)
 
     @staticmethod
-    def grad_(block, labels, lse, coef, logit_scale, softcap):
-        return _softmax_grad_(block, labels, lse, coef, logit_scale, softcap)
+    def grad_(block, labels, lse, coef, logit_scale, softcap, state):
+        sums, slope = state
+        grad = block.mul_((-coef / sums)[:, None])          # -coef * softmax
+        grad.scatter_add_(-1, labels[:, None], coef[:, None])
+        if softcap or logit_scale != 1.0:
+            grad.mul_(slope)
+        return grad
 
 
 def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coefficients,
@@ -278,15 +300,16 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
         block = _raw_logits(embed, weight, bias32,
                             buffer[:count * vocab_size].view(count, vocab_size))
         raw = block.gather(-1, group_labels[:, None]).squeeze(-1)
-        group_lse, value, group_stats = ops.logps(block, group_labels, logit_scale, softcap,
-                                                  stats)
+        group_lse, value, group_stats, state = ops.logps(block, group_labels, logit_scale,
+                                                         softcap, stats)
         group_logps = value - group_lse
         token_logps[group], lse[group], label_logit[group] = group_logps, group_lse, raw
         for index, stat in enumerate(group_stats):
             stat_values[index, group] = stat
         coef = coefficients(position, group_logps,
                             {"label_logit": raw, **dict(zip(STAT_NAMES, group_stats))})
-        grad = ops.grad_(block, group_labels, group_lse, coef.float(), logit_scale, softcap)
+        grad = ops.grad_(block, group_labels, group_lse, coef.float(), logit_scale, softcap,
+                         state)
         if weight.dtype == torch.float32:
             dhidden[group_rows] = (grad @ weight).to(dtype)
             if dweight is not None:
