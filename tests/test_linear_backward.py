@@ -9,6 +9,7 @@ import torch
 
 import mixpo
 from formulas import pair_losses
+from mixpo import functions
 from mixpo.functions import plan_linear_passes
 from mixpo.kernels import linear_logps, linear_logps_atomic
 from mixpo.kernels import linear_logps_torch as twin
@@ -257,7 +258,8 @@ def test_one_pass_triton_backend_vs_float64(dtype):
         assert relative_error(got, leaf.grad) < RELATIVE[dtype]
 
 
-def test_pass_choice_is_automatic_and_logged(caplog):
+def test_pass_choice_is_automatic_and_logged(caplog, monkeypatch):
+    monkeypatch.setattr(functions, "_LOGGED", set())          # logged once per process
     hidden, weight, bias, labels, ref = batch()
     config = LossConfig(loss_type="sigmoid")
     rows = torch.nonzero(labels.reshape(-1) != IGNORE).squeeze(1)
@@ -271,6 +273,9 @@ def test_pass_choice_is_automatic_and_logged(caplog):
         assert len(groups) == 1 and torch.equal(torch.sort(groups[0][1]).values,
                                                 torch.arange(rows.shape[0]))
         assert "one pass" in caplog.text
+        caplog.clear()
+        plan(config)
+        assert "one pass" not in caplog.text                      # once only
         # A workspace of one pair's logits: three groups, pair by pair.
         groups = plan(config, workspace_bytes=28 * 700 * 4)
         assert [pairs.tolist() for pairs, _ in groups] == [[0], [1], [2]]
