@@ -321,3 +321,16 @@ def test_frozen_head_skips_the_weight_gradient(passes):
                                                  ref_logps=ref, beta=0.3, backend="torch",
                                                  passes=passes)
     torch.testing.assert_close(evaluated.loss, trained.loss)
+
+
+def test_forward_split_count_fills_waves_and_keeps_hidden_in_l2():
+    # 12,288 tokens in 128-token tiles, 1,002 vocab tiles, 132 SMs x 1 CTA: 3 splits would
+    # leave the last wave a quarter empty (288 of 396); 4 fill 97 %.
+    assert linear_logps.vocab_splits(96, 1002, 132) == 4
+    # An H100's 50 MiB L2 and 256 x 4096 bf16 hidden tiles (2 MiB): 132 resident programs
+    # must share at most 12 token tiles, so 11 splits at least; 48 x 11 = 4 full waves.
+    minimum = linear_logps.l2_min_splits(132, 256 * 4096 * 2, 50 * 2**20)
+    assert minimum == 11 and linear_logps.vocab_splits(48, 1002, 132, minimum) == 11
+    # Few tokens: as many splits as fill the machine; never more splits than vocab tiles.
+    assert linear_logps.vocab_splits(1, 1002, 132) == 126        # 126 x 8 tiles, 95 %
+    assert linear_logps.vocab_splits(1, 4, 132) == 4

@@ -247,7 +247,7 @@ def _forward_slots(device: torch.device, key, compile_kernel) -> int:
             compiled = compile_kernel()
             compiled._init_handles()        # loads the binary: n_regs
             per_sm = occupancy(compiled, device)
-        except (AttributeError, RuntimeError):          # an older Triton's object layout
+        except (AttributeError, RuntimeError, TypeError):   # another Triton's object layout
             per_sm = 1
         _SLOTS[key] = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return _SLOTS[key]
@@ -355,7 +355,9 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
 
     # Split the vocab as far as the compiled kernel's occupancy needs to fill the GPU.
     slots = _forward_slots(device, (hidden.dtype, bool(softcap), stats, launch),
-                           lambda: launch_kernel((1, 1), label_logit, label_logit, 1, True))
+                           # tiles_per_split 3 specialises as real launches do (not 1,
+                           # not a multiple of 16): the compile is the one the launch reuses.
+                           lambda: launch_kernel((1, 1), label_logit, label_logit, 3, True))
     l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size \
         if device.type == "cuda" and not INTERPRET else 0
     min_splits = l2_min_splits(slots, block_n * hidden_size * hidden.element_size(),

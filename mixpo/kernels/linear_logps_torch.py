@@ -99,7 +99,9 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
     label_logit = torch.empty_like(token_logps)
     stat_values = torch.empty((len(STAT_NAMES) if stats else 0, num_tokens),
                               dtype=torch.float32, device=hidden.device)
-    chunk = max(1, min(num_tokens, workspace_rows(vocab_size, _FP32, workspace_bytes)))
+    # With stats, `block_stats` holds two more blocks (log-sum-exp, probabilities) at once.
+    chunk = max(1, min(num_tokens, workspace_rows(vocab_size, _FP32 * (3 if stats else 1),
+                                                  workspace_bytes)))
     buffer = torch.empty(chunk * vocab_size, dtype=torch.float32, device=hidden.device)
     for t0, t1 in _row_chunks(num_tokens, chunk):
         block = _raw_logits(hidden[rows[t0:t1]].float(), weight, bias32,
