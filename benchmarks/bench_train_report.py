@@ -6,18 +6,21 @@ from __future__ import annotations
 import pathlib
 import statistics
 
-CONFIGS = ("mixpo_padded", "mixpo_packed", "trl", "mixpo_in_trl", "mixpo_in_trl_packed")
+CONFIGS = ("mixpo_padded", "mixpo_packed", "mixpo_shared", "trl", "mixpo_in_trl",
+           "mixpo_in_trl_packed")
 TRL_LOOP = ("trl", "mixpo_in_trl", "mixpo_in_trl_packed")     # run through trl's trainer
 BASELINE = "trl"
 GOAL = {"speedup": 1.5, "memory_ratio": 0.5}     # mixpo_packed vs trl (issue 14)
+SHARING_GOAL = 1.3       # mixpo_shared vs mixpo_packed tokens/s, prompts ~70 % (issue 23)
 
 
 def flop_estimate(model: dict, accounting: dict, lengths, cuda: bool) -> dict:
     """Matmul FLOPs of the timed steps, 6 x parameters x tokens (forward + backward; the
     attention's quadratic term left out), split into the body (every position it runs: padded
-    batches for mixpo_padded and trl, real tokens packed) and the LM head (the positions it
-    scores: mixpo the completion tokens; trl the same on CUDA, but every position of its
-    padded batch elsewhere, this CPU included). Explains where the measured ratios come from."""
+    batches for mixpo_padded and trl, real tokens packed, each prompt once when shared) and
+    the LM head (the positions it scores: mixpo the completion tokens; trl the same on CUDA,
+    but every position of its padded batch elsewhere, this CPU included). Explains where the
+    measured ratios come from."""
     head = model["vocab_size"] * model["hidden_size"]
     body = model["parameters"] - head                   # tied embeddings: the head's weight
     steps = len(accounting["real_tokens_per_step"])
@@ -26,7 +29,10 @@ def flop_estimate(model: dict, accounting: dict, lengths, cuda: bool) -> dict:
                   for i in range(steps)]
     real, padded = accounting["real_tokens_per_step"], accounting["padded_tokens_per_step"]
     rows = [2 * per_step] * steps                       # sequences per step
+    shared = [sum(p + c + r for p, c, r in lengths[i * per_step:(i + 1) * per_step])
+              for i in range(steps)]
     positions = {"mixpo_padded": (padded, completion), "mixpo_packed": (real, completion),
+                 "mixpo_shared": (shared, completion),
                  "trl": (padded, completion if cuda else
                          [p - r for p, r in zip(padded, rows)]),
                  "mixpo_in_trl": (padded, completion),
@@ -73,6 +79,12 @@ def summarise(results: dict, accounting: dict) -> dict:
                            "speedup": ratios["speedup"], "memory_ratio": ratios["memory_ratio"],
                            "speedup_met": ratios["speedup"] >= GOAL["speedup"],
                            "memory_met": ratios["memory_ratio"] <= GOAL["memory_ratio"]}
+    if "mixpo_shared" in ok and "mixpo_packed" in ok:
+        ratio = results["mixpo_shared"]["tokens_per_s"] / results["mixpo_packed"]["tokens_per_s"]
+        summary["sharing"] = {"speedup_vs_packed": ratio, "target": SHARING_GOAL,
+                              "met": ratio >= SHARING_GOAL,
+                              "max_abs_loss_diff": max_diff("mixpo_shared", "mixpo_packed",
+                                                            "loss")}
     if "mixpo_padded" in ok:
         summary["pad_fraction_padded"] = results["mixpo_padded"]["pad_fraction"]
     summary["data_pad_fraction"] = 1 - sum(real) / sum(accounting["padded_tokens_per_step"])
@@ -145,6 +157,11 @@ def _print_summary(report: dict) -> None:
               f"pad {row['pad_fraction']:.3f}  tokens ok {row['tokens_match_data']}{versus}")
     for note in report["notes"]:
         print(f"note: {note}")
+    sharing = report["summary"].get("sharing")
+    if sharing:
+        print(f"prefix sharing vs unshared packed: {sharing['speedup_vs_packed']:.2f}x tokens/s "
+              f"(>= {sharing['target']}: {sharing['met']}), largest loss difference "
+              f"{sharing['max_abs_loss_diff']:.2e}")
     goal = report["summary"].get("goal")
     if goal:
         print(f"goal (packed vs trl): speedup {goal['speedup']:.2f} (>= {goal['target_speedup']}: "
@@ -159,7 +176,8 @@ def plot(report: dict, path: pathlib.Path) -> None:
 
     rows = {name: row for name, row in report["configs"].items() if "error" not in row}
     names = list(rows)
-    colors = {"mixpo_padded": "tab:blue", "mixpo_packed": "tab:green", "trl": "tab:gray",
+    colors = {"mixpo_padded": "tab:blue", "mixpo_packed": "tab:green",
+              "mixpo_shared": "tab:cyan", "trl": "tab:gray",
               "mixpo_in_trl": "tab:purple", "mixpo_in_trl_packed": "tab:olive"}
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = (("tokens_per_s", "real tokens / s (steps 2..N)", "speedup"),

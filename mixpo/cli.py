@@ -103,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     except TimeoutError as error:        # a collective timed out (mixpo.train.distributed)
         print(f"mixpo {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:             # a full disk, a read-only directory: the OS's words
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"mixpo {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as error:   # Ctrl-C: outputs are atomic, nothing half-written
+        print(f"mixpo {args.command}: {error or 'interrupted; nothing was written'}",
+              file=sys.stderr)
+        return 130
     return int(result or 0)
 
 

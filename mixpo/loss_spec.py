@@ -2,12 +2,12 @@
 are. The single definition that the kernels, their torch twins, the loss API, the trainer's
 config, the TRL integration and the command line all read.
 
-Notation (ANCHORS.md): per sequence `logp` = summed completion log-probs, `n` its completion
-tokens, `ref` the reference model's `logp`, `u = logp - ref` the log-ratio (`u = logp` for a
-reference-free type), per token `u / n` when the type normalises length. `h = u_w - u_l`,
-`z = beta * h - gamma` (with an f-divergence, `h = s(u_w) - s(u_l)`), `e` = label_smoothing,
-`s` = sigmoid. Type names and hyper-parameter names are TRL's (trl 1.16 DPOTrainer; SimPO, CPO
-and ORPO as in TRL's CPOTrainer / ORPOTrainer and Liger-Kernel).
+Notation (as in the README's loss table): per sequence `logp` = summed completion log-probs,
+`n` its completion tokens, `ref` the reference model's `logp`, `u = logp - ref` the log-ratio
+(`u = logp` for a reference-free type), per token `u / n` when the type normalises length.
+`h = u_w - u_l`, `z = beta * h - gamma` (with an f-divergence, `h = s(u_w) - s(u_l)`),
+`e` = label_smoothing, `s` = sigmoid. Type names and hyper-parameter names are TRL's (trl
+1.16 DPOTrainer; SimPO, CPO and ORPO as in TRL's CPOTrainer / ORPOTrainer and Liger-Kernel).
 
 Imports nothing heavy at module level (the command line reads it to build its parsers); the
 functions work on tensors through their methods.
@@ -29,7 +29,8 @@ class LossType:
     """One per-pair loss formula.
 
     name: the value of `loss_type`.
-    kernel_code: LOSS_KIND code of the pair-loss kernel (a type without one runs in torch).
+    kernel_code: the type's code in the pair-loss kernel (`mixpo.kernels.pair_loss`; a
+        type without one runs in torch).
     family: MARGIN, RATIOS, ODDS, NLL or SORTED (above).
     formula / source: documentation (README table, docstrings).
     normalized: per-token log-ratios by default (`average_log_prob=None` follows this).

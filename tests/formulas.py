@@ -1,4 +1,4 @@
-"""The per-pair losses of ANCHORS.md / TRL / the papers written out independently of mixpo,
+"""The per-pair losses of TRL and the papers written out independently of mixpo,
 differentiable by autograd: the oracle the kernel tests check against. Written in TRL's style
 (chosen/rejected log-ratios, then one formula per type), not mixpo's (no hand-written
 derivatives, no kernel codes)."""

@@ -27,6 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fixtures import build_tiny_causal_lm, build_tiny_tokenizer   # noqa: E402
 from test_integration_trl import rows                              # noqa: E402
 
+# examples/accelerate/fsdp2.yaml's layout (tests/test_examples.py checks they agree).
+FSDP2_LAYOUT = {"fsdp_version": 2, "auto_wrap_policy": "transformer_based_wrap",
+                "reshard_after_forward": True}
+
 
 def main(out_path: str, loss_type: str, tied: bool) -> None:
     import datasets
@@ -34,12 +38,12 @@ def main(out_path: str, loss_type: str, tied: bool) -> None:
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from torch.distributed.tensor import DTensor
 
-    import mixpo.integrations.trl as integration
+    import mixpo.integrations.trl_head as head
     from mixpo.integrations.trl import MixpoDPOConfig, MixpoDPOTrainer
 
     seen = []                        # what the loss's head read: DTensor shards or a tensor
-    full = integration._full
-    integration._full = lambda tensor: seen.append(type(tensor).__name__) or full(tensor)
+    full = head.full
+    head.full = lambda tensor: seen.append(type(tensor).__name__) or full(tensor)
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")          # accelerate finds it and uses it
@@ -51,7 +55,8 @@ def main(out_path: str, loss_type: str, tied: bool) -> None:
                           max_steps=1, save_strategy="no", report_to="none", seed=0,
                           use_cpu=True, max_length=64, bf16=False, dataloader_num_workers=0,
                           loss_type=[loss_type], precompute_ref_log_probs=True,
-                          route_below=0.5, adaptive_margin=True)
+                          route_below=0.5, adaptive_margin=True,
+                          order="as-is")          # the file's order: its first batch has a tie
     # From disk, as real datasets are: trl 1.16 caches precomputed reference log-probs next to
     # the dataset's files, and an in-memory dataset's cache is a per-process temporary folder
     # (the other rank would not find it).
@@ -78,8 +83,7 @@ def main(out_path: str, loss_type: str, tied: bool) -> None:
 
     # The same step through accelerate's FSDP2 layout.
     plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=["LlamaDecoderLayer"], reshard_after_forward=True,
+        **FSDP2_LAYOUT, transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
         cpu_ram_efficient_loading=False)
     accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin),
                                   torch_device_mesh=None, mixed_precision="no",

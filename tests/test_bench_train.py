@@ -1,5 +1,5 @@
 """benchmarks/bench_train.py end to end at a tiny shape on the CPU (a 1-layer Llama, V 512, a
-few dozen tokens a sequence, gradient accumulation 2): the five configurations run in their
+few dozen tokens a sequence, gradient accumulation 2): the six configurations run in their
 own processes (two at once here, --jobs 2: the timings are not the point) and the JSON report has
 the fields the issue asks for, with values that make sense: the same real tokens in every
 configuration, no padding in the packed run, the first loss log 2 (the policy is the
@@ -52,8 +52,8 @@ def test_report_records_the_setting(report):
 
 def test_every_configuration_measured_the_same_tokens(report):
     configs = report["configs"]
-    assert set(configs) == {"mixpo_padded", "mixpo_packed", "trl", "mixpo_in_trl",
-                            "mixpo_in_trl_packed"}
+    assert set(configs) == {"mixpo_padded", "mixpo_packed", "mixpo_shared", "trl",
+                            "mixpo_in_trl", "mixpo_in_trl_packed"}
     real = report["batch"]["real_tokens_per_step"]
     for name, row in configs.items():
         assert "error" not in row, (name, row)
@@ -63,6 +63,7 @@ def test_every_configuration_measured_the_same_tokens(report):
         assert len(row["step_end_s"]) == STEPS and len(row["loss"]) == STEPS
         assert 0 < row["peak_mib"] < 4096, (name, row["peak_mib"])
     assert configs["mixpo_packed"]["pad_fraction"] == 0
+    assert configs["mixpo_shared"]["pad_fraction"] == 0
     assert configs["mixpo_in_trl_packed"]["pad_fraction"] == 0
     padded = configs["mixpo_padded"]["pad_fraction"]
     assert 0 < padded < 1 and padded == pytest.approx(configs["trl"]["pad_fraction"])
@@ -85,6 +86,9 @@ def test_losses_agree_across_configurations(report):
                 "mixpo_in_trl_vs_mixpo_in_trl_packed"):
         assert summary[key]["max_abs_loss_diff"] < 1e-4, summary[key]
         assert summary[key]["max_abs_logps_chosen_diff"] < 1e-3, summary[key]
+    sharing = summary["sharing"]         # prefix sharing: the same trajectory
+    assert sharing["max_abs_loss_diff"] < 1e-4 and sharing["target"] == 1.3
+    assert isinstance(sharing["met"], bool) and sharing["speedup_vs_packed"] > 0
     # The learning rate is large enough that the loss moves: the comparison is not vacuous.
     losses = report["configs"]["mixpo_padded"]["loss"]
     assert max(abs(x - math.log(2)) for x in losses[1:]) > 1e-4

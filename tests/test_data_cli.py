@@ -88,6 +88,8 @@ def test_inspect_with_plot(tmp_path, capsys, uf_file):
     assert code == 0 and "rows: 20" in out and f"ties (difficulty == 0): {ties}" in out
     assert "would be hard with --route-below 0.5" in out and "q50=" in out
     assert (tmp_path / "margins.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hard = sum(r["score_chosen"] - r["score_rejected"] < 0.5 for r in ultrafeedback_rows(20))
+    assert f"the {hard} hard (SFT) pairs in red" in out and hard > 0
 
 
 def test_score_reward_then_prepare(tmp_path, capsys, uf_file):
@@ -377,3 +379,36 @@ def test_python_dash_m_mixpo(tmp_path, uf_file):
                             cwd=tmp_path, timeout=120)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_every_bad_row_is_named_in_one_error(tmp_path, capsys):
+    rows = ultrafeedback_rows(12)
+    for index in (2, 5, 7):
+        rows[index]["chosen"][1]["content"] = ""
+    source = write_jsonl(tmp_path / "bad.jsonl", rows)
+    code, _, err = _run(capsys, "data", "prepare", source, "-o", tmp_path / "out.jsonl")
+    assert code == 2 and err.count("\n") == 1
+    assert "3 bad rows:" in err
+    for line in (3, 6, 8):
+        assert f"bad.jsonl line {line}, column 'chosen'" in err
+
+
+def test_invalid_utf8_and_parquet_maps_are_named_by_file_line_and_column(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = [json.dumps(row).encode() for row in ultrafeedback_rows(4)]
+    lines[2] = lines[2].replace(b'"prompt": "', b'"prompt": "\xff', 1)
+    for suffix in ("jsonl", "json"):
+        source = tmp_path / f"latin1.{suffix}"
+        source.write_bytes(b"\n".join(lines) + b"\n")
+        code, _, err = _run(capsys, "data", "prepare", source, "-o", tmp_path / "o.jsonl")
+        assert code == 2 and f"latin1.{suffix} line 3, column " in err and "not UTF-8" in err
+    table = pa.table({"prompt": ["p"] * 2, "chosen": ["a"] * 2, "rejected": ["b"] * 2,
+                      "score_chosen": [5.0, 4.0], "score_rejected": [1.0, 2.0],
+                      "meta": pa.array([[("k", "v")]] * 2, pa.map_(pa.string(), pa.string()))})
+    pq.write_table(table, tmp_path / "map.parquet")
+    code, _, err = _run(capsys, "data", "prepare", tmp_path / "map.parquet", "-o",
+                        tmp_path / "o.parquet")
+    assert code == 2 and "map.parquet, column 'meta': a Parquet map" in err
+

@@ -155,7 +155,10 @@ def test_render_example_with_and_without_chat_template():
     assert rejected.startswith(rows[0]["rejected"][1]["content"])
 
     plain = build_tiny_tokenizer(corpus_texts(rows), chat_template=False)
-    prompt, chosen, _ = render_example(example, plain)
+    with pytest.raises(ValueError, match="conversational rows need a tokenizer with a chat "
+                       "template.*TRL refuses"):
+        render_example(example, plain)
+    prompt, chosen, _ = render_example(example, plain, plain_conversations=True)
     assert prompt == f"user: {rows[0]['prompt']}\nassistant: "
     assert chosen == rows[0]["chosen"][1]["content"] + "</s>"
     standard = split_example({"prompt": "p ", "chosen": "a", "rejected": "b"})

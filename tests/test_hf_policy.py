@@ -54,7 +54,7 @@ def test_logit_transform_read_from_config_matches_the_model_forward(kind, expect
         plain = PreferenceModel(tiny_model("llama"))
         plain.causal_lm = model
         from dataclasses import replace
-        plain.loss.config = replace(plain.loss.config, logit_scale=1.0, softcap=None)
+        plain.loss_config = replace(plain.loss_config, logit_scale=1.0, softcap=None)
         with torch.no_grad():
             untransformed = plain(batch, logps_only=True)
         assert (untransformed - want).abs().max() > 1e-2
@@ -178,7 +178,7 @@ def test_gemma2_softcap_30_matches_trl_fused_lm_head():
     beta = 0.1
 
     policy = PreferenceModel(model, LossConfig(beta=beta))
-    assert policy.loss.config.softcap == 30.0
+    assert policy.loss_config.softcap == 30.0
     ours, _ = policy({"input_ids": input_ids, "attention_mask": attention_mask,
                       "labels": labels}, ref_logps=ref)
     ours.backward()
@@ -199,7 +199,7 @@ def test_gemma2_softcap_30_matches_trl_fused_lm_head():
     assert compared > 10
     # The softcap mattered: without it the log-probs are far from TRL's.
     from dataclasses import replace
-    policy.loss.config = replace(policy.loss.config, softcap=None)
+    policy.loss_config = replace(policy.loss_config, softcap=None)
     with torch.no_grad():
         uncapped = policy({"input_ids": input_ids, "attention_mask": attention_mask,
                            "labels": labels}, logps_only=True)

@@ -3,7 +3,9 @@
 and precomputed reference log-probs that trains, logs, checkpoints and resumes, a LoRA run,
 and the curriculum sampler."""
 import json
+import pickle
 import random
+import re
 
 import pytest
 import torch
@@ -165,7 +167,10 @@ def test_moe_router_aux_loss_equals_stock_dpo_trainer(tokenizer, tmp_path):
             ("stock", trl.DPOTrainer, trl.DPOConfig, {}),
             ("mixpo", MixpoDPOTrainer, MixpoDPOConfig, {"curriculum": False}),
             ("packed", MixpoDPOTrainer, MixpoDPOConfig, {"curriculum": False,
-                                                          "padding_free": True})):
+                                                          "padding_free": True}),
+            ("shared", MixpoDPOTrainer, MixpoDPOConfig, {"curriculum": False,
+                                                          "padding_free": True,
+                                                          "prefix_sharing": True})):
         args = config_class(output_dir=str(tmp_path / name), per_device_train_batch_size=4,
                             max_steps=1, save_strategy="no", report_to="none", seed=0,
                             use_cpu=True, max_length=64, bf16=False, beta=0.3,
@@ -179,7 +184,7 @@ def test_moe_router_aux_loss_equals_stock_dpo_trainer(tokenizer, tmp_path):
         results[name] = (loss, grads, trainer._metrics["train"]["aux_loss"][-1])
     stock_loss, stock_grads, stock_aux = results["stock"]
     assert stock_aux > 1.0                          # a real term: about num_experts_per_tok
-    for name in ("mixpo", "packed"):
+    for name in ("mixpo", "packed", "shared"):      # shared rows weigh prompt tokens twice
         loss, grads, aux = results[name]
         assert aux == pytest.approx(stock_aux, rel=1e-6), name
         torch.testing.assert_close(loss, stock_loss, rtol=1e-5, atol=1e-6)
@@ -189,45 +194,155 @@ def test_moe_router_aux_loss_equals_stock_dpo_trainer(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_padding_free_equals_padded(tokenizer, tmp_path, loss_type):
-    options = dict(loss_type=loss_type, beta=0.3, curriculum=True, ld_alpha=0.5)
+def test_padding_free_and_prefix_sharing_equal_padded(tokenizer, tmp_path, loss_type):
+    options = dict(loss_type=loss_type, beta=0.3, curriculum=True, ld_alpha=0.5,
+                   route_below=1.0, sft_weight=0.1)
     padded = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "padded", **options)
-    packed = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "packed",
-                  padding_free=True, **options)
-    assert packed._padding_free and not packed.args.padding_free   # TRL's switch stays off
     padded_loss, padded_grads, _ = first_step(padded)
-    packed_loss, packed_grads, _ = first_step(packed)
-    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
-    for name, grad in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    metrics = {name: values[-1] for name, values in padded._metrics["train"].items()}
+    for name, extra in (("packed", {}), ("shared", {"prefix_sharing": True})):
+        ours = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / name,
+                    padding_free=True, **extra, **options)
+        assert ours._padding_free and not ours.args.padding_free   # TRL's switch stays off
+        loss, grads, _ = first_step(ours)
+        torch.testing.assert_close(loss, padded_loss, rtol=1e-5, atol=1e-6)
+        for parameter, grad in padded_grads.items():
+            torch.testing.assert_close(grads[parameter], grad, rtol=1e-4, atol=1e-6,
+                                       msg=f"{name} {parameter}")
+        for metric, value in metrics.items():
+            assert ours._metrics["train"][metric][-1] == pytest.approx(
+                value, rel=1e-4, abs=1e-5), (name, metric)
 
 
-def test_routing_adaptive_margins_precompute_checkpoint_resume(tokenizer, tmp_path):
+def test_prefix_sharing_needs_padding_free(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="prefix_sharing needs padding_free=True"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, prefix_sharing=True)
+
+
+def test_routing_margins_curriculum_checkpoint_interrupted_save_and_resume(tokenizer, tmp_path,
+                                                                           monkeypatch, caplog):
+    """MixDPO routing + gamma-PO + precomputed reference through TRL's loop, easy-first: the
+    6 tied pairs come last, so the routed fraction per step is 0, 0, 0, 0, 0.5, 1. The save
+    of checkpoint-6 is interrupted where a kill would leave it (after the model, optimizer
+    and RNG states, before mixpo's solver state and trainer_state.json). A path to it is
+    refused naming what is missing and the checkpoint to use; resume_from_checkpoint=True
+    falls back to checkpoint-4 and retrains steps 5-6 exactly; a solver-state file that is a
+    code-running pickle is refused, never unpickled."""
+    import mixpo.integrations.trl as integration
+
     options = dict(loss_type="sigmoid", beta=0.1, route_below=0.5, adaptive_margin=True,
-                   gamma=0.5, precompute_ref_log_probs=True, max_steps=4, save_strategy="steps",
+                   gamma=0.5, precompute_ref_log_probs=True, max_steps=6, save_strategy="steps",
                    save_steps=2)
-    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "run", **options)
-    assert trainer.train_dataset["hard"] == [row["score_chosen"] - row["score_rejected"] < 0.5
-                                             for row in rows()]
-    assert trainer._curriculum            # routing configured: the dataset's order
-    trainer.train()
+    run = tmp_path / "run"
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, run, **options)
+    gaps = [row["score_chosen"] - row["score_rejected"] for row in rows()]
+    order = sorted(range(len(gaps)), key=lambda index: -gaps[index])       # stable, easy-first
+    assert trainer.train_dataset["hard"] == [gaps[index] < 0.5 for index in order]
+    assert trainer._curriculum
+
+    save = integration.save_margin_state
+
+    def killed_at_step_6(margin, folder, rank):
+        if folder.endswith("checkpoint-6"):
+            raise KeyboardInterrupt("killed while saving checkpoint-6")
+        save(margin, folder, rank)
+
+    monkeypatch.setattr(integration, "save_margin_state", killed_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    monkeypatch.setattr(integration, "save_margin_state", save)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logged) == 4
-    assert all(entry["routing/sft_fraction"] == 0.25 for entry in logged)  # 1 tie in 4
+    assert [entry["routing/sft_fraction"] for entry in logged] == [0, 0, 0, 0, 0.5, 1.0]
     assert any(entry["gamma/std"] > 0 for entry in logged)
-    assert all("ref_chosen_logps" in row for row in [trainer.train_dataset[0]])
-    solver_file = tmp_path / "run" / "checkpoint-2" / "mixpo_margin_rank0.pt"
-    saved = torch.load(solver_file, weights_only=False)
+    assert "ref_chosen_logps" in trainer.train_dataset[0]
+    interrupted = run / "checkpoint-6"
+    assert (interrupted / "model.safetensors").is_file()
+    assert not (interrupted / "trainer_state.json").exists()
+    assert not (interrupted / "mixpo_margin_rank0.pt").exists()
+    saved = torch.load(run / "checkpoint-2" / "mixpo_margin_rank0.pt", weights_only=True)
     assert len(saved["queue"]) == 8 + 2 * 4            # initial queue + two steps of 4 gaps
     losses = [entry["loss"] for entry in logged]
 
-    # Resume from checkpoint-2: the same steps 3-4 (solver queue and data position restored).
-    resumed = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "run", **options)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    resumed = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, run, **options)
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint-6: trainer_state.json "
+                       r"is missing: its save was interrupted; resume from .*checkpoint-4"):
+        resumed.train(resume_from_checkpoint=str(interrupted))
+    caplog.clear()
+    resumed.train(resume_from_checkpoint=True)
+    assert re.search(r"not resuming from \S*checkpoint-6 .*resuming from \S*checkpoint-4",
+                     caplog.text)
     again = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
-    assert len(again) == 4      # steps 1-2 from the checkpoint's history, 3-4 trained again
-    assert again[2:] == pytest.approx(losses[2:], rel=1e-5)
-    assert len(resumed._margin.queue) == 8 + 4 * 4
+    assert len(again) == 6      # steps 1-4 from the checkpoint's history, 5-6 trained again
+    assert again[4:] == pytest.approx(losses[4:], rel=1e-5)
+    assert len(resumed._margin.queue) == 8 + 6 * 4
+
+    # A checkpoint with its trainer state but no solver state: named, with its causes.
+    (run / "checkpoint-4" / "mixpo_margin_rank0.pt").unlink()
+    with pytest.raises(ValueError, match="checkpoint-4: mixpo_margin_rank0.pt missing .*"
+                       "interrupted, or the run that wrote it had no adaptive_margin"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, run, **options).train(
+            resume_from_checkpoint=str(run / "checkpoint-4"))
+
+    # A solver-state file that runs code when unpickled is refused, in one line, by name.
+    marker = tmp_path / "code-ran"
+    with open(run / "checkpoint-2" / "mixpo_margin_rank0.pt", "wb") as handle:
+        pickle.dump(_RunsCode(str(marker)), handle)          # a bare pickle
+    with pytest.raises(ValueError, match=r"^\S*checkpoint-2/mixpo_margin_rank0.pt: not a "
+                       r"gamma-PO solver state mixpo wrote \([^\n]*\)$"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, run, **options).train(
+            resume_from_checkpoint=str(run / "checkpoint-2"))
+    torch.save({"queue": [], "x": _RunsCode(str(marker))},    # torch's own format
+               run / "checkpoint-2" / "mixpo_margin_rank0.pt")
+    with pytest.raises(ValueError, match=r"^\S*checkpoint-2/mixpo_margin_rank0.pt: refused: it "
+                       r"holds Python objects other than tensors"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, run, **options).train(
+            resume_from_checkpoint=str(run / "checkpoint-2"))
+    assert not marker.exists()
+
+
+class _RunsCode:
+    """Unpickling this creates a file: what a crafted checkpoint file could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_curriculum_is_prepare_s_easy_first_order_unless_asked(tokenizer, tmp_path, caplog):
+    """The default curriculum is `mixpo data prepare`'s order (same difficulty, same stable
+    sort), whether the data was prepared or not; order="as-is" keeps the dataset's order;
+    the log says which; what cannot be ordered is refused by name."""
+    from mixpo.data.difficulty import prepare_dataset
+
+    raw = datasets.Dataset.from_list(rows())
+    prepared, _ = prepare_dataset(raw, route_below=0.5)
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "a", route_below=0.5)
+    assert trainer.train_dataset["prompt_ids"] == [tokenizer(prompt)["input_ids"]
+                                                  for prompt in prepared["prompt"]]
+    assert "curriculum on: easy-first by rating difficulty" in caplog.text
+    # A file prepared in its own order is re-sorted by its difficulty column, unless as-is.
+    as_is, _ = prepare_dataset(raw, order="as-is")
+    caplog.clear()
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "b", dataset=as_is)
+    assert trainer.train_dataset["difficulty"] == prepared["difficulty"]
+    assert "easy-first by the dataset's `difficulty` column" in caplog.text
+    caplog.clear()
+    trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "c", dataset=as_is,
+                   order="as-is")
+    assert trainer.train_dataset["difficulty"] == as_is["difficulty"]
+    assert "the dataset's own order (order='as-is')" in caplog.text
+    with pytest.raises(ValueError, match="order='easy-first' is the curriculum's order; with "
+                       "curriculum=False TRL shuffles"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "d", curriculum=False,
+             order="easy-first")
+    unscored = raw.remove_columns(["score_chosen", "score_rejected"]).add_column(
+        "flag", [index % 4 == 1 for index in range(len(raw))])
+    with pytest.raises(ValueError, match="the curriculum orders pairs easy-first by "
+                       "difficulty, and .*; pass order='as-is'"):
+        make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path / "e", dataset=unscored,
+             routing_column="flag")
 
 
 def test_routing_column_is_type_checked_and_not_used_unless_asked(tokenizer, tmp_path):
@@ -246,7 +361,7 @@ def test_routing_column_is_type_checked_and_not_used_unless_asked(tokenizer, tmp
 
 def test_curriculum_sampler_yields_dataset_order(tokenizer, tmp_path):
     trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, curriculum=True,
-                   per_device_train_batch_size=5)
+                   order="as-is", per_device_train_batch_size=5)
     batches = list(trainer.get_train_dataloader())
     data = rows()
     first_ids = tokenizer(data[0]["prompt"] + data[0]["chosen"])["input_ids"]
@@ -278,7 +393,7 @@ def test_precompute_with_several_processes_needs_datasets_on_disk(tokenizer, tmp
                                                                   monkeypatch):
     from types import SimpleNamespace
 
-    from mixpo.integrations.trl import _check_precompute_cache
+    from mixpo.integrations.trl_data import check_precompute_cache
 
     monkeypatch.setattr(MixpoDPOConfig, "world_size", property(lambda self: 2))
     with pytest.raises(ValueError, match="precompute_ref_log_probs with 2 processes needs"):
@@ -287,15 +402,15 @@ def test_precompute_with_several_processes_needs_datasets_on_disk(tokenizer, tmp
     datasets.Dataset.from_list(rows()).save_to_disk(str(tmp_path / "data"))
     on_disk = datasets.load_from_disk(str(tmp_path / "data"))
     args = SimpleNamespace(precompute_ref_log_probs=True, world_size=2)
-    _check_precompute_cache(args, on_disk, {"test": on_disk}, None)        # accepted
+    check_precompute_cache(args, on_disk, {"test": on_disk}, None)        # accepted
     with pytest.raises(ValueError, match="in-memory"):
-        _check_precompute_cache(args, on_disk, {"test": datasets.Dataset.from_list(rows())})
-    _check_precompute_cache(SimpleNamespace(precompute_ref_log_probs=True, world_size=1),
+        check_precompute_cache(args, on_disk, {"test": datasets.Dataset.from_list(rows())})
+    check_precompute_cache(SimpleNamespace(precompute_ref_log_probs=True, world_size=1),
                             datasets.Dataset.from_list(rows()))             # one process: fine
     datasets.disable_caching()            # every map then writes to a per-process temp folder
     try:
         with pytest.raises(ValueError, match="needs datasets with files on disk"):
-            _check_precompute_cache(args, on_disk)
+            check_precompute_cache(args, on_disk)
     finally:
         datasets.enable_caching()
     # The check also guards trl's own tokenized copy, right before the reference pass.
@@ -308,3 +423,29 @@ def test_mixpo_metrics_are_json_serialisable(tokenizer, tmp_path):
     trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, max_steps=1)
     trainer.train()
     json.dumps(trainer.state.log_history)
+
+
+def test_the_readme_snippet_runs_on_a_cpu(tokenizer, tmp_path, monkeypatch):
+    """The README's "Inside TRL" block, as written, on a tiny model and rated rows."""
+    readme = (__import__("pathlib").Path(__file__).resolve().parent.parent / "README.md")
+    blocks = re.findall(r"```python\n(.*?)\n```", readme.read_text(), re.S)
+    snippet = next(block for block in blocks if "MixpoDPOTrainer(model=model" in block)
+    monkeypatch.chdir(tmp_path)
+    scope = {"model": build_tiny_causal_lm(tokenizer).train(), "tokenizer": tokenizer,
+             "dataset": datasets.Dataset.from_list(rows(8))}
+    exec(snippet, scope)
+    state = scope["trainer"].state
+    assert not scope["args"].bf16 and state.global_step > 0
+    assert torch.isfinite(torch.tensor(state.log_history[-1]["train_loss"]))
+
+
+def test_the_callers_args_build_the_same_trainer_twice(tokenizer, tmp_path):
+    args = MixpoDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1,
+                          report_to="none", use_cpu=True, bf16=False, max_length=64,
+                          padding_free=True, curriculum=False)
+    for _ in range(2):
+        trainer = MixpoDPOTrainer(model=build_tiny_causal_lm(tokenizer),
+                                  ref_model=build_tiny_causal_lm(tokenizer), args=args,
+                                  train_dataset=datasets.Dataset.from_list(rows(8)),
+                                  processing_class=tokenizer)
+        assert trainer._padding_free and args.padding_free

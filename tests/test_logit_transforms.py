@@ -167,3 +167,37 @@ def test_sequence_logps_with_transform_and_ld_alpha():
         weights = torch.where(mask.cumsum(1) <= shared[:, None], 1.0, 0.5) * mask
         torch.testing.assert_close(weighted.double(), (token * weights).sum(1), rtol=1e-5,
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transform", TRANSFORMS[:3])
+def test_masked_minus_inf_logits_give_finite_gradients(dtype, transform):
+    """A -inf logit (a vocabulary entry masked out, never the label) has probability 0: its
+    gradient is 0 and the entropy counts 0 log 0 as 0, in the Triton kernel (interpreter) and
+    its torch twin alike, against float64 on the same logits."""
+    from mixpo.kernels import logits_logps, logits_logps_torch
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 300).to(dtype)
+    labels = torch.randint(0, 300, (2, 5))
+    labels[0, 0] = -100
+    logits[:, :, 7] = float("-inf")                 # masked everywhere
+    labels[labels == 7] = 8
+    coef = torch.randn(2, 5)
+    z = reference_logits(logits.double(), **transform)
+    logprobs = torch.log_softmax(z, -1)
+    probs = logprobs.exp()
+    active = (labels != -100)[..., None]
+    slope = transform["logit_scale"] * (1 - (z / transform["softcap"]) ** 2) \
+        if transform["softcap"] else transform["logit_scale"]
+    expected = coef.double()[..., None] * (torch.nn.functional.one_hot(
+        labels.clamp(min=0), 300) - probs) * slope * active
+    entropy = -torch.where(probs > 0, probs * logprobs, 0.0).sum(-1) * active[..., 0]
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for kernels in (logits_logps, logits_logps_torch):
+        _, lse, stats = kernels.token_logps_forward(logits, labels, stats=True, **transform)
+        grad = kernels.token_logps_backward(logits, labels, lse, coef, **transform)
+        assert torch.isfinite(grad).all() and torch.isfinite(stats["entropy"]).all()
+        assert (grad[..., 7] == 0).all()
+        torch.testing.assert_close(grad.double(), expected, atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(stats["entropy"].double(), entropy, atol=1e-4, rtol=1e-4)

@@ -129,7 +129,7 @@ def test_the_cache_is_used_on_a_rerun(model, model_dir, tmp_path, monkeypatch):
     assert len(encoded) == 12 and counts["embedded"] == 12
     shards = sorted((tmp_path / "cache" / key).iterdir())
     assert len(shards) == 1 and sorted(p.name for p in shards[0].iterdir()) == \
-        ["embeddings.npy", "hashes.npy"]
+        [".mixpo-output.json", "embeddings.npy", "hashes.npy"]
     assert np.load(shards[0] / "embeddings.npy").shape == (12, 384)
     encoded.clear()
     again, counts = embedding_distances(dataset, model, batch_size=5, cache=cache,
@@ -224,3 +224,23 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, model_dir, damaged_di
     assert code == 2 and message.format(**paths) in err and "Traceback" not in err
     assert err.startswith("mixpo data: error:") and err.count("\n") == 1
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "fewer rows than hashes"])
+def test_a_damaged_cache_shard_is_named_removed_and_recomputed(model, model_dir, tmp_path,
+                                                                damage):
+    key = model_key(model_dir, model.max_seq_length)
+    cache = EmbeddingCache(tmp_path / "cache", key)
+    dataset = datasets.Dataset.from_list(ultrafeedback_rows(3))
+    first, _ = embedding_distances(dataset, model, cache=cache, progress=False)
+    shard = next((tmp_path / "cache" / key).iterdir())
+    vectors = shard / "embeddings.npy"
+    if damage == "truncated":
+        vectors.write_bytes(vectors.read_bytes()[:1000])
+    else:
+        np.save(vectors, np.load(vectors)[:-1])
+    with pytest.warns(UserWarning, match=f"shard {shard} is damaged .*removed it, its texts are "
+                                         "embedded again"):
+        again, counts = embedding_distances(dataset, model, cache=cache, progress=False)
+    assert counts["embedded"] == 6 and again.tolist() == first.tolist()
+    assert not shard.exists() and len(list((tmp_path / "cache" / key).iterdir())) == 1

@@ -2,7 +2,7 @@
 import pytest
 
 from mixpo.data.tokenize import IGNORE_INDEX, tokenize_pair, tokenize_rows
-from fixtures import build_tiny_tokenizer
+from fixtures import build_tiny_tokenizer, corpus_texts, ultrafeedback_rows
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,17 @@ def test_a_prompt_filling_max_length_is_an_error_naming_the_row(tokenizer):
     with pytest.raises(ValueError, match="data.jsonl line 4, column 'chosen'"):
         tokenize_rows([{"prompt": "why", "chosen": " ", "rejected": "x"}], tokenizer, 16,
                       row_names=lambda i: "data.jsonl line 4")
+
+
+def test_truncated_pairs_are_counted_in_one_warning(tmp_path):
+    from mixpo.data.formats import DataWarning
+    from mixpo.data.tokenize import tokenize_rows
+
+    rows = ultrafeedback_rows(6)
+    rows[4]["chosen"][1]["content"] = " ".join(["word"] * 400)
+    tokenizer = build_tiny_tokenizer(corpus_texts(rows) + ["word"])
+    with pytest.warns(DataWarning, match=r"1 of 6 pairs were longer than max_length=64 tokens "
+                                         r"and were truncated \(the longest, row 4, had \d+\)"):
+        examples = tokenize_rows(rows, tokenizer, max_length=64)
+    assert max(len(e["chosen_input_ids"]) for e in examples) == 64
+    assert not any("truncated_from" in example for example in examples)

@@ -123,3 +123,68 @@ def test_schedules_match_hugging_face(schedule, expected):
         optimizer.step()
         reference.step()
     assert ours == pytest.approx(expected)
+
+
+def test_tensorboard_uses_hf_tags_and_a_resume_leaves_no_duplicate_points(tiny, tmp_path):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out = tmp_path / "run"
+    train(config(tiny, out, report_to="tensorboard"))
+    shutil.rmtree(out / "checkpoint-4")             # killed after logging step 4, before saving
+    shutil.rmtree(out / "final")
+    train(config(tiny, out, report_to="tensorboard"))   # resumes from checkpoint-2
+    files = sorted((out / "runs").glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    events = list(EventFileLoader(str(files[1])).Load())
+    starts = [event.step for event in events if event.HasField("session_log")]
+    assert starts == [3]        # TensorBoard drops the first run's points from step 3 on
+    accumulator = EventAccumulator(str(out / "runs"))
+    accumulator.Reload()
+    assert {"train/loss", "train/rewards/margins", "train/learning_rate"} <= \
+        set(accumulator.Tags()["scalars"])
+    assert [event.step for event in accumulator.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_report_to_wandb_without_a_login_is_refused_before_anything_loads(tiny, tmp_path,
+                                                                           monkeypatch):
+    import sys
+
+    package = tmp_path / "site" / "wandb"        # find_spec must find a wandb package
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('not for this test')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("HOME", str(tmp_path))   # no ~/.netrc
+    monkeypatch.delenv("NETRC", raising=False)
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    sys.modules.pop("wandb", None)
+    with pytest.raises(ValueError, match="no W&B login found .*WANDB_MODE=offline"):
+        config(tiny, tmp_path / "x", report_to="wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert config(tiny, tmp_path / "x", report_to="wandb").report_to == ["wandb"]
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password secret\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert config(tiny, tmp_path / "x", report_to="wandb").report_to == ["wandb"]
+
+
+def test_conversational_rows_without_a_chat_template_are_refused(tmp_path):
+    rows = ultrafeedback_rows(4)
+    save_tiny_model(tmp_path / "model", rows)
+    tokenizer_config = tmp_path / "model" / "tokenizer_config.json"
+    settings = json.loads(tokenizer_config.read_text())
+    settings.pop("chat_template", None)
+    tokenizer_config.write_text(json.dumps(settings))
+    for extra in ("chat_template.jinja", "chat_template.json"):
+        (tmp_path / "model" / extra).unlink(missing_ok=True)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = build_config(TrainConfig, None, dict(
+        model_name_or_path=str(tmp_path / "model"), train_file=str(data), max_length=48,
+        global_batch_size=2, progress_bar=False, max_steps=1, output_dir=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match=r"train.jsonl line 1: conversational rows need a "
+                                         "tokenizer with a chat template"):
+        train(cfg)

@@ -76,11 +76,12 @@ def rewrite(args: argparse.Namespace, transform, keeps_columns: bool = True) -> 
     _quiet_datasets()
     from mixpo.data.io import check_output, load_rows, save_rows
 
+    owner = f"mixpo data {args.data_command}"
     dataset, row_names = load_rows(args.input, args.split)
-    check_output(dataset if keeps_columns else dataset.select_columns([]), args.output)
+    check_output(dataset if keeps_columns else dataset.select_columns([]), args.output, owner)
     with one_line_data_warnings():
         result, line = transform(dataset, row_names)
-    save_rows(result, args.output)
+    save_rows(result, args.output, owner)
     print(f"{line} -> {args.output}")
     return 0
 
@@ -133,10 +134,13 @@ def _handle_inspect(args: argparse.Namespace) -> int:
         print(line)
     if args.plot:
         label = DIFFICULTY_LABELS[args.difficulty]
-        plot_margin_histogram(values, args.plot, title=f"{args.input}: {label}",
-                              route_below=args.route_below,
-                              route_at_or_below=args.route_at_or_below, label=label)
-        print(f"histogram -> {args.plot}")
+        drawn = plot_margin_histogram(values, args.plot, title=f"{args.input}: {label}",
+                                      route_below=args.route_below,
+                                      route_at_or_below=args.route_at_or_below, label=label)
+        hard = f", the {drawn['hard']} hard (SFT) pairs in red" if report.would_be_hard \
+            is not None else "; add --route-below D to see which pairs D routes"
+        print(f"histogram -> {args.plot} (with the fraction of pairs at or below each value"
+              f"{hard})")
     return 0
 
 

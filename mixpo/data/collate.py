@@ -136,3 +136,84 @@ class PackedPreferenceCollator:
                  "attention_mask": torch.ones(1, sum(lengths), dtype=torch.long)}
         batch.update(passthrough_columns(examples))
         return batch
+
+
+class SharedPrefixCollator:
+    """Padding-free batches in which chosen and rejected read their prompt once (prefix
+    sharing, Wang et al. 2024, arXiv 2410.20305): each pair is laid out as
+    [prompt | chosen completion | rejected completion] in ONE row, the completions' positions
+    both continuing from the prompt's end, and the rejected tokens masked from the chosen
+    ones (`mixpo.hf.policy.shared_prefix_attention`). Every hidden state then equals the one
+    the unshared layout (`PackedPreferenceCollator`) computes, and the body's work drops by
+    the prompts' share of the tokens.
+
+    The loss reads the hidden states of its completion positions only, in the unshared
+    layout's order (2B sequences, chosen first): `completion_positions` [n] gathers them
+    from the shared row. The last prompt token appears twice there: it predicts both the
+    chosen and the rejected response's first token.
+
+    Returns a dict:
+        input_ids [1, L] int64 and position_ids [1, L] int64, L = the sum over pairs of
+            prompt + chosen + rejected completion tokens;
+        segment_lengths [3B] int64: (prompt, chosen, rejected) token counts of each pair;
+        completion_positions [n] int64: the row position whose hidden state predicts each
+            completion token, in the unshared order (chosen sequences, then rejected);
+        labels [1, n] int64: those completion tokens (position-aligned to the gathered
+            hidden states), completion_rows = arange(n), completion_sequences [n] and
+            completion_counts [2B] float32 as `PackedPreferenceCollator` returns them;
+        attention_mask [1, L] of ones, and the per-pair columns.
+    """
+
+    def __init__(self, pad_token_id: int | None = None):
+        self.pad_token_id = pad_token_id           # unused: nothing is padded
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if not examples:
+            raise ValueError("cannot collate an empty list of pairs")
+        ids, positions, segments = [], [], []
+        chosen_rows, rejected_rows, chosen_labels, rejected_labels = [], [], [], []
+        offset = 0
+        for example in examples:
+            prompt_length = int(example["prompt_length"])
+            chosen = torch.as_tensor(example["chosen_input_ids"], dtype=torch.long)
+            rejected = torch.as_tensor(example["rejected_input_ids"], dtype=torch.long)
+            if not torch.equal(chosen[:prompt_length], rejected[:prompt_length]):
+                raise ValueError("prefix sharing needs chosen and rejected to start with the "
+                                 "same prompt tokens")
+            completions = [chosen[prompt_length:], rejected[prompt_length:]]
+            ids += [chosen[:prompt_length], *completions]
+            positions += [torch.arange(prompt_length)] + [
+                torch.arange(prompt_length, prompt_length + len(c)) for c in completions]
+            segments += [prompt_length, *map(len, completions)]
+            prompt_at = torch.arange(offset, offset + prompt_length)
+            start = offset + prompt_length
+            for completion, hf_labels, rows_out, labels_out in (
+                    (completions[0], example["chosen_labels"], chosen_rows, chosen_labels),
+                    (completions[1], example["rejected_labels"], rejected_rows,
+                     rejected_labels)):
+                # Row position of each position of the unshared sequence (prompt, then this
+                # completion's own segment); position t predicts token t + 1.
+                where = torch.cat([prompt_at, torch.arange(start, start + len(completion))])
+                hf_labels = torch.as_tensor(hf_labels, dtype=torch.long)
+                predicted = hf_labels[1:] != IGNORE_INDEX
+                rows_out.append(where[:-1][predicted])
+                labels_out.append(hf_labels[1:][predicted])
+                start += len(completion)
+            offset = start
+        rows = chosen_rows + rejected_rows
+        counts = torch.tensor([len(r) for r in rows])
+        if (counts == 0).any():
+            raise ValueError(f"pair(s) {torch.nonzero(counts == 0).flatten().tolist()[:8]} of "
+                             "the batch have no completion token")
+        completion_positions = torch.cat(rows)
+        batch = {"input_ids": torch.cat(ids)[None], "position_ids": torch.cat(positions)[None],
+                 "segment_lengths": torch.tensor(segments),
+                 "completion_positions": completion_positions,
+                 "labels": torch.cat(chosen_labels + rejected_labels)[None],
+                 "completion_rows": torch.arange(len(completion_positions)),
+                 "completion_sequences": torch.repeat_interleave(
+                     torch.arange(len(rows)), counts),
+                 "completion_counts": counts.float(),
+                 "attention_mask": torch.ones(1, offset, dtype=torch.long)}
+        batch.update(passthrough_columns(examples))
+        return batch

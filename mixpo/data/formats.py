@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import datasets
 import numpy as np
@@ -213,6 +213,29 @@ def split_example(row: dict, where: str = "row") -> Example:
     return example
 
 
+MAX_ROW_ERRORS = 10  # bad rows named in one error message
+
+
+def every_row(items: Iterable, check: Callable[[Any], Any]) -> list:
+    """`[check(item) for item in items]`, but a ValueError stops only after every item was
+    checked: one ValueError then names the bad rows (the first MAX_ROW_ERRORS of them) and
+    how many there are, so a file is fixed in one pass, not one row per run."""
+    results, errors, count = [], [], 0
+    for item in items:
+        try:
+            results.append(check(item))
+        except ValueError as error:
+            count += 1
+            if len(errors) < MAX_ROW_ERRORS:
+                errors.append(str(error))
+    if count == 1:
+        raise ValueError(errors[0])
+    if count:
+        more = f"; and {count - len(errors)} more" if count > len(errors) else ""
+        raise ValueError(f"{count} bad rows: {'; '.join(errors)}{more}")
+    return results
+
+
 def check_preference_rows(dataset: datasets.Dataset,
                           row_names: RowNamer = default_row_names) -> str:
     """Validate every row of a preference dataset with `split_example`; returns its layout
@@ -220,10 +243,10 @@ def check_preference_rows(dataset: datasets.Dataset,
     layout = detect_format(dataset)
     if layout == "raw-completions":
         raise ValueError("these are raw multi-completion rows; build pairs first with "
-                         "`mixpo data pairs` (mixpo.data.build_pairs)")
+                         "`mixpo data pairs` (mixpo.data.pairs.build_pairs)")
     columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
-    for index, row in enumerate(dataset.select_columns(columns)):
-        split_example(row, row_names(index))
+    every_row(enumerate(dataset.select_columns(columns)),
+              lambda item: split_example(item[1], row_names(item[0])))
     return layout
 
 
@@ -297,13 +320,14 @@ def _plain_conversation(messages: list[dict]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
 
 
-def render_example(example: Example, tokenizer) -> tuple[str, str, str]:
+def render_example(example: Example, tokenizer,
+                   plain_conversations: bool = False) -> tuple[str, str, str]:
     """Texts to tokenize for `example`: (prompt, chosen completion, rejected completion).
 
-    Conversational examples go through the tokenizer's chat template when it has one (the
-    completion is the templated conversation minus the templated prompt, as TRL does);
-    otherwise `role: content` lines. Completions end with the EOS token, appended only when
-    missing, as TRL does.
+    Conversational examples go through the tokenizer's chat template (the completion is the
+    templated conversation minus the templated prompt, as TRL does). A tokenizer without one
+    is refused, as TRL refuses it, unless `plain_conversations`: then `role: content` lines.
+    Completions end with the EOS token, appended only when missing, as TRL does.
     """
     eos = getattr(tokenizer, "eos_token", None) or ""
 
@@ -323,6 +347,12 @@ def render_example(example: Example, tokenizer) -> tuple[str, str, str]:
                                  "the conversation; cannot separate the completion")
             completions.append(full[len(prompt_text):])
         return prompt_text, completions[0], completions[1]
+    if not plain_conversations:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"conversational rows need a tokenizer with a chat template and "
+                         f"{name} has none (TRL refuses them too): use a tokenizer that has "
+                         "one (tokenizer_name_or_path), or give prompt/chosen/rejected as "
+                         "plain strings")
     prompt_text = _plain_conversation(example.prompt) + "assistant: "
     chosen_text = ended("\n".join(m["content"] for m in example.chosen))
     rejected_text = ended("\n".join(m["content"] for m in example.rejected))

@@ -74,10 +74,12 @@ def inspect_margins(dataset: datasets.Dataset, difficulty: str = "rating",
 
 def plot_margin_histogram(values: np.ndarray, path: str, title: str = "",
                           route_below: float | None = None, label: str = "rating margin",
-                          route_at_or_below: float | None = None) -> None:
-    """Save a histogram of `values` to `path` (PNG), with the routing threshold (`route_below`
-    or `route_at_or_below`) drawn when given. Uses matplotlib's Agg backend, so it needs no
-    display."""
+                          route_at_or_below: float | None = None) -> dict:
+    """Save a histogram of `values` to `path` (PNG) for choosing a routing threshold: the
+    pairs a threshold (`route_below` or `route_at_or_below`) routes to SFT in red beside the
+    DPO pairs with the threshold drawn, and on a second axis the fraction of pairs at or below
+    each value (how many a threshold there would route). Uses matplotlib's Agg backend, so it
+    needs no display. Returns {"pairs", "hard"}: what was drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,17 +94,27 @@ def plot_margin_histogram(values: np.ndarray, path: str, title: str = "",
         bins = distinct[0] - step / 2 + step * np.arange(grid_size + 1)
     else:
         bins = 50
-    figure, axes = plt.subplots(figsize=(6, 3.5))
-    axes.hist(values, bins=bins, color="#4c72b0", edgecolor="white")
-    for threshold, words in ((route_below, "route below"),
-                             (route_at_or_below, "route at or below")):
-        if threshold is not None:
-            axes.axvline(threshold, color="#c44e52", linestyle="--",
-                         label=f"{words} {threshold:g}")
-            axes.legend()
+    threshold = route_below if route_below is not None else route_at_or_below
+    hard = np.zeros(len(values), dtype=bool) if threshold is None else \
+        route_hard(values, route_below=route_below, route_at_or_below=route_at_or_below)
+    figure, axes = plt.subplots(figsize=(6.5, 3.5))
+    axes.hist([values[~hard], values[hard]], bins=bins, stacked=True,
+              color=["#4c72b0", "#c44e52"], edgecolor="white",
+              label=["DPO pairs", f"SFT (hard) pairs: {int(hard.sum())}"])
+    if threshold is not None:
+        words = "route below" if route_below is not None else "route at or below"
+        axes.axvline(threshold, color="#c44e52", linestyle="--", label=f"{words} {threshold:g}")
     axes.set_xlabel(label)
     axes.set_ylabel("pairs")
+    fraction = axes.twinx()
+    ordered = np.sort(values)
+    fraction.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), color="#555555",
+                  drawstyle="steps-post", linewidth=1.2)
+    fraction.set_ylim(0, 1)
+    fraction.set_ylabel("fraction of pairs <= x", color="#555555")
+    axes.legend(loc="upper right", fontsize=8)
     axes.set_title(title or f"{label} distribution ({len(values)} pairs)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+    return {"pairs": len(values), "hard": int(hard.sum())}

@@ -18,7 +18,9 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixpo.files import atomic_output
+from mixpo.files import atomic_output, check_replaceable, check_writable
+
+OWNER = "mixpo data"  # the writer recorded in a save_to_disk output when the caller names none
 
 FILE_FORMATS = (".jsonl", ".json", ".parquet")
 
@@ -150,10 +152,21 @@ def _rows_to_dataset(rows: list[dict], row_names: RowNamer) -> datasets.Dataset:
         raise ValueError(_schema_conflict(rows, row_names)) from None
 
 
+def _utf8(raw: bytes, where: str) -> str:
+    """`raw` decoded; ValueError naming `where` and the column of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{where}, column {error.start + 1}: not UTF-8 text (byte "
+                         f"0x{raw[error.start]:02x}: {error.reason}); re-save the file as "
+                         "UTF-8") from None
+
+
 def _read_json_lines(path: Path) -> tuple[datasets.Dataset, RowNames]:
     rows, line_numbers = [], []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line = _utf8(raw, f"{path} line {line_number}")
             if not line.strip():
                 continue  # blank lines (often a trailing newline) are not rows
             try:
@@ -175,7 +188,12 @@ def _read_json_lines(path: Path) -> tuple[datasets.Dataset, RowNames]:
 def _read_json(path: Path) -> tuple[datasets.Dataset, RowNames]:
     """A .json file is a list of row objects, a dict of equal-length columns, or (as on the
     HF Hub) JSON Lines under a .json name."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        _utf8(raw.splitlines()[line - 1], f"{path} line {line}")
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as error:
@@ -205,7 +223,26 @@ def _read_parquet(path: Path) -> tuple[datasets.Dataset, RowNames]:
         raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
     if table.num_rows == 0:
         raise ValueError(f"{path}: no rows")
-    return datasets.Dataset(table), RowNames(str(path))
+    try:
+        return datasets.Dataset(table), RowNames(str(path))
+    except (TypeError, ValueError, NotImplementedError) as error:
+        for field in table.schema:
+            if _has_map(field.type):
+                raise ValueError(f"{path}, column {field.name!r}: a Parquet map "
+                                 f"({field.type}), which datasets cannot hold; store it as a "
+                                 "list of key/value structs or drop the column") from None
+        raise ValueError(f"{path}: cannot build a dataset ({error})") from None
+
+
+def _has_map(arrow_type: pa.DataType) -> bool:
+    if pa.types.is_map(arrow_type):
+        return True
+    if pa.types.is_struct(arrow_type):
+        return any(_has_map(field.type) for field in arrow_type)
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or \
+            pa.types.is_fixed_size_list(arrow_type):
+        return _has_map(arrow_type.value_type)
+    return False
 
 
 def _read_saved_dataset(path: Path, split: str | None) -> tuple[datasets.Dataset, RowNames]:
@@ -319,11 +356,18 @@ def _json_unwritable(arrow_type: pa.DataType, where: str) -> tuple[str, pa.DataT
     return None
 
 
-def check_output(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
+def check_output(dataset: datasets.Dataset, path: str | os.PathLike,
+                 owner: str = OWNER) -> str:
     """The kind `save_rows` would write `dataset` to `path` as (`output_kind`); ValueError,
-    before any work is done, for an unsupported output name or a column a JSON output cannot
-    hold (binary data, dates and times, decimals: write .parquet or a directory instead)."""
+    before any work is done, for an unsupported output name, a column a JSON output cannot
+    hold (binary data, dates and times, decimals: write .parquet or a directory instead), or
+    an existing directory `owner` did not write (`mixpo.files.check_replaceable`)."""
     kind = output_kind(path)
+    if kind == "dataset":
+        check_replaceable(path, owner)
+    elif Path(path).is_dir():
+        raise ValueError(f"{path} is a directory; give a file name for a {kind} output")
+    check_writable(path)
     if kind in ("jsonl", "json"):
         for field in dataset.data.schema:
             found = _json_unwritable(field.type, field.name)
@@ -333,13 +377,15 @@ def check_output(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
     return kind
 
 
-def save_rows(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
+def save_rows(dataset: datasets.Dataset, path: str | os.PathLike, owner: str = OWNER) -> str:
     """Write `dataset` to `path` atomically, in the format `path`'s extension names.
 
     Args:
         dataset: the rows to write (every column is written).
         path: `.jsonl` (JSON Lines), `.json` (a JSON list of rows), `.parquet`, or a directory
             (`Dataset.save_to_disk`). Missing parent directories are created.
+        owner: the command writing it (recorded in a directory output; an existing directory
+            is replaced only if the same command wrote it).
     Returns:
         The kind written ('jsonl', 'json', 'parquet' or 'dataset').
     Raises:
@@ -350,16 +396,16 @@ def save_rows(dataset: datasets.Dataset, path: str | os.PathLike) -> str:
     `os.replace`; on any error the temporary data is removed and `path` is left as it was.
     """
     path = Path(path)
-    kind = check_output(dataset, path)
+    kind = check_output(dataset, path, owner)
     try:
-        _write_atomically(dataset, path, kind)
+        _write_atomically(dataset, path, kind, owner)
     except OSError as error:  # permissions, a full disk: the user's to fix, not a crash
         raise ValueError(f"{path}: cannot write ({error.strerror or error})") from None
     return kind
 
 
-def _write_atomically(dataset: datasets.Dataset, path: Path, kind: str) -> None:
-    with atomic_output(path, directory=kind == "dataset") as staged:
+def _write_atomically(dataset: datasets.Dataset, path: Path, kind: str, owner: str) -> None:
+    with atomic_output(path, directory=kind == "dataset", owner=owner) as staged:
         if kind == "dataset":
             dataset.save_to_disk(str(staged))  # applies an indices mapping itself
         elif kind == "jsonl":

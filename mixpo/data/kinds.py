@@ -3,25 +3,30 @@ row orders and pair-construction strategies. The standard library only, so comma
 parsers and the training config read them without loading the data stack."""
 from __future__ import annotations
 
-# kind -> what the difficulty is (bigger = easier for every kind).
-DIFFICULTY_KINDS = {
-    "rating": "rating margin score_chosen - score_rejected (MixDPO)",
-    "reward": "reward-model margin reward_chosen - reward_rejected (after `mixpo data "
-              "score-reward`)",
-    "validation-loss": "minus the validation DPO loss (Selective DPO, after `mixpo data "
-                       "score-validation`)",
-    "embedding": "cosine distance between the chosen and rejected responses' embeddings "
-                 "(MixDPO section 6, after `mixpo data score-embedding`, or `prepare "
-                 "--embedding-model DIR`)",
-}
+from typing import NamedTuple
 
-# kind -> axis label of its histogram (`mixpo data inspect --plot`).
-DIFFICULTY_LABELS = {
-    "rating": "rating margin",
-    "reward": "reward margin",
-    "validation-loss": "- validation DPO loss",
-    "embedding": "embedding distance",
+class DifficultyKind(NamedTuple):
+    """What a difficulty kind is (its help text) and its histogram axis label."""
+
+    help: str
+    label: str
+
+
+# kind -> what the difficulty is (bigger = easier for every kind), and its axis label.
+DIFFICULTY_KINDS = {
+    "rating": DifficultyKind("rating margin score_chosen - score_rejected (MixDPO)",
+                             "rating margin"),
+    "reward": DifficultyKind("reward-model margin reward_chosen - reward_rejected (after "
+                             "`mixpo data score-reward`)", "reward margin"),
+    "validation-loss": DifficultyKind("minus the validation DPO loss (Selective DPO, after "
+                                      "`mixpo data score-validation`)",
+                                      "- validation DPO loss"),
+    "embedding": DifficultyKind("cosine distance between the chosen and rejected responses' "
+                                "embeddings (MixDPO section 6, after `mixpo data "
+                                "score-embedding`, or `prepare --embedding-model DIR`)",
+                                "embedding distance"),
 }
+DIFFICULTY_LABELS = {kind: spec.label for kind, spec in DIFFICULTY_KINDS.items()}  # a view
 
 # order -> how the rows are fed (MixDPO and Selective DPO both train without shuffling).
 ORDERS = {
@@ -40,5 +45,6 @@ PAIR_STRATEGIES = {
 
 
 def describe(vocabulary: dict) -> str:
-    """'a: what a is; b: ...' for help texts."""
-    return "; ".join(f"{name}: {meaning}" for name, meaning in vocabulary.items())
+    """'a: what a is; b: ...' for help texts (a value's `help` when it has one)."""
+    return "; ".join(f"{name}: {getattr(meaning, 'help', meaning)}"
+                     for name, meaning in vocabulary.items())

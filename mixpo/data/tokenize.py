@@ -2,8 +2,9 @@
 HF-style labels (label t = token t; prompt tokens = IGNORE_INDEX).
 
 Rendering follows `mixpo.data.formats.render_example`: conversational rows go through the
-tokenizer's chat template when it has one (the completion is the templated conversation minus
-the templated prompt), everything else is plain concatenation. Each part is tokenized without
+tokenizer's chat template (the completion is the templated conversation minus the templated
+prompt; a tokenizer without one is refused, as TRL does), everything else is plain
+concatenation. Each part is tokenized without
 special tokens, then, as TRL does, EOS is appended to each completion (not doubled when the
 rendered completion already ends with it) and BOS is put in front of the prompt when the
 tokenizer adds one by default and the rendered prompt does not already start with it.
@@ -15,11 +16,12 @@ token is an error naming the row.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
 
-from mixpo.data.formats import render_example, split_example
+from mixpo.data.formats import DataWarning, every_row, render_example, split_example
 from mixpo.data.io import RowNamer, default_row_names
 
 IGNORE_INDEX = -100
@@ -54,11 +56,15 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int 
         add_bos: put BOS in front of the prompt; None = `adds_bos_by_default(tokenizer)`.
     Returns a dict with `chosen_input_ids`, `chosen_labels`, `rejected_input_ids`,
     `rejected_labels` (int32 numpy arrays, 4 bytes a token however large the dataset; labels
-    are IGNORE_INDEX on prompt tokens), `prompt_length`, and every PASSTHROUGH_COLUMNS entry
-    the row has.
+    are IGNORE_INDEX on prompt tokens), `prompt_length`, every PASSTHROUGH_COLUMNS entry
+    the row has, and `truncated_from` (prompt + longest completion before truncation) when
+    the pair was cut to `max_length`.
     """
     example = split_example(row, where)
-    prompt_text, chosen_text, rejected_text = render_example(example, tokenizer)
+    try:
+        prompt_text, chosen_text, rejected_text = render_example(example, tokenizer)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
     prompt = _encode(tokenizer, prompt_text)
     if add_bos is None:
         add_bos = adds_bos_by_default(tokenizer)
@@ -72,7 +78,8 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int 
             ids.append(eos)
         completions.append(ids)
 
-    if len(prompt) + max(map(len, completions)) > max_length:
+    untruncated, truncated_from = len(prompt) + max(map(len, completions)), None
+    if untruncated > max_length:
         if max_prompt_length is not None and len(prompt) > max_prompt_length:
             prompt = prompt[len(prompt) - max_prompt_length:]
         if len(prompt) >= max_length:
@@ -80,8 +87,11 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int 
                              f"for a completion within max_length={max_length}; raise max_length "
                              f"or set max_prompt_length below it")
         completions = [ids[:max_length - len(prompt)] for ids in completions]
+        truncated_from = untruncated
 
     tokenized = {"prompt_length": len(prompt)}
+    if truncated_from is not None:
+        tokenized["truncated_from"] = truncated_from
     for name, ids in zip(("chosen", "rejected"), completions):
         tokenized[f"{name}_input_ids"] = np.asarray(prompt + ids, dtype=np.int32)
         tokenized[f"{name}_labels"] = np.asarray([IGNORE_INDEX] * len(prompt) + ids,
@@ -109,11 +119,21 @@ def _checked_passthrough(value, column: str, where: str):
 def tokenize_rows(rows: Sequence[dict], tokenizer, max_length: int,
                   max_prompt_length: int | None = None,
                   row_names: RowNamer = default_row_names) -> list[dict]:
-    """`tokenize_pair` over every row (a datasets.Dataset or a list of dicts), in order."""
+    """`tokenize_pair` over every row (a datasets.Dataset or a list of dicts), in order; one
+    ValueError names every bad row (`every_row`), one DataWarning counts the truncated pairs."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be positive or None, got {max_prompt_length}")
     add_bos = adds_bos_by_default(tokenizer)
-    return [tokenize_pair(row, tokenizer, max_length, max_prompt_length, row_names(index), add_bos)
-            for index, row in enumerate(rows)]
+    examples = every_row(enumerate(rows), lambda item: tokenize_pair(
+        item[1], tokenizer, max_length, max_prompt_length, row_names(item[0]), add_bos))
+    cut = [(example.pop("truncated_from"), index) for index, example in enumerate(examples)
+           if "truncated_from" in example]
+    if cut:
+        longest, index = max(cut)
+        warnings.warn(f"{len(cut)} of {len(examples)} pairs were longer than max_length="
+                      f"{max_length} tokens and were truncated (the longest, {row_names(index)}, "
+                      f"had {longest}); raise max_length to keep them whole", DataWarning,
+                      stacklevel=2)
+    return examples

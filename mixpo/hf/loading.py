@@ -156,6 +156,11 @@ def attention_implementation(name: str, device: torch.device) -> str:
     return name
 
 
+def runs_flash_attention(name: str, device: torch.device) -> bool:
+    """Whether `attention_implementation(name, device)` is flash-attn (without its warning)."""
+    return name in ("auto", FLASH_ATTENTION) and not _flash_attention_missing(device)
+
+
 def logit_transform(config) -> tuple[float, float | None]:
     """(logit_scale, softcap) of a model config, as trl 1.16's add_fused_lm_head reads them:
     the model's logits are softcap * tanh(logit_scale * z / softcap), z = hidden @ W.T.

@@ -14,7 +14,6 @@ from dataclasses import replace
 from mixpo.hf.loading import logit_transform
 from mixpo.loss_config import LossConfig
 from mixpo.losses import linear_loss, sequence_logps, shift_labels
-from mixpo.modules import LinearPreferenceLoss
 
 
 def decoder_layers(causal_lm) -> list[torch.nn.Module]:
@@ -41,11 +40,62 @@ def packed_attention(batch: dict, attn_implementation: str, dtype: torch.dtype) 
     total = position_ids.shape[1]
     sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device),
                                        lengths, output_size=total)
-    allowed = (sequence[:, None] == sequence[None, :]).tril_()         # the only [L, L] bool
+
+    def rule(query, key):
+        return (sequence[query] == sequence[key]) & (key <= query)
+
+    def dense():
+        return (sequence[:, None] == sequence[None, :]).tril_()
+
+    return _mask_keywords(rule, dense, position_ids, attn_implementation, dtype)
+
+
+def shared_prefix_attention(batch: dict, attn_implementation: str, dtype: torch.dtype) -> dict:
+    """The body's attention keywords for a prefix-shared batch
+    (`mixpo.data.collate.SharedPrefixCollator`: per pair [prompt | chosen | rejected] in one
+    row): a token attends causally within its pair, to the prompt and to its own
+    completion, never from the rejected completion to the chosen one. sdpa gets the boolean
+    mask, eager its additive form, flex_attention a BlockMask of the same rule (CUDA);
+    flash-attn varlen cannot express it (the trainer packs unshared rows there)."""
+    if attn_implementation in ("flash_attention_2", "flash_attention_3"):
+        raise ValueError("prefix sharing cannot run under flash-attn varlen attention (the "
+                         "rejected tokens must skip the chosen ones): use sdpa, eager or "
+                         "flex_attention, or unshared padding-free rows")
+    segments = batch["segment_lengths"]
+    position_ids = batch["position_ids"]
+    segment = torch.repeat_interleave(torch.arange(segments.shape[0], device=segments.device),
+                                      segments, output_size=position_ids.shape[1])
+    pair, branch = segment // 3, segment % 3        # branch: 0 prompt, 1 chosen, 2 rejected
+
+    def rule(query, key):
+        return (pair[query] == pair[key]) & (key <= query) & \
+            ((branch[key] == 0) | (branch[key] == branch[query]))
+
+    def dense():
+        # Causal within the pair; the one rule causality leaves: rejected skips chosen.
+        allowed = (pair[:, None] == pair[None, :]).tril_()
+        return allowed.masked_fill_((branch == 2)[:, None] & (branch == 1)[None, :], False)
+
+    return _mask_keywords(rule, dense, position_ids, attn_implementation, dtype)
+
+
+def _mask_keywords(rule, dense, position_ids, attn_implementation: str, dtype) -> dict:
+    """{position_ids, attention_mask} for a packed row whose attention is `rule(query, key)`
+    (index tensors -> bool; flex_attention's BlockMask is built from it) or `dense()` (the
+    [L, L] boolean form, built in place: sdpa takes it as is, eager as an additive mask in
+    `dtype`)."""
+    total, device = position_ids.shape[1], position_ids.device
+    if attn_implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        mask = create_block_mask(lambda b, h, query, key: rule(query, key), 1, None, total,
+                                 total, device=device)
+        return {"position_ids": position_ids, "attention_mask": mask}
+    allowed = dense()
     if attn_implementation == "sdpa":
         return {"position_ids": position_ids, "attention_mask": allowed[None, None]}
     mask = torch.full((total, total), torch.finfo(dtype).min, dtype=dtype,
-                      device=lengths.device).masked_fill_(allowed, 0.0)
+                      device=device).masked_fill_(allowed, 0.0)
     return {"position_ids": position_ids, "attention_mask": mask[None, None]}
 
 
@@ -77,34 +127,44 @@ class PreferenceModel(torch.nn.Module):
     (`logit_transform` of the HF config: Gemma-2's softcap, Cohere's and Granite's scales).
     """
 
-    def __init__(self, causal_lm, loss_config: LossConfig | None = None):
+    def __init__(self, causal_lm, loss_config: LossConfig | None = None,
+                 backend: str = "auto"):
         super().__init__()
         self.causal_lm = causal_lm
         logit_scale, softcap = logit_transform(causal_lm.config)
-        config = replace(loss_config or LossConfig(), logit_scale=logit_scale, softcap=softcap)
-        self.loss = LinearPreferenceLoss.from_config(config)
+        self.loss_config = replace(loss_config or LossConfig(), logit_scale=logit_scale,
+                                   softcap=softcap)
+        self.backend = backend
 
     def hidden_states(self, batch: dict):
+        """The body's last hidden states as the loss reads them: [2B, T, H] padded, [1, L, H]
+        packed, and for a prefix-shared batch [1, n, H], the completion positions gathered
+        in the unshared order (the last prompt token twice: chosen's and rejected's)."""
         body = self.causal_lm.get_decoder()
-        if "sequence_lengths" in batch:                 # padding-free
-            attention = packed_attention(batch, self.causal_lm.config._attn_implementation,
-                                         self.causal_lm.dtype)
+        implementation = self.causal_lm.config._attn_implementation
+        if "segment_lengths" in batch:                  # prefix-shared, padding-free
+            attention = shared_prefix_attention(batch, implementation, self.causal_lm.dtype)
+        elif "sequence_lengths" in batch:               # padding-free
+            attention = packed_attention(batch, implementation, self.causal_lm.dtype)
         else:
             attention = {"attention_mask": batch["attention_mask"]}
-        return body(input_ids=batch["input_ids"], use_cache=False,
-                    **attention).last_hidden_state                  # [2B, T, H] or [1, L, H]
+        hidden = body(input_ids=batch["input_ids"], use_cache=False,
+                      **attention).last_hidden_state
+        if "completion_positions" in batch:
+            hidden = hidden[:, batch["completion_positions"]]
+        return hidden
 
     def forward(self, batch: dict, ref_logps=None, margin=None, gamma=None,
                 logps_only: bool = False, validate: bool = True):
         head = self.causal_lm.get_output_embeddings()
-        packed = "sequence_lengths" in batch
+        packed = "completion_sequences" in batch
         # HF labels name token t at position t; the loss reads position t's prediction of t+1
         # (packed batches arrive position-aligned).
         labels = batch["labels"] if packed else shift_labels(batch["labels"])
         shape = {"completion_rows": batch.get("completion_rows"),
                  "completion_sequences": batch.get("completion_sequences"),
                  "completion_counts": batch.get("completion_counts")}
-        config = self.loss.config
+        config = self.loss_config
         if logps_only:
             if shape["completion_rows"] is None:
                 shape = {}
@@ -112,12 +172,12 @@ class PreferenceModel(torch.nn.Module):
                 hidden, weight, bias = _head_inputs(self.hidden_states(batch), head)
                 return sequence_logps(hidden, weight, labels, bias=bias,
                                       ld_alpha=config.ld_alpha, logit_scale=config.logit_scale,
-                                      softcap=config.softcap, backend=self.loss.backend,
+                                      softcap=config.softcap, backend=self.backend,
                                       **shape)
         hidden, weight, bias = _head_inputs(self.hidden_states(batch), head)
         out = linear_loss(hidden, weight, labels, config, bias=bias,
                           ref_logps=ref_logps, hard=batch.get("hard"), margin=margin,
-                          gamma=gamma, backend=self.loss.backend, validate=validate and
+                          gamma=gamma, backend=self.backend, validate=validate and
                           not packed, **shape)
         return out.loss, out
 

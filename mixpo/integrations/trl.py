@@ -9,11 +9,15 @@
 
 What changes against stock TRL, and what does not:
 - The loss is mixpo's logit-free fused loss (`mixpo.linear_preference_loss`) on the body's last
-  hidden state and the LM-head weight (PEFT: the base model's head), computed inside the
-  model's forward (so FSDP has the head unsharded), for every loss type TRL 1.16's DPOTrainer
-  has plus simpo, cpo and orpo; TRL's list form, loss_weights, use_weighting,
-  f_divergence_type, ld_alpha and discopop_tau keep their meaning. The logit transform of the
-  model (Gemma-2 softcap, Cohere / Granite scales) is read from its config as TRL reads it.
+  hidden state and the LM head (`trl_head`: FSDP2 DTensors gathered, DeepSpeed ZeRO-3's
+  partitions gathered by ZeRO-3 for the forward and the backward, a PEFT LoRA on the head run
+  as PEFT computes it; a frozen head gets no dWeight), computed inside the model's forward,
+  for every loss type TRL 1.16's DPOTrainer has plus simpo, cpo and orpo; TRL's list form,
+  loss_weights, use_weighting, f_divergence_type, ld_alpha and discopop_tau keep their
+  meaning. The logit transform of the model (Gemma-2 softcap, Cohere / Granite scales) is read
+  from its config as TRL reads it. Every model input of TRL's batch reaches the body
+  (vision-language models' pixel_values, image_grid_thw, ...).
+- `evaluate()` with `compute_metrics`: the logits come from an extra forward, as in stock TRL.
 - Definitions that differ from TRL 1.16, said once in the log where they apply: with
   loss_type "sigmoid", label_smoothing is cDPO (the MixDPO authors' setting); TRL's sigmoid
   ignores it. Everything else agrees with TRL (losses and gradients, tested).
@@ -24,10 +28,14 @@ What changes against stock TRL, and what does not:
   with `difficulty` / `score_columns`): routed pairs take the SFT loss of their chosen
   response. Routing happens only when configured.
 - gamma-PO: `adaptive_margin=True` (gamma0 = `gamma`, `margin_tau`, `margin_center`); the
-  solver's state is saved in TRL checkpoints and restored on resume.
-- Curriculum: the dataset's order, through a sequential sampler (the last incomplete batch is
-  kept, TRL's `dataloader_drop_last=False`), on by default when routing or a `difficulty`
-  column is present (`curriculum=None`), and said so in the log. TRL shuffles otherwise.
+  solver's state is saved in TRL checkpoints and restored on resume (`trl_checkpoint`:
+  weights-only loads; `resume_from_checkpoint=True` skips a checkpoint whose save was cut
+  short).
+- Curriculum: with routing or a difficulty configured, the pairs are ordered easy-first by
+  the same difficulty and stable sort as `mixpo data prepare` (`order="as-is"` keeps the
+  dataset's order, `order="shuffle"` permutes it) and fed through a sequential sampler (the
+  last incomplete batch is kept, TRL's `dataloader_drop_last=False`); the log says which.
+  `curriculum=False`: TRL shuffles.
 - Metrics: TRL's names and definitions (rewards/*, logps/*, logits/chosen, logits/rejected,
   entropy, mean_token_accuracy, num_tokens, aux_loss) plus gamma/mean, gamma/std and
   routing/sft_fraction.
@@ -39,16 +47,26 @@ What changes against stock TRL, and what does not:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
-import sys
+import warnings
 from dataclasses import dataclass, field
-from types import MethodType
 from typing import Optional
 
 import torch
 
+from mixpo.data.kinds import ORDERS
 from mixpo.hf.loading import logit_transform
+from mixpo.integrations.trl_checkpoint import (MARGIN_STATE, incomplete, load_margin_state,
+                                               resolve_resume, save_margin_state)
+from mixpo.integrations.trl_data import (Difficulty, PassthroughCollator,
+                                         check_precompute_cache, curriculum_on,
+                                         curriculum_order, routing_configured, with_routing)
+from mixpo.integrations.trl_head import (PASSTHROUGH, HeadOutput, attach_mixpo_head,
+                                         check_head_adapters, head_adapters_allowed,
+                                         head_tensors, model_inputs, packed, position_labels,
+                                         shared)
 from mixpo.loss_config import LossConfig
 from mixpo.losses import linear_loss, sequence_logps
 from mixpo.margins import AdaptiveMargin
@@ -60,8 +78,6 @@ except ImportError as error:                                   # pragma: no cove
         from error
 
 logger = logging.getLogger(__name__)
-MARGIN_STATE = "mixpo_margin_rank{rank}.pt"
-PASSTHROUGH = ("hard", "difficulty")       # per-pair columns the collator carries
 
 
 @dataclass
@@ -107,9 +123,21 @@ class MixpoDPOConfig(DPOConfig):
         "help": "Pack each micro-batch's sequences into one row (position ids restart per "
                 "sequence, attention stays within each): no compute on padding. trl 1.16 "
                 "disables this for DPO; mixpo's head supports it."})
+    prefix_sharing: bool = field(default=False, metadata={
+        "help": "With padding_free: each pair's prompt is read once, chosen and rejected "
+                "attend to one copy of it ([prompt | chosen | rejected] per pair, the rejected "
+                "tokens masked from the chosen ones); values equal the unshared rows. sdpa, "
+                "eager, flex_attention; under flash-attn the rows stay unshared."})
     curriculum: Optional[bool] = field(default=None, metadata={
-        "help": "Train in the dataset's order (sequential sampler); None = on when routing or "
-                "a difficulty column is present."})
+        "help": "Feed the pairs in the curriculum order (`order`) through a sequential "
+                "sampler; None = on when routing, an `order` or a `difficulty` column (from "
+                "`mixpo data prepare`) is there. False: TRL shuffles."})
+    order: Optional[str] = field(default=None, metadata={
+        "help": "The curriculum's order, as `mixpo data prepare --order`: easy-first (the "
+                "default: a stable sort by difficulty, easiest first; the dataset's "
+                "`difficulty` column when it has one, else `difficulty` computed), as-is (the "
+                "dataset's own order) or shuffle (a permutation seeded by `seed`).",
+        "choices": list(ORDERS)})
     mixpo_backend: str = field(default="auto", metadata={
         "help": "mixpo's backend: auto (Triton on CUDA) | triton | torch."})
 
@@ -139,167 +167,53 @@ def _causal_lm(model):
     return model
 
 
-def _attach_mixpo_head(causal_lm) -> None:
-    """Patch `causal_lm.forward` (as TRL's add_fused_lm_head does) so that
-    `model(..., mixpo_head=fn)` runs the body only and returns fn(hidden, lm_head): the head is
-    read inside the model's forward (FSDP has unsharded it), through every wrapper (DDP, PEFT,
-    accelerate). Without `mixpo_head` the previous forward (TRL's) runs unchanged."""
-    if getattr(causal_lm, "_mixpo_head_attached", False):
-        return
-    previous = causal_lm.forward
-
-    def forward(self, *args, mixpo_head=None, **kwargs):
-        if mixpo_head is None:
-            return previous(*args, **kwargs)
-        kwargs.pop("labels", None)
-        kwargs.pop("fused_lm_head", None)
-        router = kwargs.pop("output_router_logits", False)
-        body = self.get_decoder() if hasattr(self, "get_decoder") else self.base_model
-        outputs = body(*args, **kwargs, **({"output_router_logits": True} if router else {}))
-        result = mixpo_head(outputs.last_hidden_state, self.get_output_embeddings())
-        if not router:
-            return result
-        mask = kwargs.get("attention_mask")       # packed rows pass a 4-D mask: no padding
-        return result, _router_aux_loss(self, outputs.router_logits,
-                                        mask if mask is not None and mask.ndim == 2 else None)
-
-    causal_lm.forward = MethodType(forward, causal_lm)
-    causal_lm._mixpo_head_attached = True
-
-
-def _router_aux_loss(causal_lm, router_logits, attention_mask):
-    """The MoE load-balancing loss as the model's own forward computes it (its modeling
-    module's `load_balancing_loss_func`, with its expert counts): what trl 1.16 adds as
-    `router_aux_loss_coef * outputs.aux_loss`."""
-    for cls in type(causal_lm).__mro__:         # FSDP2 subclasses the model's class
-        function = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
-        if function is not None:
-            return function(router_logits, causal_lm.num_experts,
-                            causal_lm.num_experts_per_tok, attention_mask)
-    raise ValueError(f"{type(causal_lm).__name__} returns router logits but its modeling "
-                     "module has no load_balancing_loss_func: set router_aux_loss_coef=0.0")
-
-
-def _full(tensor):
-    """An FSDP2 DTensor parameter gathered, anything else as is."""
-    return tensor.full_tensor() if tensor is not None and hasattr(tensor, "full_tensor") \
-        else tensor
-
-
-def _position_labels(inputs) -> torch.Tensor:
-    """TRL's batch (input_ids, completion_mask [2B, L]) as mixpo's position-aligned labels:
-    position t reads token t+1 when that token is a completion token, else -100."""
-    input_ids, completion = inputs["input_ids"], inputs["completion_mask"]
-    labels = torch.full_like(input_ids, -100)
-    labels[:, :-1] = input_ids[:, 1:].masked_fill(completion[:, 1:] == 0, -100)
-    return labels
-
-
-def _packed(inputs, attn_implementation: str, dtype) -> tuple[dict, dict]:
-    """TRL's right-padded [2B, L] batch as one padding-free row: (the body's keywords, the
-    loss's labels and completion_* shape). Boolean indexing reads the lengths on the host
-    (TRL's own metrics sync every step anyway)."""
-    from mixpo.hf.policy import packed_attention
-
-    real = inputs["attention_mask"].bool()
-    lengths = real.sum(dim=1)
-    labels = _position_labels(inputs)
-    packed_labels = labels[real][None]
-    rows = torch.nonzero(packed_labels[0] != -100).squeeze(1)
-    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device),
-                                       lengths)
-    batch = {"position_ids": (real.cumsum(dim=1) - 1)[real][None], "sequence_lengths": lengths}
-    body = {"input_ids": inputs["input_ids"][real][None],
-            **packed_attention(batch, attn_implementation, dtype)}
-    shape = {"labels": packed_labels, "completion_rows": rows,
-             "completion_sequences": sequence[rows],
-             "completion_counts": (labels != -100).sum(dim=1).float()}
-    return body, shape
-
-
-class _PassthroughCollator:
-    """TRL's preference collator, plus the per-pair columns mixpo reads (PASSTHROUGH)."""
-
-    def __init__(self, collator, columns):
-        self.collator, self.columns = collator, columns
-
-    def __call__(self, examples):
-        batch = self.collator(examples)
-        for column in self.columns:
-            if column in examples[0]:
-                values = [example[column] for example in examples]
-                dtype = torch.bool if column == "hard" else torch.float32
-                batch[column] = torch.tensor(values, dtype=dtype)
-        return batch
-
-
-def _check_routing_column(dataset, column: str) -> None:
-    """The routing column must hold booleans (a string "false" would route every pair)."""
-    if column not in dataset.column_names:
-        raise ValueError(f"routing_column {column!r} is not a column of the dataset "
-                         f"(columns: {dataset.column_names})")
-    for index, value in enumerate(dataset[column]):
-        if not isinstance(value, bool):
-            raise ValueError(f"row {index}, column {column!r}: routing flags must be true/false, "
-                             f"got {value!r}")
-
-
-def _check_precompute_cache(args, *datasets) -> None:
-    """trl 1.16 caches precomputed reference log-probs next to the dataset's files; an
-    in-memory dataset's cache folder (or any, with datasets' caching disabled) is per process,
-    so with several processes every rank but the first fails after the whole reference pass.
-    Refuse before it."""
-    if not args.precompute_ref_log_probs or args.world_size <= 1:
-        return
-    import datasets as hf_datasets
-
-    for dataset in datasets:
-        splits = dataset.values() if isinstance(dataset, dict) else [dataset]
-        for split in splits:
-            files = getattr(split, "cache_files", None)
-            if files is not None and (files == [] or not hf_datasets.is_caching_enabled()):
-                raise ValueError(
-                    f"precompute_ref_log_probs with {args.world_size} processes needs datasets "
-                    "with files on disk (datasets.load_from_disk / load_dataset): trl caches "
-                    "the reference log-probs next to them, and an in-memory dataset's cache "
-                    "is private to each process")
-
-
 class MixpoDPOTrainer(DPOTrainer):
     """trl.DPOTrainer with mixpo's fused logit-free loss, MixDPO routing, gamma-PO margins and a
-    curriculum sampler (module docstring). Same constructor as trl.DPOTrainer."""
+    curriculum (module docstring). Same constructor as trl.DPOTrainer."""
 
     _tag_names = ["trl", "dpo", "mixpo"]
 
     def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None):
-        args = _as_mixpo_config(args)
+        import datasets
+
+        # A copy: the padding_free switch is taken below, and the caller's args must build
+        # the same trainer again.
+        args = copy.copy(_as_mixpo_config(args))
         args.loss_config()                                     # every loss option, checked now
         # Before trl tokenizes (the cheap place to fail); _precompute_ref_logps checks trl's
         # own tokenized copies again, which is what its cache really sits next to.
-        _check_precompute_cache(args, train_dataset, eval_dataset)
+        check_precompute_cache(args, train_dataset, eval_dataset)
         # TRL 1.16 turns padding_free off (with a warning) for DPO: mixpo packs in its own
         # forward instead, from TRL's padded batch.
         self._padding_free, args.padding_free = args.padding_free, False
-        self._routing = args.routing_column is not None or any(
-            value is not None for value in (args.route_below, args.route_at_or_below,
-                                            args.route_fraction))
-        if train_dataset is not None and hasattr(train_dataset, "column_names"):
-            train_dataset = self._with_routing(train_dataset, args)
-            has_difficulty = "difficulty" in train_dataset.column_names
-        else:
-            has_difficulty = False
-        self._curriculum = args.curriculum if args.curriculum is not None \
-            else (self._routing or has_difficulty)
+        if args.prefix_sharing and not self._padding_free:
+            raise ValueError("prefix_sharing needs padding_free=True (the shared prompt and "
+                             "both completions go into one packed row)")
+        self._routing = routing_configured(args)
+        ordered = isinstance(train_dataset, datasets.Dataset)
+        self._curriculum = curriculum_on(args, train_dataset if ordered else None)
+        self._curriculum_line = None
+        if ordered:
+            difficulty = Difficulty(train_dataset, args)
+            train_dataset = with_routing(train_dataset, args, difficulty)
+            if self._curriculum:
+                train_dataset, self._curriculum_line = curriculum_order(train_dataset, args,
+                                                                        difficulty)
+            if self._padding_free and {"image", "images"} & set(train_dataset.column_names):
+                raise ValueError("padding_free packs text-only batches: set padding_free=False "
+                                 "for a dataset with images")
         self._margin = None
-        super().__init__(model=model, ref_model=ref_model, args=args,
-                         data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class,
-                         compute_metrics=compute_metrics, callbacks=callbacks,
-                         optimizers=optimizers, quantization_config=quantization_config,
-                         peft_config=peft_config)
-        self.data_collator = _PassthroughCollator(self.data_collator, PASSTHROUGH)
+        with head_adapters_allowed():
+            super().__init__(model=model, ref_model=ref_model, args=args,
+                             data_collator=data_collator, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class,
+                             compute_metrics=compute_metrics, callbacks=callbacks,
+                             optimizers=optimizers, quantization_config=quantization_config,
+                             peft_config=peft_config)
+        check_head_adapters(_causal_lm(self.model))
+        self.data_collator = PassthroughCollator(self.data_collator)
         if args.adaptive_margin:    # each process keeps its own queue, as the authors' code
             gamma0 = LossConfig(loss_type=tuple(args.loss_type), gamma=args.gamma).fixed_gamma
             self._margin = AdaptiveMargin(gamma0, args.margin_tau, seed=args.seed
@@ -307,35 +221,15 @@ class MixpoDPOTrainer(DPOTrainer):
         self._log_choices(args)
 
     # -- set-up ----------------------------------------------------------------------------
-    def _with_routing(self, dataset, args):
-        """The dataset with a `hard` column when routing is configured (and only then)."""
-        if args.routing_column is not None:
-            _check_routing_column(dataset, args.routing_column)
-            if args.routing_column != "hard":
-                if "hard" in dataset.column_names:
-                    dataset = dataset.remove_columns("hard")
-                dataset = dataset.add_column("hard", dataset[args.routing_column])
-            return dataset
-        if not self._routing:
-            return dataset.remove_columns("hard") if "hard" in dataset.column_names else dataset
-        from mixpo.data.difficulty import compute_difficulty, route_hard
-
-        difficulty = compute_difficulty(dataset, args.difficulty, tuple(args.score_columns)
-                                        if args.score_columns else None)
-        thresholds = {name: getattr(args, name) for name in
-                      ("route_below", "route_at_or_below", "route_fraction")
-                      if getattr(args, name) is not None}
-        hard = route_hard(difficulty, **thresholds)
-        if "hard" in dataset.column_names:
-            dataset = dataset.remove_columns("hard")
-        return dataset.add_column("hard", hard.tolist())
-
     def _log_choices(self, args) -> None:
         if not self.is_world_process_zero():
             return
         if self._curriculum:
-            logger.warning("mixpo: curriculum on: pairs are fed in the dataset's order "
-                           "(sequential sampler, last incomplete batch kept)")
+            logger.warning(f"mixpo: curriculum on: {self._curriculum_line or 'the order given'}"
+                           ", fed by a sequential sampler (last incomplete batch kept)")
+        elif self.train_dataset is not None and hasattr(self.train_dataset, "column_names") \
+                and "difficulty" in (self.train_dataset.column_names or ()):
+            logger.warning("mixpo: curriculum off (curriculum=False): TRL shuffles the pairs")
         if self._routing and "hard" in self.train_dataset.column_names:
             routed = sum(self.train_dataset["hard"])
             logger.warning(f"mixpo: MixDPO routing: {routed} of {len(self.train_dataset)} pairs "
@@ -358,22 +252,30 @@ class MixpoDPOTrainer(DPOTrainer):
         return super()._get_train_sampler(train_dataset)
 
     def _body_inputs(self, model, inputs) -> tuple[dict, dict]:
-        """The body's keywords, and (padding-free) the packed labels and completion_* shape."""
+        """The body's keywords, and (padding-free) the packed labels and completion_* shape
+        (prefix-shared: also `gather`, the row positions the loss reads)."""
         if not self._padding_free:
-            return {k: v for k, v in inputs.items()
-                    if k in ("input_ids", "attention_mask", "position_ids")}, {}
+            return model_inputs(inputs), {}
         causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
-        return _packed(inputs, causal_lm.config._attn_implementation, causal_lm.dtype)
+        implementation = causal_lm.config._attn_implementation
+        if self.args.prefix_sharing:
+            if not implementation.startswith("flash_attention"):
+                return shared(inputs, implementation, causal_lm.dtype)
+            if not getattr(self, "_said_unshared", False) and self.is_world_process_zero():
+                logger.warning("mixpo: prefix_sharing: flash-attn cannot mask the rejected "
+                               "response from the chosen one; packing unshared rows")
+                self._said_unshared = True
+        return packed(inputs, implementation, causal_lm.dtype)
 
     def _loss_config_for(self, model) -> LossConfig:
         causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
-        _attach_mixpo_head(causal_lm)
+        attach_mixpo_head(causal_lm)
         logit_scale, softcap = logit_transform(causal_lm.config)
         return self.args.loss_config(logit_scale=logit_scale, softcap=softcap)
 
     # -- reference log-probs ---------------------------------------------------------------
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        _check_precompute_cache(self.args, dataset)       # the tokenized copy trl caches on
+        check_precompute_cache(self.args, dataset)       # the tokenized copy trl caches on
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def compute_ref_log_probs(self, model, inputs):
@@ -382,9 +284,10 @@ class MixpoDPOTrainer(DPOTrainer):
         from trl.trainer.utils import use_adapter
 
         config = self._loss_config_for(model)
-        labels = _position_labels(inputs)
+        labels = position_labels(inputs)
         model_kwargs, shape = self._body_inputs(model, inputs)
         labels = shape.pop("labels", labels)
+        gather = shape.pop("gather", None)
         adapter_context = contextlib.nullcontext()
         if self.ref_model is None and hasattr(self.accelerator.unwrap_model(self.model),
                                               "peft_config"):
@@ -393,8 +296,9 @@ class MixpoDPOTrainer(DPOTrainer):
                                           unwrapped.peft_config else None)
 
         def head(hidden, lm_head):
-            return sequence_logps(hidden, _full(lm_head.weight), labels,
-                                  bias=_full(lm_head.bias), ld_alpha=config.ld_alpha,
+            hidden, weight, bias = head_tensors(
+                hidden if gather is None else hidden[:, gather], lm_head)
+            return sequence_logps(hidden, weight, labels, bias=bias, ld_alpha=config.ld_alpha,
                                   logit_scale=config.logit_scale, softcap=config.softcap,
                                   backend=self.args.mixpo_backend, **shape)
 
@@ -408,7 +312,7 @@ class MixpoDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         config = self._loss_config_for(model)
-        labels = _position_labels(inputs)
+        labels = position_labels(inputs)
         if self.precompute_ref_logps:
             ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
         elif config.reference_free:
@@ -420,11 +324,13 @@ class MixpoDPOTrainer(DPOTrainer):
         margin = self._margin if mode == "train" else None    # eval batches stay out of it
         model_kwargs, shape = self._body_inputs(model, inputs)
         labels = shape.pop("labels", labels)
+        gather = shape.pop("gather", None)
 
         def head(hidden, lm_head):
-            return linear_loss(hidden, _full(lm_head.weight), labels, config,
-                               bias=_full(lm_head.bias), ref_logps=ref_logps, hard=hard,
-                               margin=margin, backend=self.args.mixpo_backend,
+            hidden, weight, bias = head_tensors(
+                hidden if gather is None else hidden[:, gather], lm_head)
+            return linear_loss(hidden, weight, labels, config, bias=bias, ref_logps=ref_logps,
+                               hard=hard, margin=margin, backend=self.args.mixpo_backend,
                                validate=not shape, **shape)
 
         if self.aux_loss_enabled:          # MoE: trl's router load-balancing term
@@ -437,14 +343,28 @@ class MixpoDPOTrainer(DPOTrainer):
         loss = None
         if self.aux_loss_enabled:
             out, aux_loss = out
+            out = HeadOutput.result(out)
             loss = out.loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        out = HeadOutput.result(out)
         loss = out.loss if loss is None else loss
         self._log_loss_metrics(out, inputs, mode)
         if return_outputs:
-            return loss, out
+            return loss, self._logits_outputs(model, inputs)
         return loss
+
+    def _logits_outputs(self, model, inputs):
+        """What stock trl 1.16 returns with return_outputs=True (prediction_step, when
+        `compute_metrics` asks for logits): the model's own forward on the padded batch,
+        logits [2B, L, V] included. mixpo's loss never forms them, so, as in stock trl, they
+        cost an extra forward."""
+        warnings.warn("`return_outputs=True`, and the logits it passes to `compute_metrics`, "
+                      "cost an extra forward pass with materialised logits (as in trl 1.16, "
+                      "which deprecates them)", FutureWarning, stacklevel=3)
+        model_kwargs = model_inputs(inputs)
+        with torch.no_grad(), self.accelerator.autocast():
+            return model(**model_kwargs, use_cache=False)
 
     def _log_loss_metrics(self, out, inputs, mode) -> None:
         """TRL's metrics (per-pair values and token sums gathered over processes, as TRL does)
@@ -480,20 +400,20 @@ class MixpoDPOTrainer(DPOTrainer):
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     # -- the gamma-PO solver in checkpoints --------------------------------------------------
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self._margin is None:
-            return
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """trl's train; `resume_from_checkpoint=True` resumes from the newest complete
+        checkpoint (an interrupted save is skipped, with a warning), a path only from a
+        complete one (ValueError naming what is missing)."""
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir,
+                                                self.args.world_size, self._margin is not None)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
-        from mixpo.files import atomic_output
-
-        folder = os.path.join(self._get_output_dir(trial=trial),
-                              f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if os.path.isdir(folder):
-            path = os.path.join(folder, MARGIN_STATE.format(rank=self.args.process_index))
-            with atomic_output(path) as staging:
-                torch.save(self._margin.state_dict(), staging)
+    def _save_rng_state(self, output_dir):
+        # Beside the RNG states: before trainer_state.json marks the checkpoint complete and
+        # before older checkpoints are rotated away.
+        super()._save_rng_state(output_dir)
+        if self._margin is not None:
+            save_margin_state(self._margin, output_dir, self.args.process_index)
 
     def _load_rng_state(self, checkpoint):
         super()._load_rng_state(checkpoint)
@@ -501,10 +421,9 @@ class MixpoDPOTrainer(DPOTrainer):
             return
         path = os.path.join(checkpoint, MARGIN_STATE.format(rank=self.args.process_index))
         if not os.path.isfile(path):
-            raise ValueError(f"{checkpoint} has no gamma-PO solver state "
-                             f"({os.path.basename(path)}): it was not written by an "
-                             "adaptive_margin run of this process count")
-        self._margin.load_state_dict(torch.load(path, weights_only=False))
+            raise ValueError(f"cannot resume from {checkpoint}: "
+                             f"{incomplete(checkpoint, self.args.world_size, True)}")
+        load_margin_state(self._margin, path)
 
 
 __all__ = ["MixpoDPOConfig", "MixpoDPOTrainer"]

@@ -47,7 +47,7 @@ def _linear_atomic_bwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr, rows_ptr, lse_ptr, coef_ptr,
     dhidden_ptr, dweight_ptr, dbias_ptr, kept_ptr,
     n_tokens, vocab_size, hidden_size, vocab_start, filter_eps, stride_hn, stride_wv,
-    stride_dhn, stride_dwv, has_bias, dh_direct, logit_scale, softcap,
+    stride_dhn, stride_dwv, has_bias, dh_direct, weight_grad, logit_scale, softcap,
     UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -103,14 +103,17 @@ def _linear_atomic_bwd_kernel(
                 w = tl.load(w_rows[:, None] + offs_h[None, :], mask=mask_vh, other=0.0)
                 if UPCAST or (e.dtype == tl.float32):
                     dh = tl.dot(gd, w.to(tl.float32), input_precision="tf32x3")     # [BN, BH]
-                    dw = tl.dot(tl.trans(gd), e.to(tl.float32), input_precision="tf32x3")
                 else:
                     dh = tl.dot(gd, w)                                             # [BN, BH]
-                    dw = tl.dot(tl.trans(gd), e)                                   # [BV, BH]
                 tl.atomic_add(dh_rows[:, None] + offs_h[None, :], dh, mask=mask_nh,
                               sem="relaxed")
-                tl.atomic_add(dw_rows[:, None] + offs_h[None, :], dw, mask=mask_vh,
-                              sem="relaxed")
+                if weight_grad:         # a frozen head: no dWeight product, no buffer
+                    if UPCAST or (e.dtype == tl.float32):
+                        dw = tl.dot(tl.trans(gd), e.to(tl.float32), input_precision="tf32x3")
+                    else:
+                        dw = tl.dot(tl.trans(gd), e)                               # [BV, BH]
+                    tl.atomic_add(dw_rows[:, None] + offs_h[None, :], dw, mask=mask_vh,
+                                  sem="relaxed")
 
 
 def _vocab_chunk_rows(vocab_size: int, hidden_size: int, block_v: int, vocab_chunk) -> int:
@@ -120,12 +123,14 @@ def _vocab_chunk_rows(vocab_size: int, hidden_size: int, block_v: int, vocab_chu
 
 def linear_token_logps_backward_atomic(hidden, weight, bias, labels, rows, lse, grad_token,
                                        logit_scale: float = 1.0, softcap=None,
-                                       filter_eps=None, vocab_chunk=None, kept=None):
+                                       filter_eps=None, vocab_chunk=None, kept=None,
+                                       weight_grad: bool = True):
     """`mixpo.kernels.linear_logps.linear_token_logps_backward` with the atomic tile kernel
     (same inputs and outputs). `filter_eps`: None (exact), "auto" or a float (module
     docstring). `vocab_chunk`: vocab rows per fp32 dWeight chunk for 16-bit weights (default
     DWEIGHT_CHUNK_BYTES' worth). `kept`: an int32 [1] tensor that counts the tiles the filter
-    kept (programs whose coefficients are all zero are not counted)."""
+    kept (programs whose coefficients are all zero are not counted). `weight_grad=False` (a
+    frozen head): dweight None, no dWeight products or buffers."""
     _check(hidden, weight, bias, labels, rows)
     hidden, weight = _unit_stride(hidden), _unit_stride(weight)
     num_tokens, (vocab_size, hidden_size) = rows.shape[0], weight.shape
@@ -133,12 +138,15 @@ def linear_token_logps_backward_atomic(hidden, weight, bias, labels, rows, lse, 
     direct = dtype == torch.float32
     dhidden = torch.zeros(hidden.shape, dtype=dtype, device=device)
     # 16-bit dweight: every row is written chunk by chunk below.
-    dweight = (torch.zeros if direct or not num_tokens else torch.empty)(
-        weight.shape, dtype=dtype, device=device)
+    dweight = None if not weight_grad else (torch.zeros if direct or not num_tokens
+                                            else torch.empty)(weight.shape, dtype=dtype,
+                                                              device=device)
     dbias = None if bias is None else torch.zeros(vocab_size, dtype=torch.float32,
                                                   device=device)
     if not num_tokens:
         return dhidden, dweight, None if dbias is None else dbias.to(bias.dtype)
+    if not weight_grad:     # one pass over the vocab, dhidden's buffer a never-written pointer
+        chunk_rows = vocab_size
     rows, labels = rows.contiguous(), labels.contiguous()
     coef = grad_token.float().contiguous()
     kept = torch.zeros(1, dtype=torch.int32, device=device) if kept is None else kept
@@ -148,17 +156,18 @@ def linear_token_logps_backward_atomic(hidden, weight, bias, labels, rows, lse, 
     bias32 = coef if bias is None else bias.float().contiguous()      # dummy when unused
     eps = filter_threshold(filter_eps, dtype)
     launch = choose(_spec_name("linear_atomic_bwd", dtype), dtype=dtype, num_tokens=num_tokens)
-    chunk_rows = vocab_size if direct else _vocab_chunk_rows(
-        vocab_size, hidden_size, launch.block("BLOCK_V"), vocab_chunk)
-    dw_acc = dweight if direct else torch.empty(chunk_rows, hidden_size, dtype=torch.float32,
-                                                device=device)
+    if weight_grad:
+        chunk_rows = vocab_size if direct else _vocab_chunk_rows(
+            vocab_size, hidden_size, launch.block("BLOCK_V"), vocab_chunk)
+        dw_acc = dweight if direct else torch.empty(chunk_rows, hidden_size,
+                                                    dtype=torch.float32, device=device)
     lse = lse.contiguous()
     for v0 in range(0, vocab_size, chunk_rows):
         v1 = min(v0 + chunk_rows, vocab_size)
         # Views of this chunk's vocab rows: the kernel sees a vocab of v1 - v0 entries (the
         # softmax still normalises by the full lse; labels are shifted by v0).
-        dw_chunk = dw_acc[:v1 - v0]
-        if not direct:
+        dw_chunk = dw_acc[:v1 - v0] if weight_grad else dh_acc
+        if not direct and weight_grad:
             dw_chunk.zero_()
         grid = (triton.cdiv(num_tokens, launch.block("BLOCK_N"))
                 * triton.cdiv(v1 - v0, launch.block("BLOCK_V")),)
@@ -167,11 +176,11 @@ def linear_token_logps_backward_atomic(hidden, weight, bias, labels, rows, lse, 
             lse, coef, dh_acc, dw_chunk, dbias[v0:v1] if dbias is not None else coef, kept,
             num_tokens, v1 - v0, hidden_size, v0, eps, hidden.stride(0), weight.stride(0),
             dh_acc.stride(0), dw_chunk.stride(0), int(bias is not None), int(direct),
-            float(logit_scale), float(softcap or 0.0),
+            int(weight_grad), float(logit_scale), float(softcap or 0.0),
             UPCAST=INTERPRET, SOFTCAP=bool(softcap), **launch.launch_kwargs())
-        if not direct:
+        if not direct and weight_grad:
             dweight[v0:v1] = dw_chunk
     if not direct:
         dhidden[rows] = dh_acc.to(dtype)
-    return (dhidden, dweight.to(weight.dtype),
+    return (dhidden, None if dweight is None else dweight.to(weight.dtype),
             None if dbias is None else dbias.to(bias.dtype))

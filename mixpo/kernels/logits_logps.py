@@ -37,7 +37,8 @@ def transform_slope(tanh, logit_scale, SOFTCAP: tl.constexpr):
     """dz'/dz from the tanh term of `transform_logits`."""
     if SOFTCAP:
         return logit_scale * (1.0 - tanh * tanh)
-    return logit_scale + 0.0 * tanh
+    # Not 0 * tanh: tanh is z here, and 0 * -inf (a masked vocabulary entry) is NaN.
+    return tl.zeros_like(tanh) + logit_scale
 
 
 @triton.jit
@@ -82,7 +83,10 @@ def _token_logps_fwd_kernel(logits_ptr, labels_ptr, token_logps_ptr, lse_ptr, st
         label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], block, 0.0), axis=1)
         if STATS:
             finite = tl.where(mask, block, 0.0)
-            running_ez = running_ez * rescale + tl.sum(exp_block * finite, axis=1)
+            # p z' = 0 where z' = -inf (a masked entry; 0 log 0 = 0 in the entropy), never
+            # 0 * -inf.
+            weighted = tl.where(block > float("-inf"), block, 0.0)
+            running_ez = running_ez * rescale + tl.sum(exp_block * weighted, axis=1)
             running_sq = running_sq * rescale * rescale + tl.sum(exp_block * exp_block, axis=1)
             running_z += tl.sum(finite, axis=1)
             # Strictly greater: an earlier block keeps a tie (the first argmax wins).

@@ -53,7 +53,8 @@ def block_stats(block: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) ->
     """STAT_NAMES of a [t, V] fp32 block of transformed logits (its log-sum-exp `lse` [t]):
     mean logit, entropy, log sum_v p^2, label == first argmax (each [t] fp32)."""
     probs = (block - lse[:, None]).exp_()
-    entropy = lse - (probs * block).sum(-1)
+    # 0 log 0 = 0: an entry with p = 0 (z' = -inf, a masked entry) adds nothing.
+    entropy = lse - torch.where(probs > 0, probs * block, 0.0).sum(-1)
     log_sum_sq = probs.square_().sum(-1).log_()
     top1 = (block.argmax(-1) == labels).float()   # torch's argmax takes the first maximum
     return [block.mean(-1), entropy, log_sum_sq, top1]

@@ -41,6 +41,7 @@ from mixpo.hf.loading import check_device, loading_errors
 # Bump when the text format or the pooling changes: cached vectors of another method differ.
 METHOD = "responses '### assistant: {content}\\n', mean of last hidden states; v1"
 FLUSH_EVERY = 4096  # new embeddings written to the cache at least this often (texts)
+CACHE_OWNER = "mixpo embedding cache"
 
 
 def default_cache_dir() -> Path:
@@ -105,25 +106,55 @@ class EmbeddingCache:
         self.root = Path(directory) / key
 
     def lookup(self, hashes: list[bytes]) -> dict[bytes, np.ndarray]:
-        """The cached vectors of those of `hashes` that are in the cache."""
+        """The cached vectors of those of `hashes` that are in the cache. A damaged shard
+        (truncated, unreadable, row counts that disagree) is skipped with a warning naming it,
+        and removed when mixpo wrote it, so its texts are embedded again."""
         wanted, found = set(hashes), {}
         for shard in sorted(self.root.glob("shard-*")) if self.root.is_dir() else []:
             if shard.name.endswith(".tmp") or not (shard / "embeddings.npy").is_file():
                 continue
-            raw = np.load(shard / "hashes.npy").tobytes()
-            vectors = np.load(shard / "embeddings.npy", mmap_mode="r")
+            try:
+                raw, vectors = self._read_shard(shard)
+            except (OSError, ValueError) as error:
+                self._drop_damaged(shard, error)
+                continue
             for row in range(len(raw) // 32):
                 digest = raw[32 * row:32 * (row + 1)]
                 if digest in wanted and digest not in found:
                     found[digest] = np.array(vectors[row], dtype=np.float32)
         return found
 
+    @staticmethod
+    def _read_shard(shard: Path) -> tuple[bytes, np.ndarray]:
+        keys = np.load(shard / "hashes.npy")
+        vectors = np.load(shard / "embeddings.npy", mmap_mode="r")
+        if keys.dtype != np.uint8 or keys.ndim != 2 or keys.shape[1] != 32:
+            raise ValueError(f"hashes.npy is {keys.dtype} {keys.shape}, not uint8 [m, 32]")
+        if vectors.ndim != 2 or len(vectors) != len(keys):
+            raise ValueError(f"embeddings.npy has shape {vectors.shape} for {len(keys)} hashes")
+        return keys.tobytes(), vectors
+
+    @staticmethod
+    def _drop_damaged(shard: Path, error: Exception) -> None:
+        import shutil
+        import warnings
+
+        from mixpo.files import written_by
+
+        mine = written_by(shard) == CACHE_OWNER or {item.name for item in shard.iterdir()} \
+            <= {"hashes.npy", "embeddings.npy"}
+        if mine:
+            shutil.rmtree(shard, ignore_errors=True)
+        warnings.warn(f"embedding cache shard {shard} is damaged ({error}); "
+                      f"{'removed it, ' if mine else ''}its texts are embedded again",
+                      stacklevel=3)
+
     def add(self, hashes: list[bytes], vectors: np.ndarray) -> None:
         """Write one shard with `vectors` [m, d] for `hashes` [m]."""
         if not hashes:
             return
         name = f"shard-{time.time_ns():020d}-{os.getpid()}"
-        with atomic_output(self.root / name, directory=True) as staging:
+        with atomic_output(self.root / name, directory=True, owner=CACHE_OWNER) as staging:
             keys = np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), 32)
             np.save(staging / "hashes.npy", keys)
             np.save(staging / "embeddings.npy", np.asarray(vectors, dtype=np.float32))

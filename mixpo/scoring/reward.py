@@ -103,7 +103,9 @@ def score_with_reward_model(dataset: datasets.Dataset, model, tokenizer, batch_s
     columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
     for index, row in enumerate(dataset.select_columns(columns)):
         example = split_example(row, row_names(index))
-        prompt, chosen, rejected = render_example(_as_chat(example) if chat else example, tokenizer)
+        # Reward models without a chat template score `role: content` lines.
+        prompt, chosen, rejected = render_example(_as_chat(example) if chat else example,
+                                                  tokenizer, plain_conversations=True)
         chosen_texts.append(prompt + chosen)
         rejected_texts.append(prompt + rejected)
     # A chat template already writes BOS; adding it again would shift the reward.

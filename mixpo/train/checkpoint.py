@@ -12,14 +12,16 @@ as the very last action (a directory rename is atomic), so a crash mid-write lea
 `.tmp` directory, which the next run deletes. Multi-node runs need a shared output directory.
 Nothing is saved from non-finite weights (`all_finite`). A checkpoint whose files are damaged
 (truncated, unreadable) is skipped for the previous complete one, with a warning naming the
-file (`load_latest`).
+file (`usable_checkpoint`); a file holding more than tensors and plain values (a crafted
+pickle) stops the run with an error naming it. Nothing is unpickled with plain pickle:
+`.pt` files go through torch's weights-only loader, the DCP state through
+`mixpo.train.safe_dcp`.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -29,11 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixpo.files import atomic_output, remove_stale_staging, replace_path
-from mixpo.train import distributed
+from mixpo.files import (UnsafeFileError, atomic_output, load_tensors, remove_stale_staging,
+                         replace_path)
+from mixpo.train import distributed, safe_dcp
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 FINAL_DIR, RUN_INFO, LOCK_FILE = "final", "mixpo_run.json", ".mixpo.lock"
+OWNER = "mixpo train"       # the writer named in checkpoint and final directories
+# numpy's RNG state (an array) in rank_state files written before it was saved as a list.
+_NUMPY_GLOBALS = (np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                  getattr(getattr(np, "_core", np.core), "multiarray")._reconstruct)
 _HELD: set = set()          # output directories this process holds (the lock is reentrant)
 
 
@@ -52,7 +59,13 @@ def output_lock(output_dir: Path, enabled: bool = True):
     import fcntl
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(output_dir / LOCK_FILE, "a+")
+    try:  # never through a symlink planted in the output directory
+        handle = os.fdopen(os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                                   0o644), "r+")
+    except OSError as error:
+        raise ValueError(f"{output_dir / LOCK_FILE}: cannot open the run's lock file "
+                         f"({error.strerror or error}); mixpo does not write through symbolic "
+                         "links") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -100,28 +113,55 @@ def remove_partial_checkpoints(output_dir: Path) -> None:
     remove_stale_staging(output_dir / FINAL_DIR)
 
 
+TRAINER_KEYS = ("step", "sampler", "world_size", "config")
+RANK_KEYS = ("metrics_window", "margin", "rng")
+
+
+def load_trainer_state(path: Path) -> dict:
+    """checkpoint `path`'s trainer_state.pt (weights-only; ValueError when keys are missing)."""
+    return _state_file(path / "trainer_state.pt", TRAINER_KEYS)
+
+
+def load_rank_state(path: Path, rank: int) -> dict:
+    return _state_file(path / f"rank_state_{rank}.pt", RANK_KEYS, _NUMPY_GLOBALS)
+
+
+def _state_file(file: Path, keys: tuple, allowed_globals: tuple = ()) -> dict:
+    state = load_tensors(file, allowed_globals)
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{file}: not a complete mixpo checkpoint file (missing "
+                         f"{', '.join(missing)})")
+    return state
+
+
 def damaged_file(path: Path, world_size: int) -> str | None:
-    """The first file of checkpoint `path` that is missing, truncated or unreadable (None
-    when it looks whole): trainer_state.pt, every rank_state_R.pt, the DCP .metadata, and
-    every .distcp shard at least as long as the metadata says."""
+    """The first file of checkpoint `path` that is missing, truncated, unreadable or lacks
+    keys (None when it looks whole): trainer_state.pt, every rank_state_R.pt, the DCP
+    .metadata, and every .distcp shard at least as long as the metadata says. A crafted file
+    raises UnsafeFileError instead: that is not damage to fall back from."""
     try:
-        torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        load_trainer_state(path)
+    except UnsafeFileError:
+        raise
     except Exception:                                  # noqa: BLE001 - any damage counts
         return str(path / "trainer_state.pt")
     for rank in range(world_size):
-        rank_file = path / f"rank_state_{rank}.pt"
         try:
-            torch.load(rank_file, map_location="cpu", weights_only=False)
+            load_rank_state(path, rank)
+        except UnsafeFileError:
+            raise
         except Exception:                              # noqa: BLE001
-            return str(rank_file)
+            return str(path / f"rank_state_{rank}.pt")
     metadata_file = path / "state" / ".metadata"
     try:
-        with open(metadata_file, "rb") as handle:
-            metadata = pickle.load(handle)
+        metadata = safe_dcp.read_metadata(path / "state")
         needed: dict[str, int] = {}
         for item in metadata.storage_data.values():
             needed[item.relative_path] = max(needed.get(item.relative_path, 0),
                                              item.offset + item.length)
+    except UnsafeFileError:
+        raise
     except Exception:                                  # noqa: BLE001
         return str(metadata_file)
     for name, length in needed.items():
@@ -132,7 +172,8 @@ def damaged_file(path: Path, world_size: int) -> str | None:
 
 
 def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+    kind, keys, *rest = np.random.get_state()  # the array as a list: weights-only loadable
+    states = {"python": random.getstate(), "numpy": (kind, keys.tolist(), *rest),
               "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -172,16 +213,23 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizers: list, traine
         staging.mkdir(parents=True)
     distributed.barrier(env)
     model_state, optimizer_state = get_state_dict(model, optimizers)
-    with warnings.catch_warnings():  # one process: DCP warns that there is no process group
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_state, "optimizer": optimizer_state},
-                 checkpoint_id=str(staging / "state"))
-    torch.save({**rank_state, "rng": rng_states()}, staging / f"rank_state_{env.rank}.pt")
-    if env.is_main:
-        torch.save(trainer_state, staging / "trainer_state.pt")
+    try:
+        with warnings.catch_warnings():  # one process: DCP warns that there is no process group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": model_state, "optimizer": optimizer_state},
+                     checkpoint_id=str(staging / "state"))
+        torch.save({**rank_state, "rng": rng_states()}, staging / f"rank_state_{env.rank}.pt")
+        if env.is_main:
+            torch.save(trainer_state, staging / "trainer_state.pt")
+    except (OSError, dcp.api.CheckpointException) as error:  # a full disk, lost permissions
+        if env.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise ValueError(f"cannot save checkpoint-{step} in {output_dir} ({_os_reason(error)}); "
+                         "the earlier checkpoints are intact: free space or fix permissions, "
+                         "then rerun to resume") from None
     distributed.barrier(env)
     if env.is_main:
-        replace_path(staging, final)  # over a rerun's own checkpoint of the same step, if any
+        replace_path(staging, final, OWNER)  # over a rerun's own checkpoint of that step
         if save_total_limit > 0:
             for _, old in complete_checkpoints(output_dir)[:-save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -189,25 +237,29 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizers: list, traine
     return final
 
 
+def _os_reason(error: Exception) -> str:
+    """The OS's words for a failed write (DCP wraps each rank's exception)."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        error = next(iter(failures.values()))[0]
+    return getattr(error, "strerror", None) or str(error).splitlines()[0]
+
+
 def load_checkpoint(path: Path, model, optimizers: list, env) -> tuple[dict, dict]:
     """Load model and optimizer state in place and restore this rank's RNG states.
     Returns (trainer_state, rank_state)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    trainer_state = load_trainer_state(path)
     if trainer_state["world_size"] != env.world_size:
         raise ValueError(f"{path} was written by {trainer_state['world_size']} processes; resume "
                          f"it with the same number (this run has {env.world_size})")
     model_state, optimizer_state = get_state_dict(model, optimizers)
     state = {"model": model_state, "optimizer": optimizer_state}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path / "state"))
+    safe_dcp.load(state, path / "state")
     set_state_dict(model, optimizers, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
-    rank_state = torch.load(path / f"rank_state_{env.rank}.pt", map_location="cpu",
-                            weights_only=False)
+    rank_state = load_rank_state(path, env.rank)
     restore_rng_states(rank_state.pop("rng"))  # last: loading must not move the RNG after this
     return trainer_state, rank_state
 
@@ -252,7 +304,9 @@ def previous_run(output_dir: Path) -> dict | None:
     if latest is None:
         return None
     try:
-        state = torch.load(latest / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = load_trainer_state(latest)
+    except UnsafeFileError:
+        raise
     except Exception:                                  # noqa: BLE001 - checked again on resume
         return None
     return {"config": state["config"], "completed_steps": None,
@@ -288,12 +342,15 @@ def check_same_run(previous: dict | None, config: dict, output_dir: Path,
 def export_final(output_dir: Path, model, causal_lm, tokenizer, run_info: dict, env) -> Path:
     """`OUTPUT/final/`: the policy in Hugging Face format (safetensors) plus the tokenizer,
     loadable with AutoModelForCausalLM.from_pretrained. Gathered to rank 0, written atomically."""
-    return export_model(output_dir / FINAL_DIR, model, causal_lm, tokenizer, run_info, env)
+    return export_model(output_dir / FINAL_DIR, model, causal_lm, tokenizer, run_info, env,
+                        OWNER)
 
 
-def export_model(target: Path, model, causal_lm, tokenizer, run_info: dict, env) -> Path:
+def export_model(target: Path, model, causal_lm, tokenizer, run_info: dict, env,
+                 owner: str) -> Path:
     """`model`'s (a PreferenceModel, possibly FSDP-sharded) causal LM as a Hugging Face model
-    directory at `target`, with the tokenizer and `mixpo_run.json`."""
+    directory at `target`, with the tokenizer and `mixpo_run.json`, written as `owner`'s
+    (an existing directory there is replaced only if `owner` wrote it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
@@ -302,7 +359,7 @@ def export_model(target: Path, model, causal_lm, tokenizer, run_info: dict, env)
         prefix = "causal_lm."
         state = {name[len(prefix):]: tensor for name, tensor in full_state.items()
                  if name.startswith(prefix)}
-        with atomic_output(target, directory=True) as staging:
+        with atomic_output(target, directory=True, owner=owner) as staging:
             causal_lm.save_pretrained(staging, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(staging)
             (staging / RUN_INFO).write_text(json.dumps(run_info, indent=1))

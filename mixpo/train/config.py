@@ -94,6 +94,9 @@ class TrainConfig:
     padding_free: bool = option(False, "pack each micro-batch's sequences into one row "
                                 "(position ids restart per sequence, attention stays within "
                                 "each): no compute on padding")
+    prefix_sharing: bool = option(False, "with padding_free: each pair's prompt is read once, "
+                                  "chosen and rejected attend to one copy of it (sdpa, eager, "
+                                  "flex_attention; under flash-attn rows stay unshared)")
     group_by_length: int = option(0, "with padding_free or not: sort pairs by length inside "
                                   "windows of this many rows of the order (0 = off), so "
                                   "micro-batches hold similar lengths; the easy-to-hard order "
@@ -165,8 +168,9 @@ class TrainConfig:
     output_dir: str = option("outputs/mixpo", "where checkpoints, metrics and final/ go")
     seed: int = option(42, "seeds data order (shuffle), margins and the RNGs")
     logging_steps: int = option(10, "log every this many optimizer steps")
-    report_to: list[str] = option(["none"], "none | tensorboard | wandb (offline works without "
-                                  "a network); a line per logging step is printed anyway")
+    report_to: list[str] = option(["none"], "none | tensorboard | wandb (needs a W&B login, or "
+                                  "WANDB_MODE=offline to log locally without one); a line per "
+                                  "logging step is printed anyway")
     save_steps: int = option(500, "0 = no intermediate checkpoints")
     save_total_limit: int = option(0, "keep the newest N checkpoints (0 = all)")
     progress_bar: bool = option(True, "show a tqdm progress bar")
@@ -240,8 +244,11 @@ class TrainConfig:
                              f"dtype float32 (or auto), not {self.dtype}")
         if self.optim == "adamw_8bit" and importlib.util.find_spec("torchao") is None:
             raise ValueError("optim 'adamw_8bit' needs torchao (pip install torchao)")
-        if "wandb" in self.report_to and importlib.util.find_spec("wandb") is None:
-            raise ValueError("report_to wandb needs the wandb package (pip install wandb)")
+        if self.prefix_sharing and not self.padding_free:
+            raise ValueError("prefix_sharing needs padding_free: true (the shared prompt and "
+                             "both completions go into one packed row)")
+        if "wandb" in self.report_to:
+            check_wandb_ready()
         if "tensorboard" in self.report_to and \
                 importlib.util.find_spec("torch.utils.tensorboard") is None:
             raise ValueError("report_to tensorboard needs tensorboard (pip install tensorboard)")
@@ -380,10 +387,12 @@ def add_config_arguments(parser, config_class=TrainConfig) -> None:
             names.append(f"--{aliases[item.name]}")
         names += [name.replace("_", "-") for name in names if "_" in name]
         is_bool = types[item.name] in (bool, typing.Optional[bool])
+        default = item.default_factory() if item.default is dataclasses.MISSING \
+            else item.default                    # list fields have a factory, not a default
         parser.add_argument(*names, dest=item.name, default=argparse.SUPPRESS,
                             metavar="BOOL" if is_bool else "VALUE",
                             nargs="?" if is_bool else None, const="true" if is_bool else None,
-                            help=f"{item.metadata.get('help', '')} (default {item.default!r})"
+                            help=f"{item.metadata.get('help', '')} (default {default!r})"
                             .replace("%", "%%"))
 
 
@@ -426,3 +435,26 @@ def build_config(config_class=TrainConfig, yaml_path: str | Path | None = None,
 def canonical_config_dict(config: dict) -> dict:
     """A stored config dict (an earlier run's) with today's key names."""
     return {KEY_ALIASES.get(key, key): value for key, value in config.items()}
+
+
+def check_wandb_ready() -> None:
+    """ValueError, before anything loads, when report_to wandb cannot log: no wandb package,
+    or online mode without credentials (WANDB_API_KEY, or `wandb login`'s ~/.netrc entry)."""
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ValueError("report_to wandb needs the wandb package (pip install wandb)")
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") \
+            or os.environ.get("WANDB_API_KEY"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise ValueError("report_to wandb: no W&B login found (WANDB_API_KEY or `wandb login`); "
+                     "set WANDB_MODE=offline to log under output_dir without an account, or "
+                     "use report_to tensorboard")

@@ -222,7 +222,7 @@ def warm_started_model(cfg: DemoConfig, output_dir: Path, device) -> Path:
     losses = sft_warmup(model, tokenizer, all_problems(cfg.operand_max), cfg, device)
     if losses:
         print(f"SFT loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    with atomic_output(sft_dir, directory=True) as staging:
+    with atomic_output(sft_dir, directory=True, owner="mixpo demo") as staging:
         model.cpu().save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "demo_sft.json").write_text(json.dumps(info))

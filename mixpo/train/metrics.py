@@ -112,12 +112,18 @@ def _kept_rows(path: Path, resume_step: int | None) -> list[str]:
 def format_row(row: dict, total_steps: int) -> str:
     """The one line printed per logging step."""
     parts = [f"step {row['step']}/{total_steps}"]
-    for name, spec in (("loss", ".4f"), ("rewards/accuracies", ".3f"), ("rewards/margins", ".4f"),
+    for name, spec in (("loss", ".4f"), ("rewards/accuracies", ".3f"), ("rewards/margins", ".4g"),
                        ("learning_rate", ".2e"), ("grad_norm", ".3g"),
                        ("tokens_per_second", ".0f"), ("eval/loss", ".4f")):
         if name in row:
             parts.append(f"{name} {row[name]:{spec}}")
     return " | ".join(parts)
+
+
+def backend_tag(name: str) -> str:
+    """A metric's tag in TensorBoard and W&B, as the Hugging Face Trainer writes it:
+    `train/loss`, `train/rewards/margins`; evaluation metrics keep their `eval/` prefix."""
+    return name if name.startswith("eval/") else f"train/{name}"
 
 
 class MetricsLog:
@@ -138,12 +144,23 @@ class MetricsLog:
             staging.write_text("".join(line + "\n" for line in kept))
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(str(output_dir / "runs"))
+
+            # On resume, TensorBoard hides the earlier run's points from the resumed step on
+            # (they are logged again), so a restart leaves no duplicates.
+            self.tensorboard = SummaryWriter(
+                str(output_dir / "runs"), purge_step=None if resume_step is None
+                else resume_step + 1)
         if "wandb" in report_to:
             import wandb
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mixpo"),
-                                    name=run_name or None, dir=str(output_dir),
-                                    config=config or {}, resume="allow")
+            try:
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mixpo"),
+                                        name=run_name or None, dir=str(output_dir),
+                                        config=config or {}, resume="allow")
+            except Exception as error:                 # noqa: BLE001 - wandb's many kinds
+                first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise ValueError(f"report_to wandb: wandb.init failed ({type(error).__name__}: "
+                                 f"{first}); set WANDB_MODE=offline to log under output_dir "
+                                 "without a network") from None
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -151,7 +168,7 @@ class MetricsLog:
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         self.printer(format_row(row, self.total_steps))
-        scalars = {name: value for name, value in row.items()
+        scalars = {backend_tag(name): value for name, value in row.items()
                    if name != "step" and isinstance(value, (int, float))}
         if self.tensorboard is not None:
             for name, value in scalars.items():

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixpo.hf.loading import attention_implementation, load_causal_lm, load_tokenizer, torch_dtype
+from mixpo.files import atomic_write_text, check_replaceable
+from mixpo.hf.loading import (attention_implementation, load_causal_lm, load_tokenizer,
+                              runs_flash_attention, torch_dtype)
 from mixpo.hf.policy import PreferenceModel, decoder_layers
 from mixpo.margins import AdaptiveMargin
 from mixpo.train import checkpoint, distributed
@@ -40,6 +42,10 @@ PREPARE_HINT = ("produce it with `mixpo data prepare RAW -o {path}` (from UltraF
 
 class Diverged(ValueError):
     """The loss or gradient norm became non-finite."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; says where a rerun resumes (the CLI prints it as one line)."""
 
 
 def check_data_paths(cfg: TrainConfig) -> None:
@@ -112,6 +118,24 @@ def group_by_length(examples: list[dict], window: int, verbose: bool = True) -> 
     return grouped
 
 
+def make_collator(cfg: TrainConfig, tokenizer, env):
+    """Padded rows, packed rows (padding_free) or packed rows with each prompt read once
+    (prefix_sharing; flash-attn's varlen kernels cannot mask the rejected response from the
+    chosen one, so under flash-attn the rows stay unshared, said once)."""
+    from mixpo.data.collate import (PackedPreferenceCollator, PreferenceCollator,
+                                    SharedPrefixCollator)
+
+    if not cfg.padding_free:
+        return PreferenceCollator(tokenizer.pad_token_id)
+    if cfg.prefix_sharing:
+        if not runs_flash_attention(cfg.attn_implementation, env.device):
+            return SharedPrefixCollator()
+        if env.is_main:
+            print("prefix_sharing: flash-attn cannot mask the rejected response from the "
+                  "chosen one; packing unshared rows (use attn_implementation sdpa to share)")
+    return PackedPreferenceCollator()
+
+
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -144,10 +168,17 @@ def train(cfg: TrainConfig, env=None) -> dict:
     Returns {'output_dir', 'final_dir', 'completed_steps', 'last_metrics'}."""
     cfg.validate()
     check_data_paths(cfg)
+    output_dir = Path(cfg.output_dir)
+    check_replaceable(output_dir / checkpoint.FINAL_DIR, checkpoint.OWNER)
     joined = contextlib.nullcontext(env) if env is not None else \
         distributed.process_group(cfg.device, cfg.ddp_timeout)
-    with joined as env, checkpoint.output_lock(Path(cfg.output_dir), enabled=env.is_main):
-        return _train(cfg, env)
+    try:
+        with joined as env, checkpoint.output_lock(output_dir, enabled=env.is_main):
+            return _train(cfg, env)
+    except KeyboardInterrupt:
+        latest = checkpoint.latest_checkpoint(output_dir)
+        raise Interrupted(f"interrupted; rerun the same command to resume from "
+                          f"{latest or 'the start (no checkpoint was saved yet)'}") from None
 
 
 def _reference_logps(cfg, policy, examples, collator, env, output_dir, key, name):
@@ -166,7 +197,6 @@ def _train(cfg: TrainConfig, env) -> dict:
     import yaml
     from tqdm.auto import tqdm
 
-    from mixpo.data.collate import PackedPreferenceCollator, PreferenceCollator
     from mixpo.data.sampler import CurriculumSampler
 
     output_dir = Path(cfg.output_dir)
@@ -180,8 +210,7 @@ def _train(cfg: TrainConfig, env) -> dict:
     examples = load_examples(cfg, tokenizer, env, cfg.train_file, cfg.split)
     eval_examples = load_examples(cfg, tokenizer, env, cfg.eval_file, cfg.eval_split,
                                   prepare=False) if cfg.eval_file else []
-    collator = PackedPreferenceCollator() if cfg.padding_free \
-        else PreferenceCollator(tokenizer.pad_token_id)
+    collator = make_collator(cfg, tokenizer, env)
     micro = cfg.per_device_train_batch_size
     global_batch = cfg.global_batch_size if cfg.gradient_accumulation_steps is None \
         else micro * cfg.gradient_accumulation_steps * env.world_size
@@ -207,7 +236,8 @@ def _train(cfg: TrainConfig, env) -> dict:
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partial_checkpoints(output_dir)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(),
+                                                                     sort_keys=False))
         if sampler.dropped_rows_per_epoch:
             print(f"note: drop_last: the last {sampler.dropped_rows_per_epoch} pairs of each "
                   f"epoch do not fill a global batch of {global_batch} and are skipped")
