@@ -11,8 +11,12 @@ LM-head weight [V, H], prompt tokens labelled -100):
              logits, top-1), summed per sequence, DPO loss.
   trl_fused_head_plain  the same with log-probs only.
   materialised  logits = hidden @ W^T materialised, fp32 log_softmax, gather, mask, sums.
-  mixpo      mixpo.linear_preference_loss: backend "triton" on a GPU, the chunked torch twin
-             (backend "torch") on a CPU, where the Triton interpreter is no speed path.
+  mixpo      mixpo.linear_preference_loss with its defaults: backend "triton" on a GPU, the
+             torch twin (backend "torch") on a CPU, where the Triton interpreter is no speed
+             path; passes="auto" and the 256 MiB workspace (two passes here: one pair's fp32
+             logits need more).
+  mixpo_one_pass  the same with passes=1 and a workspace that holds one pair's fp32 logits
+             (forward and exact gradient in one pass, 6nVH instead of 8nVH).
   mixpo_metrics  the same with token_metrics=True (TRL's logits/entropy/accuracy metrics
              from the same pass): the like-for-like comparison with trl_fused_head.
   mixpo_softcap  Gemma-2's final softcap 30 applied in the kernels (their cost vs mixpo).
@@ -57,7 +61,7 @@ from bench_preference_loss import (  # same folder: sys.path[0]
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("trl_fused_head", "trl_fused_head_plain", "materialised", "mixpo",
-                   "mixpo_metrics", "mixpo_softcap", "liger", "cce")
+                   "mixpo_one_pass", "mixpo_metrics", "mixpo_softcap", "liger", "cce")
 BASELINE = "trl_fused_head"
 PEER_PACKAGES = {"trl": "trl", "liger": "liger-kernel", "cce": "cut-cross-entropy"}
 # (hidden size, vocab size) of the models the shapes are named after.
@@ -82,7 +86,14 @@ def materialised_loss(hidden, weight, labels, ref_logps):
     return dpo_from_logps((token_logps * (labels != -100)).sum(-1), ref_logps)
 
 
-def make_loss(implementation, device, liger_compiled):
+def one_pair_workspace(case) -> int:
+    """Bytes of one pair's fp32 logits (2 sequences' completion tokens x V), rounded up to
+    MiB: the smallest workspace that lets mixpo run one pass."""
+    tokens = 2 * (case["seq_len"] - case["prompt_len"])
+    return -(-tokens * case["vocab"] * 4 // 2**20) * 2**20
+
+
+def make_loss(implementation, device, liger_compiled, case=None):
     """A callable (hidden, weight, labels, ref_logps) -> scalar loss, or raises ImportError."""
     if implementation == "materialised":
         return materialised_loss
@@ -102,7 +113,10 @@ def make_loss(implementation, device, liger_compiled):
         import mixpo
         backend = "triton" if device == "cuda" else "torch"
         extra = {"mixpo_metrics": {"token_metrics": True},
-                 "mixpo_softcap": {"softcap": 30.0}}.get(implementation, {})
+                 "mixpo_softcap": {"softcap": 30.0},
+                 "mixpo_one_pass": {"passes": 1, "workspace_bytes":
+                                    one_pair_workspace(case) if case else None},
+                 }.get(implementation, {})
         return lambda h, w, y, ref: mixpo.linear_preference_loss(
             h, w, y, ref_logps=ref, beta=BETA, backend=backend, **extra).loss
     if implementation == "liger":
@@ -140,7 +154,7 @@ def make_inputs(case, device):
 
 def worker(case):
     device = case["device"]
-    loss_fn = make_loss(case["implementation"], device, case["liger_compiled"])
+    loss_fn = make_loss(case["implementation"], device, case["liger_compiled"], case)
     hidden, weight, labels, ref_logps = make_inputs(case, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     result = {}
@@ -238,6 +252,31 @@ def summarise(rows):
                    / max(base[mode]["peak_extra_mib"], 1e-9),
                    "loss_diff": abs(row[mode]["loss"] - base[mode]["loss"])}
             for mode in ("forward", "forward_backward")}
+    for row in rows:
+        if row["implementation"].startswith("mixpo") and "error" not in row:
+            row["vs_peers"] = peer_goal(row, rows)
+
+
+PEERS = ("trl_fused_head", "liger", "cce")
+
+
+def peer_goal(row, rows) -> dict:
+    """The goal of issue 19, fwd+bwd on the same shape and tokens: time over the fastest peer
+    (trl's fused head, Liger, CCE) and peak memory over CCE's (goal: <= 1 and <= 0.5)."""
+    peers = [r for r in rows if r["implementation"] in PEERS and "error" not in r
+             and r["shape"] == row["shape"] and r["tokens"] == row["tokens"]]
+    if not peers:
+        return {}
+    mode = "forward_backward"
+    fastest = min(peers, key=lambda r: r[mode]["median_ms"])
+    goal = {"fastest_peer": fastest["implementation"],
+            "time_vs_fastest_peer": row[mode]["median_ms"] / fastest[mode]["median_ms"]}
+    cce = next((r for r in peers if r["implementation"] == "cce"), None)
+    if cce is not None:
+        goal["memory_vs_cce"] = row[mode]["peak_extra_mib"] / max(cce[mode]["peak_extra_mib"],
+                                                                  1e-9)
+        goal["met"] = goal["time_vs_fastest_peer"] <= 1.0 and goal["memory_vs_cce"] <= 0.5
+    return goal
 
 
 def main(argv=None):

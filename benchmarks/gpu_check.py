@@ -21,7 +21,10 @@ Stages, in this order (the docstrings of the stage functions say how each one me
   3. linear_loss  the logit-free loss at Llama-3 shape (16k completion tokens, H 4096,
                   V 128256, bf16), forward and forward+backward: mixpo vs trl 1.16's fused head,
                   Liger's fused-linear DPO, Cut Cross-Entropy and materialised logits; time,
-                  peak memory, ratios to mixpo and to the roofline floor; backward tile skipping.
+                  peak memory, ratios to mixpo and to the roofline floor; then what settles
+                  the defaults: the GEMM backward (and its cuBLAS share) vs the atomic one,
+                  exact and with CCE's filter (kept-tile fraction on random and Zipf 1 / 1.5 /
+                  2.5 heads), one pass vs two passes.
   4. logits_loss  mixpo.preference_loss over materialised logits (2B 16, T 1024, V 128256,
                   bf16, in-place backward) vs two reads of the logits at the measured bandwidth.
   5. training     a ~1B Llama built from a config: MixDPO + gamma-PO steps with mixpo's trainer
@@ -40,7 +43,7 @@ Output under --out: gpu_check.json (everything), gpu_check.md (the tables), <sta
 <stage>.log (each stage's record and its own output). Printed: one verdict line per stage as it
 ends, then the summary table, last (a caller that keeps only the tail of the output sees it).
 
-Budgets (STAGES): 20 + 110 + 120 + 40 + 150 = 440 s on the GPU machine, under 8 minutes with
+Budgets (STAGES): 20 + 110 + 140 + 40 + 140 = 450 s on the GPU machine, under 8 minutes with
 the offline wheel install; --budget-scale multiplies them, --stages picks some.
 
 --quick (CPU, CI): vocabularies of 1000-4000, hidden 64, a few dozen tokens, a 2-layer model
@@ -76,9 +79,9 @@ SCRIPT = pathlib.Path(__file__).resolve()
 STAGES = (
     ("environment", 20, 40, "GPU, versions, matmul and copy ceilings"),
     ("correctness", 110, 90, "every kernel vs its torch twin"),
-    ("linear_loss", 120, 60, "logit-free loss vs trl / Liger / CCE / materialised"),
+    ("linear_loss", 140, 75, "logit-free loss vs peers, backward variants, one vs two passes"),
     ("logits_loss", 40, 30, "preference_loss over materialised logits"),
-    ("training", 150, 120, "MixDPO + gamma-PO steps vs trl DPOTrainer, plan error"),
+    ("training", 140, 120, "MixDPO + gamma-PO steps vs trl DPOTrainer, plan error"),
 )
 PACKAGES = ("torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy",
             "datasets", "pyarrow", "accelerate", "numpy")

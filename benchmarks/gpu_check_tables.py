@@ -40,15 +40,22 @@ def detail_tables(report: dict) -> list[str]:
                          f"{', '.join(f'{k} {v:.2f}' for k, v in floor.items())} | "
                          f"{fb.get('loss_rel_diff_vs_mixpo', 0):.2e} |")
         tables.append("\n".join(lines))
-    skipping = stages.get("linear_loss", {}).get("tile_skipping", {})
-    if skipping and "skipped" not in skipping:
-        lines = ["## backward tile skipping", "", "| head | filter_eps=0 ms | default ms | "
-                 "speedup | tiles kept (sampled) | dhidden change |", "|---|---|---|---|---|---|"]
-        for head, r in skipping.items():
-            if "default_ms" in r:
-                lines.append(f"| {head} | {r['filter_eps_0_ms']:.2f} | {r['default_ms']:.2f} | "
-                             f"{r['speedup']:.2f} | {r['kept_tile_fraction_sampled']:.1%} | "
-                             f"{r['filter_error_dhidden']:.2e} |")
+    variants = stages.get("linear_loss", {}).get("backward_variants", {})
+    if variants and "skipped" not in variants:
+        lines = ["## logit-free backward variants", "", "| head | gemm ms (cuBLAS part) | "
+                 "atomic ms | atomic + CCE filter ms | tiles kept | filter dhidden / dweight "
+                 "error |", "|---|---|---|---|---|---|"]
+        for head, r in variants.items():
+            if "gemm_ms" in r:
+                lines.append(f"| {head} | {r['gemm_ms']:.2f} ({r['gemm_cublas_part_ms']:.2f}) | "
+                             f"{r['atomic_exact_ms']:.2f} | {r['atomic_filtered_ms']:.2f} | "
+                             f"{r['kept_tile_fraction']:.1%} | {r['filter_error_dhidden']:.2e}"
+                             f" / {r['filter_error_dweight']:.2e} |")
+        passes = variants.get("passes", {})
+        for name in ("two_passes", "one_pass"):
+            if "fwd_bwd_ms" in passes.get(name, {}):
+                lines.append(f"| loss fwd+bwd, {name.replace('_', ' ')} | "
+                             f"{passes[name]['fwd_bwd_ms']:.2f} |||||")
         tables.append("\n".join(lines))
     logits = stages.get("logits_loss", {}).get("impls", {})
     if logits:

@@ -89,6 +89,17 @@ def _linear_case(vocab, dtype, transform, bias, seed, shapes):
                                                grad_token, t_aux["label_logit"], **transform)
     _compare(out, dict(zip(("dhidden", "dweight", "dbias"), k_grads)),
              dict(zip(("dhidden", "dweight", "dbias"), t_grads)))
+    # The default backward has no atomics: a second run is bit-identical. The atomic
+    # alternative matches the twin too.
+    again = kernel.linear_token_logps_backward(hidden, weight, bias_t, labels, rows, k_lse,
+                                               grad_token, k_aux["label_logit"], **transform)
+    same = all(torch.equal(a, b) for a, b in zip(k_grads, again) if a is not None)
+    out["gemm_bitwise_reproducible"] = (0.0 if same else math.inf, 0)
+    with poisoned_outputs():
+        a_grads = kernel.linear_token_logps_backward(hidden, weight, bias_t, labels, rows, k_lse,
+                                                     grad_token, method="atomic", **transform)
+    _compare(out, dict(zip(("dhidden", "dweight", "dbias"), a_grads)),
+             dict(zip(("dhidden", "dweight", "dbias"), t_grads)), "atomic:")
     unlisted = torch.ones(hidden.shape[0], dtype=torch.bool, device=device())
     unlisted[rows] = False                        # prompt, padding and all-prompt rows
     nonzero = int((k_grads[0][unlisted] != 0).sum())

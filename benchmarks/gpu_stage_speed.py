@@ -172,71 +172,121 @@ def _zipf_head(hidden, weight, alpha=2.5, noise=2.0):
     return h, w.to(weight.dtype)
 
 
-def _kept_tile_fraction(hidden2d, weight, rows, lse, coef, dtype, sample_tiles=4):
-    """Share of the backward's [BLOCK_N, BLOCK_V] tiles whose softmax mass passes filter_eps
-    for some token with a gradient, on the first `sample_tiles` token tiles (torch, fp32)."""
+def _atomic_tiles(num_tokens, vocab_size, hidden_size, dtype) -> int:
+    """Programs the atomic backward launches (token tiles x vocab tiles, per vocab chunk)."""
     from mixpo.kernels.configs import choose
-    from mixpo.kernels.linear_logps import FILTER_EPS, _spec_name
+    from mixpo.kernels.linear_logps import _spec_name
+    from mixpo.kernels.linear_logps_atomic import _vocab_chunk_rows
 
-    launch = choose(_spec_name("linear_softmax_bwd", dtype), dtype=dtype, num_tokens=rows.shape[0])
+    launch = choose(_spec_name("linear_atomic_bwd", dtype), dtype=dtype, num_tokens=num_tokens)
     block_n, block_v = launch.block("BLOCK_N"), launch.block("BLOCK_V")
-    vocab, weight32 = weight.shape[0], weight.float()
-    kept, total = 0, 0
-    for tile in range(min(sample_tiles, math.ceil(rows.shape[0] / block_n))):
-        part = slice(tile * block_n, (tile + 1) * block_n)
-        probs = torch.exp(hidden2d[rows[part]].float() @ weight32.T - lse[part, None])
-        pad = (-vocab) % block_v
-        mass = F.pad(probs, (0, pad)).reshape(probs.shape[0], -1, block_v).sum(-1)
-        mass = torch.where(coef[part, None] != 0, mass, 0.0).max(0).values
-        kept += int((mass > FILTER_EPS[dtype]).sum())
-        total += mass.numel()
-    return kept / max(total, 1), {"BLOCK_N": block_n, "BLOCK_V": block_v,
-                                  "filter_eps": FILTER_EPS[dtype]}
+    chunk = vocab_size if dtype == torch.float32 else \
+        _vocab_chunk_rows(vocab_size, hidden_size, block_v, None)
+    return sum(math.ceil(num_tokens / block_n) * math.ceil(min(chunk, vocab_size - v0) / block_v)
+               for v0 in range(0, vocab_size, chunk))
 
 
-def _tile_skipping(ctx, hidden, weight, labels, dtype):
-    """mixpo's backward (launch helpers) with filter_eps=0 and the default, per head kind."""
+def _backward_variants(ctx, hidden, weight, labels, ref, dtype):
+    """What settles the defaults on a first GPU, per head (random; Zipf prior alpha 1, 1.5,
+    2.5): the default GEMM backward (and its cuBLAS GEMMs alone, so the Triton gradient
+    kernel's share and both GEMM efficiencies show), the atomic backward exact and with CCE's
+    filter ("auto": eps / 32 of the dtype), the kept-tile fraction and the filter's gradient
+    error against the exact default; then the whole loss in two passes (default) vs one pass
+    (passes=1, a 2 GiB workspace: fp32 dWeight accumulator for 16-bit weights)."""
     from mixpo.kernels.dispatch import INTERPRET
     if not (torch.cuda.is_available() or INTERPRET):
         return {"skipped": "needs the Triton kernels (CUDA or TRITON_INTERPRET=1)"}
+    import mixpo
     from mixpo.kernels import linear_logps as kernel
+    from mixpo.kernels import linear_logps_torch as twin
+    from mixpo.kernels.linear_logps_atomic import linear_token_logps_backward_atomic
 
     flat = labels.reshape(-1)
     rows = torch.nonzero(flat != IGNORE).squeeze(1)
     targets = flat[rows]
     coef = torch.full((rows.shape[0],), -BETA / 2, device=device())
-    heads = {"random (flat softmax)": (hidden, weight),
-             "scaled x4 (peaked)": (hidden, weight * 4),
-             "zipf prior (trained-like)": _zipf_head(hidden, weight)}
-    if ctx.quick:     # the same code path for every head: one is enough to keep it running
-        heads = {"zipf prior (trained-like)": heads["zipf prior (trained-like)"]}
+    heads = {"random (flat softmax)": (hidden, weight)}
+    for alpha in (1.0, 1.5, 2.5):
+        heads[f"zipf {alpha:g} (trained-like)"] = _zipf_head(hidden, weight, alpha)
+    if ctx.quick:     # the same code paths for every head: one is enough to keep them running
+        heads = {"zipf 2.5 (trained-like)": heads["zipf 2.5 (trained-like)"]}
     results = {}
     for label, (h, w) in heads.items():
         if not ctx.has_time(10 if torch.cuda.is_available() else 2):
             results[label] = {"skipped": "stage time budget"}
             break
         h2 = h.reshape(-1, h.shape[-1])
-        _, lse, aux = kernel.linear_token_logps_forward(h2, w, None, targets, rows)
+        _, lse, _ = kernel.linear_token_logps_forward(h2, w, None, targets, rows)
+        kept = torch.zeros(1, dtype=torch.int32, device=device())
 
-        def backward(eps, h2=h2, w=w, lse=lse, label_logit=aux["label_logit"]):
-            return kernel.linear_token_logps_backward(h2, w, None, targets, rows, lse, coef,
-                                                      label_logit, filter_eps=eps)
-        exact, filtered = backward(0.0), backward(None)
-        fraction, blocks = _kept_tile_fraction(h2, w, rows, lse, coef, dtype)
-        results[label] = {
-            "filter_eps_0_ms": 1e3 * _bench(ctx, lambda: backward(0.0)),
-            "default_ms": 1e3 * _bench(ctx, lambda: backward(None)),
-            "kept_tile_fraction_sampled": fraction, **blocks,
-            "filter_error_dhidden": rel_error(filtered[0], exact[0])[0],
-            "filter_error_dweight": rel_error(filtered[1], exact[1])[0]}
-        results[label]["speedup"] = results[label]["filter_eps_0_ms"] / results[label]["default_ms"]
+        def gemm(h2=h2, w=w, lse=lse):
+            return kernel.linear_token_logps_backward(h2, w, None, targets, rows, lse, coef)
+
+        def gemms_only(h2=h2, w=w):      # the default's cuBLAS part, workspace left as is
+            return twin.gemm_backward(h2, w, None, rows, h2[rows], lambda *args: None,
+                                      w.dtype, 128)
+
+        def atomic(eps, h2=h2, w=w, lse=lse, kept=kept):
+            return linear_token_logps_backward_atomic(h2, w, None, targets, rows, lse, coef,
+                                                      filter_eps=eps, kept=kept)
+        exact = gemm()
+        kept.zero_()
+        filtered = atomic("auto")
+        tiles = _atomic_tiles(rows.shape[0], w.shape[0], w.shape[1], dtype)
+        record = {"gemm_ms": 1e3 * _bench(ctx, gemm),
+                  "gemm_cublas_part_ms": 1e3 * _bench(ctx, gemms_only),
+                  "atomic_exact_ms": 1e3 * _bench(ctx, lambda: atomic(None)),
+                  "atomic_filtered_ms": 1e3 * _bench(ctx, lambda: atomic("auto")),
+                  "filter_error_dhidden": rel_error(filtered[0], exact[0])[0],
+                  "filter_error_dweight": rel_error(filtered[1], exact[1])[0]}
+        record["kept_tile_fraction"] = _kept_fraction(atomic, kept, tiles)
+        record["gemm_triton_part_ms"] = record["gemm_ms"] - record["gemm_cublas_part_ms"]
+        results[label] = record
         del exact, filtered
         _free()
         ctx.save()
+    results["passes"] = _passes(ctx, hidden, weight, labels, ref, mixpo)
     return results
 
 
-TILE_SKIPPING_S = 25     # stage-3 seconds kept for the tile-skipping measurement
+def _kept_fraction(atomic, kept, tiles) -> float:
+    """Share of the atomic backward's tiles CCE's filter keeps, from the kernel's counter."""
+    kept.zero_()
+    atomic("auto")
+    return int(kept.item()) / max(tiles, 1)
+
+
+def _passes(ctx, hidden, weight, labels, ref, mixpo) -> dict:
+    """The whole loss, forward + backward: two passes (the default) and one pass (forced,
+    2 GiB workspace), with the loss difference between them."""
+    record = {}
+    for name, options in (("two_passes", {"passes": 2}),
+                          ("one_pass", {"passes": 1, "workspace_bytes": 2 * 2**30})):
+        if not ctx.has_time(8 if torch.cuda.is_available() else 2):
+            record[name] = {"skipped": "stage time budget"}
+            continue
+
+        def step(options=options):
+            h = hidden.detach().requires_grad_()
+            w = weight.detach().requires_grad_()
+            out = mixpo.linear_preference_loss(h, w, labels, ref_logps=ref, beta=BETA,
+                                               backend="triton", **options)
+            out.loss.backward()
+            return out.loss.item()
+        try:
+            loss = step()
+            record[name] = {"fwd_bwd_ms": 1e3 * _bench(ctx, step, warmed=True), "loss": loss}
+        except Exception as error:                   # noqa: BLE001 - recorded
+            record[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        _free()
+    if "loss" in record.get("one_pass", {}) and "loss" in record.get("two_passes", {}):
+        record["loss_diff"] = abs(record["one_pass"]["loss"] - record["two_passes"]["loss"])
+        record["one_pass_speedup"] = record["two_passes"]["fwd_bwd_ms"] \
+            / record["one_pass"]["fwd_bwd_ms"]
+    return record
+
+
+BACKWARD_VARIANTS_S = 40     # stage-3 seconds kept for the backward variants
 
 
 def _run_liger_worker(ctx, shape) -> dict:
@@ -248,7 +298,7 @@ def _run_liger_worker(ctx, shape) -> dict:
     try:
         run = _start(ctx, "linear_peer", {"impl": "liger", "shape": shape, "quick": ctx.quick},
                      work, started)
-        result = _finish(ctx, run, reserve_s=TILE_SKIPPING_S)
+        result = _finish(ctx, run, reserve_s=BACKWARD_VARIANTS_S)
     finally:
         for run in started:
             if run["process"].poll() is None:
@@ -275,9 +325,10 @@ def stage_linear_loss(ctx):
     reset minus what was allocated before), the loss (a cross-check against mixpo's), ratios to
     mixpo, and time over the roofline floors (roofline.floor_seconds: linear_logps_fwd /
     linear_logps_fwd_bwd and the 6nVH matmul floor) on "h100", "h200" and this machine's
-    measured ceilings. Tile skipping: mixpo's backward via the launch helpers with filter_eps=0
-    and the default, for a random head, a 4x scaled head, and a trained-like head (unigram
-    log-prior + noise), with the sampled share of tiles kept and the gradient change.
+    measured ceilings. Backward variants (`_backward_variants`): the default GEMM backward (and
+    its cuBLAS part alone), the atomic backward exact and with CCE's filter, the kept-tile
+    fraction and the filter's gradient error, on a random head and Zipf(1, 1.5, 2.5)-prior
+    heads; then the loss in two passes vs one pass.
     """
     import roofline
 
@@ -299,7 +350,7 @@ def stage_linear_loss(ctx):
         ctx.details["note"] = "CPU run: the floors are GPU floors, the ratios mean nothing here"
     ctx.save()
     # Seconds an implementation needs; Liger (torch.compile on its first call) runs last, in a
-    # worker process given what is left but TILE_SKIPPING_S, so it cannot overrun the stage.
+    # worker process given what is left but BACKWARD_VARIANTS_S, so it cannot overrun the stage.
     cuda = torch.cuda.is_available()
     for name in ("mixpo", "trl", "cce", "materialised", "liger"):
         if not ctx.has_time((45 if name == "liger" else 10) if cuda else 3):
@@ -339,9 +390,10 @@ def stage_linear_loss(ctx):
                     peak: seconds / floors[f"matmul_flop_floor_fwd_bwd@{peak}"] for peak in peaks}
     ctx.save()
     if ctx.has_time(20 if torch.cuda.is_available() else 3):
-        ctx.details["tile_skipping"] = _tile_skipping(ctx, hidden, weight, labels, dtype)
+        ctx.details["backward_variants"] = _backward_variants(ctx, hidden, weight, labels, ref,
+                                                              dtype)
     else:
-        ctx.details["tile_skipping"] = {"skipped": "stage time budget"}
+        ctx.details["backward_variants"] = {"skipped": "stage time budget"}
     ctx.save()
     if "ms" not in base.get("forward_backward", {}):
         problem = base.get("error") or base.get("skipped") or base.get("forward_backward")
@@ -364,10 +416,15 @@ def stage_linear_loss(ctx):
             problem = record.get("skipped") or record.get("error") \
                 or record.get("forward_backward", {}).get("error", "?")
             parts.append(f"{name} {problem}"[:80])
-    zipf = ctx.details["tile_skipping"].get("zipf prior (trained-like)", {})
-    if "speedup" in zipf:
-        parts.append(f"skip (trained-like head) {zipf['speedup']:.2f}x bwd, "
-                     f"{zipf['kept_tile_fraction_sampled']:.1%} tiles kept")
+    variants = ctx.details["backward_variants"]
+    zipf = variants.get("zipf 2.5 (trained-like)", {})
+    if "gemm_ms" in zipf:
+        parts.append(f"bwd (zipf 2.5 head): gemm {zipf['gemm_ms']:.1f} ms, atomic "
+                     f"{zipf['atomic_exact_ms']:.1f} ms, filtered {zipf['atomic_filtered_ms']:.1f}"
+                     f" ms ({zipf['kept_tile_fraction']:.1%} tiles kept)")
+    passes = variants.get("passes", {}) if isinstance(variants, dict) else {}
+    if "one_pass_speedup" in passes:
+        parts.append(f"one pass {passes['one_pass_speedup']:.2f}x two passes")
     return "pass", "; ".join(parts)
 
 

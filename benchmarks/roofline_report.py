@@ -11,6 +11,7 @@ readable table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -21,8 +22,9 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from roofline import (ASSUMPTIONS, DEFAULT_PROMPT_SHARES, DEFAULT_SEQ_LEN,  # noqa: E402
-                      DEFAULT_SHAPES, DEFAULT_TOKENS, DEVICES, KERNEL_MODELS, SHAPES, KernelCost,
-                      Workload, device_peaks, make_workload, matmul_flop_floor_fwd_bwd)
+                      DEFAULT_SHAPES, DEFAULT_TOKENS, DEVICES, GEMM_EFFICIENCY, KERNEL_MODELS,
+                      SHAPES, KernelCost, Workload, device_peaks, make_workload,
+                      matmul_flop_floor_fwd_bwd, predictions)
 
 from mixpo.train.plan import SHAPE_ALIASES, canonical_shape_name  # noqa: E402
 
@@ -40,18 +42,25 @@ def cost_row(cost: KernelCost, workload: Workload, devices: dict) -> dict:
         "dtype": workload.dtype, "kernel": cost.kernel, "role": cost.role,
         "matmul_flops": cost.matmul_flops, "vector_ops": cost.vector_ops,
         "special_ops": cost.special_ops, "bytes": cost.total_bytes,
+        "l2_bytes": cost.total_l2_bytes, "engine": cost.engine,
         "matmul_flops_over_6nvh": cost.matmul_flops / floor if cost.matmul_flops else 0.0,
         "floor_seconds": {key: cost.floor_seconds(peaks, workload.dtype)
                           for key, peaks in devices.items()},
+        "predicted_seconds": {key: cost.predict_seconds(peaks, workload.dtype)
+                              for key, peaks in devices.items()},
         "bound": {key: cost.bound(peaks, workload.dtype) for key, peaks in devices.items()},
         # A total lists its parts (their rows itemize the bytes) instead of repeating them.
         **({"parts": [part.kernel for part in cost.parts]} if cost.parts
-           else {"bytes_moved": dict(cost.bytes_moved)}),
+           else {"bytes_moved": dict(cost.bytes_moved), "l2_bytes_moved": dict(cost.l2_bytes)}),
     }
 
 
+# The issue's headline problem: Llama-3-8B's head, 16k tokens of which 25 % prompt, bf16.
+PREDICTION_WORKLOAD = ("llama-3-8b", 16384, 0.25)
+
+
 def workloads(shapes, tokens, prompt_shares, pairs_per_batch=None, dtype="bf16",
-              seq_len=DEFAULT_SEQ_LEN, kept_tile_fraction=1.0) -> list:
+              seq_len=DEFAULT_SEQ_LEN, kept_tile_fraction=1.0, workspace_bytes=None) -> list:
     """Every (shape, tokens, prompt share) Workload. pairs_per_batch: None (derived from
     seq_len), one value for all token counts, or one value per token count."""
     if pairs_per_batch is not None and len(pairs_per_batch) not in (1, len(tokens)):
@@ -63,8 +72,11 @@ def workloads(shapes, tokens, prompt_shares, pairs_per_batch=None, dtype="bf16",
             pairs = None if pairs_per_batch is None else \
                 pairs_per_batch[index if len(pairs_per_batch) > 1 else 0]
             for share in prompt_shares:
-                result.append(make_workload(shape, count, share, pairs, dtype, seq_len,
-                                            kept_tile_fraction))
+                workload = make_workload(shape, count, share, pairs, dtype, seq_len,
+                                         kept_tile_fraction)
+                if workspace_bytes:
+                    workload = dataclasses.replace(workload, workspace_bytes=workspace_bytes)
+                result.append(workload)
     return result
 
 
@@ -85,7 +97,7 @@ def _versions() -> dict:
 def build_report(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS,
                  prompt_shares=DEFAULT_PROMPT_SHARES, pairs_per_batch=None, dtype="bf16",
                  devices=tuple(DEVICES), seq_len=DEFAULT_SEQ_LEN,
-                 kept_tile_fraction=1.0) -> dict:
+                 kept_tile_fraction=1.0, workspace_bytes=None) -> dict:
     """The roofline report as a JSON-ready dict: metadata, device peaks, shapes, rows."""
     peaks = {name: device_peaks(name) for name in devices}
     shapes = tuple(canonical_shape_name(name) for name in shapes)
@@ -93,12 +105,15 @@ def build_report(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS,
         if name not in SHAPES:
             raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {name!r}")
     problems = workloads(shapes, tokens, prompt_shares, pairs_per_batch, dtype, seq_len,
-                         kept_tile_fraction)
+                         kept_tile_fraction, workspace_bytes)
     if not problems:
         raise ValueError("shapes, tokens and prompt_shares must each name at least one value")
     rows = [cost_row(model(workload), workload, peaks)
             for workload in problems for model in KERNEL_MODELS.values()]
     example = problems[0]
+    headline = make_workload(*PREDICTION_WORKLOAD, seq_len=seq_len)
+    if workspace_bytes:
+        headline = dataclasses.replace(headline, workspace_bytes=workspace_bytes)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
@@ -110,6 +125,13 @@ def build_report(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS,
         "units": {"matmul_flops": "FLOP", "vector_ops": "instructions",
                   "special_ops": "SFU results", "bytes": "bytes", "floor_seconds": "seconds"},
         "assumptions": list(ASSUMPTIONS),
+        "gemm_efficiency": dict(GEMM_EFFICIENCY),
+        "workspace_bytes": headline.workspace_bytes,
+        "predictions": {"workload": {"shape": headline.shape.name, "tokens": headline.tokens,
+                                     "prompt_share": headline.prompt_share,
+                                     "completion_tokens": headline.completion_tokens,
+                                     "dtype": headline.dtype},
+                        "rows": predictions(headline, tuple(devices))},
         "kernel_notes": {name: model(example).note for name, model in KERNEL_MODELS.items()
                          if model(example).note},
         "rows": rows,
@@ -165,7 +187,19 @@ def format_table(report: dict) -> str:
         f"{device['fp32_flops'] / 1e12:.1f} TFLOP/s fp32, "
         f"{device['hbm_bytes_per_s'] / 1e12:.1f} TB/s" for name, device in
         report["devices"].items())
-    return "\n".join([f"roofline floors ({peaks})", *lines])
+    head = report["predictions"]["workload"]
+    predicted = ["", f"predicted fwd+bwd, {head['shape']}, {head['tokens']} tokens, "
+                 f"{100 * head['prompt_share']:.0f} % prompt, {head['dtype']} (GEMM efficiency "
+                 f"{report['gemm_efficiency']}, workspace {report['workspace_bytes'] / 2**20:.0f}"
+                 f" MiB; a model, not a measurement)",
+                 f"{'device':<7} {'design':<31} {'predicted ms':>12} {'FLOP floor':>23} "
+                 f"{'x floor':>7} bound"]
+    floor_names = {"matmul_flop_floor_8nvh": "8nVH", "matmul_flop_floor_fwd_bwd": "6nVH"}
+    for row in report["predictions"]["rows"]:
+        floor = f"{floor_names[row['flop_floor']]} {row['flop_floor_ms']:.1f} ms"
+        predicted.append(f"{row['device']:<7} {row['design']:<31} {row['predicted_ms']:>12.1f} "
+                         f"{floor:>23} {row['x_flop_floor']:>7.2f} {row['bound']}")
+    return "\n".join([f"roofline floors ({peaks})", *lines, *predicted])
 
 
 def main(argv=None) -> int:
@@ -192,9 +226,11 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", nargs="+", default=list(DEVICES), metavar="DEVICE",
                         help=f"device peaks by name: {', '.join(DEVICES)}")
     parser.add_argument("--kept-tile-fraction", type=float, default=1.0,
-                        help="share of the logit-free backward's tiles that pass its softmax-mass "
-                        "filter (filter_eps) and run the dHidden/dWeight products (1 = none "
-                        "skipped, a random-weight head)")
+                        help="share of the atomic backward's tiles that CCE's gradient filter "
+                        "keeps (filter_eps; 1 = none skipped, a random-weight head)")
+    parser.add_argument("--workspace-mib", type=int, default=None,
+                        help="the logit-free head's workspace budget (default: mixpo's, "
+                        "DEFAULT_WORKSPACE_BYTES)")
     parser.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT), help="JSON output path")
     args = parser.parse_args(argv)
     for name in args.shapes:
@@ -205,7 +241,8 @@ def main(argv=None) -> int:
                               prompt_shares=tuple(args.prompt_share),
                               pairs_per_batch=args.pairs_per_batch, dtype=args.dtype,
                               devices=tuple(args.devices), seq_len=args.seq_len,
-                              kept_tile_fraction=args.kept_tile_fraction)
+                              kept_tile_fraction=args.kept_tile_fraction,
+                              workspace_bytes=args.workspace_mib and args.workspace_mib * 2**20)
     except ValueError as error:
         print(f"roofline: error: {error}", file=sys.stderr)
         return 2

@@ -19,8 +19,9 @@ import torch
 
 from mixpo.checks import (FLOAT_DTYPES, check_finite_logps, check_float_tensor, check_hard,
                           check_labels, check_linear_inputs, check_pair_count, pair_vector)
-from mixpo.functions import (LinearSequenceLogps, LogitsSequenceLogps, PairLoss, compact_rows,
-                             ld_row_weights, ld_token_weights)
+from mixpo.functions import (LinearOnePassLoss, LinearSequenceLogps, LogitsSequenceLogps,
+                             PairLoss, compact_rows, ld_row_weights, ld_token_weights,
+                             plan_linear_passes)
 from mixpo.kernels.dispatch import use_triton
 from mixpo.kernels.logits_logps_torch import STAT_NAMES
 from mixpo.loss_config import LossConfig
@@ -122,21 +123,13 @@ def _wpo_weights(seq_logps, stat_sums, counts, num_pairs):
     return per_sequence[:num_pairs] * per_sequence[num_pairs:]
 
 
-def pair_head(seq_logps, counts, config: LossConfig, *, weighted_logps=None, stat_sums=None,
-              ref_logps=None, hard=None, gamma=None, margin=None, backend="auto",
-              inputs=None, validate=True) -> PreferenceLossOutput:
-    """Stage 2 on summed sequence log-probs [2B] (differentiable) and completion counts [2B]:
-    checks the per-pair inputs, resolves gamma, runs the epilogue, builds the output.
-    `weighted_logps` [2B] are LD-DPO's weighted sums (the preference term's log-probs),
-    `stat_sums` [4, 2B] the per-sequence sums of the per-token statistics; `inputs` names
-    the tensors to blame for non-finite log-probs. `validate=False` skips the checks that
-    read tensor values on the host (non-finite inputs then surface as a non-finite loss)."""
-    device, num_pairs = seq_logps.device, seq_logps.shape[0] // 2
+def _pair_checks(config, ref_logps, hard, num_pairs, device, validate):
+    """The per-pair inputs checked (`validate`) or detached: (ref_logps [2B] or None, hard
+    [B] or None)."""
     if config.reference_free and ref_logps is not None:
         raise ValueError(f"ref_logps must be None for loss_type={config.loss_type!r} "
                          "(reference-free)")
     if validate:
-        check_finite_logps(seq_logps, inputs or {})
         if ref_logps is not None:
             ref_logps = pair_vector("ref_logps", ref_logps, 2 * num_pairs, device)
         hard = check_hard(hard, num_pairs, device)
@@ -145,12 +138,12 @@ def pair_head(seq_logps, counts, config: LossConfig, *, weighted_logps=None, sta
     if hard is not None and config.sorted_types:
         raise ValueError("hard (MixDPO routing) is not defined for aot / aot_unpaired, whose "
                          "losses belong to sorted positions, not to pairs")
-    preference_logps = seq_logps if weighted_logps is None else weighted_logps
-    gamma = _pair_gamma(config, gamma, margin, preference_logps, counts, ref_logps, num_pairs)
-    weights = _wpo_weights(seq_logps, stat_sums, counts, num_pairs) if config.use_weighting \
-        else None
-    loss, per_pair_loss = PairLoss.apply(preference_logps, seq_logps, counts, ref_logps, hard,
-                                         gamma, weights, config, use_triton(backend, seq_logps))
+    return ref_logps, hard
+
+
+def _pair_output(loss, per_pair_loss, preference_logps, counts, ref_logps, hard, gamma,
+                 stat_sums, config) -> PreferenceLossOutput:
+    num_pairs = per_pair_loss.shape[0]
     detached = preference_logps.detach()
     rewards, _ = sequence_rewards(detached, counts, ref_logps, config.beta,
                                   config.reward_normalized)
@@ -162,6 +155,29 @@ def pair_head(seq_logps, counts, config: LossConfig, *, weighted_logps=None, sta
         chosen_counts=counts[:num_pairs], rejected_counts=counts[num_pairs:],
         chosen_token_sums=None if token_sums is None else token_sums[:num_pairs],
         rejected_token_sums=None if token_sums is None else token_sums[num_pairs:])
+
+
+def pair_head(seq_logps, counts, config: LossConfig, *, weighted_logps=None, stat_sums=None,
+              ref_logps=None, hard=None, gamma=None, margin=None, backend="auto",
+              inputs=None, validate=True) -> PreferenceLossOutput:
+    """Stage 2 on summed sequence log-probs [2B] (differentiable) and completion counts [2B]:
+    checks the per-pair inputs, resolves gamma, runs the epilogue, builds the output.
+    `weighted_logps` [2B] are LD-DPO's weighted sums (the preference term's log-probs),
+    `stat_sums` [4, 2B] the per-sequence sums of the per-token statistics; `inputs` names
+    the tensors to blame for non-finite log-probs. `validate=False` skips the checks that
+    read tensor values on the host (non-finite inputs then surface as a non-finite loss)."""
+    device, num_pairs = seq_logps.device, seq_logps.shape[0] // 2
+    if validate:
+        check_finite_logps(seq_logps, inputs or {})
+    ref_logps, hard = _pair_checks(config, ref_logps, hard, num_pairs, device, validate)
+    preference_logps = seq_logps if weighted_logps is None else weighted_logps
+    gamma = _pair_gamma(config, gamma, margin, preference_logps, counts, ref_logps, num_pairs)
+    weights = _wpo_weights(seq_logps, stat_sums, counts, num_pairs) if config.use_weighting \
+        else None
+    loss, per_pair_loss = PairLoss.apply(preference_logps, seq_logps, counts, ref_logps, hard,
+                                         gamma, weights, config, use_triton(backend, seq_logps))
+    return _pair_output(loss, per_pair_loss, preference_logps, counts, ref_logps, hard, gamma,
+                        stat_sums, config)
 
 
 def _token_weight(config: LossConfig, labels):
@@ -216,39 +232,72 @@ def autocast_head_inputs(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def _linear_stage_one(hidden, weight, bias, labels, config, backend, completion_rows,
-                      completion_sequences, num_sequences, counts):
-    """Stage 1 of the logit-free path: compacted rows (given, or found here), LD-DPO row
-    weights, then the sequence log-probs."""
+def _completion_rows(labels, config, completion_rows, completion_sequences, counts, device):
+    """(rows [n], sequences [n], LD-DPO row weights [n] or None) of the completion tokens:
+    given (the collators'), or found here."""
     if completion_rows is None:
         rows, sequences = compact_rows(labels, config.ignore_index)
-        num_sequences = labels.shape[0]
     else:
-        rows = completion_rows.to(hidden.device)
-        sequences = completion_sequences.to(hidden.device) if completion_sequences is not None \
+        rows = completion_rows.to(device)
+        sequences = completion_sequences.to(device) if completion_sequences is not None \
             else torch.div(rows, labels.shape[-1], rounding_mode="floor")
-        num_sequences = num_sequences or labels.shape[0]
     row_weight = None if config.ld_alpha is None else \
         ld_row_weights(counts, sequences, config.ld_alpha)
+    return rows, sequences, row_weight
+
+
+def _linear_stage_one(hidden, weight, bias, labels, config, backend, rows, sequences,
+                      row_weight, counts, workspace_bytes=None):
+    """Stage 1 of the logit-free path (two passes): the sequence log-probs."""
     seq_logps, weighted, stat_sums = LinearSequenceLogps.apply(
-        hidden, weight, bias, labels, rows, sequences, num_sequences, row_weight, config,
-        use_triton(backend, hidden))
+        hidden, weight, bias, labels, rows, sequences, counts.shape[0], row_weight, config,
+        use_triton(backend, hidden), workspace_bytes)
     return seq_logps, (weighted if row_weight is not None else None), \
         (stat_sums if stat_sums.numel() else None)
 
 
+def _linear_one_pass(hidden, weight, bias, labels, config, groups, rows, sequences, row_weight,
+                     counts, *, ref_logps, hard, gamma, backend, inputs, validate):
+    """Both stages of the logit-free path in one pass (`LinearOnePassLoss`)."""
+    num_pairs = counts.shape[0] // 2
+    ref_logps, hard = _pair_checks(config, ref_logps, hard, num_pairs, hidden.device, validate)
+    gamma = _pair_gamma(config, gamma, None, counts, counts, ref_logps, num_pairs)
+    pair_weights = (lambda logps, stat_sums, pair_counts: _wpo_weights(
+        logps, stat_sums, pair_counts, logps.shape[0] // 2)) if config.use_weighting else None
+    loss, per_pair_loss, seq_logps, weighted, stat_sums = LinearOnePassLoss.apply(
+        hidden, weight, bias, labels, rows, sequences, row_weight, counts, ref_logps, hard,
+        gamma, pair_weights, config, use_triton(backend, hidden), groups)
+    if validate:
+        check_finite_logps(seq_logps, inputs)
+    preference_logps = weighted if row_weight is not None else seq_logps
+    return _pair_output(loss, per_pair_loss, preference_logps, counts, ref_logps, hard, gamma,
+                        stat_sums if stat_sums.numel() else None, config)
+
+
+def _check_workspace(workspace_bytes):
+    if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(
+            workspace_bytes, int) or workspace_bytes <= 0):
+        raise ValueError(f"workspace_bytes must be a positive int or None, "
+                         f"got {workspace_bytes!r}")
+
+
 def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_logps=None,
                 hard=None, gamma=None, margin=None, backend="auto", completion_rows=None,
-                completion_sequences=None, completion_counts=None, validate=True):
+                completion_sequences=None, completion_counts=None, validate=True,
+                workspace_bytes=None, passes="auto"):
     """`linear_preference_loss` with its hyper-parameters as one LossConfig.
 
     The training fast path: `completion_rows` [n] (flat indices of the positions whose label
     is not ignore_index) and `completion_counts` [2B], computed on the CPU batch, and
-    `validate=False` (inputs checked by the caller) keep the call free of host syncs.
+    `validate=False` (inputs checked by the caller) keep the call free of host syncs (but
+    for one read of the counts when one pass is possible with fp32 weights or a batch that
+    fits the workspace).
     Padding-free batches: hidden [1, L, H] and labels [1, L] hold every sequence packed in
     one row; `completion_sequences` [n] then names the sequence of each completion row and
     `completion_counts` [2B] the sequences' lengths in completion tokens. Under
-    torch.autocast the head runs in the autocast dtype (`autocast_head_inputs`)."""
+    torch.autocast the head runs in the autocast dtype (`autocast_head_inputs`).
+    workspace_bytes, passes: see `linear_preference_loss`."""
+    _check_workspace(workspace_bytes)
     hidden, weight, bias = autocast_head_inputs(hidden, weight, bias)
     packed = completion_sequences is not None
     if validate and not packed:
@@ -258,13 +307,25 @@ def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_lo
         counts = completion_counts.to(hidden.device, torch.float32) \
             if completion_counts is not None \
             else (labels != config.ignore_index).sum(dim=1).float()
+    rows, sequences, row_weight = _completion_rows(labels, config, completion_rows,
+                                                   completion_sequences, counts, hidden.device)
+    inputs = {"hidden": hidden, "weight": weight, "bias": bias}
+    # One pass computes gradients in the forward: only worth it when a backward follows.
+    training = torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in (hidden, weight, bias))
+    groups = plan_linear_passes(config, margin, passes if training else 2, weight,
+                                rows.shape[0], sequences, counts, workspace_bytes)
+    if groups is not None:
+        return _linear_one_pass(hidden, weight, bias, labels, config, groups, rows, sequences,
+                                row_weight, counts, ref_logps=ref_logps, hard=hard,
+                                gamma=gamma, backend=backend, inputs=inputs,
+                                validate=validate)
     seq_logps, weighted, stat_sums = _linear_stage_one(
-        hidden, weight, bias, labels, config, backend, completion_rows, completion_sequences,
-        counts.shape[0], counts)
+        hidden, weight, bias, labels, config, backend, rows, sequences, row_weight, counts,
+        workspace_bytes)
     return pair_head(seq_logps, counts, config, weighted_logps=weighted, stat_sums=stat_sums,
                      ref_logps=ref_logps, hard=hard, gamma=gamma, margin=margin,
-                     backend=backend, inputs={"hidden": hidden, "weight": weight, "bias": bias},
-                     validate=validate)
+                     backend=backend, inputs=inputs, validate=validate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +414,7 @@ def linear_preference_loss(hidden, weight, labels, *, bias=None, ref_logps=None,
                            f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
                            ld_alpha=None, rdpo_alpha=0.0, dpop_lambda=0.0, logit_scale=1.0,
                            softcap=None, token_metrics=False, ignore_index=-100,
-                           backend="auto"):
+                           backend="auto", workspace_bytes=None, passes="auto"):
     """Logit-free fused preference loss: the [tokens x vocab] logits never exist.
 
     hidden [2B, T, H] (the model body's last hidden states, chosen rows first), weight [V, H]
@@ -363,6 +424,16 @@ def linear_preference_loss(hidden, weight, labels, *, bias=None, ref_logps=None,
     torch.autocast the head computes in the autocast dtype, as `F.linear` would (the model's
     own head, trl's fused head), whatever the dtype of the body's output.
     {loss keywords}
+    Head keywords:
+        workspace_bytes: the most bytes of logits / softmax gradient alive at once (default
+            `mixpo.kernels.configs.DEFAULT_WORKSPACE_BYTES`, 256 MiB): the backward's
+            per-vocab-chunk gradient [n, C], the torch backend's logits chunks, the one-pass
+            groups' fp32 logits. Bigger: fewer, larger GEMMs and one pass for more batches.
+        passes: "auto" (one pass -- forward and exact gradient together, 6nVH FLOPs instead
+            of 8nVH -- when every pair's gradient coefficient depends on that pair alone, its
+            logits fit the workspace and, for 16-bit weights, the whole batch does; logged
+            once, see `mixpo.functions.plan_linear_passes`), 1 (force; needs a per-pair loss)
+            or 2 (forward, then a backward that recomputes the logits).
     Returns a `PreferenceLossOutput`; only `.loss` carries gradient.
     """
     config, gamma = _loss_config(
@@ -375,7 +446,8 @@ def linear_preference_loss(hidden, weight, labels, *, bias=None, ref_logps=None,
         logit_scale=logit_scale, softcap=softcap, token_metrics=token_metrics,
         ignore_index=ignore_index)
     return linear_loss(hidden, weight, labels, config, bias=bias, ref_logps=ref_logps,
-                       hard=hard, gamma=gamma, margin=margin, backend=backend)
+                       hard=hard, gamma=gamma, margin=margin, backend=backend,
+                       workspace_bytes=workspace_bytes, passes=passes)
 
 
 for _function in (preference_loss, linear_preference_loss):
@@ -385,16 +457,19 @@ for _function in (preference_loss, linear_preference_loss):
 @torch.no_grad()
 def sequence_logps(hidden, weight, labels, *, bias=None, average=False, ld_alpha=None,
                    logit_scale=1.0, softcap=None, ignore_index=-100, backend="auto",
-                   completion_rows=None, completion_sequences=None, completion_counts=None):
+                   completion_rows=None, completion_sequences=None, completion_counts=None,
+                   workspace_bytes=None):
     """Summed (or, with average=True, token-mean) completion log-probs per sequence, [S] fp32.
 
     Forward only and logit-free: for reference models and for precomputing reference
     log-probs over a dataset. hidden [S, T, H] (any S; with `ld_alpha`, the 2B rows of pairs
     as the loss takes them, and their LD-DPO weighted sums are returned), weight [V, H],
     labels [S, T]; logit_scale / softcap as in `linear_preference_loss`; the completion_*
-    tensors as in `mixpo.losses.linear_loss` (packed batches, no host sync). Under
-    torch.autocast the head runs in the autocast dtype, as `F.linear` would.
+    tensors as in `mixpo.losses.linear_loss` (packed batches, no host sync); workspace_bytes
+    as in `linear_preference_loss` (the torch backend's logits chunks). Under torch.autocast
+    the head runs in the autocast dtype, as `F.linear` would.
     """
+    _check_workspace(workspace_bytes)
     hidden, weight, bias = autocast_head_inputs(hidden, weight, bias)
     config = LossConfig(ld_alpha=ld_alpha, logit_scale=logit_scale, softcap=softcap,
                         ignore_index=ignore_index)
@@ -403,9 +478,11 @@ def sequence_logps(hidden, weight, labels, *, bias=None, average=False, ld_alpha
                                              ld_alpha is not None)
     else:
         counts = completion_counts.to(hidden.device, torch.float32)
+    rows, sequences, row_weight = _completion_rows(labels, config, completion_rows,
+                                                   completion_sequences, counts, hidden.device)
     seq_logps, weighted, _ = _linear_stage_one(hidden, weight, bias, labels, config, backend,
-                                               completion_rows, completion_sequences,
-                                               counts.shape[0], counts)
+                                               rows, sequences, row_weight, counts,
+                                               workspace_bytes)
     if completion_rows is None:
         check_finite_logps(seq_logps, {"hidden": hidden, "weight": weight, "bias": bias})
     if weighted is not None:

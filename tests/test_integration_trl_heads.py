@@ -29,13 +29,17 @@ def test_lora_elsewhere_leaves_the_head_without_dweight(tokenizer, tmp_path, mon
     from mixpo.kernels import linear_logps_torch
 
     calls = []
-    backward = linear_logps_torch.linear_token_logps_backward
 
-    def spy(*args, weight_grad=True, **kwargs):
-        calls.append(weight_grad)
-        return backward(*args, weight_grad=weight_grad, **kwargs)
+    def spy(function):
+        def call(*args, weight_grad=True, **kwargs):
+            calls.append(weight_grad)
+            return function(*args, weight_grad=weight_grad, **kwargs)
+        return call
 
-    monkeypatch.setattr(linear_logps_torch, "linear_token_logps_backward", spy)
+    # The two-pass backward or, for per-pair losses that fit the workspace, the one pass.
+    for name in ("linear_token_logps_backward", "linear_token_logps_one_pass"):
+        monkeypatch.setattr(linear_logps_torch, name,
+                            spy(getattr(linear_logps_torch, name)))
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                              lora_dropout=0.0)
     trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, peft_config=config,

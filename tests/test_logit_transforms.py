@@ -102,7 +102,7 @@ def test_linear_metrics_combine_across_vocab_splits(monkeypatch):
     the interpreter and check the combined statistics (first argmax across splits too)."""
     hidden, weight, labels, _ = make_batch(vocab_size=4 * 8192 + 100, seed=2)
     weight[3 * 8192 + 5] = weight[5]         # a tie for the max across splits: first one wins
-    monkeypatch.setattr(linear_logps, "_programs_wanted", lambda device: 64)
+    monkeypatch.setattr(linear_logps, "_forward_slots", lambda *args: 64)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     rows = torch.nonzero(labels.reshape(-1) != -100).squeeze(1)
     row_labels = labels.reshape(-1)[rows]

@@ -39,16 +39,22 @@ def test_mixpo_components_on_one_gpu(llama3_8b):
         "gradients": 2 * PARAMS,                     # accumulation keeps every gradient
         "optimizer states": 4 * PARAMS,              # two bf16 moments
         "activations": activations,                  # 1,266,679,808
-        # one 256 MiB fp32 vocab chunk of the head's gradient + hidden, dHidden
-        "loss head": 256 * 2**20 + 2 * TOKENS * H * 2,
+        # the 256 MiB softmax-gradient workspace, the fp32 dHidden accumulator and bf16
+        # copy of the completion rows, hidden and dHidden
+        "loss head": 256 * 2**20 + TOKENS * H * 6 + 2 * TOKENS * H * 2,
         "reference model": 0,
         "runtime reserve": 3 * GIB,
     }
     assert activations == 1_266_679_808
-    assert sum(plan.values()) == 69_031_985_152       # 64.29 GiB: fits in 80
+    assert sum(plan.values()) == 69_031_985_152 + TOKENS * H * 6      # 64.34 GiB: fits in 80
+    # A smaller workspace budget shrinks the head; a micro-batch smaller than it uses less.
+    small = mixpo_plan(llama3_8b, work, workspace_bytes=64 * 2**20)
+    assert plan["loss head"] - small["loss head"] == 192 * 2**20
+    tiny = mixpo_plan(llama3_8b, Workload(seq_len=64))
+    assert tiny["loss head"] == 128 * V * 2 + 128 * H * 6 + 2 * 128 * H * 2
     stepped = mixpo_plan(llama3_8b, work, step_in_backward=True)
     assert stepped["gradients"] == 2 * EMBED          # only the largest gradient is alive
-    assert sum(stepped.values()) / GIB == pytest.approx(50.31, abs=0.005)
+    assert sum(stepped.values()) / GIB == pytest.approx(50.36, abs=0.005)
     assert mixpo_plan(llama3_8b, work, optim="adamw_8bit")["optimizer states"] == 2 * PARAMS
     assert mixpo_plan(llama3_8b, work, reference="live")["reference model"] == 2 * PARAMS
 
@@ -80,11 +86,15 @@ def _args(**overrides):
 def test_report_says_llama3_8b_fits_one_80gb_gpu_and_trl_does_not():
     report = plan_command(_args(step_in_backward=True, global_batch_size=1))
     assert "8.03 B parameters" in report
-    assert "total" in report and "50.31 GiB" in report and "141.29 GiB" in report
-    assert "fits? mixpo: yes, 29.7 GiB free; TRL default: no, 61.3 GiB over" in report
+    assert "total" in report and "50.36 GiB" in report and "141.29 GiB" in report
+    assert "fits? mixpo: yes, 29.6 GiB free; TRL default: no, 61.3 GiB over" in report
+    assert "head workspace 256 MiB of a 256 MiB budget" in report
     assert "fused head (trl 1.16)" in report
     default = plan_command(_args())
-    assert "64.29 GiB" in default and "mixpo: yes" in default
+    assert "64.34 GiB" in default and "mixpo: yes" in default
+    assert "head workspace 64 MiB" in plan_command(_args(head_workspace_mib=64))
+    with pytest.raises(ValueError, match="head-workspace-mib"):
+        plan_command(_args(head_workspace_mib=0))
     with pytest.raises(ValueError, match="step-in-backward needs one backward per step"):
         plan_command(_args(step_in_backward=True))
 

@@ -1,5 +1,6 @@
 """Roofline model (benchmarks/roofline.py) against hand-computed numbers, its report script,
 and `mixpo bench`."""
+import dataclasses
 import json
 import os
 
@@ -22,91 +23,128 @@ A100_SFU_PER_S = 108 * 16 * 1.41e9
 
 def test_linear_path_counts_match_hand_arithmetic():
     forward = roofline.kernel_cost("linear_logps_fwd", SMALL)
-    softmax = roofline.kernel_cost("linear_softmax_bwd", SMALL)
-    label = roofline.kernel_cost("linear_label_bwd", SMALL)
+    grad = roofline.kernel_cost("linear_softmax_grad", SMALL)
+    gemms = roofline.kernel_cost("linear_bwd_gemms", SMALL)
     buffers = roofline.kernel_cost("linear_bwd_buffers", SMALL)
-    assert forward.matmul_flops == 2e8                   # 2 n V H
-    assert softmax.matmul_flops == 6e8                   # recompute + dHidden + dWeight
-    assert label.matmul_flops == buffers.matmul_flops == 0
+    assert forward.matmul_flops == grad.matmul_flops == 2e8      # 2 n V H each
+    assert gemms.matmul_flops == 4e8 and gemms.engine == "cublas"
+    assert buffers.matmul_flops == 0
     assert roofline.kernel_cost("linear_logps_fwd_bwd", SMALL).matmul_flops == 8e8
     assert roofline.kernel_cost("matmul_flop_floor_fwd_bwd", SMALL).matmul_flops == 6e8
+    assert roofline.kernel_cost("matmul_flop_floor_8nvh", SMALL).matmul_flops == 8e8
     # 5 ops per logit of a tile (no label ops in the tile loop) and, for the label logit
     # hidden[row] . weight[label], 4 per (token, hidden unit): 2 bf16 casts, multiply, sum.
     assert forward.vector_ops == 5e6 + 4e5
     assert forward.special_ops == n * V
-    # Forward bytes: hidden 2e5 + weight 2e5; torch label scan N*10 + rows write n*8 and
-    # compaction n*24; kernel rows and labels n*16, partial lse and label logit n*8; torch
-    # log-prob n*12; sequence sums: rows // T n*16, index_add_ n*12, [2B] fill + add 3*2*4.
+    # Forward bytes: hidden 2e5 + weight 2e5 (8 token tiles of 128 fit L2: one pass over
+    # it); torch label scan N*10 + rows write n*8 and compaction n*24; kernel rows and
+    # labels n*16, partial lse and label logit n*8; torch log-prob n*12; sequence sums:
+    # rows // T n*16, index_add_ n*12, [2B] fill + add 3*2*4.
     assert forward.total_bytes == 2e5 + 2e5 + 1e4 + 8e3 + 2.4e4 + 1.6e4 + 8e3 + 1.2e4 \
         + 1.6e4 + 1.2e4 + 24
-    # Softmax backward: hidden 2e5, weight 2e5, rows/lse/coef n*16, dHidden fp32 atomics
-    # 2*n*H*4 = 8e5, dWeight fp32 atomics 2*V*H*4 = 8e5.
-    assert softmax.total_bytes == 2e5 + 2e5 + 1.6e4 + 8e5 + 8e5
-    # Softmax backward per logit: select, subtract lse, scale, mass sum on every tile; on kept
-    # tiles, times -coefficient and the bf16 cast of G.
-    assert softmax.vector_ops == (4 + 2) * n * V and softmax.special_ops == n * V
-    # Label backward: hidden 2e5, weight[label] rows (1000 distinct) 2e5, rows/labels/coef
-    # n*20, dHidden atomics 8e5, dWeight[label] atomics 8e5.
-    assert label.total_bytes == 2e5 + 2e5 + 2e4 + 8e5 + 8e5
-    # Label backward per (token, hidden unit): two bf16 casts and two products, no matmul.
-    assert label.vector_ops == 4 * n * H and label.special_ops == 0
-    # Buffers: coef = grad_seq[rows // T] n*24 + n*4 + 2B*4, dHidden zero fill N*H*2,
-    # dWeight fp32 zero fill V*H*4, dHidden fp32 buffer zero fill n*H*4, cast to a temporary
-    # n*H*6, scatter n*8 + n*H*4, dWeight cast V*H*6.
-    assert buffers.total_bytes == 2.8008e4 + 2e5 + 4e5 + 4e5 + 6e5 + 4.08e5 + 6e5
+    # Every 128 x 128 tile streams 128 hidden and 128 weight rows of H from L2.
+    assert forward.total_l2_bytes == pytest.approx(n * V * H * 2 * (2 / 128))
+    # Gradient kernel: one vocab chunk (256 MiB holds [1000, 1000]), one token group: hidden
+    # 2e5, weight 2e5, rows/labels/lse/coef n*24, G written once in bf16 n*V*2.
+    assert roofline.vocab_chunks(SMALL) == 1
+    assert grad.total_bytes == 2e5 + 2e5 + 2.4e4 + 2e6
+    # Per logit: 6 listed ops and the cast of G to bf16; one exp.
+    assert grad.vector_ops == 7 * n * V and grad.special_ops == n * V
+    # GEMMs: G read by both 2*2e6, weight 2e5, hidden[rows] 2e5, dHidden fp32 accumulator
+    # read + written 8e5, dWeight written once 2e5 (no fp32 [V, H], no atomics).
+    assert gemms.total_bytes == 4e6 + 2e5 + 2e5 + 8e5 + 2e5 and gemms.total_l2_bytes == 0
+    # Buffers: coef = grad_seq[sequence] n*20 + 2B*4, hidden[rows] copy n*8 + 2*n*H*2,
+    # dHidden fill N*H*2, fp32 accumulator fill n*H*4, cast n*H*6, scatter n*8 + 2*n*H*2.
+    assert buffers.total_bytes == 2.0008e4 + 4.08e5 + 2e5 + 4e5 + 6e5 + 4.08e5
 
 
-def test_linear_path_floors_on_h100_and_a100():
-    # H100: forward and softmax backward are matmul-bound (vector 5.4e6 ops / 33.45e12,
-    # SFU 1e6 / 4.18e12 and memory 5.1e5 B / 3e12 are below 2e8 / 800e12); at H = 100 the
-    # label backward (2.02e6 B) and the buffers (2.636008e6 B) are memory-bound.
-    h100 = {kernel: roofline.floor_seconds(kernel, SMALL, "h100") for kernel in
-            ("linear_logps_fwd", "linear_softmax_bwd", "linear_label_bwd",
-             "linear_bwd_buffers", "linear_logps_fwd_bwd")}
-    assert h100["linear_logps_fwd"] == pytest.approx(2e8 / 800e12)
-    assert 5.4e6 / H100_VECTOR_OPS_PER_S < h100["linear_logps_fwd"]
-    assert 1e6 / H100_SFU_PER_S < h100["linear_logps_fwd"]
-    assert h100["linear_softmax_bwd"] == pytest.approx(6e8 / 800e12)
-    assert h100["linear_label_bwd"] == pytest.approx(2.02e6 / 3e12)
-    assert h100["linear_bwd_buffers"] == pytest.approx(2.636008e6 / 3e12)
-    assert roofline.kernel_cost("linear_label_bwd", SMALL).bound(
-        roofline.DEVICES["h100"], "bf16") == "memory"
+def test_linear_path_floors_and_predictions_on_h100_and_a100():
+    # H100, small H: the forward's L2 tile reloads (3.125e6 B at 10 TB/s) outweigh its
+    # matmuls (2e8 / 800e12); at H = 100 the GEMMs (G read twice: 5.4e6 B in all) and the
+    # buffers (2.036008e6 B) are memory-bound.
+    l2 = n * V * H * 2 * (2 / 128)
+    assert roofline.floor_seconds("linear_logps_fwd", SMALL, "h100") == pytest.approx(l2 / 10e12)
+    assert roofline.kernel_cost("linear_logps_fwd", SMALL).bound(
+        roofline.DEVICES["h100"], "bf16") == "l2"
+    assert roofline.floor_seconds("linear_bwd_gemms", SMALL, "h100") == \
+        pytest.approx(5.4e6 / 3e12)
+    assert roofline.floor_seconds("linear_bwd_buffers", SMALL, "h100") == \
+        pytest.approx(2.036008e6 / 3e12)
+    # Predictions run the matmuls at the stated efficiency (cuBLAS 0.9, Triton 0.75): the
+    # memory-bound GEMMs keep their floor, the forward's matmuls now outweigh its L2 time.
+    assert roofline.predict_seconds("linear_bwd_gemms", SMALL, "h100") == \
+        pytest.approx(5.4e6 / 3e12)
+    assert roofline.predict_seconds("linear_logps_fwd", SMALL, "h100") == \
+        pytest.approx(2e8 / (0.75 * 800e12))
     # A total is its parts run one after another.
-    assert h100["linear_logps_fwd_bwd"] == pytest.approx(
-        8e8 / 800e12 + (2.02e6 + 2.636008e6) / 3e12)
-    # A100: the forward's SFU work (1e6 exp at 2.44e12/s) stays below its matmul time.
-    assert roofline.floor_seconds("linear_logps_fwd", SMALL, "a100") == pytest.approx(
-        2e8 / 312e12)
-    assert 1e6 / A100_SFU_PER_S < 2e8 / 312e12
+    parts = ("linear_logps_fwd", "linear_softmax_grad", "linear_bwd_gemms",
+             "linear_bwd_buffers")
+    for device in ("h100", "a100"):
+        for measure in (roofline.floor_seconds, roofline.predict_seconds):
+            assert measure("linear_logps_fwd_bwd", SMALL, device) == pytest.approx(
+                sum(measure(part, SMALL, device) for part in parts))
     assert roofline.floor_seconds("matmul_flop_floor_fwd_bwd", SMALL, "a100") == \
         pytest.approx(6e8 / 312e12)
+
+
+def test_llama3_predictions_default_within_125_of_its_flop_floor():
+    """The issue's headline: Llama-3-8B's head, 16k tokens of which 25 % prompt, bf16. The
+    default (two passes, 8nVH) is predicted within 1.25x of its FLOP floor on H100 and A100;
+    the old atomic design more than 2x; trl's head and the one pass beside them."""
+    workload = roofline.make_workload("llama-3-8b", tokens=16384, prompt_share=0.25)
+    assert workload.completion_tokens == 12288
+    rows = {(row["device"], row["kernel"]): row for row in roofline.predictions(workload)}
+    for device in ("h100", "a100"):
+        default = rows[device, "linear_logps_fwd_bwd"]
+        assert default["flop_floor"] == "matmul_flop_floor_8nvh"
+        assert 1.0 < default["x_flop_floor"] <= 1.25
+        assert rows[device, "linear_old_fwd_bwd"]["x_flop_floor"] > 2.0
+        assert rows[device, "linear_one_pass_fwd_bwd"]["flop_floor"] == \
+            "matmul_flop_floor_fwd_bwd"
+        assert rows[device, "trl_head_fwd_bwd"]["predicted_ms"] > 0
+    # The issue's counts for the old design: 96,192 programs x 4 MiB of fp32 atomics.
+    atomic = roofline.kernel_cost("linear_atomic_bwd", workload)
+    assert atomic.l2_bytes["fp32 atomics"] == pytest.approx(96192 * 256 * 4096 * 4)
+    assert atomic.serial
+    # The old forward re-reads hidden per 128-wide vocab tile: 1002 x 100.7 MB.
+    old = roofline.kernel_cost("linear_fwd_old", workload)
+    assert old.bytes_moved["hidden read (completion rows)"] == 12288 * 4096 * 2 * 1002
+    # The default backward: 12 vocab chunks of 10,880 rows in 256 MiB, G written once.
+    grad = roofline.kernel_cost("linear_softmax_grad", workload)
+    assert roofline.vocab_chunks(workload) == 12
+    assert grad.bytes_moved["workspace G write"] == 12288 * 128256 * 2
+    # A workspace of one group per 1 GiB of fp32 logits: the one pass's dWeight accumulates
+    # in fp32 over 6 groups (read + written per group).
+    big = dataclasses.replace(workload, workspace_bytes=2**30)
+    assert roofline.one_pass_groups(big) == 6
+    one = roofline.kernel_cost("linear_one_pass_gemms", big)
+    assert one.matmul_flops == 6 * 12288 * 128256 * 4096
 
 
 def test_fp32_matmul_rates():
     small_fp32 = roofline.Workload(SMALL.shape, N, n, 1, dtype="fp32")
     # The logit-free kernels' fp32 products are tf32x3: a third of the TF32 peak (A100 156).
-    assert roofline.floor_seconds("linear_softmax_bwd", small_fp32, "a100") == \
-        pytest.approx(6e8 / (156e12 / 3))
+    grad = roofline.kernel_cost("linear_softmax_grad", small_fp32)
+    assert grad.seconds_by_resource(roofline.DEVICES["a100"], "fp32")["matmul"] == \
+        pytest.approx(2e8 / (156e12 / 3))
     # torch's fp32 GEMM runs on the CUDA cores (19.5 TFLOP/s on A100).
     assert roofline.floor_seconds("lm_head_fwd", small_fp32, "a100") == \
         pytest.approx(2e8 / 19.5e12)
 
 
-def test_casts_and_softmax_mass_filter_in_linear_counts():
+def test_casts_and_gradient_filter_in_linear_counts():
     small_fp32 = roofline.Workload(SMALL.shape, N, n, 1, dtype="fp32")
-    # fp32 loads need no cast: the label logit and the label backward do 2 ops per (token,
-    # hidden unit), the softmax backward 5 per logit (no cast of G).
+    # fp32 loads need no cast: the label logit does 2 ops per (token, hidden unit), the
+    # gradient kernel 6 per logit (no cast of G).
     assert roofline.kernel_cost("linear_logps_fwd", small_fp32).vector_ops == 5e6 + 2e5
-    assert roofline.kernel_cost("linear_label_bwd", small_fp32).vector_ops == 2 * n * H
-    assert roofline.kernel_cost("linear_softmax_bwd", small_fp32).vector_ops == 5 * n * V
-    # A quarter of the tiles pass the softmax-mass filter: every tile is still recomputed,
-    # exponentiated and summed; only the kept ones form G (multiply, bf16 cast) and run the
-    # dHidden / dWeight products.
+    assert roofline.kernel_cost("linear_softmax_grad", small_fp32).vector_ops == 6 * n * V
+    # CCE's filter keeps a quarter of the atomic backward's tiles: every tile is still
+    # recomputed and tested; only the kept ones run the products and their atomics.
     skipping = roofline.Workload(SMALL.shape, N, n, 1, kept_tile_fraction=0.25)
-    softmax = roofline.kernel_cost("linear_softmax_bwd", skipping)
-    assert softmax.vector_ops == pytest.approx((4 + 0.25 * 2) * n * V)
-    assert softmax.special_ops == n * V
-    assert softmax.matmul_flops == pytest.approx(2e8 + 0.25 * 4e8)
+    atomic = roofline.kernel_cost("linear_atomic_bwd", skipping)
+    assert atomic.vector_ops == pytest.approx((7 + 0.25 * 3) * n * V)
+    assert atomic.matmul_flops == pytest.approx(2e8 + 0.25 * 4e8)
+    assert atomic.l2_bytes["fp32 atomics"] == pytest.approx(0.25 * n * V * H * 4 * (2 / 128))
 
 
 def test_logits_path_prompt_rows_run_the_loop_but_are_not_read():
@@ -144,24 +182,30 @@ def test_large_shape_linear_path_is_matmul_bound_at_8nvh():
     completion_flops = 12288 * 128256 * 4096
     assert roofline.floor_seconds("linear_logps_fwd", workload, "h100") == \
         pytest.approx(2 * completion_flops / 800e12)
-    assert roofline.floor_seconds("linear_softmax_bwd", workload, "h100") == \
-        pytest.approx(6 * completion_flops / 800e12)
-    memory_parts = sum(roofline.kernel_cost(kernel, workload).total_bytes
-                       for kernel in ("linear_label_bwd", "linear_bwd_buffers"))
+    # The gradient kernel's 128 x 128 tiles (the largest without spills) stream 202 GB from
+    # L2: at the assumed 10 TB/s its floor is L2-bound (its prediction, with the matmuls at
+    # 75 %, is matmul-bound again); the forward's 256 x 128 tiles stay matmul-bound.
+    grad_l2 = completion_flops * 2 * (2 / 128)
+    assert roofline.floor_seconds("linear_softmax_grad", workload, "h100") == \
+        pytest.approx(grad_l2 / 10e12)
+    assert roofline.predict_seconds("linear_softmax_grad", workload, "h100") == \
+        pytest.approx(2 * completion_flops / (0.75 * 800e12))
+    assert roofline.floor_seconds("linear_bwd_gemms", workload, "h100") == \
+        pytest.approx(4 * completion_flops / 800e12)
+    assert roofline.predict_seconds("linear_bwd_gemms", workload, "h100") == \
+        pytest.approx(4 * completion_flops / (0.9 * 800e12))
+    buffers = roofline.kernel_cost("linear_bwd_buffers", workload).total_bytes
     assert roofline.floor_seconds("linear_logps_fwd_bwd", workload, "h100") == \
-        pytest.approx(8 * completion_flops / 800e12 + memory_parts / 3e12)
+        pytest.approx(6 * completion_flops / 800e12 + grad_l2 / 10e12 + buffers / 3e12)
     assert roofline.floor_seconds("matmul_flop_floor_fwd_bwd", workload, "h100") == \
         pytest.approx(6 * completion_flops / 800e12)
-    # Tile skipping in the backward removes dHidden/dWeight products only.
-    skipping = roofline.make_workload("llama-3-8b", 16384, 0.25, kept_tile_fraction=0.25)
-    assert roofline.kernel_cost("linear_logps_fwd_bwd", skipping).matmul_flops == \
-        pytest.approx((2 + 2 + 0.25 * 4) * completion_flops)
 
 
 def test_prompt_share_shrinks_linear_work_not_logits_path_writes():
     full = roofline.make_workload("qwen-2.5-7b", 8192, prompt_share=0.0)
     half = roofline.make_workload("qwen-2.5-7b", 8192, prompt_share=0.5)
-    for kernel in ("linear_logps_fwd", "linear_logps_bwd", "matmul_flop_floor_fwd_bwd"):
+    for kernel in ("linear_logps_fwd", "linear_logps_bwd", "linear_one_pass_gemms",
+                   "matmul_flop_floor_fwd_bwd"):
         assert roofline.kernel_cost(kernel, half).matmul_flops == \
             pytest.approx(roofline.kernel_cost(kernel, full).matmul_flops / 2)
     # The LM head and the dlogits write cover every position whatever the prompt share.
@@ -219,7 +263,7 @@ def test_cli_roofline_writes_json_with_metadata(tmp_path, capfd):
                and row["tokens"] == 16384 and row["prompt_share"] == 0.25
                and row["shape"] == "llama-3-8b")
     assert row["matmul_flops_over_6nvh"] == pytest.approx(4 / 3)
-    assert row["parts"] == ["linear_logps_fwd", "linear_softmax_bwd", "linear_label_bwd",
+    assert row["parts"] == ["linear_logps_fwd", "linear_softmax_grad", "linear_bwd_gemms",
                             "linear_bwd_buffers"]
     parts = [part for part in report["rows"] if part["kernel"] in row["parts"]
              and part["tokens"] == 16384 and part["prompt_share"] == 0.25
@@ -229,6 +273,9 @@ def test_cli_roofline_writes_json_with_metadata(tmp_path, capfd):
     assert row["floor_seconds"]["h100"] > 8 * 12288 * 128256 * 4096 / 800e12
     table = capfd.readouterr().out  # printed by the script's subprocess
     assert "linear_logps_fwd_bwd" in table and "16384 tokens, 25 % prompt" in table
+    assert "mixpo default (two passes)" in table and "trl 1.16 fused head" in table
+    predicted = report["predictions"]["rows"]
+    assert {r["device"] for r in predicted} == {"a100", "h100"} and len(predicted) == 8
     assert "note: shape 'gemma2' is now called 'gemma-2-9b'" in table
 
 

@@ -2,9 +2,10 @@
 mixpo/functions.py).
 
 Kernels: logits_logps (token log-probs over materialised logits), linear_logps (logit-free,
-from hidden states and the LM-head weight), pair_loss (per-pair epilogue), margin_solve
-(gamma-PO). Each `<name>.py` has a twin `<name>_torch.py` with the same functions: the CPU
-backend and the test oracle. dispatch (backend choice, the one TRITON_INTERPRET flag),
+from hidden states and the LM-head weight; linear_logps_atomic its older atomic backward, kept
+as an alternative), pair_loss (per-pair epilogue), margin_solve (gamma-PO). Each `<name>.py`
+has a twin `<name>_torch.py` with the same functions: the CPU backend and the test oracle.
+dispatch (backend choice, the one TRITON_INTERPRET flag),
 configs (the launch-configuration table), compile_check (sm_80/sm_90 compile without a GPU).
 Only the kernel modules import triton.
 """

@@ -23,9 +23,13 @@ import torch
 
 from mixpo.kernels.dispatch import INTERPRET
 
-# Logit-free backward with 16-bit weights: the fp32 weight-gradient accumulator covers this
-# many bytes at most, one vocab chunk at a time (each chunk's gradient is rounded into the
-# 16-bit result when complete), instead of a whole fp32 [V, H] copy (2.1 GB at Llama-3-8B).
+# Logit-free head: the most bytes of logits / softmax-gradient workspace alive at once (the
+# default of `workspace_bytes`): the backward's [n, C] gradient chunk, the torch forward's
+# [t, V] logits chunk, the one-pass group's [t, V] logits. At Llama-3-8B with 12,288 bf16
+# completion tokens: C = 10,880 vocab rows, 12 chunks.
+DEFAULT_WORKSPACE_BYTES = 256 * 2**20
+# The atomic backward (linear_logps_atomic) with 16-bit weights: its fp32 weight-gradient
+# accumulator covers this many bytes, one vocab chunk at a time.
 DWEIGHT_CHUNK_BYTES = 256 * 2**20
 
 DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -191,64 +195,82 @@ register(KernelSpec(
     select=_select_by_solve_set, dtypes=("fp32",)))
 
 # ----------------------------------------------------------------------------------------------
-# Logit-free token log-probs (kernels/linear_logps.py): tiles of tokens x vocab, tl.dot over H.
-# The tiled kernels have separate 16-bit and fp32 entries (fp32 tiles take twice the shared
-# memory per BLOCK_H); the launch helper picks the entry by dtype. UPCAST (fp32 tl.dot operands)
-# is True only under the interpreter. ptxas registers / spill bytes / shared memory, sm_80 |
-# sm_90, compiled as the JIT specialises real launches (16-byte aligned pointers, H, row
-# strides multiples of 16; without those hints Triton neither vectorises nor pipelines them):
-#   linear_lse_fwd          bf16  250 / 0 /  64 KB | 187 / 0 / 96 KB
-#   linear_lse_fwd_fp32     fp32  255 / 0 /  32 KB | 164 / 0 / 48 KB
-#   linear_softmax_bwd      bf16  232 / 0 /  80 KB | 170 / 0 / 96 KB
-#   linear_softmax_bwd_fp32 fp32  255 / 0 /  64 KB | 255 / 0 / 64 KB
-#   linear_label_bwd        bf16  168 / 0 /   4 KB | 103 / 0 /  4 KB
+# Logit-free token log-probs (kernels/linear_logps.py, linear_logps_atomic.py): tiles of tokens x
+# vocab, tl.dot over H. The tiled kernels have separate 16-bit and fp32 entries (fp32 tiles take
+# twice the shared memory per BLOCK_H); the launch helpers pick the entry by dtype. UPCAST (fp32
+# tl.dot operands) is True only under the interpreter. ptxas registers / spill bytes / shared
+# memory, sm_80 | sm_90, compiled as the JIT specialises real launches (16-byte aligned
+# pointers, H, row strides multiples of 16; without those hints Triton neither vectorises nor
+# pipelines them), from `mixpo bench compile` (benchmarks/results/compile_report.json):
+#   linear_lse_fwd 128x128x64        bf16  255 / 0 /  64 KB | 230 / 0 /  96 KB
+#   linear_lse_fwd 256x128x32        bf16  255 / 0 /  48 KB | 254 / 0 /  72 KB  (STATS: spills)
+#   linear_lse_fwd_fp32 64x64x32     fp32  255 / 0 /  32 KB | 164 / 0 /  48 KB
+#   linear_softmax_grad 128x128x64   bf16  255 / 0 /  64 KB | 226 / 0 /  96 KB
+#   linear_softmax_grad_fp32         fp32  254 / 0 /  32 KB | 158 / 0 /  48 KB
+#   linear_atomic_bwd 128x128x32     bf16  255 / 0 /  80 KB | 241 / 0 /  96 KB
+# The forward picks the 256-token tile from 4096 tokens on (without token statistics, whose
+# registers spill at 256): a third less L2 traffic per FLOP than 128 x 128 (benchmarks/
+# roofline.py). The gradient kernel keeps 128 x 128: its 256-wide tiles spill (176-764 B).
 # ----------------------------------------------------------------------------------------------
 _LINEAR_POINTERS = {"hidden_ptr": "*{dtype}", "weight_ptr": "*{dtype}", "labels_ptr": "*i64",
-                    "rows_ptr": "*i64"}
-_LINEAR_SCALARS = {"logit_scale": "fp32", "softcap": "fp32"}
-
-
-def _linear_pointers(kernel: str) -> dict:
-    """The pointer overrides that `kernel` has (the kernels share the names)."""
-    names = {"linear_lse_fwd": ("hidden_ptr", "weight_ptr", "labels_ptr", "rows_ptr"),
-             "linear_softmax_bwd": ("hidden_ptr", "weight_ptr", "rows_ptr"),
-             "linear_label_bwd": ("hidden_ptr", "weight_ptr", "labels_ptr", "rows_ptr")}[kernel]
-    return {name: _LINEAR_POINTERS[name] for name in names}
-
-
-_LINEAR_KERNELS = {"linear_lse_fwd": "_linear_lse_fwd_kernel",
-                   "linear_softmax_bwd": "_linear_softmax_bwd_kernel"}
-_LINEAR_GPU_CONFIGS = {
-    ("linear_lse_fwd", "16bit"): config(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8,
-                                        num_stages=3),
-    ("linear_lse_fwd", "fp32"): config(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4,
-                                       num_stages=3),
-    ("linear_softmax_bwd", "16bit"): config(BLOCK_N=128, BLOCK_V=128, BLOCK_H=32, GROUP_N=8,
-                                            num_warps=8, num_stages=3),
-    ("linear_softmax_bwd", "fp32"): config(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32, GROUP_N=8,
-                                           num_warps=4, num_stages=3),
+                    "rows_ptr": "*i64", "grad_ptr": "*{dtype}", "kept_ptr": "*i32"}
+_LINEAR_SCALARS = {"logit_scale": "fp32", "softcap": "fp32", "filter_eps": "fp32"}
+_LINEAR_KERNELS = {"linear_lse_fwd": ("_linear_lse_fwd_kernel", "mixpo.kernels.linear_logps"),
+                   "linear_softmax_grad": ("_linear_softmax_grad_kernel",
+                                           "mixpo.kernels.linear_logps"),
+                   "linear_atomic_bwd": ("_linear_atomic_bwd_kernel",
+                                         "mixpo.kernels.linear_logps_atomic")}
+# The overridden arguments each kernel has (KernelSpec.signature rejects others).
+_LINEAR_ARGUMENTS = {
+    "linear_lse_fwd": ("hidden_ptr", "weight_ptr", "labels_ptr", "rows_ptr", "logit_scale",
+                       "softcap"),
+    "linear_softmax_grad": ("hidden_ptr", "weight_ptr", "labels_ptr", "rows_ptr", "grad_ptr",
+                            "logit_scale", "softcap"),
+    "linear_atomic_bwd": ("hidden_ptr", "weight_ptr", "labels_ptr", "rows_ptr", "kept_ptr",
+                          "filter_eps", "logit_scale", "softcap"),
 }
-# Interpreter: one program per 64 tokens x 8192 vocab (~0.6 ms a program, ~0.13 ms a step).
+FORWARD_LARGE_TILE_TOKENS = 4096
+
+
+def _select_forward_tile(configs, num_tokens, stats=False, **_):
+    # The 256-token tile spills registers with the token statistics (STATS): 128 there.
+    return configs[1] if len(configs) > 1 and num_tokens >= FORWARD_LARGE_TILE_TOKENS \
+        and not stats else configs[0]
+
+
+_LINEAR_GPU_CONFIGS = {
+    ("linear_lse_fwd", "16bit"): (
+        config(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+        config(BLOCK_N=256, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3)),
+    ("linear_lse_fwd", "fp32"): (
+        config(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=3),),
+    ("linear_softmax_grad", "16bit"): (
+        config(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3),),
+    ("linear_softmax_grad", "fp32"): (
+        config(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=8, num_warps=4, num_stages=3),),
+    ("linear_atomic_bwd", "16bit"): (
+        config(BLOCK_N=128, BLOCK_V=128, BLOCK_H=32, GROUP_N=8, num_warps=8, num_stages=3),),
+    ("linear_atomic_bwd", "fp32"): (
+        config(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32, GROUP_N=8, num_warps=4, num_stages=3),),
+}
+# Interpreter: few programs with big blocks (~0.6 ms a program, ~0.13 ms a step).
 _LINEAR_INTERPRETER_CONFIGS = {
     "linear_lse_fwd": config(BLOCK_N=64, BLOCK_V=8192, BLOCK_H=128),
-    "linear_softmax_bwd": config(BLOCK_N=64, BLOCK_V=8192, BLOCK_H=128, GROUP_N=1),
+    "linear_softmax_grad": config(BLOCK_N=64, BLOCK_V=4096, BLOCK_H=128, GROUP_N=1),
+    "linear_atomic_bwd": config(BLOCK_N=64, BLOCK_V=8192, BLOCK_H=128, GROUP_N=1),
 }
 
-for _kernel, _function in _LINEAR_KERNELS.items():
+for _kernel, (_function, _module) in _LINEAR_KERNELS.items():
     for _suffix, _kind, _dtypes in (("", "16bit", ("bf16", "fp16")), ("_fp32", "fp32", ("fp32",))):
         register(KernelSpec(
-            name=_kernel + _suffix, module="mixpo.kernels.linear_logps", function=_function,
-            pointers=_linear_pointers(_kernel),
-            scalars={**_LINEAR_SCALARS, **({"filter_eps": "fp32"}
-                                           if _kernel == "linear_softmax_bwd" else {})},
-            gpu_configs=(_LINEAR_GPU_CONFIGS[_kernel, _kind],),
+            name=_kernel + _suffix, module=_module, function=_function,
+            pointers={name: kind for name, kind in _LINEAR_POINTERS.items()
+                      if name in _LINEAR_ARGUMENTS[_kernel]},
+            scalars={name: kind for name, kind in _LINEAR_SCALARS.items()
+                     if name in _LINEAR_ARGUMENTS[_kernel]},
+            gpu_configs=_LINEAR_GPU_CONFIGS[_kernel, _kind],
             interpreter_config=_LINEAR_INTERPRETER_CONFIGS[_kernel],
+            select=_select_forward_tile if _kernel == "linear_lse_fwd" else None,
             flags={"UPCAST": (False,), **(_FORWARD_FLAGS if _kernel == "linear_lse_fwd"
                                           else _TRANSFORM_FLAGS)},
             dtypes=_dtypes))
-
-register(KernelSpec(
-    name="linear_label_bwd", module="mixpo.kernels.linear_logps",
-    function="_linear_label_bwd_kernel", pointers=_linear_pointers("linear_label_bwd"),
-    gpu_configs=(config(BLOCK_N=32, BLOCK_H=128, num_warps=4),),
-    interpreter_config=config(BLOCK_N=128, BLOCK_H=512)))

@@ -1,33 +1,35 @@
 """Logit-free token log-probs under an LM head: hidden [N, H] x weight [V, H]^T, never [N, V].
 
 Twin: `mixpo.kernels.linear_logps_torch` (same functions, inputs and outputs).
-Cut-Cross-Entropy-style tiling: a program multiplies a tile of tokens by a tile of vocab rows
-of the weight in SRAM (tl.dot over BLOCK_H chunks of H, fp32 accumulation); only per-token
-values leave the forward (log-sum-exp, label logit), and the backward recomputes each
-[BLOCK_N, BLOCK_V] logits tile instead of storing anything of size N x V.
+Only per-token values leave the forward (log-sum-exp, label logit); the backward recomputes
+the logits one vocab chunk at a time, so nothing of size N x V is ever stored.
 
-Forward (`_linear_lse_fwd_kernel`), grid (token tiles, vocab splits): each program runs an
-    online log-sum-exp over the vocab tiles of its split and writes one partial LSE per token
-    into a [splits, n] buffer, combined on the host. Splits exist only to give every SM work
-    when n is small. The label's logit is a dot product hidden[row] . weight[label], computed
-    by the split-0 programs, so the tile loop carries no label gather.
-Backward, d logp / d logits = onehot(label) - softmax, times each token's coefficient, in two
-    parts whose sum is the gradient:
-    - `_linear_softmax_bwd_kernel`, grid (token tiles x vocab tiles) in grouped order: the
-      dense part -coef * softmax of a recomputed tile, scattered as dHidden += G @ W_tile and
-      dWeight_tile += G^T @ E with fp32 atomics. Tiles whose softmax mass is negligible for
-      every token skip both products (`filter_eps`), and token tiles whose coefficients are all
-      zero (e.g. the rejected responses of MixDPO's hard pairs) skip everything.
-    - `_linear_label_bwd_kernel`, grid (token tiles, H tiles): the sparse one-hot part,
-      dHidden[row] += coef * weight[label] and dWeight[label] += coef * hidden[row].
-    With 16-bit weights both run once per vocab chunk (`DWEIGHT_CHUNK_BYTES` of fp32
-    dWeight accumulator, rounded into the 16-bit gradient when the chunk is done), so the
-    backward never holds an fp32 [V, H] copy; tokens whose label lies in another chunk get a
-    zero coefficient there and move no memory.
+Forward (`_linear_lse_fwd_kernel`), grid (vocab splits, token tiles): each program multiplies
+    a tile of tokens by tiles of weight rows in SRAM (tl.dot over BLOCK_H chunks of H, fp32
+    accumulation) with an online log-sum-exp over the vocab tiles of its split, and writes one
+    partial LSE per token into a [splits, n] buffer, combined on the host. The split count
+    comes from the compiled kernel's real occupancy (registers, shared memory), the SM count
+    and the L2 size: enough splits that the resident programs' hidden tiles stay in L2
+    (`l2_min_splits`), and whole waves (`vocab_splits`). The label's logit is a dot product
+    hidden[row] . weight[label] in the split-0 programs.
+Backward (default, `method="gemm"`), per vocab chunk [v0, v1) sized to the workspace budget:
+    `_linear_softmax_grad_kernel` recomputes each [BLOCK_N, BLOCK_V] logits tile once and
+    writes its gradient G = coef * (onehot(label) - softmax) * dz'/dz, in the input dtype
+    (16-bit for 16-bit inputs), into the workspace [n, v1 - v0]: every element has one writer.
+    Then two cuBLAS GEMMs with fp32 accumulation: dHidden (fp32 [n, H]) += G @ W[v0:v1] and
+    dWeight[v0:v1] = G^T @ hidden[rows], each dWeight row written once. No atomics, no fp32
+    [V, H] copy, bitwise-reproducible gradients; FLOPs: recompute 2nVH in Triton, 4nVH in
+    cuBLAS. Token tiles whose coefficients are all zero (the rejected responses of MixDPO's
+    hard pairs) store zeros without the product.
+Backward, `method="atomic"`: the older single tile kernel with fp32 atomics
+    (`mixpo.kernels.linear_logps_atomic`), kept as a measured alternative with CCE's gradient
+    filter.
+One pass (`linear_token_logps_one_pass`, used when the loss allows it): torch GEMMs on both
+    backends, see the twin.
 
 Hidden rows are read through the `rows` index array (prompt and padding rows are never copied
-or multiplied). Offsets into hidden, weight and the gradient buffers are int64 (n * H, V * H
-and N * V pass 2^31 at LLM sizes). Loads are cast to fp32 at once; tl.dot gets 16-bit operands
+or multiplied). Offsets into hidden, weight and the workspace are int64 (n * H, V * H and
+n * C pass 2^31 at LLM sizes). Loads are cast to fp32 at once; tl.dot gets 16-bit operands
 on GPUs (tensor cores, fp32 accumulation) and fp32 ones under the interpreter (whose 16-bit
 dot is wrong) or for fp32 inputs ("tf32x3": three tf32 products, about fp32 accuracy).
 """
@@ -37,18 +39,11 @@ import torch
 import triton
 import triton.language as tl
 
-from mixpo.kernels.configs import DTYPE_TAGS, DWEIGHT_CHUNK_BYTES, choose
+from mixpo.kernels import linear_logps_torch as twin
+from mixpo.kernels import logits_logps
+from mixpo.kernels.configs import DTYPE_TAGS, choose
 from mixpo.kernels.dispatch import INTERPRET
 from mixpo.kernels.logits_logps import STAT_NAMES, transform_logits, transform_slope
-
-# Backward tile skipping: a [BLOCK_N, BLOCK_V] tile skips its dHidden / dWeight products when
-# every token with a nonzero coefficient has softmax mass <= eps inside the tile. The mass
-# dropped for one token over the whole vocab is then at most (V / BLOCK_V) * eps, so the
-# gradient error is below coef * that * max|W| (or max|hidden|): < 2^-19 coef at V = 256k
-# for fp32 and < 2^-9 coef (under bf16 rounding) for 16-bit dtypes. An untrained head has a
-# flat softmax and skips nothing; a trained LM's peaked softmax skips most tiles.
-FILTER_EPS = {torch.float32: 2.0**-30, torch.bfloat16: 2.0**-20, torch.float16: 2.0**-20}
-
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -88,8 +83,10 @@ def _linear_lse_fwd_kernel(
     UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, STATS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    # Splits vary fastest in launch order: the programs resident at once share few token
+    # tiles, whose hidden rows then stay in L2 while the weight streams past them.
+    split = tl.program_id(0)
+    pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_tokens
     # Compacted token i is hidden row rows[i]: pointer to the start of that row (int64).
@@ -135,7 +132,7 @@ def _linear_lse_fwd_kernel(
     if STATS:
         # part_stats [5, splits, n]: E[z'] under the split's softmax, log sum exp(2 z'),
         # sum z', first argmax, max.
-        plane = tl.num_programs(1).to(tl.int64) * n_tokens
+        plane = tl.num_programs(0).to(tl.int64) * n_tokens
         tl.store(part_stats_ptr + part, run_ez / run_sum, mask=mask_n)
         tl.store(part_stats_ptr + plane + part, 2.0 * run_max + tl.log(run_sq), mask=mask_n)
         tl.store(part_stats_ptr + 2 * plane + part, run_z, mask=mask_n)
@@ -160,17 +157,19 @@ def _linear_lse_fwd_kernel(
 
 
 @triton.jit
-def _linear_softmax_bwd_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, rows_ptr, lse_ptr, coef_ptr,
-    dhidden_ptr, dweight_ptr, dbias_ptr,
-    n_tokens, vocab_size, hidden_size, filter_eps, stride_hn, stride_wv, stride_dhn,
-    stride_dwv, has_bias, dh_direct, weight_grad, logit_scale, softcap,
+def _linear_softmax_grad_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, rows_ptr, lse_ptr, coef_ptr, grad_ptr,
+    n_tokens, vocab_size, hidden_size, vocab_start, stride_hn, stride_wv, stride_gn, has_bias,
+    logit_scale, softcap,
     UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
+    """G[t, v] = coef[t] * (onehot(label[t]) - softmax[t, v]) * dz'/dz for the vocab chunk at
+    `weight_ptr` (rows vocab_start + [0, vocab_size)), written once into the workspace
+    `grad_ptr` [n, vocab_size] (row stride stride_gn) in its dtype. No atomics: every
+    element of the workspace has exactly one writer."""
     # Grouped order (Triton matmul tutorial): GROUP_N consecutive token tiles visit every
-    # vocab tile before the next group starts, so a weight tile is reused from L2 GROUP_N
-    # times and concurrent atomics land on different dHidden / dWeight rows.
+    # vocab tile before the next group starts, so a weight tile is reused from L2 GROUP_N times.
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(n_tokens, BLOCK_N)
     programs_per_group = GROUP_N * tl.cdiv(vocab_size, BLOCK_V)
@@ -181,90 +180,28 @@ def _linear_softmax_bwd_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_tokens
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < vocab_size
+    grad_ptrs = grad_ptr + offs_n.to(tl.int64)[:, None] * stride_gn + offs_v[None, :]
+    mask = mask_n[:, None] & mask_v[None, :]
     coef = tl.load(coef_ptr + offs_n, mask=mask_n, other=0.0)
-    # A token tile whose coefficients are all zero contributes nothing.
+    # Token tiles whose coefficients are all zero (the rejected responses of MixDPO's hard
+    # pairs) store zeros without the product.
     if tl.max(tl.abs(coef), 0) > 0:
         rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
-        h_rows = hidden_ptr + rows * stride_hn
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < vocab_size
-        raw = _logits_tile(h_rows, mask_n, weight_ptr, bias_ptr, has_bias, offs_v, mask_v,
-                           hidden_size, stride_wv, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+        labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1) - vocab_start
+        raw = _logits_tile(hidden_ptr + rows * stride_hn, mask_n, weight_ptr, bias_ptr,
+                           has_bias, offs_v, mask_v, hidden_size, stride_wv, UPCAST, BLOCK_N,
+                           BLOCK_V, BLOCK_H)
         logits, tanh = transform_logits(raw, logit_scale, softcap, SOFTCAP)
-        probs = tl.where(mask_v[None, :], tl.exp(logits - lse[:, None]), 0.0)  # softmax
-        # Softmax mass of the tile for each token that has a gradient; skip if all negligible.
-        mass = tl.where(coef != 0.0, tl.sum(probs, 1), 0.0)
-        if tl.max(mass, 0) > filter_eps:
-            # d logp / d raw logit, dense part: -coef * softmax * dz'/dz.     [BN, BV]
-            g = -coef[:, None] * probs * transform_slope(tanh, logit_scale, SOFTCAP)
-            if has_bias:
-                tl.atomic_add(dbias_ptr + offs_v, tl.sum(g, 0), mask=mask_v, sem="relaxed")
-            if UPCAST or (hidden_ptr.dtype.element_ty == tl.float32):
-                gd = g
-            else:  # tensor cores: 16-bit operands, fp32 accumulators
-                gd = g.to(hidden_ptr.dtype.element_ty)
-            # dHidden row of each token: its hidden row (fp32 outputs, written in place) or
-            # its compacted index (an [n, H] fp32 buffer for 16-bit outputs).
-            dh_rows = dhidden_ptr + tl.where(dh_direct != 0, rows, offs_n.to(tl.int64)) \
-                * stride_dhn
-            dw_rows = dweight_ptr + offs_v.to(tl.int64) * stride_dwv
-            w_rows = weight_ptr + offs_v.to(tl.int64) * stride_wv
-            for h0 in range(0, hidden_size, BLOCK_H):
-                offs_h = h0 + tl.arange(0, BLOCK_H)
-                mask_h = offs_h < hidden_size
-                mask_nh = mask_n[:, None] & mask_h[None, :]
-                mask_vh = mask_v[:, None] & mask_h[None, :]
-                e = tl.load(h_rows[:, None] + offs_h[None, :], mask=mask_nh, other=0.0)
-                w = tl.load(w_rows[:, None] + offs_h[None, :], mask=mask_vh, other=0.0)
-                if UPCAST or (e.dtype == tl.float32):
-                    dh = tl.dot(gd, w.to(tl.float32), input_precision="tf32x3")     # [BN, BH]
-                else:
-                    dh = tl.dot(gd, w)                                             # [BN, BH]
-                tl.atomic_add(dh_rows[:, None] + offs_h[None, :], dh, mask=mask_nh,
-                              sem="relaxed")
-                if weight_grad:         # a frozen head: no dWeight product, no buffer
-                    if UPCAST or (e.dtype == tl.float32):
-                        dw = tl.dot(tl.trans(gd), e.to(tl.float32), input_precision="tf32x3")
-                    else:
-                        dw = tl.dot(tl.trans(gd), e)                               # [BV, BH]
-                    tl.atomic_add(dw_rows[:, None] + offs_h[None, :], dw, mask=mask_vh,
-                                  sem="relaxed")
-
-
-@triton.jit
-def _linear_label_bwd_kernel(
-    hidden_ptr, weight_ptr, labels_ptr, rows_ptr, coef_ptr, dhidden_ptr, dweight_ptr,
-    dbias_ptr, n_tokens, hidden_size, stride_hn, stride_wv, stride_dhn, stride_dwv,
-    has_bias, dh_direct, weight_grad, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_tokens
-    coef = tl.load(coef_ptr + offs_n, mask=mask_n, other=0.0)
-    rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
-    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    # Tokens with a zero coefficient (labels outside this vocab chunk, routed rejected
-    # responses) move no memory.
-    active_n = mask_n & (coef != 0.0)
-    mask = active_n[:, None] & (offs_h < hidden_size)[None, :]
-    # The one-hot part of the gradient touches one weight row per token: weight[label].
-    e = tl.load(hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    w = tl.load(weight_ptr + labels[:, None] * stride_wv + offs_h[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    dh_rows = tl.where(dh_direct != 0, rows, offs_n.to(tl.int64)) * stride_dhn
-    tl.atomic_add(dhidden_ptr + dh_rows[:, None] + offs_h[None, :], coef[:, None] * w,
-                  mask=mask, sem="relaxed")
-    # Atomics: several tokens may share a label.
-    if weight_grad:
-        tl.atomic_add(dweight_ptr + labels[:, None] * stride_dwv + offs_h[None, :],
-                      coef[:, None] * e, mask=mask, sem="relaxed")
-    if has_bias:
-        if pid_h == 0:
-            tl.atomic_add(dbias_ptr + labels, coef, mask=active_n, sem="relaxed")
+        onehot = (labels[:, None] == offs_v[None, :]).to(tl.float32)
+        grad = coef[:, None] * (onehot - tl.exp(logits - lse[:, None])) \
+            * transform_slope(tanh, logit_scale, SOFTCAP)
+        tl.store(grad_ptrs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(grad_ptrs, tl.zeros((BLOCK_N, BLOCK_V), dtype=grad_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,11 +217,65 @@ def _unit_stride(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _programs_wanted(device: torch.device) -> int:
-    """Programs that keep a GPU busy (two per SM); 1 under the interpreter."""
+def occupancy(compiled, device) -> int:
+    """Resident CTAs per SM of a compiled kernel: the least of what its registers (allocated
+    per warp in units of 256), shared memory (plus 1 KiB reserved per CTA) and threads allow."""
+    props = torch.cuda.get_device_properties(device)
+    warps = compiled.metadata.num_warps
+    regs_per_warp = -(-compiled.n_regs * 32 // 256) * 256
+    limits = [getattr(props, "regs_per_multiprocessor", 65536) // max(1, regs_per_warp * warps),
+              getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)]
+    shared = compiled.metadata.shared
+    if shared:
+        limits.append(getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+                      // (shared + 1024))
+    return max(1, min(limits))
+
+
+_SLOTS: dict = {}
+
+
+def _forward_slots(device: torch.device, key, compile_kernel) -> int:
+    """CTAs of the forward kernel the GPU runs at once: SMs x the compiled kernel's occupancy
+    (`compile_kernel()` returns it compiled, not launched; measured once per configuration);
+    1 under the interpreter."""
     if INTERPRET or device.type != "cuda":
         return 1
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    key = (device.index, key)
+    if key not in _SLOTS:
+        try:
+            compiled = compile_kernel()
+            compiled._init_handles()        # loads the binary: n_regs
+            per_sm = occupancy(compiled, device)
+        except (AttributeError, RuntimeError, TypeError):   # another Triton's object layout
+            per_sm = 1
+        _SLOTS[key] = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return _SLOTS[key]
+
+
+def vocab_splits(n_tiles: int, v_tiles: int, slots: int, min_splits: int = 1) -> int:
+    """Vocab splits of the forward grid (splits x n_tiles programs, `slots` resident at once):
+    the fewest from `min_splits` on whose waves are at least 90 % full, else the fullest
+    (each split costs one partial log-sum-exp per token). 12,288 tokens in 128-token tiles on
+    132 SMs at one CTA each, no L2 bound: 4 splits, 384 programs in 3 waves (97 %), where
+    3 splits left the last wave a quarter empty (73 %)."""
+    best, best_fill = 1, -1.0
+    for splits in range(max(1, min(min_splits, v_tiles)), min(v_tiles, 2 * slots) + 1):
+        splits = -(-v_tiles // -(-v_tiles // splits))          # no empty split
+        programs = n_tiles * splits
+        fill = programs / (-(-programs // slots) * slots)
+        if fill >= 0.9:
+            return splits
+        if fill > best_fill + 1e-9:
+            best, best_fill = splits, fill
+    return best
+
+
+def l2_min_splits(slots: int, tile_bytes: int, l2_bytes: int) -> int:
+    """Splits that keep the hidden tiles of the resident programs (slots / splits token tiles
+    of `tile_bytes` each) within half of L2: otherwise every vocab step re-reads them from
+    HBM (at Llama-3 shape on an H100: 132 x 2 MiB tiles, 101 GB of re-reads in place of 0.1)."""
+    return max(1, -(-slots * tile_bytes // max(1, l2_bytes // 2)))
 
 
 def _check(hidden, weight, bias, labels, rows):
@@ -321,7 +312,7 @@ def _combine_stats(part_lse, lse, part_stats, labels, vocab_size) -> dict:
 
 
 def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: float = 1.0,
-                               softcap=None, stats: bool = False):
+                               softcap=None, stats: bool = False, workspace_bytes=None):
     """Label log-prob and log-sum-exp of the tokens hidden[rows] under the LM head and the
     logit transform (module docstring of mixpo.kernels.logits_logps).
 
@@ -330,7 +321,8 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
     rows [n] int64 indices into hidden (the completion tokens).
     Returns (token_logps [n] fp32, lse [n] fp32, aux): aux["label_logit"] [n] fp32 is the
     labels' raw logit (the backward needs it), and with `stats=True` aux holds STAT_NAMES ->
-    [n] fp32 too. Extra memory: [splits, n] fp32 (x6 with stats).
+    [n] fp32 too. Extra memory: [splits, n] fp32 (x6 with stats); no workspace
+    (`workspace_bytes` is the twin's).
     """
     _check(hidden, weight, bias, labels, rows)
     hidden, weight = _unit_stride(hidden), _unit_stride(weight)
@@ -343,23 +335,40 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
             aux.update({name: empty.clone() for name in STAT_NAMES})
         return empty, empty.clone(), aux
     launch = choose(_spec_name("linear_lse_fwd", hidden.dtype), dtype=hidden.dtype,
-                    num_tokens=num_tokens)
+                    num_tokens=num_tokens, stats=stats)
     block_n, block_v = launch.block("BLOCK_N"), launch.block("BLOCK_V")
     n_tiles, v_tiles = triton.cdiv(num_tokens, block_n), triton.cdiv(vocab_size, block_v)
-    # Split the vocab only as far as needed to give every SM work (small n).
-    splits = min(v_tiles, max(1, triton.cdiv(_programs_wanted(device), n_tiles)))
+    label_logit = torch.empty(num_tokens, dtype=torch.float32, device=device)
+    bias32 = label_logit if bias is None else bias.float().contiguous()   # dummy when unused
+    labels, rows = labels.contiguous(), rows.contiguous()
+
+    def launch_kernel(grid, part_lse, part_stats, tiles_per_split, warmup=False):
+        args = (hidden, weight, bias32, labels, rows, part_lse, label_logit, part_stats,
+                num_tokens, vocab_size, hidden_size, tiles_per_split, hidden.stride(0),
+                weight.stride(0), int(bias is not None), float(logit_scale),
+                float(softcap or 0.0))
+        kwargs = dict(UPCAST=INTERPRET, SOFTCAP=bool(softcap), STATS=stats,
+                      **launch.launch_kwargs())
+        if warmup:
+            return _linear_lse_fwd_kernel.warmup(*args, grid=grid, **kwargs)
+        return _linear_lse_fwd_kernel[grid](*args, **kwargs)
+
+    # Split the vocab as far as the compiled kernel's occupancy needs to fill the GPU.
+    slots = _forward_slots(device, (hidden.dtype, bool(softcap), stats, launch),
+                           # tiles_per_split 3 specialises as real launches do (not 1,
+                           # not a multiple of 16): the compile is the one the launch reuses.
+                           lambda: launch_kernel((1, 1), label_logit, label_logit, 3, True))
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size \
+        if device.type == "cuda" and not INTERPRET else 0
+    min_splits = l2_min_splits(slots, block_n * hidden_size * hidden.element_size(),
+                               l2_bytes) if l2_bytes else 1
+    splits = vocab_splits(n_tiles, v_tiles, slots, min_splits)
     tiles_per_split = triton.cdiv(v_tiles, splits)
     splits = triton.cdiv(v_tiles, tiles_per_split)                # no empty split
     part_lse = torch.empty(splits, num_tokens, dtype=torch.float32, device=device)
-    label_logit = torch.empty(num_tokens, dtype=torch.float32, device=device)
     part_stats = torch.empty((5, splits, num_tokens) if stats else (1,), dtype=torch.float32,
                              device=device)
-    bias32 = label_logit if bias is None else bias.float().contiguous()   # dummy when unused
-    _linear_lse_fwd_kernel[(n_tiles, splits)](
-        hidden, weight, bias32, labels.contiguous(), rows.contiguous(), part_lse, label_logit,
-        part_stats, num_tokens, vocab_size, hidden_size, tiles_per_split, hidden.stride(0),
-        weight.stride(0), int(bias is not None), float(logit_scale), float(softcap or 0.0),
-        UPCAST=INTERPRET, SOFTCAP=bool(softcap), STATS=stats, **launch.launch_kwargs())
+    launch_kernel((splits, n_tiles), part_lse, part_stats, tiles_per_split)
     lse = part_lse[0] if splits == 1 else torch.logsumexp(part_lse, dim=0)
     label_value, _ = label_transform(label_logit, logit_scale, softcap)
     aux = {"label_logit": label_logit}
@@ -368,93 +377,89 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
     return label_value - lse, lse, aux
 
 
-def _vocab_chunk_rows(vocab_size: int, hidden_size: int, block_v: int, vocab_chunk) -> int:
-    rows = vocab_chunk or DWEIGHT_CHUNK_BYTES // (4 * hidden_size)
-    return min(vocab_size, max(block_v, rows // block_v * block_v))
+BACKWARD_METHODS = ("gemm", "atomic")
 
 
 def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_token,
-                                label_logit, logit_scale: float = 1.0, softcap=None,
-                                filter_eps=None, vocab_chunk=None, weight_grad: bool = True):
+                                label_logit=None, logit_scale: float = 1.0, softcap=None,
+                                workspace_bytes=None, method: str = "gemm", filter_eps=None,
+                                weight_grad: bool = True, vocab_chunk=None):
     """Gradients of sum(grad_token * token_logps) w.r.t. hidden, weight and bias.
 
-    Same inputs as the forward plus its lse [n] fp32, grad_token [n] fp32 and the labels' raw
-    logits aux["label_logit"] [n]. Returns (dhidden [N, H] contiguous, zero on rows not
-    listed; dweight [V, H]; dbias [V] or None) in the input dtypes, accumulated in fp32: fp32
-    dhidden in place, otherwise in an [n, H] fp32 buffer; fp32 dweight in place; 16-bit
-    dweight through an fp32 buffer of `vocab_chunk` rows (default: DWEIGHT_CHUNK_BYTES' worth,
-    a multiple of the vocab tile), the vocab processed chunk by chunk. `filter_eps` overrides
-    the tile-skipping threshold `FILTER_EPS[dtype]` (0: skip only tiles whose softmax
-    underflows to exactly 0). `weight_grad=False` (a frozen head): dweight is None, and
-    neither its products nor its buffers exist.
+    Same inputs as the forward plus its lse [n] fp32 and grad_token [n] fp32 (`label_logit`
+    is accepted for the callers' convenience and not needed). Returns (dhidden [N, H]
+    contiguous, zero on rows not listed; dweight [V, H]; dbias [V] or None) in the input
+    dtypes, accumulated in fp32.
+
+    method "gemm" (default): per vocab chunk of C rows, `_linear_softmax_grad_kernel` writes
+    G = coef * (onehot - softmax) * dz'/dz once into a workspace [n, C] of the input dtype
+    (16-bit G for 16-bit inputs), then cuBLAS: dHidden (fp32 [n, H]) += G @ W_chunk and
+    dWeight_chunk = G^T @ hidden[rows] (`linear_logps_torch.gemm_backward`). C is the most
+    vocab rows whose workspace fits `workspace_bytes` (default
+    `configs.DEFAULT_WORKSPACE_BYTES`, 256 MiB: 10,880 rows at 12,288 bf16 tokens). No
+    atomics: two runs give bit-identical gradients. Extra memory: the workspace, fp32
+    [n, H] and a copy of hidden[rows]. weight_grad=False (a frozen head) skips the dWeight
+    GEMM (dweight None).
+    method "atomic": `mixpo.kernels.linear_logps_atomic` (one tile kernel, fp32 atomics,
+    optional CCE gradient filter `filter_eps`, 16-bit dWeight in fp32 chunks of `vocab_chunk`
+    rows; not bitwise reproducible).
     """
+    if method == "atomic":
+        from mixpo.kernels.linear_logps_atomic import linear_token_logps_backward_atomic
+        return linear_token_logps_backward_atomic(hidden, weight, bias, labels, rows, lse,
+                                                  grad_token, logit_scale, softcap,
+                                                  filter_eps, vocab_chunk,
+                                                  weight_grad=weight_grad)
+    if method != "gemm":
+        raise ValueError(f"method must be one of {BACKWARD_METHODS}, got {method!r}")
+    if filter_eps is not None or vocab_chunk is not None:
+        raise ValueError("filter_eps and vocab_chunk belong to the atomic backward "
+                         "(method='atomic'); the GEMM backward is exact and sizes its chunks "
+                         "from workspace_bytes")
     _check(hidden, weight, bias, labels, rows)
     hidden, weight = _unit_stride(hidden), _unit_stride(weight)
-    num_tokens, (vocab_size, hidden_size) = rows.shape[0], weight.shape
-    dtype, device = hidden.dtype, hidden.device
-    direct = dtype == torch.float32
-    dhidden = torch.zeros(hidden.shape, dtype=dtype, device=device)
-    # 16-bit dweight: every row is written chunk by chunk below.
-    dweight = None if not weight_grad else (torch.zeros if direct or not num_tokens
-                                            else torch.empty)(weight.shape, dtype=dtype,
-                                                              device=device)
-    dbias = None if bias is None else torch.zeros(vocab_size, dtype=torch.float32,
-                                                  device=device)
-    if num_tokens:
-        rows, labels = rows.contiguous(), labels.contiguous()
-        coef = grad_token.float().contiguous()
-        # fp32: atomics straight into dhidden's rows; 16-bit: into a compact fp32 buffer.
-        dh_acc = dhidden if direct else torch.zeros(num_tokens, hidden_size,
-                                                    dtype=torch.float32, device=device)
-        bias32 = coef if bias is None else bias.float().contiguous()      # dummy when unused
-        eps = FILTER_EPS[dtype] if filter_eps is None else float(filter_eps)
-        dense = choose(_spec_name("linear_softmax_bwd", dtype), dtype=dtype,
-                       num_tokens=num_tokens)
-        label = choose("linear_label_bwd", num_tokens=num_tokens)
-        # The one-hot part at the label: coef * dz'/dz there.
-        _, label_slope = label_transform(label_logit.float(), logit_scale, softcap)
-        label_coef = (coef * label_slope).contiguous()
-        chunk_rows = vocab_size if direct or not weight_grad else _vocab_chunk_rows(
-            vocab_size, hidden_size, dense.block("BLOCK_V"), vocab_chunk)
-        dw_acc = None if not weight_grad else dweight if direct else torch.empty(
-            chunk_rows, hidden_size, dtype=torch.float32, device=device)
-        lse = lse.contiguous()
-        label_grid = (triton.cdiv(num_tokens, label.block("BLOCK_N")),
-                      triton.cdiv(hidden_size, label.block("BLOCK_H")))
-        for v0 in range(0, vocab_size, chunk_rows):
-            v1 = min(v0 + chunk_rows, vocab_size)
-            # Views of this chunk's vocab rows: the kernels see a vocab of v1 - v0 entries
-            # (the softmax still normalises by the full lse).
-            # Without weight_grad, dhidden's buffer stands in as a pointer never written.
-            dw_chunk = dh_acc if dw_acc is None else dw_acc[:v1 - v0]
-            if not direct and weight_grad:
-                dw_chunk.zero_()
-            bias_chunk = bias32[v0:v1] if bias is not None else bias32
-            dbias_chunk = dbias[v0:v1] if dbias is not None else coef
-            grid = (triton.cdiv(num_tokens, dense.block("BLOCK_N"))
-                    * triton.cdiv(v1 - v0, dense.block("BLOCK_V")),)
-            _linear_softmax_bwd_kernel[grid](
-                hidden, weight[v0:v1], bias_chunk, rows, lse, coef, dh_acc,
-                dw_chunk, dbias_chunk, num_tokens, v1 - v0, hidden_size, eps,
-                hidden.stride(0), weight.stride(0), dh_acc.stride(0), dw_chunk.stride(0),
-                int(bias is not None), int(direct), int(weight_grad), float(logit_scale),
-                float(softcap or 0.0),
-                UPCAST=INTERPRET, SOFTCAP=bool(softcap), **dense.launch_kwargs())
-            # Labels outside the chunk get a zero coefficient (and a harmless in-chunk index).
-            if chunk_rows >= vocab_size:
-                chunk_labels, chunk_coef = labels, label_coef
-            else:
-                inside = (labels >= v0) & (labels < v1)
-                chunk_labels = torch.where(inside, labels - v0, 0).contiguous()
-                chunk_coef = torch.where(inside, label_coef, 0.0).contiguous()
-            _linear_label_bwd_kernel[label_grid](
-                hidden, weight[v0:v1], chunk_labels, rows, chunk_coef, dh_acc, dw_chunk,
-                dbias_chunk, num_tokens, hidden_size, hidden.stride(0), weight.stride(0),
-                dh_acc.stride(0), dw_chunk.stride(0), int(bias is not None), int(direct),
-                int(weight_grad), **label.launch_kwargs())
-            if not direct and weight_grad:
-                dweight[v0:v1] = dw_chunk
-        if not direct:
-            dhidden[rows] = dh_acc.to(dtype)
-    return (dhidden, None if dweight is None else dweight.to(weight.dtype),
-            None if dbias is None else dbias.to(bias.dtype))
+    num_tokens, hidden_size = rows.shape[0], weight.shape[1]
+    dtype = hidden.dtype
+    launch = choose(_spec_name("linear_softmax_grad", dtype), dtype=dtype,
+                    num_tokens=num_tokens)
+    rows, labels, lse = rows.contiguous(), labels.contiguous(), lse.contiguous()
+    coef = grad_token.float().contiguous()
+    bias32 = coef if bias is None else bias.float().contiguous()      # dummy when unused
+
+    def fill(v0, v1, grad):
+        grid = (triton.cdiv(num_tokens, launch.block("BLOCK_N"))
+                * triton.cdiv(v1 - v0, launch.block("BLOCK_V")),)
+        _linear_softmax_grad_kernel[grid](
+            hidden, weight[v0:v1], bias32[v0:v1] if bias is not None else bias32, labels,
+            rows, lse, coef, grad, num_tokens, v1 - v0, hidden_size, v0, hidden.stride(0),
+            weight.stride(0), grad.stride(0), int(bias is not None), float(logit_scale),
+            float(softcap or 0.0), UPCAST=INTERPRET, SOFTCAP=bool(softcap),
+            **launch.launch_kwargs())
+
+    return twin.gemm_backward(hidden, weight, bias, rows, hidden[rows], fill, dtype,
+                              launch.block("BLOCK_V"), workspace_bytes, weight_grad)
+
+
+class TritonGroupOps:
+    """The one pass's elementwise steps with the `token_logps` kernels of
+    `mixpo.kernels.logits_logps` over a group's raw fp32 logits [t, V]: one read for the
+    log-sum-exp (and stats), one read + write for the gradient in place."""
+
+    @staticmethod
+    def logps(block, labels, logit_scale, softcap, stats):
+        token_logps, lse, token_stats = logits_logps.token_logps_forward(
+            block[None], labels[None], -1, logit_scale, softcap, stats)
+        values = [token_stats[name][0] for name in STAT_NAMES] if stats else []
+        return lse[0], (token_logps + lse)[0], values, None
+
+    @staticmethod
+    def grad_(block, labels, lse, coef, logit_scale, softcap, _state):
+        return logits_logps.token_logps_backward(block[None], labels[None], lse[None],
+                                                 coef[None], -1, True, logit_scale,
+                                                 softcap)[0]
+
+
+def linear_token_logps_one_pass(*args, **kwargs):
+    """The one pass (`linear_logps_torch.linear_token_logps_one_pass`: cuBLAS GEMMs) with the
+    elementwise steps in Triton (`TritonGroupOps`)."""
+    return twin.linear_token_logps_one_pass(*args, ops=TritonGroupOps, **kwargs)

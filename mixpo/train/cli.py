@@ -105,4 +105,7 @@ def register(subparsers) -> None:
                       default="precomputed")
     plan.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing",
                       action="store_false")
+    plan.add_argument("--head-workspace-mib", type=int, default=None, metavar="MIB",
+                      help="the logit-free head's workspace budget (default 256 MiB, "
+                      "mixpo.kernels.configs.DEFAULT_WORKSPACE_BYTES)")
     plan.set_defaults(func=_plan)

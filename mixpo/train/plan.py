@@ -11,9 +11,11 @@ mixpo column (the trainer's options):
   optimizer    AdamW moments: 4 B/param (adamw / adamw_bf16: two bf16 moments),
                2 B/param (adamw_8bit) / N
   reference    0 when precomputed (a file of 2 floats per pair), bf16 copy / N when live
-  loss head    logit-free: the head's gradient accumulates in fp32 one vocab chunk at a time
-               (a buffer of at most DWEIGHT_CHUNK_BYTES, 256 MiB), plus the final hidden
-               states and their gradient [tokens, H] bf16 (no [tokens, V] tensor); on one
+  loss head    logit-free: the softmax-gradient workspace (at most `--head-workspace-mib`,
+               default DEFAULT_WORKSPACE_BYTES = 256 MiB; smaller when [tokens, V] bf16 fits
+               in less), the backward's fp32 dHidden accumulator and bf16 copy of the
+               completion rows ([tokens, H], 4 + 2 B), the final hidden states and their
+               gradient [tokens, H] bf16 (no [tokens, V] tensor, no fp32 [V, H]); on one
                GPU with fp32 master weights, autocast's bf16 copy of the head and its bf16
                gradient (2 + 2 B per head entry)
   fp32 master weights (`mixed_precision: bf16`, the papers' setup): weights 4 B, gradients
@@ -37,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixpo.kernels.configs import DWEIGHT_CHUNK_BYTES
+from mixpo.kernels.configs import DEFAULT_WORKSPACE_BYTES
 
 GIB = 2 ** 30
 RUNTIME_RESERVE_BYTES = 3 * GIB
@@ -173,17 +175,27 @@ def materialised_logits_bytes(shape: ModelShape, work: Workload) -> int:
 TRL_TILE_BYTES = 4096 * 32768 * 4     # trl 1.16's fused head: one fp32 logits tile
 
 
+def head_workspace_bytes(shape: ModelShape, work: Workload, workspace_bytes=None) -> int:
+    """The logit-free head's workspace: the budget, or less when the [tokens, V] 16-bit
+    softmax gradient of the whole micro-batch fits in less."""
+    budget = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+    return min(budget, work.tokens * shape.vocab_size * 2)
+
+
 def mixpo_plan(shape: ModelShape, work: Workload, optim: str = "adamw_bf16",
                step_in_backward: bool = False, reference: str = "precomputed",
-               logit_free: bool = True, master_weights: bool = False) -> dict:
+               logit_free: bool = True, master_weights: bool = False,
+               workspace_bytes=None) -> dict:
     """Bytes per GPU for each component of a mixpo run; `master_weights`: fp32 weights,
-    gradients and AdamW states under bf16 compute (mixed_precision: bf16)."""
+    gradients and AdamW states under bf16 compute (mixed_precision: bf16); `workspace_bytes`:
+    the logit-free head's budget (default DEFAULT_WORKSPACE_BYTES)."""
     params, gpus = shape.num_params, work.gpus
     weight_bytes = 4 if master_weights else 2
     state_bytes = 8 if master_weights and optim == "adamw" else \
         {"adamw": 4, "adamw_bf16": 4, "adamw_8bit": 2}[optim]
     hidden = work.tokens * shape.hidden_size * 2
-    head = (min(shape.vocab_size * shape.hidden_size * 4, DWEIGHT_CHUNK_BYTES) + 2 * hidden
+    head = (head_workspace_bytes(shape, work, workspace_bytes)
+            + work.tokens * shape.hidden_size * (4 + 2) + 2 * hidden
             if logit_free else materialised_logits_bytes(shape, work))
     if logit_free and master_weights and gpus == 1:
         # Under autocast the head runs on a bf16 copy of its weight (as F.linear would) and
@@ -221,7 +233,7 @@ NOTES = {  # (mixpo, TRL default) column notes
     "gradients": ("bf16", "fp32"),
     "optimizer states": ("bf16 or 8-bit moments", "fp32 moments"),
     "activations": ("the same micro-batch in both", ""),
-    "loss head": ("logit-free", "fused head (trl 1.16)"),
+    "loss head": ("logit-free, workspace + fp32 dHidden", "fused head (trl 1.16)"),
     "reference model": ("precomputed or live", "live bf16 copy"),
     "runtime reserve": ("CUDA context, buffers, slack", ""),
 }
@@ -269,8 +281,9 @@ def format_plan(shape: ModelShape, work: Workload, gpu_memory_gib: float, mixpo:
 
 def plan_command(args) -> str:
     """The `mixpo plan` report for parsed arguments (see mixpo.train.cli)."""
-    for name in ("gpus", "gpu_memory", "seq_len", "micro_batch_size", "global_batch_size"):
-        if getattr(args, name) <= 0:
+    for name in ("gpus", "gpu_memory", "seq_len", "micro_batch_size", "global_batch_size",
+                 "head_workspace_mib"):
+        if getattr(args, name, None) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if args.global_batch_size % (args.micro_batch_size * args.gpus):
         raise ValueError("--global-batch-size must be a multiple of --micro-batch-size x --gpus")
@@ -280,8 +293,10 @@ def plan_command(args) -> str:
                          "--gpus 1 and --global-batch-size equal to --micro-batch-size")
     shape = model_shape(args.model)
     work = Workload(args.gpus, args.seq_len, args.micro_batch_size, args.gradient_checkpointing)
+    workspace_mib = getattr(args, "head_workspace_mib", None)
+    workspace = None if workspace_mib is None else workspace_mib * 2**20
     options = dict(optim=args.optim, step_in_backward=args.step_in_backward,
-                   reference=args.reference, logit_free=True)
+                   reference=args.reference, logit_free=True, workspace_bytes=workspace)
     mixpo = mixpo_plan(shape, work, **options)
 
     def total(**changes) -> int:
@@ -299,8 +314,12 @@ def plan_command(args) -> str:
                          total(step_in_backward=True)))
     accumulation = args.global_batch_size // (args.micro_batch_size * args.gpus)
     gradients = "step-in-backward" if args.step_in_backward else "gradients kept"
-    description = (f"{args.optim}, {gradients}, reference {args.reference}, logit-free loss; "
-                   f"global batch {args.global_batch_size} pairs = {accumulation} accumulated "
+    head_mib = head_workspace_bytes(shape, work, workspace) / 2**20
+    budget_mib = (workspace or DEFAULT_WORKSPACE_BYTES) / 2**20
+    description = (f"{args.optim}, {gradients}, reference {args.reference}, logit-free loss "
+                   f"(head workspace {head_mib:.0f} MiB of a {budget_mib:.0f} MiB budget: "
+                   "linear_preference_loss(workspace_bytes=...)); global batch "
+                   f"{args.global_batch_size} pairs = {accumulation} accumulated "
                    f"micro-batch(es) x {args.gpus} GPU(s)")
     return format_plan(shape, work, args.gpu_memory, mixpo, trl_default_plan(shape, work),
                        description, variants)

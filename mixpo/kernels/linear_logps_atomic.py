@@ -1,0 +1,186 @@
+"""The logit-free backward as one tile kernel with fp32 atomics: the measured alternative to the
+default GEMM backward of `mixpo.kernels.linear_logps` (`method="atomic"` there).
+
+`_linear_atomic_bwd_kernel`, grid (token tiles x vocab tiles) in grouped order: each program
+recomputes its [BLOCK_N, BLOCK_V] logits tile (tl.dot over H), forms the whole gradient
+G = coef * (onehot(label) - softmax) * dz'/dz in registers and scatters dHidden += G @ W_tile
+and dWeight_tile += G^T @ E with fp32 `tl.atomic_add`. With 16-bit weights it runs once per
+vocab chunk (an fp32 dWeight buffer of `DWEIGHT_CHUNK_BYTES`, rounded into the 16-bit gradient
+when the chunk is done). Every program adds [BLOCK_N + BLOCK_V, H] fp32 values through L2: at
+Llama-3 shape (12,288 completion tokens, V 128256, H 4096, 128 x 128 tiles) 96,192 programs x
+4 MiB = 403 GB of atomics, and the order of the additions, hence the low bits of the gradients,
+changes from run to run. `benchmarks/roofline.py` (`linear_atomic_bwd`) counts that traffic;
+`benchmarks/gpu_check.py` times this kernel against the default.
+
+Gradient filtering (`filter_eps`, off by default): Cut Cross-Entropy's rule (Wijmans et al.,
+ICLR 2025): a tile skips both products when every element |onehot - softmax| of its tokens
+with a nonzero coefficient is below eps; "auto" is eps = machine epsilon / 32 of the input
+dtype (2^-12 for bf16), below 16-bit resolution. Only this kernel can skip work per tile: the
+default backward's GEMMs are dense.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mixpo.kernels.configs import DWEIGHT_CHUNK_BYTES, choose
+from mixpo.kernels.dispatch import INTERPRET
+from mixpo.kernels.linear_logps import (_check, _logits_tile, _spec_name, _unit_stride)
+from mixpo.kernels.logits_logps import transform_logits, transform_slope
+
+
+def filter_threshold(filter_eps, dtype: torch.dtype) -> float:
+    """The per-element threshold of `filter_eps`: None -> -1 (no tile skipped), "auto" ->
+    torch.finfo(dtype).eps / 32 (CCE's choice), a float -> itself."""
+    if filter_eps is None:
+        return -1.0
+    if filter_eps == "auto":
+        return torch.finfo(dtype).eps / 32
+    if isinstance(filter_eps, (int, float)) and filter_eps >= 0:
+        return float(filter_eps)
+    raise ValueError(f"filter_eps must be None, 'auto' or a float >= 0, got {filter_eps!r}")
+
+
+@triton.jit
+def _linear_atomic_bwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, rows_ptr, lse_ptr, coef_ptr,
+    dhidden_ptr, dweight_ptr, dbias_ptr, kept_ptr,
+    n_tokens, vocab_size, hidden_size, vocab_start, filter_eps, stride_hn, stride_wv,
+    stride_dhn, stride_dwv, has_bias, dh_direct, weight_grad, logit_scale, softcap,
+    UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    # Grouped order (Triton matmul tutorial): GROUP_N consecutive token tiles visit every
+    # vocab tile before the next group starts, so a weight tile is reused from L2 GROUP_N times.
+    pid = tl.program_id(0)
+    num_n_tiles = tl.cdiv(n_tokens, BLOCK_N)
+    programs_per_group = GROUP_N * tl.cdiv(vocab_size, BLOCK_V)
+    first_n_tile = (pid // programs_per_group) * GROUP_N
+    group_n = tl.minimum(num_n_tiles - first_n_tile, GROUP_N)   # the last group may be short
+    pid_n = first_n_tile + (pid % programs_per_group) % group_n
+    pid_v = (pid % programs_per_group) // group_n
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_tokens
+    coef = tl.load(coef_ptr + offs_n, mask=mask_n, other=0.0)
+    # A token tile whose coefficients are all zero contributes nothing.
+    if tl.max(tl.abs(coef), 0) > 0:
+        rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+        h_rows = hidden_ptr + rows * stride_hn
+        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1) - vocab_start
+        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < vocab_size
+        raw = _logits_tile(h_rows, mask_n, weight_ptr, bias_ptr, has_bias, offs_v, mask_v,
+                           hidden_size, stride_wv, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+        logits, tanh = transform_logits(raw, logit_scale, softcap, SOFTCAP)
+        onehot = (labels[:, None] == offs_v[None, :]).to(tl.float32)
+        active = (coef != 0.0)[:, None] & mask_v[None, :]
+        delta = tl.where(active, onehot - tl.exp(logits - lse[:, None]), 0.0)
+        # CCE's filter: skip when every |onehot - softmax| of the tile is below eps.
+        if tl.max(tl.max(tl.abs(delta), 1), 0) >= filter_eps:
+            tl.atomic_add(kept_ptr, 1)
+            g = coef[:, None] * delta * transform_slope(tanh, logit_scale, SOFTCAP)
+            if has_bias:
+                tl.atomic_add(dbias_ptr + offs_v, tl.sum(g, 0), mask=mask_v, sem="relaxed")
+            if UPCAST or (hidden_ptr.dtype.element_ty == tl.float32):
+                gd = g
+            else:  # tensor cores: 16-bit operands, fp32 accumulators
+                gd = g.to(hidden_ptr.dtype.element_ty)
+            # dHidden row of each token: its hidden row (fp32 outputs, written in place) or
+            # its compacted index (an [n, H] fp32 buffer for 16-bit outputs).
+            dh_rows = dhidden_ptr + tl.where(dh_direct != 0, rows, offs_n.to(tl.int64)) \
+                * stride_dhn
+            dw_rows = dweight_ptr + offs_v.to(tl.int64) * stride_dwv
+            w_rows = weight_ptr + offs_v.to(tl.int64) * stride_wv
+            for h0 in range(0, hidden_size, BLOCK_H):
+                offs_h = h0 + tl.arange(0, BLOCK_H)
+                mask_h = offs_h < hidden_size
+                mask_nh = mask_n[:, None] & mask_h[None, :]
+                mask_vh = mask_v[:, None] & mask_h[None, :]
+                e = tl.load(h_rows[:, None] + offs_h[None, :], mask=mask_nh, other=0.0)
+                w = tl.load(w_rows[:, None] + offs_h[None, :], mask=mask_vh, other=0.0)
+                if UPCAST or (e.dtype == tl.float32):
+                    dh = tl.dot(gd, w.to(tl.float32), input_precision="tf32x3")     # [BN, BH]
+                else:
+                    dh = tl.dot(gd, w)                                             # [BN, BH]
+                tl.atomic_add(dh_rows[:, None] + offs_h[None, :], dh, mask=mask_nh,
+                              sem="relaxed")
+                if weight_grad:         # a frozen head: no dWeight product, no buffer
+                    if UPCAST or (e.dtype == tl.float32):
+                        dw = tl.dot(tl.trans(gd), e.to(tl.float32), input_precision="tf32x3")
+                    else:
+                        dw = tl.dot(tl.trans(gd), e)                               # [BV, BH]
+                    tl.atomic_add(dw_rows[:, None] + offs_h[None, :], dw, mask=mask_vh,
+                                  sem="relaxed")
+
+
+def _vocab_chunk_rows(vocab_size: int, hidden_size: int, block_v: int, vocab_chunk) -> int:
+    rows = vocab_chunk or DWEIGHT_CHUNK_BYTES // (4 * hidden_size)
+    return min(vocab_size, max(block_v, rows // block_v * block_v))
+
+
+def linear_token_logps_backward_atomic(hidden, weight, bias, labels, rows, lse, grad_token,
+                                       logit_scale: float = 1.0, softcap=None,
+                                       filter_eps=None, vocab_chunk=None, kept=None,
+                                       weight_grad: bool = True):
+    """`mixpo.kernels.linear_logps.linear_token_logps_backward` with the atomic tile kernel
+    (same inputs and outputs). `filter_eps`: None (exact), "auto" or a float (module
+    docstring). `vocab_chunk`: vocab rows per fp32 dWeight chunk for 16-bit weights (default
+    DWEIGHT_CHUNK_BYTES' worth). `kept`: an int32 [1] tensor that counts the tiles the filter
+    kept (programs whose coefficients are all zero are not counted). `weight_grad=False` (a
+    frozen head): dweight None, no dWeight products or buffers."""
+    _check(hidden, weight, bias, labels, rows)
+    hidden, weight = _unit_stride(hidden), _unit_stride(weight)
+    num_tokens, (vocab_size, hidden_size) = rows.shape[0], weight.shape
+    dtype, device = hidden.dtype, hidden.device
+    direct = dtype == torch.float32
+    dhidden = torch.zeros(hidden.shape, dtype=dtype, device=device)
+    # 16-bit dweight: every row is written chunk by chunk below.
+    dweight = None if not weight_grad else (torch.zeros if direct or not num_tokens
+                                            else torch.empty)(weight.shape, dtype=dtype,
+                                                              device=device)
+    dbias = None if bias is None else torch.zeros(vocab_size, dtype=torch.float32,
+                                                  device=device)
+    if not num_tokens:
+        return dhidden, dweight, None if dbias is None else dbias.to(bias.dtype)
+    if not weight_grad:     # one pass over the vocab, dhidden's buffer a never-written pointer
+        chunk_rows = vocab_size
+    rows, labels = rows.contiguous(), labels.contiguous()
+    coef = grad_token.float().contiguous()
+    kept = torch.zeros(1, dtype=torch.int32, device=device) if kept is None else kept
+    # fp32: atomics straight into dhidden's rows; 16-bit: into a compact fp32 buffer.
+    dh_acc = dhidden if direct else torch.zeros(num_tokens, hidden_size, dtype=torch.float32,
+                                                device=device)
+    bias32 = coef if bias is None else bias.float().contiguous()      # dummy when unused
+    eps = filter_threshold(filter_eps, dtype)
+    launch = choose(_spec_name("linear_atomic_bwd", dtype), dtype=dtype, num_tokens=num_tokens)
+    if weight_grad:
+        chunk_rows = vocab_size if direct else _vocab_chunk_rows(
+            vocab_size, hidden_size, launch.block("BLOCK_V"), vocab_chunk)
+        dw_acc = dweight if direct else torch.empty(chunk_rows, hidden_size,
+                                                    dtype=torch.float32, device=device)
+    lse = lse.contiguous()
+    for v0 in range(0, vocab_size, chunk_rows):
+        v1 = min(v0 + chunk_rows, vocab_size)
+        # Views of this chunk's vocab rows: the kernel sees a vocab of v1 - v0 entries (the
+        # softmax still normalises by the full lse; labels are shifted by v0).
+        dw_chunk = dw_acc[:v1 - v0] if weight_grad else dh_acc
+        if not direct and weight_grad:
+            dw_chunk.zero_()
+        grid = (triton.cdiv(num_tokens, launch.block("BLOCK_N"))
+                * triton.cdiv(v1 - v0, launch.block("BLOCK_V")),)
+        _linear_atomic_bwd_kernel[grid](
+            hidden, weight[v0:v1], bias32[v0:v1] if bias is not None else bias32, labels, rows,
+            lse, coef, dh_acc, dw_chunk, dbias[v0:v1] if dbias is not None else coef, kept,
+            num_tokens, v1 - v0, hidden_size, v0, eps, hidden.stride(0), weight.stride(0),
+            dh_acc.stride(0), dw_chunk.stride(0), int(bias is not None), int(direct),
+            int(weight_grad), float(logit_scale), float(softcap or 0.0),
+            UPCAST=INTERPRET, SOFTCAP=bool(softcap), **launch.launch_kwargs())
+        if not direct and weight_grad:
+            dweight[v0:v1] = dw_chunk
+    if not direct:
+        dhidden[rows] = dh_acc.to(dtype)
+    return (dhidden, None if dweight is None else dweight.to(weight.dtype),
+            None if dbias is None else dbias.to(bias.dtype))
