@@ -39,6 +39,8 @@ class LossType:
     reference_free: no reference log-probs (ref_logps must be None).
     label_smoothing: accepts label_smoothing > 0 ("required": must be > 0).
     nll: adds an NLL term on the chosen responses (CPO: cpo_alpha, ORPO: 1).
+    default_gamma: the target margin when `gamma` is unset (SimPO 0.5, as TRL's CPOConfig
+        and Liger; 0 otherwise); margin family only.
     """
     name: str
     kernel_code: int | None
@@ -50,6 +52,7 @@ class LossType:
     reference_free: bool = False
     label_smoothing: bool | str = False
     nll: str | None = None
+    default_gamma: float = 0.0
 
 
 LOSS_TYPES: dict[str, LossType] = {spec.name: spec for spec in (
@@ -70,7 +73,7 @@ LOSS_TYPES: dict[str, LossType] = {spec.name: spec for spec in (
     LossType("simpo", 0, MARGIN, "-(1-e) log s(beta (avg_w - avg_l) - gamma)",
              "SimPO (Meng et al. 2024); gamma defaults to 0.5 as TRL's CPOConfig and Liger",
              normalized=True, reward_normalized=True, reference_free=True,
-             label_smoothing=True),
+             label_smoothing=True, default_gamma=0.5),
     LossType("cpo", 0, MARGIN, "-(1-e) log s(beta (logp_w - logp_l)) + cpo_alpha NLL_w",
              "CPO (Xu et al. 2024), TRL CPOTrainer / Liger", reference_free=True,
              label_smoothing=True, nll="cpo_alpha"),

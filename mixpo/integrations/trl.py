@@ -47,6 +47,7 @@ What changes against stock TRL, and what does not:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import logging
 import os
@@ -67,7 +68,7 @@ from mixpo.integrations.trl_head import (PASSTHROUGH, HeadOutput, attach_mixpo_h
                                          check_head_adapters, head_adapters_allowed,
                                          head_tensors, model_inputs, packed, position_labels,
                                          shared)
-from mixpo.loss_config import LossConfig
+from mixpo.loss_config import LossConfig, option_fields
 from mixpo.losses import linear_loss, sequence_logps
 from mixpo.margins import AdaptiveMargin
 
@@ -80,25 +81,19 @@ except ImportError as error:                                   # pragma: no cove
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class MixpoDPOConfig(DPOConfig):
-    """trl.DPOConfig plus mixpo's options (TRL's own fields keep their meaning)."""
+# mixpo's loss options that trl's DPOConfig lacks (gamma, sft_weight, ...), declared once by
+# mixpo.LossConfig; the ones DPOConfig has (loss_type, beta, ...) keep trl's declaration, and
+# token_metrics is always on (TRL logs those metrics).
+_MixpoLossOptions = dataclasses.make_dataclass(
+    "_MixpoLossOptions", option_fields(exclude={item.name for item in dataclasses.fields(
+        DPOConfig)} | {"token_metrics"}), bases=(DPOConfig,))
 
-    gamma: Optional[float] = field(default=None, metadata={
-        "help": "Target margin inside the loss (z = beta * h - gamma); None = the loss type's "
-                "default (simpo 0.5, else 0). With adaptive_margin: gamma-PO's mean margin."})
-    average_log_prob: Optional[bool] = field(default=None, metadata={
-        "help": "None = each loss type's convention (per token for ipo, sigmoid_norm, simpo, "
-                "orpo); True / False force per-token / summed log-ratios."})
-    sft_weight: float = field(default=0.0, metadata={
-        "help": "Adds sft_weight * NLL of the chosen responses (TRL's RPO is the list form "
-                "['sigmoid', 'sft'])."})
-    nll_normalization: str = field(default="batch", metadata={
-        "help": "NLL terms: 'batch' (TRL, Liger: mean over the batch's chosen tokens) or "
-                "'pair' (mean of per-pair means)."})
-    cpo_alpha: float = field(default=1.0, metadata={"help": "CPO's NLL weight."})
-    rdpo_alpha: float = field(default=0.0, metadata={"help": "R-DPO length penalty."})
-    dpop_lambda: float = field(default=0.0, metadata={"help": "DPOP penalty."})
+
+@dataclass
+class MixpoDPOConfig(_MixpoLossOptions):
+    """trl.DPOConfig plus mixpo's options (TRL's own fields keep their meaning): the loss
+    options of mixpo.LossConfig it lacks, then routing, gamma-PO, packing and curriculum."""
+
     routing_column: Optional[str] = field(default=None, metadata={
         "help": "MixDPO: a boolean column; its True pairs take the SFT loss (e.g. 'hard' "
                 "from `mixpo data prepare`)."})
