@@ -155,3 +155,56 @@ def test_help_texts_come_from_the_one_definition():
             assert item.metadata["help"] == option_help(item.name), item.name
     assert option_help("dpop_lambda") in mixpo.linear_preference_loss.__doc__
     assert option_help("dpop_lambda") in mixpo.PreferenceLoss.__doc__
+
+
+@pytest.mark.parametrize("loss_type,gamma,center,expected", [
+    ("sigmoid", 1.0, False, 1.0), ("simpo", None, False, 0.5), ("simpo", 2.0, False, 2.0),
+    ("sigmoid", 1.0, True, 0.0)])
+def test_one_gamma_po_configuration_for_both_front_doors(tmp_path, loss_type, gamma, center,
+                                                         expected):
+    """gamma-PO resolved once (AdaptiveMargin.from_options): the same gamma0 and the same
+    evaluation margin from mixpo's TrainConfig and from MixpoDPOConfig."""
+    from mixpo.margins import AdaptiveMargin
+    from mixpo.train.config import TrainConfig, build_config
+
+    options = dict(loss_type=loss_type, gamma=gamma, adaptive_margin=True, margin_center=center)
+    cfg = build_config(TrainConfig, None, {"model_name_or_path": "m", "train_file": "t",
+                                           "output_dir": str(tmp_path), **options})
+    ours = AdaptiveMargin.from_options(cfg, seed=0)
+    assert ours.evaluation_gamma == expected and ours.center == center
+    pytest.importorskip("trl")
+    from mixpo.integrations.trl import MixpoDPOConfig
+
+    args = MixpoDPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False,
+                          **{**options, "loss_type": [loss_type]})
+    theirs = AdaptiveMargin.from_options(args, seed=0)
+    assert (theirs.gamma0, theirs.evaluation_gamma) == (ours.gamma0, ours.evaluation_gamma)
+    assert AdaptiveMargin.from_options(build_config(
+        TrainConfig, None, {"model_name_or_path": "m", "train_file": "t"}), seed=0) is None
+
+
+def test_trl_evaluation_uses_the_fixed_gamma_po_margin(tmp_path):
+    """MixpoDPOTrainer.evaluate() with adaptive margins scores with gamma0, as a fixed-margin
+    run with gamma = gamma0 does (it used the type's default, 0, before)."""
+    pytest.importorskip("trl")
+    import datasets
+
+    from fixtures import build_tiny_causal_lm, build_tiny_tokenizer
+    from mixpo.integrations.trl import MixpoDPOConfig, MixpoDPOTrainer
+    from test_integration_trl import rows
+
+    tokenizer = build_tiny_tokenizer([v for row in rows() for v in row.values()
+                                      if isinstance(v, str)], chat_template=False)
+    losses = {}
+    for adaptive in (True, False):
+        args = MixpoDPOConfig(output_dir=str(tmp_path / str(adaptive)), use_cpu=True, bf16=False,
+                              per_device_eval_batch_size=4, report_to="none", max_length=64,
+                              beta=0.3, gamma=1.0, adaptive_margin=adaptive, curriculum=False)
+        trainer = MixpoDPOTrainer(model=build_tiny_causal_lm(tokenizer),
+                                  ref_model=build_tiny_causal_lm(tokenizer), args=args,
+                                  train_dataset=datasets.Dataset.from_list(rows(8)),
+                                  eval_dataset=datasets.Dataset.from_list(rows(8, seed=3)),
+                                  processing_class=tokenizer)
+        losses[adaptive] = trainer.evaluate()["eval_loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    assert losses[True] > 0.9          # policy == reference: -log s(-beta * 0 - 1) = 1.31

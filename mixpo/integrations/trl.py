@@ -209,10 +209,8 @@ class MixpoDPOTrainer(DPOTrainer):
                              peft_config=peft_config)
         check_head_adapters(_causal_lm(self.model))
         self.data_collator = PassthroughCollator(self.data_collator)
-        if args.adaptive_margin:    # each process keeps its own queue, as the authors' code
-            gamma0 = LossConfig(loss_type=tuple(args.loss_type), gamma=args.gamma).fixed_gamma
-            self._margin = AdaptiveMargin(gamma0, args.margin_tau, seed=args.seed
-                                          + args.process_index, center=args.margin_center)
+        # gamma-PO: each process keeps its own queue, as the authors' code.
+        self._margin = AdaptiveMargin.from_options(args, seed=args.seed + args.process_index)
         self._log_choices(args)
 
     # -- set-up ----------------------------------------------------------------------------
@@ -263,10 +261,15 @@ class MixpoDPOTrainer(DPOTrainer):
         return packed(inputs, implementation, causal_lm.dtype)
 
     def _loss_config_for(self, model) -> LossConfig:
+        """The loss of `model` (its logit transform), built and checked once per model."""
         causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
-        attach_mixpo_head(causal_lm)
-        logit_scale, softcap = logit_transform(causal_lm.config)
-        return self.args.loss_config(logit_scale=logit_scale, softcap=softcap)
+        cache = self.__dict__.setdefault("_loss_configs", {})
+        if id(causal_lm) not in cache:
+            attach_mixpo_head(causal_lm)
+            logit_scale, softcap = logit_transform(causal_lm.config)
+            cache[id(causal_lm)] = self.args.loss_config(logit_scale=logit_scale,
+                                                         softcap=softcap)
+        return cache[id(causal_lm)]
 
     # -- reference log-probs ---------------------------------------------------------------
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -317,6 +320,10 @@ class MixpoDPOTrainer(DPOTrainer):
             ref_logps = torch.cat(self.compute_ref_log_probs(reference, inputs))
         hard = inputs.get("hard") if self._routing else None
         margin = self._margin if mode == "train" else None    # eval batches stay out of it
+        gamma = None
+        if self._margin is not None and mode == "eval":       # gamma-PO's fixed eval margin
+            gamma = torch.full((inputs["input_ids"].shape[0] // 2,),
+                               self._margin.evaluation_gamma, device=inputs["input_ids"].device)
         model_kwargs, shape = self._body_inputs(model, inputs)
         labels = shape.pop("labels", labels)
         gather = shape.pop("gather", None)
@@ -325,7 +332,8 @@ class MixpoDPOTrainer(DPOTrainer):
             hidden, weight, bias = head_tensors(
                 hidden if gather is None else hidden[:, gather], lm_head)
             return linear_loss(hidden, weight, labels, config, bias=bias, ref_logps=ref_logps,
-                               hard=hard, margin=margin, backend=self.args.mixpo_backend,
+                               hard=hard, margin=margin, gamma=gamma,
+                               backend=self.args.mixpo_backend,
                                validate=not shape, **shape)
 
         if self.aux_loss_enabled:          # MoE: trl's router load-balancing term

@@ -193,7 +193,7 @@ class TrainConfig(_LossOptions):
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         loss = self.loss_config()            # every loss option, checked by LossConfig
-        if self.adaptive_margin and loss.fixed_gamma < 0:
+        if self.adaptive_margin and (self.gamma or 0.0) < 0:
             raise ValueError("adaptive_margin needs gamma >= 0 (the mean margin gamma0)")
         if self.adaptive_margin and not loss.has_margin:
             raise ValueError(f"adaptive_margin applies to the margin loss types, not "
@@ -253,11 +253,6 @@ class TrainConfig(_LossOptions):
         the model's logit_scale / softcap."""
         names = [name for item in self.loss_type for name in item.split(",") if name]
         return LossConfig.from_options(self, loss_type=tuple(names), **transform)
-
-    @property
-    def margin_mean(self) -> float:
-        """gamma-PO's gamma0: `gamma`, or the loss type's default margin."""
-        return LossConfig(loss_type=self.loss_config().loss_type, gamma=self.gamma).fixed_gamma
 
     @property
     def reference_free(self) -> bool:
