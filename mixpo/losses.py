@@ -13,6 +13,7 @@ their torch twins (the CPU path and the test oracle), `"auto"` picks triton for 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Optional
 
 import torch
@@ -54,6 +55,18 @@ class PreferenceLossOutput:
     rejected_counts: Optional[torch.Tensor] = None
     chosen_token_sums: Optional[torch.Tensor] = None
     rejected_token_sums: Optional[torch.Tensor] = None
+
+    def per_pair(self, transform) -> "PreferenceLossOutput":
+        """This output with `transform` applied to every per-pair field (e.g. a gather over
+        processes, before `metrics()`: one definition of the metrics for every front door);
+        `loss` is kept, the routing flags travel as floats."""
+        values = {}
+        for item in dataclass_fields(self):
+            value = getattr(self, item.name)
+            if item.name != "loss" and value is not None:
+                value = transform(value.float() if value.dtype == torch.bool else value)
+            values[item.name] = value
+        return PreferenceLossOutput(**values)
 
     def metric_tensors(self) -> dict:
         """The metrics as 0-d tensors on the loss's device (no host sync)."""

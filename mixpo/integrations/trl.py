@@ -370,33 +370,16 @@ class MixpoDPOTrainer(DPOTrainer):
             return model(**model_kwargs, use_cache=False)
 
     def _log_loss_metrics(self, out, inputs, mode) -> None:
-        """TRL's metrics (per-pair values and token sums gathered over processes, as TRL does)
-        plus gamma/* and routing/*; one host sync."""
+        """TRL's metrics plus gamma/* and routing/*, from the per-pair values gathered over
+        processes (as TRL gathers) by the one definition both front doors use
+        (`PreferenceLossOutput.metric_tensors`); one host sync."""
         gather = self.accelerator.gather_for_metrics
-        pair_values = torch.stack([out.chosen_rewards, out.rejected_rewards, out.chosen_logps,
-                                   out.rejected_logps, out.gamma,
-                                   out.gamma.new_zeros(out.gamma.shape) if out.hard is None
-                                   else out.hard.float()], dim=1)
-        pairs = gather(pair_values)                                        # [B * world, 6]
-        chosen_sums, rejected_sums = out.chosen_token_sums, out.rejected_token_sums
-        token_totals = gather(torch.stack([
-            chosen_sums[:, 0].sum(), rejected_sums[:, 0].sum(),
-            chosen_sums[:, 1].sum() + rejected_sums[:, 1].sum(), chosen_sums[:, 3].sum(),
-            out.chosen_counts.sum(), out.rejected_counts.sum()])[None]).sum(0)
+        stats = out.per_pair(gather).metric_tensors()
+        stats.pop("loss")                                   # TRL logs the loss itself
         tokens = gather(inputs["attention_mask"].sum()[None]).sum()
-        margins = pairs[:, 0] - pairs[:, 1]
-        values = torch.stack([
-            pairs[:, 0].mean(), pairs[:, 1].mean(), (margins > 0).float().mean(), margins.mean(),
-            pairs[:, 2].mean(), pairs[:, 3].mean(),
-            token_totals[0] / token_totals[4], token_totals[1] / token_totals[5],
-            token_totals[2] / (token_totals[4] + token_totals[5]),
-            token_totals[3] / token_totals[4], pairs[:, 4].mean(),
-            pairs[:, 4].std(unbiased=False), pairs[:, 5].mean(), tokens.float()]).tolist()
-        names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
-                 "entropy", "mean_token_accuracy", "gamma/mean", "gamma/std",
-                 "routing/sft_fraction")
-        for name, value in zip(names, values):
+        values = torch.stack([*(value.float() for value in stats.values()),
+                              tokens.float()]).tolist()
+        for name, value in zip(stats, values):
             self._metrics[mode][name].append(value)
         if mode == "train":
             self._total_train_tokens += int(values[-1]) // self._tp_size
