@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence, Union
 
-from mixpo.loss_spec import (F_DIVERGENCES, LOSS_TYPES, MARGIN, NLL, NLL_NORMALIZATIONS, ODDS,
-                             RATIOS, SORTED, loss_type_spec, normalizes_length)
+from mixpo.loss_spec import (F_DIVERGENCES, IGNORE_INDEX, LOSS_TYPES, MARGIN, NLL,
+                             NLL_NORMALIZATIONS, ODDS, RATIOS, SORTED, loss_type_spec,
+                             normalizes_length)
 
 
 def _number(value) -> bool:
@@ -85,8 +86,8 @@ class LossConfig:
         False, "also return TRL's logits/chosen, logits/rejected, entropy and "
         "mean_token_accuracy from the same pass")
     ignore_index: int = _option(
-        -100, "the label of prompt and padding positions (mixpo's data layer and the TRL "
-        "adapter label them -100)", model=True)
+        IGNORE_INDEX, "the label of prompt and padding positions (mixpo's data layer and the "
+        "TRL adapter label them mixpo.loss_spec.IGNORE_INDEX, -100)", model=True)
 
     @classmethod
     def from_options(cls, options, **overrides) -> "LossConfig":

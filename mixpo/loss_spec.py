@@ -17,6 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # How a family of loss types reads the pair (kernels/pair_loss.py implements each family):
+IGNORE_INDEX = -100  # the label of prompt and padding positions, everywhere (HF's convention)
+
+
+def shift_labels(labels, ignore_index: int = IGNORE_INDEX):
+    """HF-style labels [S, T] (label t = token t) -> position-aligned labels (label t = token
+    t + 1): position t's prediction is scored against shifted[:, t]; the last position gets
+    ignore_index. The one definition (a tensor method call, so no torch import here)."""
+    shifted = labels.new_full(labels.shape, ignore_index)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted
+
 MARGIN = "margin"    # a function of z = beta * h - gamma (gamma-PO, R-DPO, DPOP, f-divergence)
 RATIOS = "ratios"    # of beta * u_w and beta * u_l separately (no margin)
 ODDS = "odds"        # ORPO: the log-odds of the length-averaged log-probs

@@ -27,6 +27,7 @@ from mixpo.kernels.dispatch import use_triton
 from mixpo.kernels.logits_logps_torch import STAT_NAMES
 from mixpo.loss_config import LossConfig, loss_config_and_gamma, with_loss_options
 from mixpo.loss_spec import MARGIN, sequence_rewards
+from mixpo.loss_spec import shift_labels as _shift_labels
 from mixpo.margins import AdaptiveMargin
 
 
@@ -447,6 +448,4 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     if not isinstance(labels, torch.Tensor) or labels.ndim != 2:
         raise ValueError(f"labels must be a [S, T] tensor, got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else labels!r}")
-    shifted = torch.full_like(labels, ignore_index)
-    shifted[:, :-1] = labels[:, 1:]
-    return shifted
+    return _shift_labels(labels, ignore_index)

@@ -64,10 +64,11 @@ from mixpo.integrations.trl_checkpoint import (MARGIN_STATE, incomplete, load_ma
 from mixpo.integrations.trl_data import (Difficulty, PassthroughCollator,
                                          check_precompute_cache, curriculum_on,
                                          curriculum_order, routing_configured, with_routing)
+from mixpo.data.collate import PreferenceBatch
 from mixpo.integrations.trl_head import (PASSTHROUGH, HeadOutput, attach_mixpo_head,
-                                         check_head_adapters, head_adapters_allowed,
-                                         head_tensors, model_inputs, packed, position_labels,
-                                         shared)
+                                         body_inputs, check_head_adapters,
+                                         head_adapters_allowed, head_tensors, model_inputs,
+                                         trl_batch)
 from mixpo.loss_config import LossConfig, option_fields
 from mixpo.losses import linear_loss, sequence_logps
 from mixpo.margins import AdaptiveMargin
@@ -244,21 +245,29 @@ class MixpoDPOTrainer(DPOTrainer):
             return torch.utils.data.SequentialSampler(dataset)
         return super()._get_train_sampler(train_dataset)
 
-    def _body_inputs(self, model, inputs) -> tuple[dict, dict]:
-        """The body's keywords, and (padding-free) the packed labels and completion_* shape
-        (prefix-shared: also `gather`, the row positions the loss reads)."""
+    def _body_inputs(self, model, inputs) -> tuple[dict, PreferenceBatch]:
+        """(the body's keywords, mixpo's typed batch) of TRL's batch: padded as TRL built it,
+        packed (padding_free), or packed with each prompt read once (prefix_sharing)."""
         if not self._padding_free:
-            return model_inputs(inputs), {}
+            return model_inputs(inputs), trl_batch(inputs, "padded")
         causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
         implementation = causal_lm.config._attn_implementation
+        layout = "packed"
         if self.args.prefix_sharing:
             if not implementation.startswith("flash_attention"):
-                return shared(inputs, implementation, causal_lm.dtype)
-            if not getattr(self, "_said_unshared", False) and self.is_world_process_zero():
+                layout = "shared"
+            elif not getattr(self, "_said_unshared", False) and self.is_world_process_zero():
                 logger.warning("mixpo: prefix_sharing: flash-attn cannot mask the rejected "
                                "response from the chosen one; packing unshared rows")
                 self._said_unshared = True
-        return packed(inputs, implementation, causal_lm.dtype)
+        batch = trl_batch(inputs, layout)
+        return body_inputs(batch, implementation, causal_lm.dtype), batch
+
+    @staticmethod
+    def _head_hidden(hidden, batch: PreferenceBatch):
+        """The hidden states the loss reads: a shared row's completion positions, gathered in
+        the unshared order; else the body's output as is."""
+        return hidden[:, batch["completion_positions"]] if batch.layout == "shared" else hidden
 
     def _loss_config_for(self, model) -> LossConfig:
         """The loss of `model` (its logit transform), built and checked once per model."""
@@ -282,10 +291,8 @@ class MixpoDPOTrainer(DPOTrainer):
         from trl.trainer.utils import use_adapter
 
         config = self._loss_config_for(model)
-        labels = position_labels(inputs)
-        model_kwargs, shape = self._body_inputs(model, inputs)
-        labels = shape.pop("labels", labels)
-        gather = shape.pop("gather", None)
+        model_kwargs, batch = self._body_inputs(model, inputs)
+        shape = batch.completion if batch.layout != "padded" else {}
         adapter_context = contextlib.nullcontext()
         if self.ref_model is None and hasattr(self.accelerator.unwrap_model(self.model),
                                               "peft_config"):
@@ -294,9 +301,9 @@ class MixpoDPOTrainer(DPOTrainer):
                                           unwrapped.peft_config else None)
 
         def head(hidden, lm_head):
-            hidden, weight, bias = head_tensors(
-                hidden if gather is None else hidden[:, gather], lm_head)
-            return sequence_logps(hidden, weight, labels, bias=bias, ld_alpha=config.ld_alpha,
+            hidden, weight, bias = head_tensors(self._head_hidden(hidden, batch), lm_head)
+            return sequence_logps(hidden, weight, batch.position_labels, bias=bias,
+                                  ld_alpha=config.ld_alpha,
                                   logit_scale=config.logit_scale, softcap=config.softcap,
                                   backend=self.args.mixpo_backend, **shape)
 
@@ -310,7 +317,6 @@ class MixpoDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         config = self._loss_config_for(model)
-        labels = position_labels(inputs)
         if self.precompute_ref_logps:
             ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
         elif config.reference_free:
@@ -324,17 +330,15 @@ class MixpoDPOTrainer(DPOTrainer):
         if self._margin is not None and mode == "eval":       # gamma-PO's fixed eval margin
             gamma = torch.full((inputs["input_ids"].shape[0] // 2,),
                                self._margin.evaluation_gamma, device=inputs["input_ids"].device)
-        model_kwargs, shape = self._body_inputs(model, inputs)
-        labels = shape.pop("labels", labels)
-        gather = shape.pop("gather", None)
+        model_kwargs, batch = self._body_inputs(model, inputs)
+        packed = batch.layout != "padded"
 
         def head(hidden, lm_head):
-            hidden, weight, bias = head_tensors(
-                hidden if gather is None else hidden[:, gather], lm_head)
-            return linear_loss(hidden, weight, labels, config, bias=bias, ref_logps=ref_logps,
-                               hard=hard, margin=margin, gamma=gamma,
-                               backend=self.args.mixpo_backend,
-                               validate=not shape, **shape)
+            hidden, weight, bias = head_tensors(self._head_hidden(hidden, batch), lm_head)
+            return linear_loss(hidden, weight, batch.position_labels, config, bias=bias,
+                               ref_logps=ref_logps, hard=hard, margin=margin, gamma=gamma,
+                               backend=self.args.mixpo_backend, validate=not packed,
+                               **(batch.completion if packed else {}))
 
         if self.aux_loss_enabled:          # MoE: trl's router load-balancing term
             model_kwargs["output_router_logits"] = True

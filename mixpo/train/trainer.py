@@ -391,9 +391,8 @@ def train_step(run: Run, step, watch: Watch):
         # so that every rank takes part in the same collectives.
         weight = len(indices) * env.world_size / step.pairs
         batch = run.collator([run.examples[i] for i in (indices or [0])])
-        tokens = int(batch["attention_mask"].sum()) if indices else 0  # on the CPU batch
-        batch = {name: tensor.to(env.device, non_blocking=True)
-                 for name, tensor in batch.items()}
+        tokens = batch.tokens if indices else 0          # on the CPU batch
+        batch = batch.to(env.device)
         ref_logps = _batch_reference(cfg, run.reference_model, batch, env)
         with autocast(cfg, env):
             loss, out = run.policy(batch, ref_logps=ref_logps,
@@ -518,8 +517,7 @@ def evaluate(cfg, policy, examples, collator, reference_model, env, margin=None)
     window = MetricsWindow()
     for round_index in range(rounds):
         indices = shares[round_index] if round_index < len(shares) else []
-        batch = collator([examples[i] for i in (indices or [0])])
-        batch = {name: tensor.to(env.device) for name, tensor in batch.items()}
+        batch = collator([examples[i] for i in (indices or [0])]).to(env.device)
         ref_logps = _batch_reference(cfg, reference_model, batch, env)
         gamma = None
         if margin is not None:
