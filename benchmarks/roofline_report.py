@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import pathlib
-import platform
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -26,6 +24,7 @@ from roofline import (ASSUMPTIONS, DEFAULT_PROMPT_SHARES, DEFAULT_SEQ_LEN,  # no
                       SHAPES, KernelCost, Workload, device_peaks, make_workload,
                       matmul_flop_floor_fwd_bwd, predictions)
 
+from harness import versions  # noqa: E402
 from mixpo.train.plan import SHAPE_ALIASES, canonical_shape_name  # noqa: E402
 
 DEFAULT_OUTPUT = pathlib.Path(__file__).resolve().parent / "results" / "roofline.json"
@@ -80,20 +79,6 @@ def workloads(shapes, tokens, prompt_shares, pairs_per_batch=None, dtype="bf16",
     return result
 
 
-def _versions() -> dict:
-    from mixpo import __version__ as mixpo_version
-
-    versions = {"mixpo": mixpo_version, "python": platform.python_version()}
-    for package in ("torch", "triton"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
-
-
 def build_report(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS,
                  prompt_shares=DEFAULT_PROMPT_SHARES, pairs_per_batch=None, dtype="bf16",
                  devices=tuple(DEVICES), seq_len=DEFAULT_SEQ_LEN,
@@ -116,7 +101,7 @@ def build_report(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS,
         headline = dataclasses.replace(headline, workspace_bytes=workspace_bytes)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": versions(),
         "dtype": dtype, "seq_len_for_derived_pairs": seq_len,
         "kept_tile_fraction": kept_tile_fraction,
         "devices": {name: device.as_dict() for name, device in peaks.items()},
