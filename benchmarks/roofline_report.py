@@ -4,7 +4,12 @@ readable table.
 
     python benchmarks/roofline_report.py [--shapes llama-3-8b qwen-2.5-7b gemma-2-9b]
         [--tokens 2048 ... 32768] [--prompt-share 0 0.25 0.5] [--pairs-per-batch B ...]
-        [--dtype bf16] [--devices a100 h100] [-o benchmarks/results/roofline.json]
+        [--dtype bf16] [--devices a100 h100] [-o/--json PATH]
+
+prints the table and writes the JSON only where -o / --json says, so a run never changes the
+checkout. The tracked benchmarks/results/roofline.json is the default grid:
+
+    python benchmarks/roofline_report.py --json benchmarks/results/roofline.json
 
 (`mixpo bench roofline ...` runs this script from a source checkout.)
 """
@@ -26,8 +31,6 @@ from roofline import (ASSUMPTIONS, DEFAULT_PROMPT_SHARES, DEFAULT_SEQ_LEN,  # no
 
 from harness import versions  # noqa: E402
 from mixpo.train.plan import SHAPE_ALIASES, canonical_shape_name  # noqa: E402
-
-DEFAULT_OUTPUT = pathlib.Path(__file__).resolve().parent / "results" / "roofline.json"
 
 
 def cost_row(cost: KernelCost, workload: Workload, devices: dict) -> dict:
@@ -216,7 +219,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workspace-mib", type=int, default=None,
                         help="the logit-free head's workspace budget (default: mixpo's, "
                         "DEFAULT_WORKSPACE_BYTES)")
-    parser.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT), help="JSON output path")
+    parser.add_argument("-o", "--output", "--json", default=None, metavar="PATH",
+                        help="write the JSON report here (default: only print the table; "
+                        "the tracked one: --json benchmarks/results/roofline.json)")
     args = parser.parse_args(argv)
     for name in args.shapes:
         if name in SHAPE_ALIASES:
@@ -231,11 +236,12 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"roofline: error: {error}", file=sys.stderr)
         return 2
-    output = pathlib.Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(report_json(report))
     print(format_table(report))
-    print(f"\nwrote {output}")
+    if args.output:
+        output = pathlib.Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report_json(report))
+        print(f"\nwrote {output}")
     return 0
 
 

@@ -3,6 +3,7 @@ and `mixpo bench`."""
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 import roofline  # benchmarks/ (conftest puts it on sys.path)
@@ -277,6 +278,21 @@ def test_cli_roofline_writes_json_with_metadata(tmp_path, capfd):
     predicted = report["predictions"]["rows"]
     assert {r["device"] for r in predicted} == {"a100", "h100"} and len(predicted) == 8
     assert "note: shape 'gemma2' is now called 'gemma-2-9b'" in table
+
+
+def test_cli_roofline_prints_and_writes_nothing_by_default(tmp_path, monkeypatch, capfd):
+    # The tracked benchmarks/results/roofline.json is rewritten only when asked (--json).
+    tracked = Path(roofline.__file__).resolve().parent / "results" / "roofline.json"
+    before = tracked.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "roofline", "--shapes", "llama-3-8b", "--tokens", "2048",
+                 "--prompt-share", "0"]) == 0
+    out = capfd.readouterr().out
+    assert "linear_logps_fwd_bwd" in out and "wrote" not in out
+    assert tracked.read_bytes() == before and not list(tmp_path.iterdir())
+    assert main(["bench", "roofline", "--shapes", "llama-3-8b", "--tokens", "2048",
+                 "--prompt-share", "0", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["rows"]
 
 
 def test_cli_roofline_rejects_unknown_shape(tmp_path):
