@@ -42,18 +42,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import pathlib
-import subprocess
 import sys
-import time
 
 import torch
 
 import roofline  # beside this script (sys.path[0])
-from harness import (BETA, IGNORE_INDEX, MIB, PEAK_MEMORY_METHOD, PEER_PACKAGES, RESULTS,
-                     device_name, generator, linear_loss, linear_step, median_and_min_ms,
-                     peak_extra_bytes, versions, wall_times, write_report)
+from harness import (BETA, MIB, PEAK_MEMORY_METHOD, PEER_PACKAGES, RESULTS, device_name,
+                     first_call, linear_inputs, linear_loss, linear_step, median_and_min_ms,
+                     peak_extra_bytes, run_case, serve_case, versions, wall_times, write_report)
 
 IMPLEMENTATIONS = ("trl_fused_head", "trl_fused_head_plain", "materialised", "mixpo",
                    "mixpo_one_pass", "mixpo_metrics", "mixpo_softcap", "liger", "cce")
@@ -93,51 +90,19 @@ def make_loss(implementation, device, liger_compiled, case=None):
 # ----------------------------------------------------------------------------------------------
 # One case, in a fresh process
 # ----------------------------------------------------------------------------------------------
-def make_inputs(case):
-    dtype = getattr(torch, case["dtype"])
-    rows, seq_len, hidden_size, vocab = (case["rows"], case["seq_len"], case["hidden_size"],
-                                         case["vocab"])
-    gen, device = generator(0), case["device"]
-    hidden = torch.randn(rows, seq_len, hidden_size, generator=gen, device=device)
-    weight = torch.randn(vocab, hidden_size, generator=gen, device=device)
-    weight /= hidden_size ** 0.5
-    labels = torch.randint(0, vocab, (rows, seq_len), generator=gen, device=device)
-    labels[:, :case["prompt_len"]] = IGNORE_INDEX
-    ref_logps = -torch.rand(rows, generator=gen, device=device) * 100 - seq_len * 10
-    return hidden.to(dtype), weight.to(dtype), labels, ref_logps
-
-
 def worker(case):
     loss_fn = make_loss(case["implementation"], case["device"], case["liger_compiled"], case)
-    inputs = make_inputs(case)
+    inputs = linear_inputs(case["rows"], case["seq_len"], case["prompt_len"],
+                           case["hidden_size"], case["vocab"], getattr(torch, case["dtype"]),
+                           ref_offset=case["seq_len"] * 10)
     result = {}
     for mode in ("forward", "forward_backward"):
         step = linear_step(loss_fn, inputs, backward=mode == "forward_backward")
-        start = time.perf_counter()
-        loss_value = float(step())             # warm-up: compiles kernels / graphs
-        warmup_s = time.perf_counter() - start
+        loss_value, warmup_s = first_call(step)      # compiles kernels / graphs
         times = wall_times(step, case["repeats"])
         result[mode] = {**median_and_min_ms(times), "warmup_s": warmup_s,
                         "peak_extra_mib": peak_extra_bytes(step) / MIB, "loss": loss_value}
     return result
-
-
-def run_case(case, timeout):
-    """Run one case in a subprocess; errors (missing package, OOM, timeout) are recorded."""
-    try:
-        output = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)],
-                                capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout} s"}
-    if output.returncode != 0:
-        tail = output.stderr.strip().splitlines()[-1:] or ["no output"]
-        error = tail[0]
-        if "ModuleNotFoundError" in output.stderr or "ImportError" in output.stderr:
-            error = f"skipped: {error}"
-        elif "out of memory" in output.stderr.lower():
-            error = "out of memory"
-        return {"error": error[:500]}
-    return json.loads(output.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,13 +188,12 @@ def main(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
+        return serve_case(worker, args.worker)
 
     device = "cuda" if on_gpu else "cpu"
     rows = []
     for case in build_cases(args, device):
-        case.update(run_case(case, args.timeout))
+        case.update(run_case(__file__, case, args.timeout))
         rows.append(case)
         label = f"{case['shape']:7s} {case['tokens']:6d} tok {case['implementation']:10s}"
         if "error" in case:

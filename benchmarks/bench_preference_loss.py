@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import subprocess
 import sys
 
 import torch
 
 from harness import (IGNORE_INDEX, MIB, PEAK_MEMORY_METHOD, RESULTS, LogitsProducer,
-                     device_name, median_and_min_ms, peak_extra_bytes, trl_style_loss, versions,
-                     wall_times, write_report)
+                     device_name, median_and_min_ms, peak_extra_bytes, run_case, serve_case,
+                     trl_style_loss, versions, wall_times, write_report)
 
 IMPLEMENTATIONS = ("trl_torch", "mixpo", "mixpo_inplace")
 
@@ -99,8 +97,7 @@ def main(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
+        return serve_case(worker, args.worker)
 
     device = "cuda" if on_gpu else "cpu"
     rows = []
@@ -110,9 +107,9 @@ def main(argv=None):
                     "pairs": args.pairs, "seq_len": args.seq_len, "vocab": args.vocab,
                     "prompt_len": int(args.prompt_share * args.seq_len),
                     "repeats": args.repeats}
-            output = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)],
-                                    capture_output=True, text=True, check=True)
-            case.update(json.loads(output.stdout.strip().splitlines()[-1]))
+            case.update(run_case(__file__, case))
+            if "error" in case:
+                raise RuntimeError(f"{dtype} {implementation}: {case['error']}")
             rows.append(case)
             print(f"{dtype:9s} {implementation:14s} fwd {case['forward']['median_ms']:9.1f} ms "
                   f"fwd+bwd {case['forward_backward']['median_ms']:9.1f} ms  peak extra "

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 import pathlib
-import time
 
 import torch
 
 from gpu_check_common import _bench, _finish, _fmt, _free, _start, device_peaks, rel_error
-from harness import (BETA, IGNORE_INDEX, MIB, PEERS, LogitsProducer, device, generator,
-                     linear_loss, linear_step, peak_extra_bytes, stop_workers, sync,
-                     trl_style_loss)
+from harness import (BETA, IGNORE_INDEX, MIB, PEERS, LogitsProducer, device, first_call,
+                     generator, linear_inputs, linear_loss, linear_step, peak_extra_bytes,
+                     stop_workers, trl_style_loss)
 
 # What each implementation runs here (harness.LINEAR_LOSSES); "mixpo": its backend.
 NOTES = {"materialised": "logits = hidden @ W.T, fp32 log_softmax, gather",
@@ -60,20 +59,10 @@ def _linear_shapes(quick: bool) -> dict:
 
 
 def _linear_inputs(shape: dict):
-    """hidden [2B, T, H] ~ N(0, 1), weight [V, H] ~ N(0, 1/H) (logits std 1), random labels
-    with `prompt` ignored positions per row, reference log-probs; seeded, so a worker process
-    rebuilds exactly the stage's inputs."""
-    dtype, gen = getattr(torch, shape["dtype"]), generator(0)
-    hidden = torch.randn(shape["rows"], shape["seq_len"], shape["hidden"], generator=gen,
-                         device=device())
-    weight = torch.randn(shape["vocab"], shape["hidden"], generator=gen, device=device())
-    weight /= shape["hidden"] ** 0.5
-    labels = torch.randint(0, shape["vocab"], (shape["rows"], shape["seq_len"]), generator=gen,
-                           device=device())
-    labels[:, : shape["prompt"]] = IGNORE_INDEX
-    ref = -torch.rand(shape["rows"], generator=gen, device=device()) * 100 \
-        - (shape["seq_len"] - shape["prompt"]) * math.log(shape["vocab"])
-    return hidden.to(dtype), weight.to(dtype), labels, ref
+    completion = shape["seq_len"] - shape["prompt"]
+    return linear_inputs(shape["rows"], shape["seq_len"], shape["prompt"], shape["hidden"],
+                         shape["vocab"], getattr(torch, shape["dtype"]),
+                         ref_offset=completion * math.log(shape["vocab"]))
 
 
 def _worker_linear_peer(spec: dict) -> dict:
@@ -95,10 +84,7 @@ def _measure(ctx, fn_loss, inputs, budget_hint):
     for mode in ("forward", "forward_backward"):
         step = linear_step(fn_loss, inputs, backward=mode == "forward_backward")
         try:
-            start = time.perf_counter()
-            loss = float(step())
-            sync()
-            warmup = time.perf_counter() - start
+            loss, warmup = first_call(step)
             seconds = _bench(ctx, step, warmed=True)
             result[mode] = {"ms": 1e3 * seconds, "warmup_s": round(warmup, 2), "loss": loss,
                             "peak_extra_mib": peak_extra_bytes(step) / MIB}

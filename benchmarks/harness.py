@@ -89,6 +89,14 @@ def wall_times(run, repeats: int, fresh=tuple) -> list[float]:
     return times
 
 
+def first_call(fn):
+    """(fn()'s value as a float, the seconds it took): a warm-up that compiles."""
+    start = time.perf_counter()
+    value = float(fn())
+    sync()
+    return value, time.perf_counter() - start
+
+
 def median_and_min_ms(times) -> dict:
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times)}
 
@@ -233,6 +241,30 @@ def finish_worker(run: dict, timeout: float) -> dict:
     return {**json.loads(run["result"].read_text()), "wall_s": wall}
 
 
+def run_case(script, case: dict, timeout=None) -> dict:
+    """`python script --worker CASE_JSON` in a fresh process (its peak memory its own): the
+    JSON on its last line of output, or {"error": ...} (missing package: "skipped: ...")."""
+    try:
+        output = subprocess.run([sys.executable, str(script), "--worker", json.dumps(case)],
+                                capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout} s"}
+    if output.returncode != 0:
+        error = (output.stderr.strip().splitlines()[-1:] or ["no output"])[0]
+        if "ModuleNotFoundError" in output.stderr or "ImportError" in output.stderr:
+            error = f"skipped: {error}"
+        elif "out of memory" in output.stderr.lower():
+            error = "out of memory"
+        return {"error": error[:500]}
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def serve_case(worker, case_json: str) -> int:
+    """The worker side of run_case: worker(case)'s result as JSON on the last line."""
+    print(json.dumps(worker(json.loads(case_json))))
+    return 0
+
+
 def stop_workers(runs) -> None:
     """Kill the started workers that are still running."""
     for run in runs:
@@ -284,14 +316,13 @@ def _mixpo(beta, backend="auto", **options):
 
 
 def _materialised(beta):
-    """Materialised logits (pre-1.16 TRL's DPOTrainer): hidden @ W^T, then trl_style_loss."""
+    """pre-1.16 TRL's DPOTrainer: logits = hidden @ W^T materialised, then trl_style_loss."""
     return lambda h, w, y, ref: trl_style_loss(h @ w.T, y, ref, beta)
 
 
 def _trl_fused_head(beta, metrics=False):
-    """trl 1.16's ChunkedLogProbFunction (what add_fused_lm_head runs) on the completion
-    positions, compacted as trl does on GPUs, in [4096, 32768] tiles; with `metrics` also the
-    outputs DPOTrainer asks for (entropy, mean logits, top-1)."""
+    """trl 1.16's ChunkedLogProbFunction (add_fused_lm_head's) on the completion positions,
+    compacted as on GPUs; `metrics`: also DPOTrainer's entropy, mean logits and top-1."""
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
     outputs = ("entropy", "mean_logits", "is_top1") if metrics else ()
     chunk = 32768     # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE (slow to import)
@@ -306,17 +337,15 @@ def _trl_fused_head(beta, metrics=False):
 
 
 def _liger(beta, compiled=True):
-    """LigerFusedLinearDPOLoss (chunk = one pair, full logits of every position). Its API
-    takes no precomputed reference log-probs, only a reference model it re-runs: it runs with
-    use_ref_model=False, its cheapest setting, a reference-free loss."""
+    """LigerFusedLinearDPOLoss. It takes no precomputed reference log-probs, only a reference
+    model it re-runs: use_ref_model=False, its cheapest setting, is a reference-free loss."""
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
     module = LigerFusedLinearDPOLoss(beta=beta, use_ref_model=False, compiled=compiled)
     return lambda h, w, y, ref: module(w, h, y)[0]
 
 
 def _cce(beta, impl="cce"):
-    """Cut Cross-Entropy's linear_cross_entropy(reduction="none"): per-token losses summed
-    per sequence into log-probs, then DPO."""
+    """Cut Cross-Entropy's per-token losses, summed per sequence into log-probs, then DPO."""
     from cut_cross_entropy import linear_cross_entropy
 
     def loss(h, w, y, ref):
@@ -337,6 +366,19 @@ def linear_loss(name: str, beta: float = BETA, **options):
     """The logit-free DPO loss of implementation `name` (LINEAR_LOSSES) as a callable
     (hidden, weight, labels, ref_logps) -> scalar loss."""
     return LINEAR_LOSSES[name](beta, **options)
+
+
+def linear_inputs(rows, seq_len, prompt, hidden_size, vocab, dtype, ref_offset):
+    """Seeded inputs of the logit-free loss (a worker process rebuilds the same ones): hidden
+    [rows, T, H] ~ N(0, 1), weight [V, H] ~ N(0, 1/H) (logits std 1), random labels with
+    `prompt` ignored positions a row, reference log-probs -U(0, 100) - ref_offset."""
+    gen, where = generator(0), device()
+    hidden = torch.randn(rows, seq_len, hidden_size, generator=gen, device=where)
+    weight = torch.randn(vocab, hidden_size, generator=gen, device=where) / hidden_size ** 0.5
+    labels = torch.randint(0, vocab, (rows, seq_len), generator=gen, device=where)
+    labels[:, :prompt] = IGNORE_INDEX
+    ref_logps = -torch.rand(rows, generator=gen, device=where) * 100 - ref_offset
+    return hidden.to(dtype), weight.to(dtype), labels, ref_logps
 
 
 def linear_step(loss_fn, inputs, backward: bool):
