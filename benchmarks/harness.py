@@ -20,7 +20,11 @@ import torch.nn.functional as F
 BENCHMARKS = pathlib.Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
-IGNORE_INDEX = -100          # the label of positions without a loss (TRL's and mixpo's)
+if str(REPO) not in sys.path:      # mixpo from this checkout where none is installed
+    sys.path.append(str(REPO))
+
+from mixpo.loss_spec import IGNORE_INDEX  # noqa: E402 - the label of positions without a loss
+
 BETA = 0.1                   # the DPO beta of the loss benchmarks
 MIB = 2**20
 
