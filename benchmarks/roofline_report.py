@@ -26,8 +26,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from roofline import (ASSUMPTIONS, DEFAULT_PROMPT_SHARES, DEFAULT_SEQ_LEN,  # noqa: E402
                       DEFAULT_SHAPES, DEFAULT_TOKENS, DEVICES, GEMM_EFFICIENCY, KERNEL_MODELS,
-                      SHAPES, KernelCost, Workload, device_peaks, make_workload,
-                      matmul_flop_floor_fwd_bwd, predictions)
+                      SHAPES, ULTRAFEEDBACK_MEANS, KernelCost, Workload, device_peaks,
+                      make_workload, matmul_flop_floor_fwd_bwd, predictions,
+                      prefix_sharing_body)
 
 from harness import versions  # noqa: E402
 from mixpo.train.plan import SHAPE_ALIASES, canonical_shape_name  # noqa: E402
@@ -122,6 +123,8 @@ def build_report(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS,
                         "rows": predictions(headline, tuple(devices))},
         "kernel_notes": {name: model(example).note for name, model in KERNEL_MODELS.items()
                          if model(example).note},
+        "prefix_sharing": {"ultrafeedback": prefix_sharing_body(**ULTRAFEEDBACK_MEANS),
+                           "long_prompt_70pct": prefix_sharing_body(700.0, 300.0, 300.0)},
         "rows": rows,
     }
 
@@ -187,7 +190,15 @@ def format_table(report: dict) -> str:
         floor = f"{floor_names[row['flop_floor']]} {row['flop_floor_ms']:.1f} ms"
         predicted.append(f"{row['device']:<7} {row['design']:<31} {row['predicted_ms']:>12.1f} "
                          f"{floor:>23} {row['x_flop_floor']:>7.2f} {row['bound']}")
-    return "\n".join([f"roofline floors ({peaks})", *lines, *predicted])
+    sharing = ["", "prefix sharing, the model body per pair (the LM head is unchanged):"]
+    for name, row in report.get("prefix_sharing", {}).items():
+        lengths = row["lengths"]
+        sharing.append(f"  {name}: prompt {lengths['prompt']:.0f}, completions "
+                       f"{lengths['chosen']:.0f} / {lengths['rejected']:.0f} tokens -> "
+                       f"{row['body_tokens_unshared']:.0f} -> {row['body_tokens_shared']:.0f} "
+                       f"body tokens: linear-layer FLOPs -{100 * row['linear_flop_saving']:.1f} "
+                       f"%, causal attention -{100 * row['attention_flop_saving']:.1f} %")
+    return "\n".join([f"roofline floors ({peaks})", *lines, *predicted, *sharing])
 
 
 def main(argv=None) -> int:

@@ -324,3 +324,16 @@ def test_cli_compile_runs_compile_check_without_triton_interpret(monkeypatch, tm
     args = build_parser().parse_args(["bench", "compile", "--kernel", "no_such_kernel"])
     with pytest.raises(ValueError, match="no_such_kernel"):
         args.func(args)
+
+
+def test_prefix_sharing_body_saving():
+    """Prefix sharing's body model: a 150-token prompt before two 300-token responses runs
+    2*150 + 600 = 900 body tokens unshared and 750 shared (1/6 fewer linear FLOPs); the
+    attention saving is the prompt's own square, once."""
+    from roofline import ULTRAFEEDBACK_MEANS, prefix_sharing_body
+
+    row = prefix_sharing_body(**ULTRAFEEDBACK_MEANS)
+    assert (row["body_tokens_unshared"], row["body_tokens_shared"]) == (900, 750)
+    assert row["linear_flop_saving"] == pytest.approx(1 / 6)
+    assert row["attention_flop_saving"] == pytest.approx(150 ** 2 / 2 / (2 * 450 ** 2 / 2))
+    assert prefix_sharing_body(0.0, 5.0, 7.0)["linear_flop_saving"] == 0.0
