@@ -15,7 +15,7 @@ either front end feeds the same per-pair head and every part runs on fake tensor
    autograd; its gradient reaches stage 1 as one coefficient per token.
 `linear_one_pass` fuses both stages of the logit-free path when every pair's gradient
 coefficient depends on that pair only (`plan_linear_passes` decides): one pass over groups of
-whole pairs computes the loss and its exact gradient (the head's by `torch.func.grad`),
+whole pairs computes the loss and its exact gradient (the head's by autograd, inside the op),
 6nVH FLOPs instead of 8nVH.
 
 `triton` (a bool, from `mixpo.kernels.dispatch.use_triton`) selects the Triton kernels or
@@ -23,6 +23,7 @@ their torch twins. No argument checking here: `mixpo.losses` does it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -177,12 +178,19 @@ def plan_linear_passes(config, margin, passes, weight, num_tokens: int, sequence
     the two-pass backward never holds). passes=1 forces one pass where (1) holds (groups of
     one pair past the budget, fp32 dWeight accumulator if needed); passes=2 forces two.
     `counts` [2B] are the sequences' completion-token counts, read on the host (one sync)
-    when the batch does not fit one group. On fake tensors and under torch.compile nothing
-    is read: one pass only when the whole batch fits one group.
+    when the batch does not fit one group. On fake tensors nothing is read: one pass only
+    when the whole batch fits one group. Under torch.compile, two passes (the one pass's op
+    takes the loss's options as a string, which a config built inside the compiled code
+    cannot give).
     """
     if passes not in PASSES:
         raise ValueError(f"passes must be one of {PASSES}, got {passes!r}")
     if passes == 2:
+        return None
+    if torch.compiler.is_compiling():
+        if passes == 1:
+            raise ValueError("passes=1 runs eagerly (or on fake tensors), not under "
+                             "torch.compile: use passes='auto' or 2")
         return None
     coupled = "aot / aot_unpaired sort the batch" if config.sorted_types else \
         "an adaptive margin solves over the batch" if margin is not None else None
@@ -249,7 +257,6 @@ def _pair_groups(counts, sequences, capacity, forced, vocab_size):
     return groups
 
 
-@torch.compiler.assume_constant_result
 def config_json(config: LossConfig) -> str:
     """A LossConfig as the string a custom op takes (its fields, JSON)."""
     return json.dumps({item.name: getattr(config, item.name)
@@ -259,6 +266,35 @@ def config_json(config: LossConfig) -> str:
 @functools.lru_cache(maxsize=64)
 def _config(text: str) -> LossConfig:
     return LossConfig(**json.loads(text))
+
+
+_AUTOGRAD_KEYS = ("AutogradFunctionality", "ADInplaceOrView", "AutogradOther",
+                  "AutogradNestedTensor")
+
+
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """Autograd inside a custom op's implementation, which the dispatcher runs below the
+    autograd keys: they are taken out of the thread's exclude set for the [B]-sized head
+    (torch.func.grad there fails under any active dispatch mode, e.g. a memory tracker)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(getattr(torch._C.DispatchKey, name))
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
+            torch.enable_grad():
+        yield
+
+
+def _head_gradients(objective, *inputs):
+    """d objective(*inputs) / d each input (zeros where it does not depend on one)."""
+    with _autograd_inside_op():
+        leaves = [tensor.detach().requires_grad_() for tensor in inputs]
+        value = objective(*leaves)
+        if not value.requires_grad:
+            return [torch.zeros_like(tensor) for tensor in inputs]
+        grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    return [torch.zeros_like(tensor) if grad is None else grad
+            for grad, tensor in zip(grads, inputs)]
 
 
 def _one_pass_outputs(hidden, weight, bias, counts, config, weighted: bool, weight_grad: bool):
@@ -289,7 +325,7 @@ def linear_one_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labe
     `config_json`. Returns (loss, per_pair_loss [B], seq_logps [2B], LD-weighted sums [2B] or
     empty, stat sums [4, 2B] or empty, dhidden [N, H], dweight [V, H] or empty, dbias [V] or
     empty, workspace): the gradients of `loss` w.r.t. hidden, weight and bias, computed as
-    each group's logits exist (its coefficients: the head's gradient by torch.func.grad)."""
+    each group's logits exist (its coefficients: the head's gradient by autograd)."""
     config = _config(config)
     num_seqs, device = counts.shape[0], hidden.device
     num_pairs = num_seqs // 2
@@ -317,13 +353,13 @@ def linear_one_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labe
             if config.use_weighting else None
         coef_plain = torch.zeros(num_seqs, dtype=torch.float32, device=device)
         if weighted_sums is None:
-            coef_plain[members] = torch.func.grad(
-                lambda x: objective(x, x, members, pairs, weights))(logps)
+            coef_plain[members], = _head_gradients(
+                lambda x: objective(x, x, members, pairs, weights), logps)
             return coef_plain[seqs]
         weighted_sums.index_add_(0, seqs, (token_logps * row_weight[tokens]).double())
-        d_pref, d_nll = torch.func.grad(
+        d_pref, d_nll = _head_gradients(
             lambda pref, nll: objective(pref, nll, members, pairs, weights),
-            argnums=(0, 1))(weighted_sums[members].float(), logps)
+            weighted_sums[members].float(), logps)
         coef_weighted = torch.zeros_like(coef_plain)
         coef_plain[members], coef_weighted[members] = d_nll, d_pref
         return coef_plain[seqs] + coef_weighted[seqs] * row_weight[tokens]
