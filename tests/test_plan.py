@@ -95,13 +95,14 @@ def test_trl_default_and_sharding(llama3_8b):
     assert master["weights"] + master["gradients"] + master["optimizer states"] == 16 * PARAMS
     assert master["optimizer step"] == 0
     # Four GPUs: states shard by 4; FSDP holds the root unit and two layers unsharded in the
-    # forward and backward, and reduces the root unit's gradients through an fp32 copy.
+    # backward beside a layer's gradient reduce (bf16 gradients, fp32 copy), and reduces the
+    # root unit's gradients through an fp32 copy last.
     work = Workload(gpus=4)
     four = mixpo_plan(llama3_8b, work)
     root = 2 * EMBED + H
     assert four["optimizer states"] == PARAMS and four["weights"] == 2 * PARAMS // 4
     assert four["optimizer step"] == 32 * EMBED // 4
-    assert four["FSDP buffers"] == max((root + 2 * LAYER) * 2, root * 6)
+    assert four["FSDP buffers"] == max((root + 2 * LAYER) * 2 + LAYER * 6, root * 6)
     phases = peak_phases(llama3_8b, work, four)
     assert sum(phases["root unit's gradient reduce"].values()) == \
         2 * PARAMS // 4 * 2 + PARAMS + root * 6 + 3 * GIB

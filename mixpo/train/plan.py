@@ -2,25 +2,37 @@
 
 Parameter counts are exact: the model is built from its config on the meta device (no
 memory, no download). Everything else is arithmetic with the assumptions listed below, in
-GiB (2^30 bytes), per GPU, with the model sharded over N GPUs by FSDP (ZeRO-3 for TRL).
+GiB (2^30 bytes), per GPU, with the model sharded over N GPUs by FSDP (ZeRO-3 for TRL), and
+checked against torch's memory tracker running the same step on fake tensors
+(`mixpo plan --measure`, `mixpo.train.measure`; benchmarks/results/plan_measured.json).
 
-mixpo column (the trainer's options):
+mixpo column (the trainer's options), each component at its largest:
   weights      bf16, 2 B/param / N
   gradients    bf16, 2 B/param / N; with step-in-backward (one GPU) only the largest
                parameter's gradient is alive at once
   optimizer    AdamW moments: 4 B/param (adamw / adamw_bf16: two bf16 moments),
-               2 B/param (adamw_8bit) / N
+               2 B/param + an fp32 scale per 256 values (adamw_8bit, torchao) / N
+  optimizer step  the temporaries of the largest parameter's update (its shard under FSDP):
+               32 B per element for adamw_bf16 (`STEP_TEMPORARY_BYTES`), none for torch's
+               fused AdamW and torchao's compiled 8-bit step
   reference    0 when precomputed (a file of 2 floats per pair), bf16 copy / N when live
-  loss head    logit-free: the softmax-gradient workspace (at most `--head-workspace-mib`,
-               default DEFAULT_WORKSPACE_BYTES = 256 MiB; smaller when [tokens, V] bf16 fits
-               in less), the backward's fp32 dHidden accumulator and bf16 copy of the
-               completion rows ([tokens, H], 4 + 2 B), the final hidden states and their
-               gradient [tokens, H] bf16 (no [tokens, V] tensor, no fp32 [V, H]); on one
+  loss head    logit-free, two passes: the softmax-gradient workspace (at most
+               `--head-workspace-mib`, default DEFAULT_WORKSPACE_BYTES = 256 MiB; smaller when
+               [tokens, V] bf16 fits in less), the backward's fp32 dHidden accumulator and
+               bf16 copy of the completion rows ([tokens, H], 4 + 2 B); one pass (the
+               micro-batch's fp32 logits fit the workspace): those logits and their bf16
+               gradient, row copies and the head's gradient from the forward on
+               (`loss_head_bytes`); both: the final hidden states and their gradient; on one
                GPU with fp32 master weights, autocast's bf16 copy of the head and its bf16
                gradient (2 + 2 B per head entry)
+  FSDP buffers the unsharded root unit (embeddings, head) and two decoder layers in flight,
+               or the root unit's unsharded gradients and their fp32 copy for the reduce
   fp32 master weights (`mixed_precision: bf16`, the papers' setup): weights 4 B, gradients
   4 B, AdamW fp32 moments 8 B per param / N.
-TRL-default column (trl 1.16 DPOTrainer with bf16 mixed precision, as usually launched):
+The mixpo total is the largest of the moments a step peaks at (`peak_phases`): the forward
+and backward, FSDP's last gradient reduce, the optimizer step.
+TRL-default column (trl 1.16 DPOTrainer with bf16 mixed precision, as usually launched; not
+measured, its total the sum of its components):
   weights 4 B (fp32 master) + gradients 4 B + AdamW fp32 moments 8 B per param / N;
   a live bf16 reference model 2 B/param / N; trl 1.16's fused LM head (add_fused_lm_head):
   the head projected in [4096 tokens x 32768 vocab] fp32 tiles (one alive at a time, turned
@@ -31,8 +43,7 @@ Both: activations of the same micro-batch (2 sequences per pair); with gradient 
 the bf16 input of every decoder layer plus one layer recomputed with its gradients (2x its
 saved tensors); without, every layer's saved tensors. A Llama-style layer saves per token
 4H (norms, residuals) + q + k + v + rotated q, k + attention output + 4I (MLP) values.
-With N > 1, FSDP also holds the unsharded root unit (embeddings, head) and two decoder layers
-in flight. A fixed 3 GiB covers the CUDA context, NCCL buffers and allocator slack.
+A fixed 3 GiB covers the CUDA context, NCCL buffers and allocator slack (not measured).
 """
 from __future__ import annotations
 
@@ -164,11 +175,13 @@ def activation_bytes(shape: ModelShape, work: Workload) -> int:
 
 
 def fsdp_transient_bytes(shape: ModelShape, work: Workload, compute_bytes: int = 2) -> int:
-    """Unsharded parameters FSDP holds at once in forward and backward: the root unit
-    (embeddings, norm, head) and two decoder layers, in the compute dtype."""
+    """What FSDP holds at once in the backward: the unsharded root unit (embeddings, norm,
+    head) and two decoder layers in the compute dtype, and the last layer's gradient
+    reduce-scatter (its unsharded gradients and their fp32 copy)."""
     if work.gpus == 1:
         return 0
-    return (shape.root_params + 2 * shape.layer_params) * compute_bytes
+    return (shape.root_params + 2 * shape.layer_params) * compute_bytes \
+        + shape.layer_params * (compute_bytes + 4)
 
 
 def root_reduce_bytes(shape: ModelShape, work: Workload, compute_bytes: int = 2) -> int:
