@@ -424,8 +424,9 @@ def _tile_reloads(w: Workload, block_n: int, block_v: int, s: int) -> float:
 
 
 def linear_logps_fwd(w: Workload) -> KernelCost:
-    """`_LinearSequenceLogps.forward` (functions.py): the compaction of the completion tokens,
-    `linear_token_logps_forward` (`_linear_lse_fwd_kernel`) and the sequence sums.
+    """`linear_sequence_logps` (functions.py): the compaction of the completion tokens, the
+    `mixpo::linear_token_logps` op (`linear_token_logps_forward`, `_linear_lse_fwd_kernel`)
+    and the sequence sums.
 
     The kernel computes logits tiles hidden[rows] @ weight^T in SRAM with an online LSE, only
     for the n completion tokens; its tile loop has no label ops. The label logit is a separate
@@ -536,8 +537,9 @@ def linear_bwd_gemms(w: Workload) -> KernelCost:
 
 
 def linear_bwd_buffers(w: Workload) -> KernelCost:
-    """The torch work around the default backward (`LinearSequenceLogps.backward`,
-    `linear_token_logps_backward`, `gemm_backward`): the per-token coefficients
+    """The torch work around the default backward (autograd's gradient of the sequence sums,
+    the `mixpo::linear_token_logps_backward` op: `linear_token_logps_backward`,
+    `gemm_backward`): the per-token coefficients
     (grad_seq[sequence]: indices and [2B] read, [n] fp32 written), the compact copy
     hidden[rows] for the dWeight GEMM, the zero-filled [N, H] dHidden and fp32 [n, H]
     accumulator, and the accumulator cast and scattered into dHidden's rows. No fp32 [V, H]
