@@ -278,8 +278,9 @@ def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_lo
     The training fast path: `completion_rows` [n] (flat indices of the positions whose label
     is not ignore_index) and `completion_counts` [2B], computed on the CPU batch, and
     `validate=False` (inputs checked by the caller) keep the call free of host syncs (but
-    for one read of the counts when one pass is possible with fp32 weights or a batch that
-    fits the workspace).
+    for one read of the counts when fp32 weights could take the one pass in groups: a batch
+    larger than the workspace). The call also runs on fake tensors and under torch.compile
+    (`mixpo.kernels.ops`).
     Padding-free batches: hidden [1, L, H] and labels [1, L] hold every sequence packed in
     one row; `completion_sequences` [n] then names the sequence of each completion row and
     `completion_counts` [2B] the sequences' lengths in completion tokens. Under
