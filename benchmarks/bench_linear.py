@@ -42,50 +42,26 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
-import json
 import pathlib
-import platform
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
 import roofline  # beside this script (sys.path[0])
+from harness import (BETA, MIB, PEAK_MEMORY_METHOD, PEER_PACKAGES, RESULTS, device_name,
+                     first_call, linear_inputs, linear_loss, linear_step, median_and_min_ms,
+                     peak_extra_bytes, run_case, serve_case, versions, wall_times, write_report)
 
-from bench_preference_loss import (  # same folder: sys.path[0]
-    PEAK_MEMORY_METHOD, device_name, measure_peak, write_report)
-
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("trl_fused_head", "trl_fused_head_plain", "materialised", "mixpo",
                    "mixpo_one_pass", "mixpo_metrics", "mixpo_softcap", "liger", "cce")
 BASELINE = "trl_fused_head"
-PEER_PACKAGES = {"trl": "trl", "liger": "liger-kernel", "cce": "cut-cross-entropy"}
 # (hidden size, vocab size) of the models the shapes are named after.
 SHAPES = {name: (shape.hidden_size, shape.vocab_size) for name, shape in roofline.SHAPES.items()}
-BETA = 0.1
 
 
 # ----------------------------------------------------------------------------------------------
-# The four losses
+# The losses (harness.LINEAR_LOSSES)
 # ----------------------------------------------------------------------------------------------
-def dpo_from_logps(logps, ref_logps):
-    num_pairs = logps.shape[0] // 2
-    ratio = logps - ref_logps
-    return -F.logsigmoid(BETA * (ratio[:num_pairs] - ratio[num_pairs:])).mean()
-
-
-def materialised_loss(hidden, weight, labels, ref_logps):
-    """Materialised logits (pre-1.16 TRL's DPOTrainer)."""
-    logits = hidden @ weight.T
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    token_logps = logprobs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    return dpo_from_logps((token_logps * (labels != -100)).sum(-1), ref_logps)
-
-
 def one_pair_workspace(case) -> int:
     """Bytes of one pair's fp32 logits (2 sequences' completion tokens x V), rounded up to
     MiB: the smallest workspace that lets mixpo run one pass."""
@@ -95,133 +71,43 @@ def one_pair_workspace(case) -> int:
 
 def make_loss(implementation, device, liger_compiled, case=None):
     """A callable (hidden, weight, labels, ref_logps) -> scalar loss, or raises ImportError."""
-    if implementation == "materialised":
-        return materialised_loss
     if implementation.startswith("trl_fused_head"):
-        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-        outputs = ("log_probs",) if implementation.endswith("plain") else \
-            ("log_probs", "entropy", "mean_logits", "is_top1")
-
-        def trl_loss(h, w, y, ref):
-            mask = y != -100
-            per_token = ChunkedLogProbFunction.apply(h[mask], w, None, y[mask], 1.0, 32768,
-                                                     None, 1.0, outputs)[0]
-            logps = per_token.new_zeros(mask.shape).masked_scatter(mask, per_token).sum(-1)
-            return dpo_from_logps(logps, ref)
-        return trl_loss
+        return linear_loss("trl", metrics=not implementation.endswith("plain"))
     if implementation.startswith("mixpo"):
-        import mixpo
-        backend = "triton" if device == "cuda" else "torch"
         extra = {"mixpo_metrics": {"token_metrics": True},
                  "mixpo_softcap": {"softcap": 30.0},
                  "mixpo_one_pass": {"passes": 1, "workspace_bytes":
                                     one_pair_workspace(case) if case else None},
                  }.get(implementation, {})
-        return lambda h, w, y, ref: mixpo.linear_preference_loss(
-            h, w, y, ref_logps=ref, beta=BETA, backend=backend, **extra).loss
+        return linear_loss("mixpo", backend="triton" if device == "cuda" else "torch", **extra)
     if implementation == "liger":
-        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-        module = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False,
-                                         compiled=liger_compiled)
-        return lambda h, w, y, ref: module(w, h, y)[0]
+        return linear_loss("liger", compiled=liger_compiled)
     if implementation == "cce":
-        from cut_cross_entropy import linear_cross_entropy
-        impl = "cce" if device == "cuda" else "torch_compile"
-
-        def cce_loss(h, w, y, ref):
-            token_nll = linear_cross_entropy(h, w, y, reduction="none", impl=impl)   # [2B, T]
-            return dpo_from_logps(-token_nll.float().sum(-1), ref)
-        return cce_loss
-    raise ValueError(implementation)
+        return linear_loss("cce", impl="cce" if device == "cuda" else "torch_compile")
+    return linear_loss(implementation)
 
 
 # ----------------------------------------------------------------------------------------------
 # One case, in a fresh process
 # ----------------------------------------------------------------------------------------------
-def make_inputs(case, device):
-    dtype = getattr(torch, case["dtype"])
-    generator = torch.Generator(device=device).manual_seed(0)
-    rows, seq_len, hidden_size, vocab = (case["rows"], case["seq_len"], case["hidden_size"],
-                                         case["vocab"])
-    hidden = torch.randn(rows, seq_len, hidden_size, generator=generator, device=device)
-    weight = torch.randn(vocab, hidden_size, generator=generator, device=device)
-    weight /= hidden_size ** 0.5
-    labels = torch.randint(0, vocab, (rows, seq_len), generator=generator, device=device)
-    labels[:, :case["prompt_len"]] = -100
-    ref_logps = -torch.rand(rows, generator=generator, device=device) * 100 - seq_len * 10
-    return hidden.to(dtype), weight.to(dtype), labels, ref_logps
-
-
 def worker(case):
-    device = case["device"]
-    loss_fn = make_loss(case["implementation"], device, case["liger_compiled"], case)
-    hidden, weight, labels, ref_logps = make_inputs(case, device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    loss_fn = make_loss(case["implementation"], case["device"], case["liger_compiled"], case)
+    inputs = linear_inputs(case["rows"], case["seq_len"], case["prompt_len"],
+                           case["hidden_size"], case["vocab"], getattr(torch, case["dtype"]),
+                           ref_offset=case["seq_len"] * 10)
     result = {}
     for mode in ("forward", "forward_backward"):
-        backward = mode == "forward_backward"
-
-        def step():
-            h = hidden.detach().requires_grad_(backward)
-            w = weight.detach().requires_grad_(backward)
-            with torch.set_grad_enabled(backward):
-                loss = loss_fn(h, w, labels, ref_logps)
-                if backward:
-                    loss.backward()
-            return loss.item()
-
-        start = time.perf_counter()
-        loss_value = step()                    # warm-up: compiles kernels / graphs
-        sync()
-        warmup_s = time.perf_counter() - start
-        times = []
-        for _ in range(case["repeats"]):
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - start)
-        peak = measure_peak(device, step)
-        result[mode] = {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-                        "warmup_s": warmup_s, "peak_extra_mib": peak / 2**20,
-                        "loss": loss_value}
+        step = linear_step(loss_fn, inputs, backward=mode == "forward_backward")
+        loss_value, warmup_s = first_call(step)      # compiles kernels / graphs
+        times = wall_times(step, case["repeats"])
+        result[mode] = {**median_and_min_ms(times), "warmup_s": warmup_s,
+                        "peak_extra_mib": peak_extra_bytes(step) / MIB, "loss": loss_value}
     return result
-
-
-def run_case(case, timeout):
-    """Run one case in a subprocess; errors (missing package, OOM, timeout) are recorded."""
-    try:
-        output = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)],
-                                capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout} s"}
-    if output.returncode != 0:
-        tail = output.stderr.strip().splitlines()[-1:] or ["no output"]
-        error = tail[0]
-        if "ModuleNotFoundError" in output.stderr or "ImportError" in output.stderr:
-            error = f"skipped: {error}"
-        elif "out of memory" in output.stderr.lower():
-            error = "out of memory"
-        return {"error": error[:500]}
-    return json.loads(output.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
-def versions():
-    import triton
-    import mixpo
-    found = {"torch": torch.__version__, "triton": triton.__version__,
-             "mixpo": mixpo.__version__, "python": platform.python_version()}
-    for package in PEER_PACKAGES.values():
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
-    return found
-
-
 def build_cases(args, device):
     cases = []
     for shape in args.shapes:
@@ -302,13 +188,12 @@ def main(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
+        return serve_case(worker, args.worker)
 
     device = "cuda" if on_gpu else "cpu"
     rows = []
     for case in build_cases(args, device):
-        case.update(run_case(case, args.timeout))
+        case.update(run_case(__file__, case, args.timeout))
         rows.append(case)
         label = f"{case['shape']:7s} {case['tokens']:6d} tok {case['implementation']:10s}"
         if "error" in case:
@@ -322,7 +207,7 @@ def main(argv=None):
     summarise(rows)
     report = {"benchmark": "linear_preference_loss", "baseline": BASELINE,
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "device": device_name(device), "versions": versions(),
+              "device": device_name(), "versions": versions(("torch", "triton", *PEER_PACKAGES)),
               "settings": {"dtype": args.dtype, "seq_len": args.seq_len,
                            "prompt_share": args.prompt_share, "beta": BETA,
                            "hidden_size_override": args.hidden_size,

@@ -16,30 +16,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import pathlib
-import platform
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+from harness import (IGNORE_INDEX, MIB, PEAK_MEMORY_METHOD, RESULTS, LogitsProducer,
+                     device_name, median_and_min_ms, peak_extra_bytes, run_case, serve_case,
+                     trl_style_loss, versions, wall_times, write_report)
+
 IMPLEMENTATIONS = ("trl_torch", "mixpo", "mixpo_inplace")
-
-
-def trl_style_loss(logits, labels, ref_logps, beta=0.1):
-    """TRL DPOTrainer's computation over materialised logits (the baseline)."""
-    mask = labels != -100
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    token_logps = torch.gather(logprobs, 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
-    logps = (token_logps * mask).sum(-1)
-    num_pairs = logits.shape[0] // 2
-    ratio = logps - ref_logps
-    return -torch.nn.functional.logsigmoid(beta * (ratio[:num_pairs] - ratio[num_pairs:])).mean()
 
 
 def make_inputs(pairs, seq_len, vocab, dtype, device, prompt_len):
@@ -47,48 +32,9 @@ def make_inputs(pairs, seq_len, vocab, dtype, device, prompt_len):
     logits = torch.randn(2 * pairs, seq_len, vocab, generator=generator, dtype=torch.float32)
     logits = logits.to(dtype).to(device)
     labels = torch.randint(0, vocab, (2 * pairs, seq_len), generator=generator)
-    labels[:, :prompt_len] = -100
+    labels[:, :prompt_len] = IGNORE_INDEX
     ref_logps = -torch.rand(2 * pairs, generator=generator) * 100
     return logits, labels.to(device), ref_logps.to(device)
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class _LogitsProducer(torch.autograd.Function):
-    """Stands for the lm_head matmul that produced the logits: it takes d loss / d logits
-    and drops it, so the measurement covers the loss alone (a leaf tensor would add an
-    accumulated .grad copy that no real training step has)."""
-
-    @staticmethod
-    def forward(ctx, logits):
-        return logits.view_as(logits)
-
-    @staticmethod
-    def backward(ctx, grad_logits):
-        return None
-
-
-def measure_peak(device, run):
-    """Extra memory above what is allocated now, while `run()` executes: CUDA peak allocated,
-    or on the CPU the resident-set high-water mark (VmHWM, reset via /proc/self/clear_refs)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")                       # resets VmHWM to the current RSS
-    base = _rss_bytes("VmRSS")
-    run()
-    return _rss_bytes("VmHWM") - base
 
 
 def _prepare(implementation, logits, forward_only):
@@ -100,7 +46,7 @@ def _prepare(implementation, logits, forward_only):
 def _step(implementation, leaf, labels, ref_logps, forward_only):
     import mixpo
 
-    logits = _LogitsProducer.apply(leaf) if leaf.requires_grad else leaf
+    logits = LogitsProducer.apply(leaf) if leaf.requires_grad else leaf
     if implementation == "trl_torch":
         loss = trl_style_loss(logits, labels, ref_logps)
     else:
@@ -118,40 +64,22 @@ def worker(case: dict) -> dict:
     logits, labels, ref_logps = make_inputs(case["pairs"], case["seq_len"], case["vocab"],
                                             dtype, device, case["prompt_len"])
     implementation = case["implementation"]
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     result = {}
     for mode in ("forward", "forward_backward"):
         forward_only = mode == "forward"
-        run = lambda leaf: _step(implementation, leaf, labels, ref_logps, forward_only)  # noqa: E731
-        run(_prepare(implementation, logits, forward_only))  # warm-up (compiles kernels)
-        sync()
-        times = []
-        for _ in range(case["repeats"]):
-            leaf = _prepare(implementation, logits, forward_only)
-            sync()
-            start = time.perf_counter()
-            run(leaf)
-            sync()
-            times.append(time.perf_counter() - start)
+
+        def run(leaf):
+            return _step(implementation, leaf, labels, ref_logps, forward_only)
+
+        def fresh():
+            return (_prepare(implementation, logits, forward_only),)
+        run(*fresh())                          # warm-up (compiles kernels)
+        times = wall_times(run, case["repeats"], fresh)
         leaf = _prepare(implementation, logits, forward_only)
-        peak = measure_peak(device, lambda leaf=leaf: run(leaf))
+        peak = peak_extra_bytes(lambda leaf=leaf: run(leaf))
         del leaf
-        result[mode] = {"median_ms": 1e3 * statistics.median(times),
-                        "min_ms": 1e3 * min(times), "peak_extra_mib": peak / 2**20}
+        result[mode] = {**median_and_min_ms(times), "peak_extra_mib": peak / MIB}
     return result
-
-
-def versions() -> dict:
-    import triton
-    import mixpo
-    return {"torch": torch.__version__, "triton": triton.__version__,
-            "mixpo": mixpo.__version__, "python": platform.python_version()}
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
 def main(argv=None):
@@ -169,8 +97,7 @@ def main(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
+        return serve_case(worker, args.worker)
 
     device = "cuda" if on_gpu else "cpu"
     rows = []
@@ -180,9 +107,9 @@ def main(argv=None):
                     "pairs": args.pairs, "seq_len": args.seq_len, "vocab": args.vocab,
                     "prompt_len": int(args.prompt_share * args.seq_len),
                     "repeats": args.repeats}
-            output = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)],
-                                    capture_output=True, text=True, check=True)
-            case.update(json.loads(output.stdout.strip().splitlines()[-1]))
+            case.update(run_case(__file__, case))
+            if "error" in case:
+                raise RuntimeError(f"{dtype} {implementation}: {case['error']}")
             rows.append(case)
             print(f"{dtype:9s} {implementation:14s} fwd {case['forward']['median_ms']:9.1f} ms "
                   f"fwd+bwd {case['forward_backward']['median_ms']:9.1f} ms  peak extra "
@@ -206,25 +133,12 @@ def main(argv=None):
                 row["x_floor_two_reads"] = (row["forward_backward"]["median_ms"]
                                             / row["floor_two_reads_ms"])
     report = {"benchmark": "preference_loss", "date": datetime.datetime.now().isoformat(),
-              "device": device_name(device), "versions": versions(),
+              "device": device_name(), "versions": versions(),
               "shape": {"rows_2B": 2 * args.pairs, "seq_len": args.seq_len,
                         "vocab": args.vocab, "prompt_share": args.prompt_share},
               "peak_memory_method": PEAK_MEMORY_METHOD[device], "rows": rows}
     write_report(report, RESULTS / f"preference_loss_{device}.json", plot)
     return 0
-
-
-PEAK_MEMORY_METHOD = {
-    "cuda": "torch.cuda.max_memory_allocated - allocated before",
-    "cpu": "VmHWM - VmRSS of a fresh process (reset via /proc/self/clear_refs)"}
-
-
-def write_report(report: dict, path: pathlib.Path, plot_report) -> None:
-    """The JSON report and its PNG plot beside it (shared by the benchmark scripts)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
-    plot_report(report, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 def plot(report, path):

@@ -96,23 +96,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import math
 import pathlib
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 from bench_train_report import (BASELINE, CONFIGS, TRL_LOOP, _length_stats, _print_summary,
                                 flop_estimate, notes, plot, summarise)
+from harness import (MIB, RESULTS, PeakMemory, child_env, device_name, finish_worker,
+                     start_worker, sync, versions, write_json, write_report)
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PACKAGES = ("torch", "transformers", "trl", "accelerate", "datasets", "triton", "flash-attn")
-MIB = 2**20
+SCRIPT = pathlib.Path(__file__).resolve()
 READY = "READY"          # written into the work folder once the model and the data exist
 
 
@@ -190,48 +188,25 @@ def batch_accounting(lengths, steps: int, global_batch: int, micro: int) -> dict
 # ----------------------------------------------------------------------------------------------
 # Inside a worker process
 # ----------------------------------------------------------------------------------------------
-def _proc_status(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class StepProbe:
+class StepProbe(PeakMemory):
     """A global optimizer step post-hook: the time and the memory high-water mark at the end of
     every optimizer step, whichever trainer runs it. Memory counts from `reset()`."""
 
-    def __init__(self, cuda: bool):
-        import torch
+    def __init__(self):
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        self.torch, self.cuda = torch, cuda
+        super().__init__()
         self.stamps, self.peaks = [], []
-        self.baseline = 0
         register_optimizer_step_post_hook(self._hook)
 
     def reset(self) -> None:
         import gc
 
         gc.collect()
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            self.torch.cuda.reset_peak_memory_stats()
-            self.baseline = self.torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as clear:
-                clear.write("5")                 # VmHWM := VmRSS
-            self.baseline = _proc_status("VmRSS")
-
-    def peak(self) -> int:
-        if self.cuda:
-            return self.torch.cuda.max_memory_allocated() - self.baseline
-        return _proc_status("VmHWM") - self.baseline
+        super().reset()
 
     def _hook(self, optimizer, args, kwargs) -> None:
-        if self.cuda:
-            self.torch.cuda.synchronize()
+        sync()
         self.stamps.append(time.perf_counter())
         self.peaks.append(self.peak())
 
@@ -283,7 +258,7 @@ def worker(spec: dict) -> dict:
         import mixpo.data.tokenize  # noqa: F401
         import mixpo.train.trainer  # noqa: F401
         from mixpo.hf.loading import attention_implementation
-    probe = StepProbe(cuda)
+    probe = StepProbe()
     probe.reset()
     ready = pathlib.Path(spec["work"]) / READY
     waited = time.perf_counter()
@@ -333,12 +308,6 @@ def worker(spec: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
-def child_env() -> dict:
-    from gpu_check import child_env as gpu_check_env
-
-    return gpu_check_env(quick=False)
-
-
 def make_specs(args, work: pathlib.Path, dist: dict) -> dict:
     accumulation = args.global_batch // args.micro_batch
     common = {"steps": args.steps, "accumulation": accumulation, "threads": args.threads,
@@ -375,36 +344,6 @@ def make_specs(args, work: pathlib.Path, dist: dict) -> dict:
     return specs
 
 
-def start_worker(name: str, spec: dict, work: pathlib.Path):
-    spec_path, result_path = work / f"{name}.spec.json", work / f"{name}.result.json"
-    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
-    log = (work / f"{name}.log").open("w")
-    process = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).resolve()),
-                                "--worker", str(spec_path)], stdout=log,
-                               stderr=subprocess.STDOUT, env=child_env())
-    return {"name": name, "process": process, "log": log, "result": result_path,
-            "log_path": work / f"{name}.log", "started": time.perf_counter()}
-
-
-def finish_worker(run: dict, timeout: float) -> dict:
-    process = run["process"]
-    try:
-        process.wait(timeout=max(timeout - (time.perf_counter() - run["started"]), 1))
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        run["log"].close()
-        return {"error": f"timeout after {timeout:.0f} s"}
-    run["log"].close()
-    if process.returncode != 0 or not run["result"].exists():
-        lines = [line for line in run["log_path"].read_text(errors="replace").splitlines()
-                 if line.strip()]
-        tail = next((line for line in reversed(lines) if "Error" in line), None)
-        return {"error": (tail or (lines[-1] if lines else f"exit {process.returncode}"))[:500],
-                "log_tail": lines[-30:]}
-    return json.loads(run["result"].read_text())
-
-
 def run_workers(specs: dict, work: pathlib.Path, jobs: int, timeout: float,
                 accounting: dict, rounds: int, prepare) -> dict:
     """Every configuration `rounds` times (the order reversed every other round), `jobs` at
@@ -417,15 +356,17 @@ def run_workers(specs: dict, work: pathlib.Path, jobs: int, timeout: float,
         order = list(specs) if round_index % 2 == 0 else list(reversed(specs))
         while order:
             batch, order = order[:jobs], order[jobs:]
-            started = [start_worker(f"{name}.{round_index}",
-                                    _in_round(specs[name], round_index), work)
+            started = [start_worker(SCRIPT, f"{name}.{round_index}",
+                                    _in_round(specs[name], round_index), work,
+                                    work / f"{name}.{round_index}.log", child_env())
                        for name in batch]
             if prepare is not None:
                 prepare()
                 (work / READY).touch()
                 prepare = None
             for name, run in zip(batch, started):
-                row = measure(finish_worker(run, timeout), accounting)
+                row = measure(finish_worker(run, timeout - (time.perf_counter()
+                                                            - run["started"])), accounting)
                 tried[name].append(row)
                 status = row.get("error") or (
                     f"{row['tokens_per_s']:8.1f} tok/s, peak {row['peak_mib']:7.1f} MiB, "
@@ -468,18 +409,6 @@ def measure(row: dict, accounting: dict) -> dict:
     row["pad_fraction"] = 1 - (sum(row["observed_real_tokens_per_step"])
                                / sum(row["observed_batch_tokens_per_step"]))
     return row
-
-
-def versions() -> dict:
-    import mixpo    # this checkout's (an installed egg-info can be older)
-
-    found = {"python": platform.python_version(), "mixpo": mixpo.__version__}
-    for package in PACKAGES:
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
-    return found
 
 
 def main(argv=None) -> int:
@@ -526,7 +455,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         spec = json.loads(pathlib.Path(args.worker).read_text())
-        pathlib.Path(spec["result"]).write_text(json.dumps(worker(spec)))
+        write_json(pathlib.Path(spec["result"]), worker(spec))
         return 0
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first is the warm-up)")
@@ -540,7 +469,6 @@ def main(argv=None) -> int:
         args.max_prompt_length, args.max_length = 1024, 1536
 
     import gpu_stage_training as shared   # beside this script (sys.path[0])
-    from bench_preference_loss import device_name, write_report
 
     device = "cuda" if on_gpu else "cpu"
     heads = args.heads or max(4, args.hidden // 64)
@@ -584,7 +512,7 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "train", "baseline": BASELINE,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": device_name(device), "versions": versions(),
+        "device": device_name(), "versions": versions(PACKAGES),
         "model": {**model_shape, "parameters": params, "tie_word_embeddings": True,
                   "dtype": "bfloat16" if on_gpu else "float32",
                   "model_state_mib": params * 4 * element / MIB},

@@ -58,21 +58,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.metadata
 import json
-import math
 import os
 import pathlib
-import platform
 import signal
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parent
-REPO = BENCHMARKS.parent
+import torch
+
+from gpu_check_common import StageContext
+from gpu_check_common import poisoned_outputs, rel_error  # noqa: F401 - tested as gpu_check's
+from gpu_check_tables import markdown_tables, summary_table
+from gpu_stage_correctness import stage_correctness
+from gpu_stage_speed import _worker_linear_peer, stage_linear_loss, stage_logits_loss
+from gpu_stage_training import _worker_mixpo, _worker_trl, stage_training
+from harness import (PEER_PACKAGES, REPO, bench, child_env, device, device_name, versions,
+                     write_json)
+
 SCRIPT = pathlib.Path(__file__).resolve()
 
 # name, budget in seconds on the GPU machine, budget in --quick mode, what it checks.
@@ -83,177 +89,8 @@ STAGES = (
     ("logits_loss", 40, 30, "preference_loss over materialised logits"),
     ("training", 140, 120, "MixDPO + gamma-PO steps vs trl DPOTrainer, plan error"),
 )
-PACKAGES = ("torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy",
-            "datasets", "pyarrow", "accelerate", "numpy")
-WRAP_UP_S = 3.0      # a stage stops starting new cases this long before its budget ends
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers shared with the stage modules (gpu_stage_*.py, gpu_check_common.py)
-# ----------------------------------------------------------------------------------------------
-def on_cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
-def device():
-    import torch
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def sync() -> None:
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def bench(fn, cpu_repeats: int = 2, warmed: bool = False) -> float:
-    """Median seconds of fn(). On CUDA: one warm-up call (compiles; skipped when `warmed`),
-    one timed call to size the run, then triton.testing.do_bench (L2 flushed between calls;
-    its own warm-up and 5-call estimate, then 5 timed calls, or as many as fit in 50 ms for
-    short ones). On a CPU: the warm-up, then the median of `cpu_repeats` calls."""
-    if not warmed:
-        fn()
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    estimate_ms = max((time.perf_counter() - start) * 1e3, 1e-3)
-    if on_cuda():
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=max(estimate_ms, 10.0),
-                                       rep=max(5 * estimate_ms, 50.0),
-                                       return_mode="median") / 1e3
-    times = [estimate_ms / 1e3]
-    for _ in range(cpu_repeats - 1):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def peak_extra_bytes(fn) -> int:
-    """Memory above what is allocated now while fn() runs: CUDA max_memory_allocated after a
-    reset, or on a CPU the resident-set high-water mark (bench_preference_loss.measure_peak)."""
-    from bench_preference_loss import measure_peak
-    return int(measure_peak(device().type, fn))
-
-
-def _poison(tensor):
-    if tensor.is_floating_point() or tensor.is_complex():
-        tensor.fill_(float("nan"))
-    return tensor
-
-
-@contextlib.contextmanager
-def poisoned_outputs():
-    """While active, torch.empty / torch.empty_like return NaN-filled float tensors, so an
-    output element a kernel never writes shows up as NaN; on CUDA the caching allocator's free
-    blocks are also filled with 0xFF bytes (NaN in every float dtype) first."""
-    import torch
-    if torch.cuda.is_available():
-        blocks = [torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda").fill_(255)]
-        blocks += [torch.empty(2**19, dtype=torch.uint8, device="cuda").fill_(255)
-                   for _ in range(32)]
-        del blocks
-    empty, empty_like = torch.empty, torch.empty_like
-    torch.empty = lambda *a, **k: _poison(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: _poison(empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-
-
-def rel_error(actual, expected):
-    """(max |actual - expected| / max |expected|, count of non-finite elements of `actual`
-    where `expected` is finite); inf when the shapes differ or anything is non-finite."""
-    import torch
-    a, e = actual.detach().float(), expected.detach().float()
-    if a.shape != e.shape:
-        return math.inf, -1
-    if a.numel() == 0:
-        return 0.0, 0
-    finite = torch.isfinite(e)
-    bad = int((~torch.isfinite(a) & finite).sum())
-    if bad:
-        return math.inf, bad
-    scale = max(float(torch.where(finite, e.abs(), 0.0).max()), 1e-30)
-    return float(torch.where(finite, (a - e).abs(), 0.0).max()) / scale, 0
-
-
-def versions() -> dict:
-    found = {"python": platform.python_version()}
-    for package in PACKAGES:
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
-    try:
-        import mixpo
-        found["mixpo"] = f"{mixpo.__version__} ({pathlib.Path(mixpo.__file__).parent})"
-    except Exception as error:                       # noqa: BLE001 - reported, not fatal
-        found["mixpo"] = f"import failed: {error}"
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True)
-    found["mixpo_commit"] = commit.stdout.strip() or None
-    return found
-
-
-def device_peaks(environment: dict) -> dict:
-    """Roofline devices for the floors: "h100" (roofline.py), "h200" (H100 compute, 4.8 TB/s,
-    defined here, not in roofline.py) and "measured" (this machine's ceilings from stage 1:
-    bf16 matmul TFLOP/s and copy bandwidth; the other rates of the H100)."""
-    import dataclasses
-
-    import roofline
-    h100 = roofline.DEVICES["h100"]
-    peaks = {"h100": h100, "h200": dataclasses.replace(
-        h100, name="H200-SXM-141GB", hbm_bytes_per_s=4.8e12,
-        source="H100 compute (H200 = same GH100 die and clocks), 4.8 TB/s HBM3e datasheet")}
-    ceilings = environment.get("ceilings", {})
-    if ceilings.get("matmul_tflops") and ceilings.get("copy_tb_s"):
-        peaks["measured"] = dataclasses.replace(
-            h100, name=f"measured on {environment.get('device_name')}",
-            tensor_flops_16bit=ceilings["matmul_tflops"] * 1e12,
-            hbm_bytes_per_s=ceilings["copy_tb_s"] * 1e12,
-            source="stage 1: bf16 matmul and device-to-device copy, measured")
-    return peaks
-
-
-class StageContext:
-    """What a stage function gets: its settings, its clock, and a record saved on demand."""
-
-    def __init__(self, name: str, quick: bool, budget_s: float, result_path: pathlib.Path,
-                 out_dir: pathlib.Path, environment: dict, started: float | None = None):
-        self.name, self.quick, self.budget_s = name, quick, budget_s
-        self.result_path, self.out_dir, self.environment = result_path, out_dir, environment
-        # Wall-clock times: the parent started the budget when it started this process.
-        self.started = time.time() if started is None else started
-        self.deadline = self.started + budget_s - WRAP_UP_S
-        self.result = {"stage": name, "verdict": "running", "details": {}}
-
-    @property
-    def details(self) -> dict:
-        return self.result["details"]
-
-    def remaining(self) -> float:
-        return self.deadline - time.time()
-
-    def has_time(self, needed_s: float) -> bool:
-        return self.remaining() > needed_s
-
-    def elapsed(self) -> float:
-        return time.time() - self.started
-
-    def save(self) -> None:
-        write_json(self.result_path, self.result)
-
-
-def write_json(path: pathlib.Path, data) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(data, indent=1, default=str, allow_nan=True))
-    temporary.replace(path)
+PACKAGES = ("torch", "triton", "transformers", *PEER_PACKAGES, "datasets", "pyarrow",
+            "accelerate", "numpy")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +104,6 @@ def _driver_version():
             return out.stdout.strip().splitlines()[0]
     except (OSError, subprocess.TimeoutExpired):
         pass
-    import torch
     try:
         return f"CUDA driver API {torch._C._cuda_getDriverVersion()}"
     except Exception:                                # noqa: BLE001
@@ -276,7 +112,6 @@ def _driver_version():
 
 def _matmul_tflops(size: int, dtype) -> float:
     """[size x size] @ [size x size] on random data into a preallocated output."""
-    import torch
     a, b = (torch.randn(size, size, device=device(), dtype=dtype) for _ in range(2))
     out = torch.empty(size, size, device=device(), dtype=dtype)
     return 2 * size**3 / bench(lambda: torch.mm(a, b, out=out)) / 1e12
@@ -284,7 +119,6 @@ def _matmul_tflops(size: int, dtype) -> float:
 
 def _copy_tb_s(nbytes: int) -> float:
     """Device-to-device copy_ of `nbytes`: bytes read + bytes written per second."""
-    import torch
     src = torch.ones(nbytes, dtype=torch.uint8, device=device())
     dst = torch.empty_like(src)
     return 2 * nbytes / bench(lambda: dst.copy_(src)) / 1e12
@@ -300,21 +134,19 @@ def stage_environment(ctx: StageContext):
     (2 * 8192^3 FLOP / median time), and a 2 GiB device-to-device copy_ (bytes read + bytes
     written / median time). --quick on a CPU: fp32 512^3 and a 64 MiB copy.
     """
-    import torch
-
     details = ctx.details
-    details["versions"] = versions()
+    details["versions"] = versions(PACKAGES, mixpo_path=True)
     details["interpreter"] = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    details["device_name"] = device_name()
     cuda = torch.cuda.is_available()
     if cuda:
         props = torch.cuda.get_device_properties(0)
-        details.update(device_name=props.name, sms=props.multi_processor_count,
+        details.update(sms=props.multi_processor_count,
                        memory_gib=round(props.total_memory / 2**30, 1),
                        capability=f"{props.major}.{props.minor}", driver=_driver_version(),
                        cuda_runtime=torch.version.cuda)
     else:
-        details.update(device_name=f"CPU {platform.processor() or platform.machine()}",
-                       sms=None, cpu_cores=os.cpu_count(), driver=None, cuda_runtime=None)
+        details.update(sms=None, cpu_cores=os.cpu_count(), driver=None, cuda_runtime=None)
     ctx.save()
     size, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
     nbytes = 2 * 2**30 if cuda else 64 * 2**20
@@ -322,7 +154,7 @@ def stage_environment(ctx: StageContext):
         "matmul_shape": [size] * 3, "matmul_dtype": str(dtype).replace("torch.", ""),
         "matmul_tflops": _matmul_tflops(size, dtype), "copy_bytes": nbytes,
         "copy_tb_s": _copy_tb_s(nbytes)}
-    missing = [name for name in ("trl", "liger-kernel", "cut-cross-entropy", "datasets")
+    missing = [name for name in (*PEER_PACKAGES, "datasets")
                if details["versions"].get(name) is None]
     v = details["versions"]
     headline = (f"{details['device_name']}" + (f", {details['sms']} SMs, driver "
@@ -337,15 +169,18 @@ def stage_environment(ctx: StageContext):
 # ----------------------------------------------------------------------------------------------
 # Running the stages
 # ----------------------------------------------------------------------------------------------
-# The module holding each stage after the first (stage_<name> in it).
-STAGE_MODULES = {"correctness": "gpu_stage_correctness", "linear_loss": "gpu_stage_speed",
-                 "logits_loss": "gpu_stage_speed", "training": "gpu_stage_training"}
+STAGE_FUNCTIONS = {"environment": stage_environment, "correctness": stage_correctness,
+                   "linear_loss": stage_linear_loss, "logits_loss": stage_logits_loss,
+                   "training": stage_training}
+# Worker name -> function: the subprocesses a stage starts (`--worker SPEC`).
+WORKERS = {"train_mixpo": _worker_mixpo, "train_trl": _worker_trl,
+           "linear_peer": _worker_linear_peer}
 
 
-def stage_function(name: str):
-    if name == "environment":
-        return stage_environment
-    return getattr(importlib.import_module(STAGE_MODULES[name]), f"stage_{name}")
+def run_worker(spec_path: str) -> int:
+    spec = json.loads(pathlib.Path(spec_path).read_text())
+    write_json(pathlib.Path(spec["result"]), WORKERS[spec["worker"]](spec))
+    return 0
 
 
 def run_stage_here(args) -> int:
@@ -356,7 +191,7 @@ def run_stage_here(args) -> int:
                        args.started)
     ctx.save()
     try:
-        verdict, headline = stage_function(args.run_stage)(ctx)
+        verdict, headline = STAGE_FUNCTIONS[args.run_stage](ctx)
     except Exception as error:                       # noqa: BLE001 - recorded as a failure
         traceback.print_exc()
         verdict, headline = "fail", f"raised {type(error).__name__}: {str(error)[:300]}"
@@ -364,21 +199,6 @@ def run_stage_here(args) -> int:
     ctx.result.update(verdict=verdict, headline=headline, seconds=round(ctx.elapsed(), 2))
     ctx.save()
     return 0
-
-
-def child_env(quick: bool) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(BENCHMARKS)]
-                                        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    if quick:
-        import torch
-        if not torch.cuda.is_available():
-            env["TRITON_INTERPRET"] = "1"
-    return env
 
 
 def _last_error_line(log_path: pathlib.Path) -> str:
@@ -399,7 +219,7 @@ def start_stage(name: str, budget: float, quick: bool, out_dir: pathlib.Path,
         command.append("--quick")
     log = open(log_path, "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                               env=child_env(quick), start_new_session=True, cwd=REPO)
+                               env=child_env(interpret=quick), start_new_session=True, cwd=REPO)
     return {"name": name, "budget": budget, "process": process, "log": log,
             "log_path": log_path, "result_path": result_path, "started": time.monotonic()}
 
@@ -451,24 +271,19 @@ def main(argv=None) -> int:
     parser.add_argument("--started", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    sys.modules.setdefault("gpu_check", sys.modules[__name__])
-    for path in (str(REPO), str(BENCHMARKS)):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    if str(REPO) not in sys.path:        # mixpo from this checkout (the GPU machine has no install)
+        sys.path.insert(0, str(REPO))
     if args.worker:                      # a subprocess a stage starts (training runs)
-        import gpu_check_common
-        return gpu_check_common.run_worker(args.worker)
+        return run_worker(args.worker)
     if args.run_stage:
         return run_stage_here(args)
 
-    import torch
-    from gpu_check_tables import markdown_tables, summary_table
     if not args.quick and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible; run with --quick for the CPU mode",
               file=sys.stderr)
         return 2
     out_dir = pathlib.Path(args.out) if args.out else pathlib.Path(
-        __import__("tempfile").mkdtemp(prefix="gpu_check_"))
+        tempfile.mkdtemp(prefix="gpu_check_"))
     out_dir.mkdir(parents=True, exist_ok=True)
     context_path = out_dir / "context.json"
     context = {"out_dir": str(out_dir), "quick": args.quick, "environment": {}}

@@ -2,7 +2,7 @@
 real shapes, kernel outputs NaN-poisoned first. stage_correctness builds the plan of cases and
 runs each through _run_case; the case functions (_linear_case, _logits_case, _pair_case,
 _margin_case, _api_case) compute one run's errors per output. The stage function takes a
-`gpu_check.StageContext`, fills `ctx.details` (saving after every case), and returns
+`gpu_check_common.StageContext`, fills `ctx.details` (saving after every case), and returns
 (verdict, one-line headline)."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from functools import partial
 
 import torch
 
-from gpu_check import device, poisoned_outputs, rel_error
-from gpu_check_common import (BETA, IGNORE, QUICK_RUNS, RUNS, THRESHOLDS, _dtype_name, _free,
-                              _generator)
+from gpu_check_common import (QUICK_RUNS, RUNS, THRESHOLDS, _dtype_name, _free,
+                              poisoned_outputs, rel_error)
+from harness import BETA, IGNORE_INDEX, device, generator
 
 
 def _correctness_shapes(quick: bool) -> dict:
@@ -38,10 +38,10 @@ def _ragged_labels(num_seqs: int, seq_len: int, vocab: int, seed: int, all_promp
     for row in range(num_seqs):
         prompt = int(torch.randint(1, max(2, seq_len // 2), (1,), generator=gen))
         pad = int(torch.randint(0, max(1, seq_len // 4), (1,), generator=gen))
-        labels[row, :prompt] = IGNORE
+        labels[row, :prompt] = IGNORE_INDEX
         if pad:
-            labels[row, seq_len - pad:] = IGNORE
-    labels[list(all_prompt)] = IGNORE
+            labels[row, seq_len - pad:] = IGNORE_INDEX
+    labels[list(all_prompt)] = IGNORE_INDEX
     labels[0, seq_len // 2] = vocab - 1
     return labels.to(device())
 
@@ -62,13 +62,13 @@ def _linear_case(vocab, dtype, transform, bias, seed, shapes):
     from mixpo.kernels import linear_logps as kernel, linear_logps_torch as twin
 
     num_seqs, seq_len = shapes["linear"]
-    hidden_size, gen = shapes["hidden"], _generator(seed)
+    hidden_size, gen = shapes["hidden"], generator(seed)
     hidden = torch.randn(num_seqs * seq_len, hidden_size, generator=gen, device=device())
     weight = 3 * torch.randn(vocab, hidden_size, generator=gen, device=device()) / hidden_size**0.5
     bias_t = torch.randn(vocab, generator=gen, device=device()).to(dtype) if bias else None
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     flat = _ragged_labels(num_seqs, seq_len, vocab, seed, all_prompt=(1, num_seqs - 2)).reshape(-1)
-    rows = torch.nonzero(flat != IGNORE).squeeze(1)
+    rows = torch.nonzero(flat != IGNORE_INDEX).squeeze(1)
     labels = flat[rows]
     grad_token = torch.randn(rows.shape[0], generator=gen, device=device())
     grad_token[: rows.shape[0] // 8] = 0.0       # tokens without gradient (MixDPO's rejected)
@@ -112,26 +112,26 @@ def _logits_case(vocab, dtype, transform, seed, shapes):
     from mixpo.kernels import logits_logps as kernel, logits_logps_torch as twin
 
     num_seqs, seq_len = shapes["logits"]
-    gen = _generator(seed)
+    gen = generator(seed)
     logits = (3 * torch.randn(num_seqs, seq_len, vocab, generator=gen, device=device())).to(dtype)
     labels = _ragged_labels(num_seqs, seq_len, vocab, seed)
-    coef = torch.randn(num_seqs, seq_len, generator=gen, device=device()) * (labels != IGNORE)
+    coef = torch.randn(num_seqs, seq_len, generator=gen, device=device()) * (labels != IGNORE_INDEX)
     out = {}
     for stats in (False, True):
         with poisoned_outputs():
-            k_logps, k_lse, k_stats = kernel.token_logps_forward(logits, labels, IGNORE,
+            k_logps, k_lse, k_stats = kernel.token_logps_forward(logits, labels, IGNORE_INDEX,
                                                                  stats=stats, **transform)
-        t_logps, t_lse, t_stats = twin.token_logps_forward(logits, labels, IGNORE, stats=stats,
-                                                           **transform)
+        t_logps, t_lse, t_stats = twin.token_logps_forward(logits, labels, IGNORE_INDEX,
+                                                           stats=stats, **transform)
         prefix = "stats:" if stats else ""
         _compare(out, {"token_logps": k_logps, "lse": k_lse, **(k_stats or {})},
                  {"token_logps": t_logps, "lse": t_lse, **(t_stats or {})}, prefix)
-    expected = twin.token_logps_backward(logits, labels, t_lse, coef, IGNORE, **transform)
+    expected = twin.token_logps_backward(logits, labels, t_lse, coef, IGNORE_INDEX, **transform)
     with poisoned_outputs():
-        out["dlogits"] = rel_error(kernel.token_logps_backward(logits, labels, k_lse, coef, IGNORE,
-                                                               **transform), expected)
+        out["dlogits"] = rel_error(kernel.token_logps_backward(
+            logits, labels, k_lse, coef, IGNORE_INDEX, **transform), expected)
     buffer = logits.clone()
-    result = kernel.token_logps_backward(buffer, labels, k_lse, coef, IGNORE, inplace=True,
+    result = kernel.token_logps_backward(buffer, labels, k_lse, coef, IGNORE_INDEX, inplace=True,
                                          **transform)
     out["dlogits_inplace"] = rel_error(result, expected)
     out["inplace_same_buffer"] = (0.0 if result.data_ptr() == buffer.data_ptr() else math.inf, 0)
@@ -167,7 +167,7 @@ def _pair_case(keywords, seed, shapes):
     from mixpo.kernels import pair_loss as kernel, pair_loss_torch as twin
 
     config = LossConfig(**keywords)
-    pairs, gen = shapes["pairs"], _generator(seed)
+    pairs, gen = shapes["pairs"], generator(seed)
     counts = torch.randint(4, 300, (2 * pairs,), generator=gen, device=device()).float()
     logps = -counts * (0.3 + 2.7 * torch.rand(2 * pairs, generator=gen, device=device()))
     nll_logps = logps - torch.rand(2 * pairs, generator=gen, device=device())
@@ -185,7 +185,7 @@ def _pair_case(keywords, seed, shapes):
 def _margin_case(num, seed, shapes):
     from mixpo.kernels import margin_solve as kernel, margin_solve_torch as twin
 
-    gaps = 2 * torch.randn(num, generator=_generator(seed), device=device())
+    gaps = 2 * torch.randn(num, generator=generator(seed), device=device())
     with poisoned_outputs():
         got = kernel.solve_margins(gaps, gamma0=4.0, tau=10.0)
     return {"gamma": rel_error(got, twin.solve_margins(gaps, gamma0=4.0, tau=10.0))}
@@ -212,7 +212,7 @@ def _api_case(dtype, seed, shapes):
     import mixpo
 
     pairs, seq_len, vocab = shapes["api"]
-    hidden_size, gen = shapes["hidden"], _generator(seed)
+    hidden_size, gen = shapes["hidden"], generator(seed)
     hidden = torch.randn(2 * pairs, seq_len, hidden_size, generator=gen, device=device())
     weight = 3 * torch.randn(vocab, hidden_size, generator=gen, device=device()) / hidden_size**0.5
     hidden, weight = hidden.to(dtype), weight.to(dtype)

@@ -2,80 +2,42 @@
 logit-free loss at Llama-3 shape against trl, Liger, CCE and materialised logits, with the
 Liger worker process and the backward tile-skipping measurement) and logits_loss
 (mixpo.preference_loss over materialised logits against two reads of the logits). Each stage
-function takes a `gpu_check.StageContext`, fills `ctx.details` (saving after every case), and
+function takes a `gpu_check_common.StageContext`, fills `ctx.details` (saving after every case), and
 returns (verdict, one-line headline); its docstring says what it measures and how."""
 from __future__ import annotations
 
 import math
 import pathlib
-import time
 
 import torch
-import torch.nn.functional as F
 
-from gpu_check import device, device_peaks, peak_extra_bytes, rel_error, sync
-from gpu_check_common import (BETA, IGNORE, MIB, _bench, _finish, _fmt, _free, _generator,
-                              _start)
+from gpu_check_common import _bench, _finish, _fmt, _free, _start, device_peaks, rel_error
+from harness import (BETA, IGNORE_INDEX, MIB, PEERS, LogitsProducer, device, first_call,
+                     generator, linear_inputs, linear_loss, linear_step, peak_extra_bytes,
+                     stop_workers, trl_style_loss)
 
-
-def _dpo(logps, ref_logps):
-    pairs = logps.shape[0] // 2
-    ratio = logps - ref_logps
-    return -F.logsigmoid(BETA * (ratio[:pairs] - ratio[pairs:])).mean()
+# What each implementation runs here (harness.LINEAR_LOSSES); "mixpo": its backend.
+NOTES = {"materialised": "logits = hidden @ W.T, fp32 log_softmax, gather",
+         "trl": "ChunkedLogProbFunction on the completion tokens, log-probs only",
+         "liger": "LigerFusedLinearDPOLoss(use_ref_model=False, compiled=True): reference-free",
+         "cce": "linear_cross_entropy(reduction='none', impl='cce'), summed per sequence"}
 
 
 def _linear_impl(name: str):
-    """(callable (hidden, weight, labels, ref) -> loss, note) or raises _Skip."""
+    """(callable (hidden, weight, labels, ref) -> loss, note) or raises _Skip: Liger and CCE
+    need CUDA (their Triton kernels / torch.compile path), a peer may not be installed."""
     cuda = torch.cuda.is_available()
     if name == "mixpo":
-        import mixpo
         from mixpo.kernels.dispatch import INTERPRET
         backend = "triton" if cuda or INTERPRET else "torch"
-        return (lambda h, w, y, ref: mixpo.linear_preference_loss(
-            h, w, y, ref_logps=ref, beta=BETA, backend=backend).loss), f"backend {backend}"
-    if name == "materialised":
-        def materialised(h, w, y, ref):
-            logprobs = torch.log_softmax((h @ w.T).float(), dim=-1)
-            token = logprobs.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
-            return _dpo((token * (y != IGNORE)).sum(-1), ref)
-        return materialised, "logits = hidden @ W.T, fp32 log_softmax, gather"
-    if name == "trl":
-        try:
-            from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-        except ImportError as error:
-            raise _Skip(f"trl not importable ({error})") from None
-        # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE (that module is slow to import)
-        chunk = 32768
-
-        def trl_head(h, w, y, ref):
-            mask = y != IGNORE            # compacted, as add_fused_lm_head does on CUDA
-            logps = ChunkedLogProbFunction.apply(h[mask], w, None, y[mask], 1.0, chunk, None,
-                                                 1.0, ())[0]
-            return _dpo(logps.new_zeros(mask.shape).masked_scatter(mask, logps).sum(-1), ref)
-        return trl_head, "ChunkedLogProbFunction on the completion tokens, log-probs only"
-    if name == "liger":
-        if not cuda:
-            raise _Skip("needs CUDA (Triton / torch.compile path)")
-        try:
-            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-        except ImportError as error:
-            raise _Skip(f"liger-kernel not importable ({error})") from None
-        module = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False, compiled=True)
-        return (lambda h, w, y, ref: module(w, h, y)[0]), \
-            "LigerFusedLinearDPOLoss(use_ref_model=False, compiled=True): reference-free"
-    if name == "cce":
-        if not cuda:
-            raise _Skip("needs CUDA (its Triton kernels)")
-        try:
-            from cut_cross_entropy import linear_cross_entropy
-        except ImportError as error:
-            raise _Skip(f"cut-cross-entropy not importable ({error})") from None
-
-        def cce(h, w, y, ref):
-            nll = linear_cross_entropy(h, w, y, reduction="none", impl="cce")
-            return _dpo(-nll.float().sum(-1), ref)
-        return cce, "linear_cross_entropy(reduction='none', impl='cce'), summed per sequence"
-    raise ValueError(name)
+        return linear_loss("mixpo", BETA, backend=backend), f"backend {backend}"
+    if name in ("liger", "cce") and not cuda:
+        raise _Skip("needs CUDA (" + ("Triton / torch.compile path" if name == "liger"
+                                      else "its Triton kernels") + ")")
+    try:
+        return linear_loss(name, BETA), NOTES[name]
+    except ImportError as error:
+        raise _Skip(f"{PEERS[name][0]} not importable ({error})") from None
 
 
 class _Skip(Exception):
@@ -97,20 +59,10 @@ def _linear_shapes(quick: bool) -> dict:
 
 
 def _linear_inputs(shape: dict):
-    """hidden [2B, T, H] ~ N(0, 1), weight [V, H] ~ N(0, 1/H) (logits std 1), random labels
-    with `prompt` ignored positions per row, reference log-probs; seeded, so a worker process
-    rebuilds exactly the stage's inputs."""
-    dtype, gen = getattr(torch, shape["dtype"]), _generator(0)
-    hidden = torch.randn(shape["rows"], shape["seq_len"], shape["hidden"], generator=gen,
-                         device=device())
-    weight = torch.randn(shape["vocab"], shape["hidden"], generator=gen, device=device())
-    weight /= shape["hidden"] ** 0.5
-    labels = torch.randint(0, shape["vocab"], (shape["rows"], shape["seq_len"]), generator=gen,
-                           device=device())
-    labels[:, : shape["prompt"]] = IGNORE
-    ref = -torch.rand(shape["rows"], generator=gen, device=device()) * 100 \
-        - (shape["seq_len"] - shape["prompt"]) * math.log(shape["vocab"])
-    return hidden.to(dtype), weight.to(dtype), labels, ref
+    completion = shape["seq_len"] - shape["prompt"]
+    return linear_inputs(shape["rows"], shape["seq_len"], shape["prompt"], shape["hidden"],
+                         shape["vocab"], getattr(torch, shape["dtype"]),
+                         ref_offset=completion * math.log(shape["vocab"]))
 
 
 def _worker_linear_peer(spec: dict) -> dict:
@@ -128,25 +80,11 @@ def _worker_linear_peer(spec: dict) -> dict:
 
 def _measure(ctx, fn_loss, inputs, budget_hint):
     """Forward and forward+backward: median time (bench) and peak memory above the inputs."""
-    hidden, weight, labels, ref = inputs
     result = {}
     for mode in ("forward", "forward_backward"):
-        backward = mode == "forward_backward"
-
-        def step(backward=backward):
-            h = hidden.detach().requires_grad_(backward)
-            w = weight.detach().requires_grad_(backward)
-            with torch.set_grad_enabled(backward):
-                loss = fn_loss(h, w, labels, ref)
-                if backward:
-                    loss.backward()
-            return loss.detach()
-
+        step = linear_step(fn_loss, inputs, backward=mode == "forward_backward")
         try:
-            start = time.perf_counter()
-            loss = float(step())
-            sync()
-            warmup = time.perf_counter() - start
+            loss, warmup = first_call(step)
             seconds = _bench(ctx, step, warmed=True)
             result[mode] = {"ms": 1e3 * seconds, "warmup_s": round(warmup, 2), "loss": loss,
                             "peak_extra_mib": peak_extra_bytes(step) / MIB}
@@ -202,7 +140,7 @@ def _backward_variants(ctx, hidden, weight, labels, ref, dtype):
     from mixpo.kernels.linear_logps_atomic import linear_token_logps_backward_atomic
 
     flat = labels.reshape(-1)
-    rows = torch.nonzero(flat != IGNORE).squeeze(1)
+    rows = torch.nonzero(flat != IGNORE_INDEX).squeeze(1)
     targets = flat[rows]
     coef = torch.full((rows.shape[0],), -BETA / 2, device=device())
     heads = {"random (flat softmax)": (hidden, weight)}
@@ -300,10 +238,7 @@ def _run_liger_worker(ctx, shape) -> dict:
                      work, started)
         result = _finish(ctx, run, reserve_s=BACKWARD_VARIANTS_S)
     finally:
-        for run in started:
-            if run["process"].poll() is None:
-                run["process"].kill()
-                run["process"].wait()
+        stop_workers(started)
         shutil.rmtree(work, ignore_errors=True)
     if "out of memory" in result.get("error", "").lower():
         result["error"] = "out of memory"
@@ -335,7 +270,7 @@ def stage_linear_loss(ctx):
     shape = _linear_shapes(ctx.quick)
     dtype = getattr(torch, shape["dtype"])
     hidden, weight, labels, ref = _linear_inputs(shape)
-    completion = int((labels != IGNORE).sum())
+    completion = int((labels != IGNORE_INDEX).sum())
     model_shape = roofline.SHAPES[shape["model"]] if shape["model"] in roofline.SHAPES else \
         roofline.ModelShape("quick", shape["hidden"], shape["vocab"])
     workload = roofline.Workload(model_shape, labels.numel(), completion, shape["rows"] // 2,
@@ -443,14 +378,13 @@ def stage_logits_loss(ctx):
     second) and over roofline's token_logps_fwd_bwd floor on the measured ceilings.
     """
     import mixpo
-    from bench_preference_loss import _LogitsProducer, trl_style_loss
 
     rows, seq_len, vocab, prompt = (4, 64, 4000, 16) if ctx.quick else (16, 1024, 128256, 256)
-    gen = _generator(0)
+    gen = generator(0)
     logits = torch.randn(rows, seq_len, vocab, generator=gen, device=device(),
                          dtype=torch.float32).to(torch.bfloat16)
     labels = torch.randint(0, vocab, (rows, seq_len), generator=gen, device=device())
-    labels[:, :prompt] = IGNORE
+    labels[:, :prompt] = IGNORE_INDEX
     ref = -torch.rand(rows, generator=gen, device=device()) * 100
     nbytes = logits.numel() * logits.element_size()
     copy_tb_s = ctx.environment.get("ceilings", {}).get("copy_tb_s")
@@ -478,7 +412,7 @@ def stage_logits_loss(ctx):
 
             def step(leaf=leaf, backward=backward, inplace=inplace):
                 with torch.set_grad_enabled(backward):
-                    x = _LogitsProducer.apply(leaf) if backward else leaf
+                    x = LogitsProducer.apply(leaf) if backward else leaf
                     if inplace is None:
                         loss = trl_style_loss(x, labels, ref, BETA)
                     else:

@@ -2,8 +2,8 @@
 from a config, mixpo's trainer (MixDPO + gamma-PO) against trl's DPOTrainer on the same
 synthetic data, and mixpo's peak memory against `mixpo plan`. Holds the model and data
 builders, build_train_config, and the training workers (_worker_mixpo, _worker_trl) that
-gpu_check_common.run_worker runs in processes of their own. The stage function takes a
-`gpu_check.StageContext`, fills `ctx.details`, and returns (verdict, one-line headline)."""
+gpu_check.run_worker runs in processes of their own. The stage function takes a
+`gpu_check_common.StageContext`, fills `ctx.details`, and returns (verdict, one-line headline)."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from gpu_check import sync
 from gpu_check_common import _finish, _free, _start
+from harness import stop_workers, sync
 
 
 def _training_shapes(quick: bool) -> dict:
@@ -207,10 +207,7 @@ def stage_training(ctx):
     try:
         return _training(ctx, shape, work, started)
     finally:
-        for run in started:                   # a worker still running when the stage ends
-            if run["process"].poll() is None:
-                run["process"].kill()
-                run["process"].wait()
+        stop_workers(started)                 # a worker still running when the stage ends
         shutil.rmtree(work, ignore_errors=True)
 
 

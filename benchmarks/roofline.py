@@ -881,3 +881,29 @@ ASSUMPTIONS = (
 __all__ = ["ASSUMPTIONS", "DEFAULT_SHAPES", "DEVICES", "GEMM_EFFICIENCY", "PREDICTED", "SHAPES",
            "DevicePeaks", "KernelCost", "ModelShape", "Workload", "device_peaks",
            "floor_seconds", "kernel_cost", "make_workload", "predict_seconds", "predictions"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefix sharing (issue 23): the model body's work, which the LM-head rows above leave out
+# ----------------------------------------------------------------------------------------------
+# UltraFeedback-like token lengths (Llama-3 tokens), the means of benchmarks/bench_train.py's
+# log-normal draws: prompt median 100 / sigma 0.9, completions median 250 / sigma 0.6.
+ULTRAFEEDBACK_MEANS = {"prompt": 150.0, "chosen": 300.0, "rejected": 300.0}
+
+
+def prefix_sharing_body(prompt: float, chosen: float, rejected: float) -> dict:
+    """What prefix sharing saves in the body, per pair of (prompt, chosen, rejected) tokens.
+    Linear layers (6 x body parameters x tokens): unshared rows run 2P + C + R tokens, a
+    shared row P + C + R. Causal attention within a sequence (query-key products, flash-attn
+    varlen or per-pair blocks): unshared (P+C)^2/2 + (P+R)^2/2, shared P^2/2 + P (C+R) +
+    (C^2+R^2)/2: the prompt's own square is done once. The LM head reads completion tokens
+    only and is unchanged."""
+    unshared = 2 * prompt + chosen + rejected
+    shared = prompt + chosen + rejected
+    attention_unshared = ((prompt + chosen) ** 2 + (prompt + rejected) ** 2) / 2
+    attention_shared = prompt ** 2 / 2 + prompt * (chosen + rejected) + \
+        (chosen ** 2 + rejected ** 2) / 2
+    return {"lengths": {"prompt": prompt, "chosen": chosen, "rejected": rejected},
+            "body_tokens_unshared": unshared, "body_tokens_shared": shared,
+            "linear_flop_saving": 1 - shared / unshared,
+            "attention_flop_saving": 1 - attention_shared / attention_unshared}

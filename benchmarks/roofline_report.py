@@ -4,7 +4,12 @@ readable table.
 
     python benchmarks/roofline_report.py [--shapes llama-3-8b qwen-2.5-7b gemma-2-9b]
         [--tokens 2048 ... 32768] [--prompt-share 0 0.25 0.5] [--pairs-per-batch B ...]
-        [--dtype bf16] [--devices a100 h100] [-o benchmarks/results/roofline.json]
+        [--dtype bf16] [--devices a100 h100] [-o/--json PATH]
+
+prints the table and writes the JSON only where -o / --json says, so a run never changes the
+checkout. The tracked benchmarks/results/roofline.json is the default grid:
+
+    python benchmarks/roofline_report.py --json benchmarks/results/roofline.json
 
 (`mixpo bench roofline ...` runs this script from a source checkout.)
 """
@@ -13,22 +18,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import pathlib
-import platform
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from roofline import (ASSUMPTIONS, DEFAULT_PROMPT_SHARES, DEFAULT_SEQ_LEN,  # noqa: E402
                       DEFAULT_SHAPES, DEFAULT_TOKENS, DEVICES, GEMM_EFFICIENCY, KERNEL_MODELS,
-                      SHAPES, KernelCost, Workload, device_peaks, make_workload,
-                      matmul_flop_floor_fwd_bwd, predictions)
+                      SHAPES, ULTRAFEEDBACK_MEANS, KernelCost, Workload, device_peaks,
+                      make_workload, matmul_flop_floor_fwd_bwd, predictions,
+                      prefix_sharing_body)
 
+from harness import versions  # noqa: E402
 from mixpo.train.plan import SHAPE_ALIASES, canonical_shape_name  # noqa: E402
-
-DEFAULT_OUTPUT = pathlib.Path(__file__).resolve().parent / "results" / "roofline.json"
 
 
 def cost_row(cost: KernelCost, workload: Workload, devices: dict) -> dict:
@@ -80,20 +83,6 @@ def workloads(shapes, tokens, prompt_shares, pairs_per_batch=None, dtype="bf16",
     return result
 
 
-def _versions() -> dict:
-    from mixpo import __version__ as mixpo_version
-
-    versions = {"mixpo": mixpo_version, "python": platform.python_version()}
-    for package in ("torch", "triton"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
-
-
 def build_report(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS,
                  prompt_shares=DEFAULT_PROMPT_SHARES, pairs_per_batch=None, dtype="bf16",
                  devices=tuple(DEVICES), seq_len=DEFAULT_SEQ_LEN,
@@ -116,7 +105,7 @@ def build_report(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS,
         headline = dataclasses.replace(headline, workspace_bytes=workspace_bytes)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": versions(),
         "dtype": dtype, "seq_len_for_derived_pairs": seq_len,
         "kept_tile_fraction": kept_tile_fraction,
         "devices": {name: device.as_dict() for name, device in peaks.items()},
@@ -134,6 +123,8 @@ def build_report(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS,
                         "rows": predictions(headline, tuple(devices))},
         "kernel_notes": {name: model(example).note for name, model in KERNEL_MODELS.items()
                          if model(example).note},
+        "prefix_sharing": {"ultrafeedback": prefix_sharing_body(**ULTRAFEEDBACK_MEANS),
+                           "long_prompt_70pct": prefix_sharing_body(700.0, 300.0, 300.0)},
         "rows": rows,
     }
 
@@ -199,7 +190,15 @@ def format_table(report: dict) -> str:
         floor = f"{floor_names[row['flop_floor']]} {row['flop_floor_ms']:.1f} ms"
         predicted.append(f"{row['device']:<7} {row['design']:<31} {row['predicted_ms']:>12.1f} "
                          f"{floor:>23} {row['x_flop_floor']:>7.2f} {row['bound']}")
-    return "\n".join([f"roofline floors ({peaks})", *lines, *predicted])
+    sharing = ["", "prefix sharing, the model body per pair (the LM head is unchanged):"]
+    for name, row in report.get("prefix_sharing", {}).items():
+        lengths = row["lengths"]
+        sharing.append(f"  {name}: prompt {lengths['prompt']:.0f}, completions "
+                       f"{lengths['chosen']:.0f} / {lengths['rejected']:.0f} tokens -> "
+                       f"{row['body_tokens_unshared']:.0f} -> {row['body_tokens_shared']:.0f} "
+                       f"body tokens: linear-layer FLOPs -{100 * row['linear_flop_saving']:.1f} "
+                       f"%, causal attention -{100 * row['attention_flop_saving']:.1f} %")
+    return "\n".join([f"roofline floors ({peaks})", *lines, *predicted, *sharing])
 
 
 def main(argv=None) -> int:
@@ -231,7 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workspace-mib", type=int, default=None,
                         help="the logit-free head's workspace budget (default: mixpo's, "
                         "DEFAULT_WORKSPACE_BYTES)")
-    parser.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT), help="JSON output path")
+    parser.add_argument("-o", "--output", "--json", default=None, metavar="PATH",
+                        help="write the JSON report here (default: only print the table; "
+                        "the tracked one: --json benchmarks/results/roofline.json)")
     args = parser.parse_args(argv)
     for name in args.shapes:
         if name in SHAPE_ALIASES:
@@ -246,11 +247,12 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"roofline: error: {error}", file=sys.stderr)
         return 2
-    output = pathlib.Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(report_json(report))
     print(format_table(report))
-    print(f"\nwrote {output}")
+    if args.output:
+        output = pathlib.Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report_json(report))
+        print(f"\nwrote {output}")
     return 0
 
 

@@ -17,6 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # How a family of loss types reads the pair (kernels/pair_loss.py implements each family):
+IGNORE_INDEX = -100  # the label of prompt and padding positions, everywhere (HF's convention)
+
+
+def shift_labels(labels, ignore_index: int = IGNORE_INDEX):
+    """HF-style labels [S, T] (label t = token t) -> position-aligned labels (label t = token
+    t + 1): position t's prediction is scored against shifted[:, t]; the last position gets
+    ignore_index. The one definition (a tensor method call, so no torch import here)."""
+    shifted = labels.new_full(labels.shape, ignore_index)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted
+
 MARGIN = "margin"    # a function of z = beta * h - gamma (gamma-PO, R-DPO, DPOP, f-divergence)
 RATIOS = "ratios"    # of beta * u_w and beta * u_l separately (no margin)
 ODDS = "odds"        # ORPO: the log-odds of the length-averaged log-probs
@@ -39,6 +50,8 @@ class LossType:
     reference_free: no reference log-probs (ref_logps must be None).
     label_smoothing: accepts label_smoothing > 0 ("required": must be > 0).
     nll: adds an NLL term on the chosen responses (CPO: cpo_alpha, ORPO: 1).
+    default_gamma: the target margin when `gamma` is unset (SimPO 0.5, as TRL's CPOConfig
+        and Liger; 0 otherwise); margin family only.
     """
     name: str
     kernel_code: int | None
@@ -50,6 +63,7 @@ class LossType:
     reference_free: bool = False
     label_smoothing: bool | str = False
     nll: str | None = None
+    default_gamma: float = 0.0
 
 
 LOSS_TYPES: dict[str, LossType] = {spec.name: spec for spec in (
@@ -70,7 +84,7 @@ LOSS_TYPES: dict[str, LossType] = {spec.name: spec for spec in (
     LossType("simpo", 0, MARGIN, "-(1-e) log s(beta (avg_w - avg_l) - gamma)",
              "SimPO (Meng et al. 2024); gamma defaults to 0.5 as TRL's CPOConfig and Liger",
              normalized=True, reward_normalized=True, reference_free=True,
-             label_smoothing=True),
+             label_smoothing=True, default_gamma=0.5),
     LossType("cpo", 0, MARGIN, "-(1-e) log s(beta (logp_w - logp_l)) + cpo_alpha NLL_w",
              "CPO (Xu et al. 2024), TRL CPOTrainer / Liger", reference_free=True,
              label_smoothing=True, nll="cpo_alpha"),

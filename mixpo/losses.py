@@ -13,6 +13,7 @@ their torch twins (the CPU path and the test oracle), `"auto"` picks triton for 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Optional
 
 import torch
@@ -23,8 +24,9 @@ from mixpo.functions import (compact_rows, ld_row_weights, ld_token_weights,
                              linear_one_pass_loss, linear_sequence_logps, logits_sequence_logps,
                              pair_head as run_pair_head, plan_linear_passes, wpo_weights)
 from mixpo.kernels.dispatch import tracing, use_triton
-from mixpo.loss_config import LossConfig
+from mixpo.loss_config import LossConfig, loss_config_and_gamma, with_loss_options
 from mixpo.loss_spec import MARGIN, sequence_rewards
+from mixpo.loss_spec import shift_labels as _shift_labels
 from mixpo.margins import AdaptiveMargin
 
 
@@ -53,6 +55,18 @@ class PreferenceLossOutput:
     rejected_counts: Optional[torch.Tensor] = None
     chosen_token_sums: Optional[torch.Tensor] = None
     rejected_token_sums: Optional[torch.Tensor] = None
+
+    def per_pair(self, transform) -> "PreferenceLossOutput":
+        """This output with `transform` applied to every per-pair field (e.g. a gather over
+        processes, before `metrics()`: one definition of the metrics for every front door);
+        `loss` is kept, the routing flags travel as floats."""
+        values = {}
+        for item in dataclass_fields(self):
+            value = getattr(self, item.name)
+            if item.name != "loss" and value is not None:
+                value = transform(value.float() if value.dtype == torch.bool else value)
+            values[item.name] = value
+        return PreferenceLossOutput(**values)
 
     def metric_tensors(self) -> dict:
         """The metrics as 0-d tensors on the loss's device (no host sync)."""
@@ -321,54 +335,9 @@ def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_lo
 # ----------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------
-LOSS_KEYWORDS_DOC = """
-    Loss keywords (TRL's DPOConfig names where TRL has them; `mixpo.LossConfig` documents
-    each in full):
-        loss_type: a type of mixpo.loss_spec.LOSS_TYPES -- sigmoid (DPO; label_smoothing =
-            cDPO), robust (rDPO), hinge, ipo (per-token, TRL), exo_pair, discopop,
-            sigmoid_norm, simpo, cpo, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down,
-            orpo, sft, aot, aot_unpaired -- or a list of them with `loss_weights`.
-        beta: inverse temperature (ORPO's lambda).
-        gamma: target margin, float or [B] tensor, inside the loss as z = beta * h - gamma
-            (margin types); None = 0, or 0.5 for simpo (TRL's CPOConfig, Liger).
-        label_smoothing: cDPO / rDPO / EXO / AOT epsilon in [0, 0.5).
-        average_log_prob: None = each type's convention (per token for ipo, sigmoid_norm,
-            simpo, orpo), True / False force per-token / summed log-ratios.
-        hard: [B] bool, MixDPO routing: these pairs take the token-mean NLL of the chosen
-            response instead (their rejected response gets no gradient).
-        sft_weight: + sft_weight * NLL of the chosen responses.
-        nll_normalization: "batch" (TRL, Liger: mean over all chosen completion tokens of
-            the batch) or "pair" (mean over pairs of each response's token mean).
-        margin: a `mixpo.AdaptiveMargin` (gamma-PO); it receives the batch's reward gaps and
-            supplies a per-pair gamma (exclusive with `gamma`).
-        cpo_alpha, discopop_tau, use_weighting (WPO), f_divergence_type,
-        f_alpha_divergence_coef, ld_alpha (LD-DPO), rdpo_alpha (R-DPO), dpop_lambda (DPOP):
-            see `mixpo.LossConfig`.
-        logit_scale, softcap: the model's logits are softcap * tanh(logit_scale * z /
-            softcap) (logit_scale * z without softcap); temperature T is logit_scale = 1/T.
-        token_metrics: also return TRL's logits/chosen, logits/rejected, entropy and
-            mean_token_accuracy from the same pass (out.metrics()).
-        ignore_index: the label of prompt and padding.
-        backend: "auto" | "triton" | "torch".
-"""
-
-
-def _loss_config(**keywords) -> tuple:
-    """The functional keywords as (LossConfig, per-call gamma tensor or None)."""
-    gamma = keywords.pop("gamma")
-    if isinstance(gamma, torch.Tensor):
-        return LossConfig(gamma=None, **keywords), gamma
-    return LossConfig(gamma=gamma, **keywords), None
-
-
-def preference_loss(logits, labels, *, ref_logps=None, loss_type="sigmoid", loss_weights=None,
-                    beta=0.1, gamma=None, label_smoothing=0.0, average_log_prob=None,
-                    hard=None, sft_weight=0.0, nll_normalization="batch", margin=None,
-                    cpo_alpha=1.0, discopop_tau=0.05, use_weighting=False,
-                    f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
-                    ld_alpha=None, rdpo_alpha=0.0, dpop_lambda=0.0, logit_scale=1.0,
-                    softcap=None, token_metrics=False, ignore_index=-100, backend="auto",
-                    inplace_backward=False):
+@with_loss_options
+def preference_loss(logits, labels, *, ref_logps=None, hard=None, margin=None, backend="auto",
+                    inplace_backward=False, **options):
     """Fused preference loss over LM-head logits: one read of the logits in forward.
 
     Args:
@@ -378,42 +347,34 @@ def preference_loss(logits, labels, *, ref_logps=None, loss_type="sigmoid", loss
             log-prob is read at position t; see `shift_labels`); `ignore_index` marks prompt
             and padding. Every sequence needs at least one completion token.
         ref_logps: [2B] summed reference log-probs, or None for a reference-free loss.
+        hard: [B] bool, MixDPO routing: these pairs take the token-mean NLL of the chosen
+            response instead (their rejected response gets no gradient).
+        margin: a `mixpo.AdaptiveMargin` (gamma-PO): it receives the batch's reward gaps and
+            supplies a per-pair gamma (exclusive with a gamma tensor).
+        backend: "auto" (Triton on CUDA tensors) | "triton" | "torch".
         inplace_backward: the backward writes d loss / d logits into `logits` itself
             (flash-attention style): no second [N, V] buffer, and `logits` is consumed.
     {loss keywords}
     Returns a `PreferenceLossOutput`; only `.loss` carries gradient (to `logits`).
     """
-    config, gamma = _loss_config(
-        loss_type=loss_type, loss_weights=loss_weights, beta=beta, gamma=gamma,
-        label_smoothing=label_smoothing, average_log_prob=average_log_prob,
-        sft_weight=sft_weight, nll_normalization=nll_normalization, cpo_alpha=cpo_alpha,
-        discopop_tau=discopop_tau, use_weighting=use_weighting,
-        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-        ld_alpha=ld_alpha, rdpo_alpha=rdpo_alpha, dpop_lambda=dpop_lambda,
-        logit_scale=logit_scale, softcap=softcap, token_metrics=token_metrics,
-        ignore_index=ignore_index)
+    config, gamma = loss_config_and_gamma(options)
     return logits_loss(logits, labels, config, ref_logps=ref_logps, hard=hard, gamma=gamma,
                        margin=margin, backend=backend, inplace_backward=inplace_backward)
 
 
-def linear_preference_loss(hidden, weight, labels, *, bias=None, ref_logps=None,
-                           loss_type="sigmoid", loss_weights=None, beta=0.1, gamma=None,
-                           label_smoothing=0.0, average_log_prob=None, hard=None,
-                           sft_weight=0.0, nll_normalization="batch", margin=None,
-                           cpo_alpha=1.0, discopop_tau=0.05, use_weighting=False,
-                           f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
-                           ld_alpha=None, rdpo_alpha=0.0, dpop_lambda=0.0, logit_scale=1.0,
-                           softcap=None, token_metrics=False, ignore_index=-100,
-                           backend="auto", workspace_bytes=None, passes="auto"):
+@with_loss_options
+def linear_preference_loss(hidden, weight, labels, *, bias=None, ref_logps=None, hard=None,
+                           margin=None, backend="auto", workspace_bytes=None, passes="auto",
+                           **options):
     """Logit-free fused preference loss: the [tokens x vocab] logits never exist.
 
     hidden [2B, T, H] (the model body's last hidden states, chosen rows first), weight [V, H]
-    (lm_head weight, possibly tied to the embedding), bias [V] or None, labels [2B, T] and
-    ref_logps as in `preference_loss`. Prompt and padding tokens (labels == ignore_index) are
-    compacted away before any matmul. Gradients flow to hidden, weight and bias. Under
-    torch.autocast the head computes in the autocast dtype, as `F.linear` would (the model's
-    own head, trl's fused head), whatever the dtype of the body's output.
-    {loss keywords}
+    (lm_head weight, possibly tied to the embedding), bias [V] or None, labels [2B, T],
+    ref_logps, hard, margin and backend as in `preference_loss`. Prompt and padding tokens
+    (labels == ignore_index) are compacted away before any matmul. Gradients flow to hidden,
+    weight and bias. Under torch.autocast the head computes in the autocast dtype, as
+    `F.linear` would (the model's own head, trl's fused head), whatever the dtype of the
+    body's output.
     Head keywords:
         workspace_bytes: the most bytes of logits / softmax gradient alive at once (default
             `mixpo.kernels.configs.DEFAULT_WORKSPACE_BYTES`, 256 MiB): the backward's
@@ -424,24 +385,13 @@ def linear_preference_loss(hidden, weight, labels, *, bias=None, ref_logps=None,
             logits fit the workspace and, for 16-bit weights, the whole batch does; logged
             once, see `mixpo.functions.plan_linear_passes`), 1 (force; needs a per-pair loss)
             or 2 (forward, then a backward that recomputes the logits).
+    {loss keywords}
     Returns a `PreferenceLossOutput`; only `.loss` carries gradient.
     """
-    config, gamma = _loss_config(
-        loss_type=loss_type, loss_weights=loss_weights, beta=beta, gamma=gamma,
-        label_smoothing=label_smoothing, average_log_prob=average_log_prob,
-        sft_weight=sft_weight, nll_normalization=nll_normalization, cpo_alpha=cpo_alpha,
-        discopop_tau=discopop_tau, use_weighting=use_weighting,
-        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-        ld_alpha=ld_alpha, rdpo_alpha=rdpo_alpha, dpop_lambda=dpop_lambda,
-        logit_scale=logit_scale, softcap=softcap, token_metrics=token_metrics,
-        ignore_index=ignore_index)
+    config, gamma = loss_config_and_gamma(options)
     return linear_loss(hidden, weight, labels, config, bias=bias, ref_logps=ref_logps,
                        hard=hard, gamma=gamma, margin=margin, backend=backend,
                        workspace_bytes=workspace_bytes, passes=passes)
-
-
-for _function in (preference_loss, linear_preference_loss):
-    _function.__doc__ = _function.__doc__.replace("    {loss keywords}\n", LOSS_KEYWORDS_DOC)
 
 
 @torch.no_grad()
@@ -488,6 +438,4 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     if not isinstance(labels, torch.Tensor) or labels.ndim != 2:
         raise ValueError(f"labels must be a [S, T] tensor, got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else labels!r}")
-    shifted = torch.full_like(labels, ignore_index)
-    shifted[:, :-1] = labels[:, 1:]
-    return shifted
+    return _shift_labels(labels, ignore_index)

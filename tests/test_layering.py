@@ -1,10 +1,14 @@
 """The package imports only downward: every `import` in mixpo/ (module level and inside
 functions) names a module of a lower layer, or of its own group in the same layer. The
-layers are ARCHITECTURE.md's table."""
+layers are ARCHITECTURE.md's table. benchmarks/ is a leaf above the package: its modules
+import mixpo, mixpo imports none of them (`mixpo bench roofline` runs a script as a
+subprocess), and among themselves they import only downward too (BENCHMARK_LAYERS), so their
+import graph has no cycle."""
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mixpo"
+BENCHMARKS = PACKAGE.parent / "benchmarks"
 
 # Lowest first. Groups on one line share a layer and may not import each other.
 LAYERS = (
@@ -18,6 +22,15 @@ LAYERS = (
     ("mixpo",),                                               # the package root's exports
     ("mixpo.cli",),                                           # the command line
     ("mixpo.__main__",),
+)
+# benchmarks/ (each module imported by its name: the scripts run with benchmarks/ on sys.path),
+# lowest first; modules on one line share a layer and may not import each other.
+BENCHMARK_LAYERS = (
+    ("harness",),                       # device, timing, versions, JSON, workers, the peers
+    ("roofline",),                      # the roofline model
+    ("gpu_check_common", "bench_train_report", "roofline_report"),  # stage framework | reports
+    ("gpu_check_tables", "gpu_stage_correctness", "gpu_stage_speed", "gpu_stage_training"),
+    ("gpu_check", "bench_linear", "bench_preference_loss", "bench_train"),   # the scripts
 )
 CORE = ("mixpo.loss_config", "mixpo.margins", "mixpo.checks", "mixpo.functions", "mixpo.losses",
         "mixpo.modules")
@@ -93,3 +106,46 @@ def test_the_checker_sees_upward_imports(tmp_path):
 def test_performance_tooling_lives_beside_the_benchmarks():
     assert not (PACKAGE / "roofline.py").exists() and not (PACKAGE / "testing.py").exists()
     assert (PACKAGE.parent / "benchmarks" / "roofline.py").is_file()
+
+
+def benchmark_rank(module: str) -> int:
+    return next(index for index, layer in enumerate(BENCHMARK_LAYERS) if module in layer)
+
+
+def benchmark_violations(folder: Path) -> list:
+    """Imports in folder/*.py of a benchmarks module that is not in a lower layer."""
+    names = {path.stem for path in BENCHMARKS.glob("*.py")} | {
+        path.stem for path in folder.glob("*.py")}
+    violations = []
+    for path in sorted(folder.glob("*.py")):
+        for target in imported_modules(path, path.stem):
+            top = target.split(".")[0]
+            if top in names and benchmark_rank(top) >= benchmark_rank(path.stem):
+                violations.append(f"{path.stem} imports {top}")
+    return violations
+
+
+def test_benchmarks_import_mixpo_and_lower_benchmark_modules_only():
+    modules = sorted(path.stem for path in BENCHMARKS.glob("*.py"))
+    assert len(modules) > 10
+    listed = [module for layer in BENCHMARK_LAYERS for module in layer]
+    assert sorted(listed) == modules, "every benchmarks/ module is in one BENCHMARK_LAYERS layer"
+    assert not benchmark_violations(BENCHMARKS), "\n".join(benchmark_violations(BENCHMARKS))
+
+
+def test_mixpo_imports_no_benchmarks_module():
+    names = {path.stem for path in BENCHMARKS.glob("*.py")} | {"benchmarks"}
+    found = [f"{module_name(path)} imports {target}"
+             for path in sorted(PACKAGE.rglob("*.py"))
+             for target in imported_modules(path, module_name(path))
+             if target.split(".")[0] in names]
+    assert not found, "\n".join(found)
+
+
+def test_the_benchmark_checker_sees_a_cycle(tmp_path):
+    # The old cycle: gpu_check_common importing the script that imports it.
+    (tmp_path / "gpu_check_common.py").write_text("from gpu_check import SCRIPT\n")
+    (tmp_path / "gpu_stage_speed.py").write_text("def f():\n    import bench_linear\n")
+    (tmp_path / "harness.py").write_text("import torch\nimport mixpo\n")
+    assert benchmark_violations(tmp_path) == ["gpu_check_common imports gpu_check",
+                                              "gpu_stage_speed imports bench_linear"]

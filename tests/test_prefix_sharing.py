@@ -1,7 +1,6 @@
 """Prefix sharing: chosen and rejected read their prompt once ([prompt | chosen | rejected] in
 one packed row, the rejected tokens masked from the chosen ones). Every loss type, with routing
 and margins, gives the values and gradients of unshared packed rows."""
-import json
 
 import pytest
 import torch
@@ -124,33 +123,24 @@ def test_flex_attention_block_mask_gives_the_unshared_log_probs():
 # ---- the trainer ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from fixtures import save_tiny_model, ultrafeedback_rows
+    from fixtures import tiny_training_setup
 
-    root = tmp_path_factory.mktemp("sharing")
-    rows = ultrafeedback_rows(8)
-    save_tiny_model(root / "model", rows)
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return root, data
+    return tiny_training_setup(tmp_path_factory.mktemp("sharing"), pairs=8)
 
 
 @pytest.mark.parametrize("reference", ["precomputed", "live"])
 def test_trainer_with_prefix_sharing_follows_the_unshared_run(tiny, tmp_path, reference):
-    from mixpo.train.config import TrainConfig, build_config
+    from fixtures import tiny_train_config
     from mixpo.train.metrics import read_metrics
     from mixpo.train.trainer import train
 
-    root, data = tiny
     runs = {}
     for sharing in (True, False):
         out = tmp_path / f"sharing-{sharing}"
-        train(build_config(TrainConfig, None, dict(
-            model_name_or_path=str(root / "model"), train_file=str(data), max_length=64,
-            global_batch_size=4, per_device_train_batch_size=2, logging_steps=1,
-            progress_bar=False, max_steps=2, save_steps=0, learning_rate=1e-3,
-            output_dir=str(out), padding_free=True, prefix_sharing=sharing,
-            reference=reference, difficulty="rating", route_below=1.0,
-            attn_implementation="sdpa")))
+        train(tiny_train_config(tiny, out, max_length=64, max_prompt_length=512, max_steps=2,
+                                padding_free=True, prefix_sharing=sharing, reference=reference,
+                                difficulty="rating", route_below=1.0,
+                                attn_implementation="sdpa"))
         runs[sharing] = read_metrics(out)
     for shared, unshared in zip(runs[True], runs[False]):
         for name in ("loss", "rewards/margins", "logps/chosen", "logps/rejected",

@@ -3,6 +3,7 @@ and `mixpo bench`."""
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 import roofline  # benchmarks/ (conftest puts it on sys.path)
@@ -279,6 +280,21 @@ def test_cli_roofline_writes_json_with_metadata(tmp_path, capfd):
     assert "note: shape 'gemma2' is now called 'gemma-2-9b'" in table
 
 
+def test_cli_roofline_prints_and_writes_nothing_by_default(tmp_path, monkeypatch, capfd):
+    # The tracked benchmarks/results/roofline.json is rewritten only when asked (--json).
+    tracked = Path(roofline.__file__).resolve().parent / "results" / "roofline.json"
+    before = tracked.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "roofline", "--shapes", "llama-3-8b", "--tokens", "2048",
+                 "--prompt-share", "0"]) == 0
+    out = capfd.readouterr().out
+    assert "linear_logps_fwd_bwd" in out and "wrote" not in out
+    assert tracked.read_bytes() == before and not list(tmp_path.iterdir())
+    assert main(["bench", "roofline", "--shapes", "llama-3-8b", "--tokens", "2048",
+                 "--prompt-share", "0", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["rows"]
+
+
 def test_cli_roofline_rejects_unknown_shape(tmp_path):
     assert main(["bench", "roofline", "--shapes", "gpt9", "-o", str(tmp_path / "r.json")]) == 2
     assert not (tmp_path / "r.json").exists()
@@ -308,3 +324,16 @@ def test_cli_compile_runs_compile_check_without_triton_interpret(monkeypatch, tm
     args = build_parser().parse_args(["bench", "compile", "--kernel", "no_such_kernel"])
     with pytest.raises(ValueError, match="no_such_kernel"):
         args.func(args)
+
+
+def test_prefix_sharing_body_saving():
+    """Prefix sharing's body model: a 150-token prompt before two 300-token responses runs
+    2*150 + 600 = 900 body tokens unshared and 750 shared (1/6 fewer linear FLOPs); the
+    attention saving is the prompt's own square, once."""
+    from roofline import ULTRAFEEDBACK_MEANS, prefix_sharing_body
+
+    row = prefix_sharing_body(**ULTRAFEEDBACK_MEANS)
+    assert (row["body_tokens_unshared"], row["body_tokens_shared"]) == (900, 750)
+    assert row["linear_flop_saving"] == pytest.approx(1 / 6)
+    assert row["attention_flop_saving"] == pytest.approx(150 ** 2 / 2 / (2 * 450 ** 2 / 2))
+    assert prefix_sharing_body(0.0, 5.0, 7.0)["linear_flop_saving"] == 0.0

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import save_tiny_model, ultrafeedback_rows, write_jsonl
+from fixtures import (tiny_train_config, tiny_training_setup, ultrafeedback_rows,
+                      write_jsonl)
 from mixpo.cli import main
 from mixpo.files import OUTPUT_MARKER, UnsafeFileError
 from mixpo.train import checkpoint
-from mixpo.train.config import TrainConfig, build_config
 from mixpo.train.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,21 +38,11 @@ class RunsCode:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("safety")
-    rows = ultrafeedback_rows(16)
-    save_tiny_model(root / "model", rows)
-    data = write_jsonl(root / "train.jsonl", rows)
-    return root, data
+    return tiny_training_setup(tmp_path_factory.mktemp("safety"))
 
 
 def config(tiny, out, **overrides):
-    root, data = tiny
-    values = dict(model_name_or_path=str(root / "model"), train_file=str(data), max_length=48,
-                  max_prompt_length=16, global_batch_size=4, per_device_train_batch_size=2,
-                  logging_steps=1, progress_bar=False, max_steps=2, save_steps=2,
-                  learning_rate=1e-3, output_dir=str(out))
-    values.update(overrides)
-    return build_config(TrainConfig, None, values)
+    return tiny_train_config(tiny, out, **{"max_steps": 2, "save_steps": 2, **overrides})
 
 
 @pytest.fixture(scope="module")

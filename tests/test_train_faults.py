@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import save_tiny_model, ultrafeedback_rows
+from fixtures import tiny_train_config, tiny_training_setup
 from mixpo.cli import main
 from mixpo.train import checkpoint
 from mixpo.train.config import TrainConfig, build_config
@@ -28,22 +28,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    rows = ultrafeedback_rows(16)
-    save_tiny_model(root / "model", rows)
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return root, data
+    return tiny_training_setup(tmp_path_factory.mktemp("faults"))
 
 
 def config(tiny, out, **overrides):
-    root, data = tiny
-    values = dict(model_name_or_path=str(root / "model"), train_file=str(data), max_length=48,
-                  max_prompt_length=16, global_batch_size=4, per_device_train_batch_size=2,
-                  logging_steps=1, progress_bar=False, max_steps=4, save_steps=0,
-                  learning_rate=1e-3, output_dir=str(out))
-    values.update(overrides)
-    return build_config(TrainConfig, None, values)
+    return tiny_train_config(tiny, out, **overrides)
 
 
 def test_divergence_stops_the_run_and_saves_nothing_non_finite(tiny, tmp_path):

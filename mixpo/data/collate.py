@@ -8,7 +8,69 @@ from __future__ import annotations
 
 import torch
 
-from mixpo.data.tokenize import IGNORE_INDEX, PASSTHROUGH_COLUMNS
+from mixpo.data.tokenize import PASSTHROUGH_COLUMNS
+from mixpo.loss_spec import IGNORE_INDEX, shift_labels
+
+
+LAYOUTS = ("padded", "packed", "shared")
+
+
+class PreferenceBatch(dict):
+    """A collated batch: the tensors each collator documents, by name (as a dict, so code
+    that indexes them keeps working), typed by what every consumer needs the same way:
+
+        layout: "padded" ([2B, T] rows), "packed" (padding-free, one row [1, L]) or "shared"
+            (packed with each prompt read once);
+        position_labels: labels aligned with positions in every layout (position t reads
+            token t + 1; IGNORE_INDEX elsewhere); the padded layout's `labels` stay HF-style
+            (label t = token t), as Hugging Face collators give them;
+        completion: completion_rows / completion_sequences / completion_counts, the facts
+            the logit-free loss needs about the labels, computed on the CPU;
+        pair_columns: the per-pair columns (hard, ref_*_logps, scores) present;
+        tokens: the tokens the model body runs (read on the host: call on the CPU batch);
+        to(device): the batch on a device, still typed.
+
+    Made by the three collators and by the TRL adapter (mixpo.integrations.trl_head);
+    `PreferenceBatch.of` types a plain dict of the same tensors."""
+
+    def __init__(self, tensors: dict, layout: str):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        super().__init__(tensors)
+        self.layout = layout
+
+    @classmethod
+    def of(cls, batch: dict) -> "PreferenceBatch":
+        if isinstance(batch, cls):
+            return batch
+        layout = "shared" if "segment_lengths" in batch else \
+            "packed" if "sequence_lengths" in batch else "padded"
+        return cls(batch, layout)
+
+    @property
+    def position_labels(self) -> torch.Tensor:
+        if self.layout != "padded":
+            return self["labels"]
+        if "position_labels" in self:
+            return self["position_labels"]
+        return shift_labels(self["labels"])          # a plain dict typed by `of`
+
+    @property
+    def completion(self) -> dict:
+        return {name: self.get(name) for name in
+                ("completion_rows", "completion_sequences", "completion_counts")}
+
+    @property
+    def pair_columns(self) -> dict:
+        return {name: self[name] for name in PASSTHROUGH_COLUMNS if name in self}
+
+    @property
+    def tokens(self) -> int:
+        return int(self["attention_mask"].sum())
+
+    def to(self, device, non_blocking: bool = True) -> "PreferenceBatch":
+        return PreferenceBatch({name: tensor.to(device, non_blocking=non_blocking)
+                                for name, tensor in self.items()}, self.layout)
 
 
 def _chosen_then_rejected(examples: list[dict]) -> tuple[list, list]:
@@ -24,10 +86,10 @@ def _chosen_then_rejected(examples: list[dict]) -> tuple[list, list]:
 class PreferenceCollator:
     """Pads a list of `tokenize_pair` outputs (B pairs; ids as lists or arrays) on the right.
 
-    Returns a dict:
+    Returns a `PreferenceBatch` (a dict) of:
         input_ids [2B, T] int64 (padding = pad_token_id), attention_mask [2B, T] int64,
-        labels [2B, T] int64 HF-style (label t = token t; prompt and padding = IGNORE_INDEX;
-            shift with `mixpo.shift_labels` before the loss),
+        labels [2B, T] int64 HF-style (label t = token t; prompt and padding = IGNORE_INDEX),
+            and position_labels [2B, T], the same shifted once (label t = token t + 1),
         completion_rows [n] int64: the flat indices (into [2B * T]) of the positions whose
             shifted label is a completion token, and completion_counts [2B] float32 (what
             the logit-free loss needs about the batch's shape, computed here on the CPU so the
@@ -56,9 +118,9 @@ class PreferenceCollator:
             input_ids[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
             label_ids[row, :len(row_labels)] = torch.as_tensor(row_labels, dtype=torch.long)
             attention_mask[row, :len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
-        shifted = torch.full_like(label_ids, IGNORE_INDEX)
-        shifted[:, :-1] = label_ids[:, 1:]
+        shifted = shift_labels(label_ids)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids,
+                 "position_labels": shifted}
         completion = shifted != IGNORE_INDEX
         counts = completion.sum(dim=1)
         if (counts == 0).any():
@@ -66,9 +128,8 @@ class PreferenceCollator:
                              "the batch have no completion token")
         batch["completion_rows"] = torch.nonzero(completion.reshape(-1)).squeeze(1)
         batch["completion_counts"] = counts.float()
-
         batch.update(passthrough_columns(examples))
-        return batch
+        return PreferenceBatch(batch, "padded")
 
 
 def passthrough_columns(examples: list[dict]) -> dict:
@@ -94,7 +155,7 @@ class PackedPreferenceCollator:
     rows of the same pairs) concatenated into ONE row, with position ids restarting at every
     sequence, so no FLOP of the model body goes to padding.
 
-    Returns a dict:
+    Returns a `PreferenceBatch` (a dict) of:
         input_ids [1, L] int64 and position_ids [1, L] int64, L = the sum of the lengths;
         sequence_lengths [2B] int64 (the model keeps attention within each sequence);
         labels [1, L] int64 already POSITION-ALIGNED (label t = the token at t + 1 of the same
@@ -113,12 +174,9 @@ class PackedPreferenceCollator:
         ids, positions, aligned, lengths = [], [], [], []
         for sequence, hf_labels in zip(sequences, labels):
             sequence = torch.as_tensor(sequence, dtype=torch.long)
-            hf_labels = torch.as_tensor(hf_labels, dtype=torch.long)
-            shifted = torch.full_like(hf_labels, IGNORE_INDEX)
-            shifted[:-1] = hf_labels[1:]
             ids.append(sequence)
             positions.append(torch.arange(len(sequence)))
-            aligned.append(shifted)
+            aligned.append(shift_labels(torch.as_tensor(hf_labels, dtype=torch.long)[None])[0])
             lengths.append(len(sequence))
         position_labels = torch.cat(aligned)[None]
         completion = position_labels[0] != IGNORE_INDEX
@@ -135,7 +193,7 @@ class PackedPreferenceCollator:
                  "completion_counts": counts.float(),
                  "attention_mask": torch.ones(1, sum(lengths), dtype=torch.long)}
         batch.update(passthrough_columns(examples))
-        return batch
+        return PreferenceBatch(batch, "packed")
 
 
 class SharedPrefixCollator:
@@ -152,7 +210,7 @@ class SharedPrefixCollator:
     from the shared row. The last prompt token appears twice there: it predicts both the
     chosen and the rejected response's first token.
 
-    Returns a dict:
+    Returns a `PreferenceBatch` (a dict) of:
         input_ids [1, L] int64 and position_ids [1, L] int64, L = the sum over pairs of
             prompt + chosen + rejected completion tokens;
         segment_lengths [3B] int64: (prompt, chosen, rejected) token counts of each pair;
@@ -216,4 +274,4 @@ class SharedPrefixCollator:
                  "completion_counts": counts.float(),
                  "attention_mask": torch.ones(1, offset, dtype=torch.long)}
         batch.update(passthrough_columns(examples))
-        return batch
+        return PreferenceBatch(batch, "shared")

@@ -22,9 +22,9 @@ from typing import Sequence
 import numpy as np
 
 from mixpo.data.formats import DataWarning, every_row, render_example, split_example
+from mixpo.loss_spec import IGNORE_INDEX
 from mixpo.data.io import RowNamer, default_row_names
 
-IGNORE_INDEX = -100
 # Per-pair columns carried through tokenization and collation (TRL drops them; we must not).
 PASSTHROUGH_COLUMNS = ("hard", "score_chosen", "score_rejected", "difficulty",
                        "ref_chosen_logps", "ref_rejected_logps")

@@ -13,7 +13,8 @@ from dataclasses import replace
 
 from mixpo.hf.loading import logit_transform
 from mixpo.loss_config import LossConfig
-from mixpo.losses import linear_loss, sequence_logps, shift_labels
+from mixpo.data.collate import PreferenceBatch
+from mixpo.losses import linear_loss, sequence_logps
 
 
 def decoder_layers(causal_lm) -> list[torch.nn.Module]:
@@ -140,30 +141,27 @@ class PreferenceModel(torch.nn.Module):
         """The body's last hidden states as the loss reads them: [2B, T, H] padded, [1, L, H]
         packed, and for a prefix-shared batch [1, n, H], the completion positions gathered
         in the unshared order (the last prompt token twice: chosen's and rejected's)."""
+        batch = PreferenceBatch.of(batch)
         body = self.causal_lm.get_decoder()
         implementation = self.causal_lm.config._attn_implementation
-        if "segment_lengths" in batch:                  # prefix-shared, padding-free
+        if batch.layout == "shared":
             attention = shared_prefix_attention(batch, implementation, self.causal_lm.dtype)
-        elif "sequence_lengths" in batch:               # padding-free
+        elif batch.layout == "packed":
             attention = packed_attention(batch, implementation, self.causal_lm.dtype)
         else:
             attention = {"attention_mask": batch["attention_mask"]}
         hidden = body(input_ids=batch["input_ids"], use_cache=False,
                       **attention).last_hidden_state
-        if "completion_positions" in batch:
+        if batch.layout == "shared":
             hidden = hidden[:, batch["completion_positions"]]
         return hidden
 
     def forward(self, batch: dict, ref_logps=None, margin=None, gamma=None,
                 logps_only: bool = False, validate: bool = True):
+        batch = PreferenceBatch.of(batch)
         head = self.causal_lm.get_output_embeddings()
-        packed = "completion_sequences" in batch
-        # HF labels name token t at position t; the loss reads position t's prediction of t+1
-        # (packed batches arrive position-aligned).
-        labels = batch["labels"] if packed else shift_labels(batch["labels"])
-        shape = {"completion_rows": batch.get("completion_rows"),
-                 "completion_sequences": batch.get("completion_sequences"),
-                 "completion_counts": batch.get("completion_counts")}
+        packed = batch.layout != "padded"
+        labels, shape = batch.position_labels, batch.completion
         config = self.loss_config
         if logps_only:
             if shape["completion_rows"] is None:
@@ -187,6 +185,6 @@ def pair_logps(model: PreferenceModel, examples: list[dict], collator,
                device) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs (chosen [n], rejected [n]) of tokenized pairs, fp32 on the
     CPU: one forward of `model` over the collated batch."""
-    batch = {name: tensor.to(device) for name, tensor in collator(examples).items()}
-    logps = model(batch, logps_only=True).float().cpu()
+    logps = model(PreferenceBatch.of(collator(examples)).to(device),
+                  logps_only=True).float().cpu()
     return logps[:len(examples)], logps[len(examples):]

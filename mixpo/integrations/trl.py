@@ -47,6 +47,7 @@ What changes against stock TRL, and what does not:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import logging
 import os
@@ -63,11 +64,12 @@ from mixpo.integrations.trl_checkpoint import (MARGIN_STATE, incomplete, load_ma
 from mixpo.integrations.trl_data import (Difficulty, PassthroughCollator,
                                          check_precompute_cache, curriculum_on,
                                          curriculum_order, routing_configured, with_routing)
+from mixpo.data.collate import PreferenceBatch
 from mixpo.integrations.trl_head import (PASSTHROUGH, HeadOutput, attach_mixpo_head,
-                                         check_head_adapters, head_adapters_allowed,
-                                         head_tensors, model_inputs, packed, position_labels,
-                                         shared)
-from mixpo.loss_config import LossConfig
+                                         body_inputs, check_head_adapters,
+                                         head_adapters_allowed, head_tensors, model_inputs,
+                                         trl_batch)
+from mixpo.loss_config import LossConfig, option_fields
 from mixpo.losses import linear_loss, sequence_logps
 from mixpo.margins import AdaptiveMargin
 
@@ -80,25 +82,19 @@ except ImportError as error:                                   # pragma: no cove
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class MixpoDPOConfig(DPOConfig):
-    """trl.DPOConfig plus mixpo's options (TRL's own fields keep their meaning)."""
+# mixpo's loss options that trl's DPOConfig lacks (gamma, sft_weight, ...), declared once by
+# mixpo.LossConfig; the ones DPOConfig has (loss_type, beta, ...) keep trl's declaration, and
+# token_metrics is always on (TRL logs those metrics).
+_MixpoLossOptions = dataclasses.make_dataclass(
+    "_MixpoLossOptions", option_fields(exclude={item.name for item in dataclasses.fields(
+        DPOConfig)} | {"token_metrics"}), bases=(DPOConfig,))
 
-    gamma: Optional[float] = field(default=None, metadata={
-        "help": "Target margin inside the loss (z = beta * h - gamma); None = the loss type's "
-                "default (simpo 0.5, else 0). With adaptive_margin: gamma-PO's mean margin."})
-    average_log_prob: Optional[bool] = field(default=None, metadata={
-        "help": "None = each loss type's convention (per token for ipo, sigmoid_norm, simpo, "
-                "orpo); True / False force per-token / summed log-ratios."})
-    sft_weight: float = field(default=0.0, metadata={
-        "help": "Adds sft_weight * NLL of the chosen responses (TRL's RPO is the list form "
-                "['sigmoid', 'sft'])."})
-    nll_normalization: str = field(default="batch", metadata={
-        "help": "NLL terms: 'batch' (TRL, Liger: mean over the batch's chosen tokens) or "
-                "'pair' (mean of per-pair means)."})
-    cpo_alpha: float = field(default=1.0, metadata={"help": "CPO's NLL weight."})
-    rdpo_alpha: float = field(default=0.0, metadata={"help": "R-DPO length penalty."})
-    dpop_lambda: float = field(default=0.0, metadata={"help": "DPOP penalty."})
+
+@dataclass
+class MixpoDPOConfig(_MixpoLossOptions):
+    """trl.DPOConfig plus mixpo's options (TRL's own fields keep their meaning): the loss
+    options of mixpo.LossConfig it lacks, then routing, gamma-PO, packing and curriculum."""
+
     routing_column: Optional[str] = field(default=None, metadata={
         "help": "MixDPO: a boolean column; its True pairs take the SFT loss (e.g. 'hard' "
                 "from `mixpo data prepare`)."})
@@ -214,10 +210,8 @@ class MixpoDPOTrainer(DPOTrainer):
                              peft_config=peft_config)
         check_head_adapters(_causal_lm(self.model))
         self.data_collator = PassthroughCollator(self.data_collator)
-        if args.adaptive_margin:    # each process keeps its own queue, as the authors' code
-            gamma0 = LossConfig(loss_type=tuple(args.loss_type), gamma=args.gamma).fixed_gamma
-            self._margin = AdaptiveMargin(gamma0, args.margin_tau, seed=args.seed
-                                          + args.process_index, center=args.margin_center)
+        # gamma-PO: each process keeps its own queue, as the authors' code.
+        self._margin = AdaptiveMargin.from_options(args, seed=args.seed + args.process_index)
         self._log_choices(args)
 
     # -- set-up ----------------------------------------------------------------------------
@@ -251,27 +245,40 @@ class MixpoDPOTrainer(DPOTrainer):
             return torch.utils.data.SequentialSampler(dataset)
         return super()._get_train_sampler(train_dataset)
 
-    def _body_inputs(self, model, inputs) -> tuple[dict, dict]:
-        """The body's keywords, and (padding-free) the packed labels and completion_* shape
-        (prefix-shared: also `gather`, the row positions the loss reads)."""
+    def _body_inputs(self, model, inputs) -> tuple[dict, PreferenceBatch]:
+        """(the body's keywords, mixpo's typed batch) of TRL's batch: padded as TRL built it,
+        packed (padding_free), or packed with each prompt read once (prefix_sharing)."""
         if not self._padding_free:
-            return model_inputs(inputs), {}
+            return model_inputs(inputs), trl_batch(inputs, "padded")
         causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
         implementation = causal_lm.config._attn_implementation
+        layout = "packed"
         if self.args.prefix_sharing:
             if not implementation.startswith("flash_attention"):
-                return shared(inputs, implementation, causal_lm.dtype)
-            if not getattr(self, "_said_unshared", False) and self.is_world_process_zero():
+                layout = "shared"
+            elif not getattr(self, "_said_unshared", False) and self.is_world_process_zero():
                 logger.warning("mixpo: prefix_sharing: flash-attn cannot mask the rejected "
                                "response from the chosen one; packing unshared rows")
                 self._said_unshared = True
-        return packed(inputs, implementation, causal_lm.dtype)
+        batch = trl_batch(inputs, layout)
+        return body_inputs(batch, implementation, causal_lm.dtype), batch
+
+    @staticmethod
+    def _head_hidden(hidden, batch: PreferenceBatch):
+        """The hidden states the loss reads: a shared row's completion positions, gathered in
+        the unshared order; else the body's output as is."""
+        return hidden[:, batch["completion_positions"]] if batch.layout == "shared" else hidden
 
     def _loss_config_for(self, model) -> LossConfig:
+        """The loss of `model` (its logit transform), built and checked once per model."""
         causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
-        attach_mixpo_head(causal_lm)
-        logit_scale, softcap = logit_transform(causal_lm.config)
-        return self.args.loss_config(logit_scale=logit_scale, softcap=softcap)
+        cache = self.__dict__.setdefault("_loss_configs", {})
+        if id(causal_lm) not in cache:
+            attach_mixpo_head(causal_lm)
+            logit_scale, softcap = logit_transform(causal_lm.config)
+            cache[id(causal_lm)] = self.args.loss_config(logit_scale=logit_scale,
+                                                         softcap=softcap)
+        return cache[id(causal_lm)]
 
     # -- reference log-probs ---------------------------------------------------------------
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -284,10 +291,8 @@ class MixpoDPOTrainer(DPOTrainer):
         from trl.trainer.utils import use_adapter
 
         config = self._loss_config_for(model)
-        labels = position_labels(inputs)
-        model_kwargs, shape = self._body_inputs(model, inputs)
-        labels = shape.pop("labels", labels)
-        gather = shape.pop("gather", None)
+        model_kwargs, batch = self._body_inputs(model, inputs)
+        shape = batch.completion if batch.layout != "padded" else {}
         adapter_context = contextlib.nullcontext()
         if self.ref_model is None and hasattr(self.accelerator.unwrap_model(self.model),
                                               "peft_config"):
@@ -296,9 +301,9 @@ class MixpoDPOTrainer(DPOTrainer):
                                           unwrapped.peft_config else None)
 
         def head(hidden, lm_head):
-            hidden, weight, bias = head_tensors(
-                hidden if gather is None else hidden[:, gather], lm_head)
-            return sequence_logps(hidden, weight, labels, bias=bias, ld_alpha=config.ld_alpha,
+            hidden, weight, bias = head_tensors(self._head_hidden(hidden, batch), lm_head)
+            return sequence_logps(hidden, weight, batch.position_labels, bias=bias,
+                                  ld_alpha=config.ld_alpha,
                                   logit_scale=config.logit_scale, softcap=config.softcap,
                                   backend=self.args.mixpo_backend, **shape)
 
@@ -312,7 +317,6 @@ class MixpoDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         config = self._loss_config_for(model)
-        labels = position_labels(inputs)
         if self.precompute_ref_logps:
             ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
         elif config.reference_free:
@@ -322,16 +326,19 @@ class MixpoDPOTrainer(DPOTrainer):
             ref_logps = torch.cat(self.compute_ref_log_probs(reference, inputs))
         hard = inputs.get("hard") if self._routing else None
         margin = self._margin if mode == "train" else None    # eval batches stay out of it
-        model_kwargs, shape = self._body_inputs(model, inputs)
-        labels = shape.pop("labels", labels)
-        gather = shape.pop("gather", None)
+        gamma = None
+        if self._margin is not None and mode == "eval":       # gamma-PO's fixed eval margin
+            gamma = torch.full((inputs["input_ids"].shape[0] // 2,),
+                               self._margin.evaluation_gamma, device=inputs["input_ids"].device)
+        model_kwargs, batch = self._body_inputs(model, inputs)
+        packed = batch.layout != "padded"
 
         def head(hidden, lm_head):
-            hidden, weight, bias = head_tensors(
-                hidden if gather is None else hidden[:, gather], lm_head)
-            return linear_loss(hidden, weight, labels, config, bias=bias, ref_logps=ref_logps,
-                               hard=hard, margin=margin, backend=self.args.mixpo_backend,
-                               validate=not shape, **shape)
+            hidden, weight, bias = head_tensors(self._head_hidden(hidden, batch), lm_head)
+            return linear_loss(hidden, weight, batch.position_labels, config, bias=bias,
+                               ref_logps=ref_logps, hard=hard, margin=margin, gamma=gamma,
+                               backend=self.args.mixpo_backend, validate=not packed,
+                               **(batch.completion if packed else {}))
 
         if self.aux_loss_enabled:          # MoE: trl's router load-balancing term
             model_kwargs["output_router_logits"] = True
@@ -367,33 +374,16 @@ class MixpoDPOTrainer(DPOTrainer):
             return model(**model_kwargs, use_cache=False)
 
     def _log_loss_metrics(self, out, inputs, mode) -> None:
-        """TRL's metrics (per-pair values and token sums gathered over processes, as TRL does)
-        plus gamma/* and routing/*; one host sync."""
+        """TRL's metrics plus gamma/* and routing/*, from the per-pair values gathered over
+        processes (as TRL gathers) by the one definition both front doors use
+        (`PreferenceLossOutput.metric_tensors`); one host sync."""
         gather = self.accelerator.gather_for_metrics
-        pair_values = torch.stack([out.chosen_rewards, out.rejected_rewards, out.chosen_logps,
-                                   out.rejected_logps, out.gamma,
-                                   out.gamma.new_zeros(out.gamma.shape) if out.hard is None
-                                   else out.hard.float()], dim=1)
-        pairs = gather(pair_values)                                        # [B * world, 6]
-        chosen_sums, rejected_sums = out.chosen_token_sums, out.rejected_token_sums
-        token_totals = gather(torch.stack([
-            chosen_sums[:, 0].sum(), rejected_sums[:, 0].sum(),
-            chosen_sums[:, 1].sum() + rejected_sums[:, 1].sum(), chosen_sums[:, 3].sum(),
-            out.chosen_counts.sum(), out.rejected_counts.sum()])[None]).sum(0)
+        stats = out.per_pair(gather).metric_tensors()
+        stats.pop("loss")                                   # TRL logs the loss itself
         tokens = gather(inputs["attention_mask"].sum()[None]).sum()
-        margins = pairs[:, 0] - pairs[:, 1]
-        values = torch.stack([
-            pairs[:, 0].mean(), pairs[:, 1].mean(), (margins > 0).float().mean(), margins.mean(),
-            pairs[:, 2].mean(), pairs[:, 3].mean(),
-            token_totals[0] / token_totals[4], token_totals[1] / token_totals[5],
-            token_totals[2] / (token_totals[4] + token_totals[5]),
-            token_totals[3] / token_totals[4], pairs[:, 4].mean(),
-            pairs[:, 4].std(unbiased=False), pairs[:, 5].mean(), tokens.float()]).tolist()
-        names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
-                 "entropy", "mean_token_accuracy", "gamma/mean", "gamma/std",
-                 "routing/sft_fraction")
-        for name, value in zip(names, values):
+        values = torch.stack([*(value.float() for value in stats.values()),
+                              tokens.float()]).tolist()
+        for name, value in zip(stats, values):
             self._metrics[mode][name].append(value)
         if mode == "train":
             self._total_train_tokens += int(values[-1]) // self._tp_size

@@ -26,6 +26,9 @@ from types import MethodType
 
 import torch
 
+from mixpo.data.collate import PackedPreferenceCollator, PreferenceBatch, SharedPrefixCollator
+from mixpo.hf.policy import packed_attention, shared_prefix_attention
+from mixpo.loss_spec import IGNORE_INDEX, shift_labels
 from mixpo.losses import PreferenceLossOutput
 
 # The batch keys trl's collators add that are not model inputs (trl's `_non_model_keys`), and
@@ -188,44 +191,20 @@ def model_inputs(inputs) -> dict:
 
 def position_labels(inputs) -> torch.Tensor:
     """TRL's batch (input_ids, completion_mask [2B, L]) as mixpo's position-aligned labels:
-    position t reads token t+1 when that token is a completion token, else -100."""
-    input_ids, completion = inputs["input_ids"], inputs["completion_mask"]
-    labels = torch.full_like(input_ids, -100)
-    labels[:, :-1] = input_ids[:, 1:].masked_fill(completion[:, 1:] == 0, -100)
-    return labels
+    position t reads token t+1 when that token is a completion token, else IGNORE_INDEX."""
+    return shift_labels(inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0,
+                                                        IGNORE_INDEX))
 
 
-def packed(inputs, attn_implementation: str, dtype) -> tuple[dict, dict]:
-    """TRL's right-padded [2B, L] batch as one padding-free row: (the body's keywords, the
-    loss's labels and completion_* shape). Boolean indexing reads the lengths on the host
-    (TRL's own metrics sync every step anyway)."""
-    from mixpo.hf.policy import packed_attention
-
-    real = inputs["attention_mask"].bool()
-    lengths = real.sum(dim=1)
-    labels = position_labels(inputs)
-    packed_labels = labels[real][None]
-    rows = torch.nonzero(packed_labels[0] != -100).squeeze(1)
-    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device),
-                                       lengths)
-    batch = {"position_ids": (real.cumsum(dim=1) - 1)[real][None], "sequence_lengths": lengths}
-    body = {"input_ids": inputs["input_ids"][real][None],
-            **packed_attention(batch, attn_implementation, dtype)}
-    shape = {"labels": packed_labels, "completion_rows": rows,
-             "completion_sequences": sequence[rows],
-             "completion_counts": (labels != -100).sum(dim=1).float()}
-    return body, shape
-
-
-def shared(inputs, attn_implementation: str, dtype) -> tuple[dict, dict]:
-    """TRL's right-padded [2B, L] batch as prefix-shared rows ([prompt | chosen | rejected]
-    per pair in one row, `mixpo.data.collate.SharedPrefixCollator`, whose layout this reuses):
-    (the body's keywords, the loss's labels, completion_* shape and `gather`, the row
-    positions whose hidden states the loss reads, in the unshared order). Built on the host
-    (TRL's own metrics sync every step anyway)."""
-    from mixpo.data.collate import SharedPrefixCollator
-    from mixpo.hf.policy import shared_prefix_attention
-
+def trl_batch(inputs, layout: str) -> PreferenceBatch:
+    """TRL's right-padded [2B, L] batch as mixpo's typed batch: "padded" keeps TRL's rows
+    (position-aligned labels added); "packed" and "shared" (prefix sharing) are built by the
+    data layer's own collators from the rows' tokens, so both front doors pack one way.
+    Packing reads the lengths on the host (TRL's own metrics sync every step anyway)."""
+    if layout == "padded":
+        return PreferenceBatch({"input_ids": inputs["input_ids"],
+                                "attention_mask": inputs["attention_mask"],
+                                "position_labels": position_labels(inputs)}, "padded")
     device = inputs["input_ids"].device
     ids, real = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
     completion = inputs["completion_mask"].cpu().bool()
@@ -236,15 +215,23 @@ def shared(inputs, attn_implementation: str, dtype) -> tuple[dict, dict]:
         for side, row in (("chosen", pair), ("rejected", pairs + pair)):
             tokens, scored = ids[row][real[row]], completion[row][real[row]]
             example[f"{side}_input_ids"] = tokens
-            example[f"{side}_labels"] = tokens.masked_fill(~scored, -100)
+            example[f"{side}_labels"] = tokens.masked_fill(~scored, IGNORE_INDEX)
         example["prompt_length"] = int((~scored).long().cumprod(0).sum())   # leading prompt
         examples.append(example)
-    batch = {name: tensor.to(device) for name, tensor in SharedPrefixCollator()(examples).items()}
-    segment = torch.repeat_interleave(torch.arange(3 * pairs, device=device),
-                                      batch["segment_lengths"])
-    body = {"input_ids": batch["input_ids"],
+    collator = SharedPrefixCollator() if layout == "shared" else PackedPreferenceCollator()
+    return collator(examples).to(device)
+
+
+def body_inputs(batch: PreferenceBatch, attn_implementation: str, dtype) -> dict:
+    """The body's keywords for a packed or shared batch (position ids, the attention mask of
+    its layout; shared rows also weigh each prompt token twice in a MoE router loss, as the
+    unshared rows it stands for)."""
+    if batch.layout == "packed":
+        return {"input_ids": batch["input_ids"],
+                **packed_attention(batch, attn_implementation, dtype)}
+    segment = torch.repeat_interleave(
+        torch.arange(batch["segment_lengths"].shape[0], device=batch["input_ids"].device),
+        batch["segment_lengths"])
+    return {"input_ids": batch["input_ids"],
             "mixpo_token_weights": ((segment % 3 == 0).float() + 1.0)[None],
             **shared_prefix_attention(batch, attn_implementation, dtype)}
-    shape = {name: batch[name] for name in ("labels", "completion_rows", "completion_sequences",
-                                            "completion_counts")}
-    return body, {**shape, "gather": batch["completion_positions"]}

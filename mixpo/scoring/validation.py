@@ -193,8 +193,7 @@ class _Batches:
         self.collate = PreferenceCollator(pad_token_id)
 
     def __call__(self, indices: np.ndarray, ref: torch.Tensor | None = None):
-        batch = {name: tensor.to(self.device) for name, tensor in
-                 self.collate([self.examples[i] for i in indices]).items()}
+        batch = self.collate([self.examples[i] for i in indices]).to(self.device)
         ref_logps = None if ref is None else ref[indices].T.reshape(-1).to(self.device)
         return batch, ref_logps
 

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixpo.data.kinds import DIFFICULTY_KINDS, ORDERS
-from mixpo.loss_config import LossConfig
-from mixpo.loss_spec import LOSS_TYPES
+from mixpo.loss_config import LossConfig, option_fields
 from mixpo.schedule import SCHEDULERS
 
 OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_8bit")
@@ -41,10 +40,16 @@ def option(default, help: str, choices=None):
     return field(default=default, metadata=metadata)
 
 
+# The loss options, declared once by mixpo.LossConfig (defaults, help, choices).
+_LossOptions = dataclasses.make_dataclass("_LossOptions", option_fields())
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(_LossOptions):
     """Every knob of a training run; each field's help is what `mixpo train --help` shows.
-    Names are Hugging Face TrainingArguments' / TRL's where they have the option."""
+    Names are Hugging Face TrainingArguments' / TRL's where they have the option. The loss
+    options (loss_type, beta, gamma, ...) are mixpo.LossConfig's, inherited: a YAML file or
+    `--key value` sets them flat, as before."""
 
     # --- model ---
     model_name_or_path: str = option("", "model directory (or Hugging Face Hub id)")
@@ -108,36 +113,10 @@ class TrainConfig:
                             choices=REFERENCES)
     reference_batch_size: int = option(8, "pairs per forward of the precompute pass")
 
-    # --- loss (TRL's DPOConfig names; mixpo.LossConfig documents each) ---
-    loss_type: list[str] = option(["sigmoid"], "one of " + " | ".join(LOSS_TYPES) + ", or a "
-                                  "list (TRL's list form, e.g. sigmoid,bco_pair,sft)")
-    loss_weights: typing.Optional[list[float]] = option(None, "one weight per loss_type")
-    beta: float = option(0.1, "inverse temperature")
-    gamma: typing.Optional[float] = option(
-        None, "target margin (SimPO gamma = beta * gamma_beta_ratio); empty = the type's "
-        "default (simpo 0.5, else 0); with adaptive_margin the mean margin gamma0")
+    # --- loss: the options of mixpo.LossConfig (inherited from _LossOptions), plus gamma-PO ---
     adaptive_margin: bool = option(False, "gamma-PO: per-pair margins with mean `gamma`")
     margin_tau: float = option(10.0, "gamma-PO tau")
     margin_center: bool = option(False, "gamma-DPO: use gamma_i - gamma (zero-mean shift)")
-    label_smoothing: float = option(0.0, "cDPO / rDPO / EXO / AOT label smoothing")
-    average_log_prob: typing.Optional[bool] = option(
-        None, "empty = each loss type's convention (per token for ipo, sigmoid_norm, simpo, "
-        "orpo); true / false force per-token / summed log-ratios")
-    sft_weight: float = option(0.0, "+ sft_weight * NLL(chosen)")
-    nll_normalization: str = option("batch", "NLL terms: batch (TRL, Liger: mean over the "
-                                    "batch's chosen tokens) | pair (mean of per-pair means)",
-                                    choices=("batch", "pair"))
-    cpo_alpha: float = option(1.0, "CPO's NLL weight")
-    discopop_tau: float = option(0.05, "DiscoPOP temperature")
-    use_weighting: bool = option(False, "WPO weights")
-    f_divergence_type: str = option("reverse_kl", "reverse_kl | forward_kl | js_divergence | "
-                                    "alpha_divergence (margin loss types)")
-    f_alpha_divergence_coef: float = option(0.5, "alpha of alpha_divergence")
-    ld_alpha: typing.Optional[float] = option(None, "LD-DPO: weight of the tokens past the "
-                                              "shorter response (empty = off)")
-    rdpo_alpha: float = option(0.0, "R-DPO length penalty")
-    dpop_lambda: float = option(0.0, "DPOP penalty")
-    token_metrics: bool = option(False, "log TRL's logits/*, entropy, mean_token_accuracy")
 
     # --- optimisation ---
     learning_rate: float = option(1e-6, "peak learning rate")
@@ -214,7 +193,7 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         loss = self.loss_config()            # every loss option, checked by LossConfig
-        if self.adaptive_margin and loss.fixed_gamma < 0:
+        if self.adaptive_margin and (self.gamma or 0.0) < 0:
             raise ValueError("adaptive_margin needs gamma >= 0 (the mean margin gamma0)")
         if self.adaptive_margin and not loss.has_margin:
             raise ValueError(f"adaptive_margin applies to the margin loss types, not "
@@ -274,11 +253,6 @@ class TrainConfig:
         the model's logit_scale / softcap."""
         names = [name for item in self.loss_type for name in item.split(",") if name]
         return LossConfig.from_options(self, loss_type=tuple(names), **transform)
-
-    @property
-    def margin_mean(self) -> float:
-        """gamma-PO's gamma0: `gamma`, or the loss type's default margin."""
-        return LossConfig(loss_type=self.loss_config().loss_type, gamma=self.gamma).fixed_gamma
 
     @property
     def reference_free(self) -> bool:

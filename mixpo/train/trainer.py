@@ -339,9 +339,8 @@ def _prepare_model(run: Run) -> None:
                              "reference_logps_eval.pt")
     elif not cfg.reference_free:
         run.reference_model = build_policy(cfg, env, trainable=False)
-    if cfg.adaptive_margin:  # gamma-PO; each rank keeps its own queue, as the authors do
-        run.margin = AdaptiveMargin(cfg.margin_mean, cfg.margin_tau, seed=cfg.seed + env.rank,
-                                    center=cfg.margin_center, check_finite=False)
+    # gamma-PO; each rank keeps its own queue, as the authors do.
+    run.margin = AdaptiveMargin.from_options(cfg, seed=cfg.seed + env.rank, check_finite=False)
     run.optimizers = build_optimizers(run.policy, cfg, env.device)
     run.params = [p for p in run.policy.parameters() if p.requires_grad]
     if cfg.step_in_backward:
@@ -392,9 +391,8 @@ def train_step(run: Run, step, watch: Watch):
         # so that every rank takes part in the same collectives.
         weight = len(indices) * env.world_size / step.pairs
         batch = run.collator([run.examples[i] for i in (indices or [0])])
-        tokens = int(batch["attention_mask"].sum()) if indices else 0  # on the CPU batch
-        batch = {name: tensor.to(env.device, non_blocking=True)
-                 for name, tensor in batch.items()}
+        tokens = batch.tokens if indices else 0          # on the CPU batch
+        batch = batch.to(env.device)
         ref_logps = _batch_reference(cfg, run.reference_model, batch, env)
         with autocast(cfg, env):
             loss, out = run.policy(batch, ref_logps=ref_logps,
@@ -438,7 +436,7 @@ def after_step(run: Run, watch: Watch, done: int, lr: float, grad_norm, progress
                      "grad_norm": grad_norm.item(), "memory/peak_gb": peak_memory_gb(env.device)}
     if eval_step:
         evaluation = evaluate(cfg, run.policy, run.eval_examples, run.collator,
-                              run.reference_model, env)
+                              run.reference_model, env, run.margin)
         watch.row = {**watch.row, **evaluation} if logging_step \
             else {"step": done, **evaluation}
     if logging_step or eval_step:
@@ -507,9 +505,10 @@ def _stop_if_diverged(first_bad_step, learning_rates, last_saved, env) -> None:
 
 
 @torch.no_grad()
-def evaluate(cfg, policy, examples, collator, reference_model, env) -> dict:
-    """eval/* metrics of the held-out pairs: the same loss with the fixed margin (gamma-PO's
-    mean gamma0; eval pairs never enter the solver's queue), TRL's metric names."""
+def evaluate(cfg, policy, examples, collator, reference_model, env, margin=None) -> dict:
+    """eval/* metrics of the held-out pairs: the same loss, with gamma-PO's fixed evaluation
+    margin when `margin` is the run's solver (eval pairs never enter its queue), TRL's
+    metric names."""
     policy.eval()
     shares = [list(range(start, min(start + cfg.per_device_train_batch_size, len(examples))))
               for start in range(env.rank * cfg.per_device_train_batch_size, len(examples),
@@ -518,13 +517,11 @@ def evaluate(cfg, policy, examples, collator, reference_model, env) -> dict:
     window = MetricsWindow()
     for round_index in range(rounds):
         indices = shares[round_index] if round_index < len(shares) else []
-        batch = collator([examples[i] for i in (indices or [0])])
-        batch = {name: tensor.to(env.device) for name, tensor in batch.items()}
+        batch = collator([examples[i] for i in (indices or [0])]).to(env.device)
         ref_logps = _batch_reference(cfg, reference_model, batch, env)
         gamma = None
-        if cfg.adaptive_margin:
-            gamma = torch.full((batch["input_ids"].shape[0] // 2,), cfg.margin_mean
-                               - (cfg.margin_mean if cfg.margin_center else 0.0),
+        if margin is not None:
+            gamma = torch.full((len(indices or [0]),), margin.evaluation_gamma,
                                device=env.device)
         with autocast(cfg, env):
             _, out = policy(batch, ref_logps=ref_logps, gamma=gamma, validate=False)
