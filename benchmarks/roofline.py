@@ -26,8 +26,8 @@ the time the kernel would take if the binding unit ran at its peak and everythin
 overlapped perfectly: a lower bound (`floor_seconds`). A prediction (`predict_seconds`) runs
 the matmuls at a stated share of the peak, GEMM_EFFICIENCY (cuBLAS 0.9, Triton tl.dot 0.75),
 and adds the atomic backward's L2 time to its matmul time (it cannot overlap them). Kernel
-launch latency (a few microseconds) is not in the model; it is what the [B]-sized kernels
-actually cost.
+launch latency (a few microseconds) is not in the model; it is what the [B]-sized work (the
+per-pair head's torch ops, the margin solve) actually costs.
 
 Composite entries (role "total") are kernels run one after another: their floor and
 prediction are the sums of their parts'. The FLOP floors: "matmul_flop_floor_fwd_bwd", 6 n V H
@@ -252,10 +252,13 @@ LINEAR_SOFTMAX_GRAD_VECTOR_OPS = ("subtract lse", "scale by log2(e)", "label com
 LINEAR_ATOMIC_BWD_VECTOR_OPS = ("subtract lse", "scale by log2(e)", "label compare",
                                 "one-hot minus prob", "active select", "abs", "tile max")
 LINEAR_ATOMIC_BWD_KEPT_VECTOR_OPS = ("times coefficient", "times slope")
-# mixpo/kernels/pair_loss.py per pair (sigmoid kind, normalised: the longest branch), rounded
-# up: two log-sigmoids, one sigmoid, three reciprocals.
-PAIR_LOSS_VECTOR_OPS_PER_PAIR = 40
-PAIR_LOSS_SPECIAL_OPS_PER_PAIR = 10
+# mixpo/kernels/pair_loss.py per pair, forward and its autograd backward (sigmoid kind,
+# normalised: the longest branch), rounded up: two log-sigmoids, one sigmoid, three
+# reciprocals and their derivatives. Counted with a dispatch mode: about 70 torch ops (kernel
+# launches on a GPU) for sigmoid DPO forward + backward, 80 with an NLL term.
+PAIR_HEAD_VECTOR_OPS_PER_PAIR = 120
+PAIR_HEAD_SPECIAL_OPS_PER_PAIR = 20
+PAIR_HEAD_TORCH_OPS = 80
 # mixpo/kernels/margin_solve.py per solve-set entry and update: log, sigmoid (exp + rcp), exp.
 MARGIN_SOLVE_VECTOR_OPS_PER_UPDATE = 20
 MARGIN_SOLVE_SPECIAL_OPS_PER_UPDATE = 4
@@ -421,8 +424,9 @@ def _tile_reloads(w: Workload, block_n: int, block_v: int, s: int) -> float:
 
 
 def linear_logps_fwd(w: Workload) -> KernelCost:
-    """`_LinearSequenceLogps.forward` (functions.py): the compaction of the completion tokens,
-    `linear_token_logps_forward` (`_linear_lse_fwd_kernel`) and the sequence sums.
+    """`linear_sequence_logps` (functions.py): the compaction of the completion tokens, the
+    `mixpo::linear_token_logps` op (`linear_token_logps_forward`, `_linear_lse_fwd_kernel`)
+    and the sequence sums.
 
     The kernel computes logits tiles hidden[rows] @ weight^T in SRAM with an online LSE, only
     for the n completion tokens; its tile loop has no label ops. The label logit is a separate
@@ -533,8 +537,9 @@ def linear_bwd_gemms(w: Workload) -> KernelCost:
 
 
 def linear_bwd_buffers(w: Workload) -> KernelCost:
-    """The torch work around the default backward (`LinearSequenceLogps.backward`,
-    `linear_token_logps_backward`, `gemm_backward`): the per-token coefficients
+    """The torch work around the default backward (autograd's gradient of the sequence sums,
+    the `mixpo::linear_token_logps_backward` op: `linear_token_logps_backward`,
+    `gemm_backward`): the per-token coefficients
     (grad_seq[sequence]: indices and [2B] read, [n] fp32 written), the compact copy
     hidden[rows] for the dWeight GEMM, the zero-filled [N, H] dHidden and fp32 [n, H]
     accumulator, and the accumulator cast and scattered into dHidden's rows. No fp32 [V, H]
@@ -712,16 +717,17 @@ def trl_head_fwd_bwd(w: Workload) -> KernelCost:
                      "trl 1.16's fused LM head (log-probs only), for comparison")
 
 
-def pair_loss(w: Workload) -> KernelCost:
-    """`pair_loss`: the per-pair epilogue on [B]-sized fp32 data."""
+def pair_head(w: Workload) -> KernelCost:
+    """The per-pair head (`mixpo.kernels.pair_loss`) on [B]-sized fp32 data: torch ops,
+    forward and autograd backward, each reading and writing [B] values."""
     B = w.pairs
     return KernelCost(
-        "pair_loss", "kernel", vector_ops=B * PAIR_LOSS_VECTOR_OPS_PER_PAIR,
-        special_ops=B * PAIR_LOSS_SPECIAL_OPS_PER_PAIR,
-        bytes_moved={"log-probs, counts, references read": 3 * 2 * B * FP32_BYTES,
-                     "routing flags and margins read": B * (1 + FP32_BYTES),
-                     "loss, two derivatives, two rewards write": 5 * B * FP32_BYTES},
-        note="[B]-sized: launch latency (microseconds) is its real cost")
+        "pair_head", "torch", vector_ops=B * PAIR_HEAD_VECTOR_OPS_PER_PAIR,
+        special_ops=B * PAIR_HEAD_SPECIAL_OPS_PER_PAIR,
+        bytes_moved={"each op's [B] inputs read and output written":
+                     PAIR_HEAD_TORCH_OPS * 3 * B * FP32_BYTES},
+        note=f"[B]-sized, about {PAIR_HEAD_TORCH_OPS} torch ops: launch latency (a few "
+             "microseconds each, ~0.4 ms a step) is its real cost")
 
 
 def margin_solve(w: Workload) -> KernelCost:
@@ -771,7 +777,7 @@ KERNEL_MODELS = {model.__name__: model for model in (
     linear_bwd_buffers, linear_logps_bwd, linear_logps_fwd_bwd, linear_one_pass_gemms,
     linear_one_pass_elementwise, linear_one_pass_fwd_bwd, linear_fwd_old, linear_atomic_bwd,
     linear_old_fwd_bwd, trl_head_gemms, trl_head_elementwise, trl_head_fwd_bwd,
-    matmul_flop_floor_fwd_bwd, matmul_flop_floor_8nvh, pair_loss, margin_solve)}
+    matmul_flop_floor_fwd_bwd, matmul_flop_floor_8nvh, pair_head, margin_solve)}
 
 # The designs the prediction compares, with the FLOP floor each is held to.
 PREDICTED = {"linear_logps_fwd_bwd": ("mixpo default (two passes)", "matmul_flop_floor_8nvh"),
@@ -868,7 +874,8 @@ ASSUMPTIONS = (
     "address arithmetic and tf32x3 operand splitting",
     "torch ops inside the launch paths (compaction, sequence sums, coefficient gather, fills, "
     "casts): each reads its inputs and writes its output once",
-    "[B]-sized kernels (pair_loss, margin_solve): launch latency, not in the model, dominates",
+    "[B]-sized work (pair_head's torch ops, margin_solve): launch latency, not in the model, "
+    "dominates",
 )
 
 __all__ = ["ASSUMPTIONS", "DEFAULT_SHAPES", "DEVICES", "GEMM_EFFICIENCY", "PREDICTED", "SHAPES",

@@ -1,11 +1,14 @@
 """Argument checks of the loss API: each raises ValueError naming the argument, before any
 kernel runs. (The label and finiteness checks read their tensors on the host: the trainer,
-which checks its batches on the CPU, skips them with `validate=False`.)"""
+which checks its batches on the CPU, skips them with `validate=False`; so does tracing, on
+fake tensors or under torch.compile, where there are no values to read.)"""
 from __future__ import annotations
 
 import math
 
 import torch
+
+from mixpo.kernels.dispatch import tracing
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -22,6 +25,8 @@ def check_labels(labels, expected_shape, vocab_size, ignore_index, device, name_
         raise ValueError(f"labels is on {labels.device}, {name_of_rows} on {device}")
     labels = labels.long()
     completion = labels != ignore_index
+    if tracing(labels):
+        return labels, completion.sum(dim=1).float()
     if ((labels < 0) | (labels >= vocab_size))[completion].any():
         raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}")
     counts = completion.sum(dim=1)
@@ -62,7 +67,7 @@ def pair_vector(name, value, length, device):
     if value.device != device:
         raise ValueError(f"{name} is on {value.device}, expected {device}")
     value = value.detach().float()
-    if not torch.isfinite(value).all():
+    if not tracing(value) and not torch.isfinite(value).all():
         raise ValueError(f"{name} contains NaN or inf")
     return value.contiguous()
 
@@ -75,7 +80,8 @@ def check_hard(hard, num_pairs, device):
     if hard.device != device:
         raise ValueError(f"hard is on {hard.device}, expected {device}")
     if hard.dtype != torch.bool:
-        if hard.dtype.is_floating_point or not ((hard == 0) | (hard == 1)).all():
+        if hard.dtype.is_floating_point or not tracing(hard) and not ((hard == 0)
+                                                                      | (hard == 1)).all():
             raise ValueError(f"hard must be a bool tensor (or 0/1 ints), got {hard.dtype}")
         hard = hard.bool()
     return hard
@@ -83,7 +89,10 @@ def check_hard(hard, num_pairs, device):
 
 def check_finite_logps(seq_logps, inputs: dict):
     """NaN/inf in the inputs surface as non-finite sequence log-probs: one [S] check. Only
-    when it fails are the inputs ({name: tensor or None}) searched for the culprit."""
+    when it fails are the inputs ({name: tensor or None}) searched for the culprit. Nothing
+    to check while tracing."""
+    if tracing(seq_logps):
+        return
     bad = torch.nonzero(~torch.isfinite(seq_logps.detach())).flatten().tolist()
     if not bad:
         return

@@ -1,36 +1,43 @@
-"""The autograd Functions behind the loss API: two stages, each its own Function so that either
-front end can feed the shared per-pair epilogue.
+"""The execution of the loss: two stages over custom ops (`mixpo.kernels.ops`), so that
+either front end feeds the same per-pair head and every part runs on fake tensors and under
+`torch.compile` without graph breaks.
 
 1. summed completion log-prob of every sequence, [S] fp32:
-   - `LogitsSequenceLogps`: from materialised logits [S, T, V] (one read in forward, one read
-     + write in backward, optionally in place);
-   - `LinearSequenceLogps`: from hidden states and the LM-head weight, never materialising
-     logits (the logit-free path; ignored tokens are compacted away first);
+   - `logits_sequence_logps`: from materialised logits [S, T, V] (one read in forward, one
+     read + write in backward, optionally in place);
+   - `linear_sequence_logps`: from hidden states and the LM-head weight, never materialising
+     logits (the logit-free path; only the completion rows are computed);
    both apply the logit transform (logit_scale, softcap), optionally also return the
-   LD-DPO-weighted sums (`token_weight`) and per-sequence sums of the per-token statistics
-   (mean logit, entropy, log sum p^2, label-is-argmax) from the same pass;
-2. `PairLoss`: the per-pair epilogue on [B]-sized data (every loss type, target margins,
-   MixDPO routing, NLL terms, WPO weights); returns the scalar loss, and its backward hands
-   d loss / d logp per sequence to stage 1.
-`LinearOnePassLoss` fuses both stages of the logit-free path when every pair's gradient
+   LD-DPO-weighted sums and per-sequence sums of the per-token statistics (mean logit,
+   entropy, log sum p^2, label-is-argmax) from the same pass;
+2. the per-pair head: `mixpo.kernels.pair_loss.per_pair_loss` on [B]-sized data (every loss
+   type, target margins, MixDPO routing, NLL terms, WPO weights), differentiated by
+   autograd; its gradient reaches stage 1 as one coefficient per token.
+`linear_one_pass` fuses both stages of the logit-free path when every pair's gradient
 coefficient depends on that pair only (`plan_linear_passes` decides): one pass over groups of
-whole pairs computes the loss and its exact gradient, 6nVH FLOPs instead of 8nVH.
+whole pairs computes the loss and its exact gradient (the head's by autograd, inside the op),
+6nVH FLOPs instead of 8nVH.
 
 `triton` (a bool, from `mixpo.kernels.dispatch.use_triton`) selects the Triton kernels or
-their torch twins. No argument checking here: `mixpo.losses` does it. Stage 1 runs with
-autocast off: the front ends have already cast its inputs to the autocast dtype, and the
-twins' matmuls and reductions must keep the precision they were written for.
+their torch twins. No argument checking here: `mixpo.losses` does it.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import json
 import logging
+from typing import Optional
 
 import torch
+from torch import Tensor
 
-from mixpo.kernels import pair_loss_torch
-from mixpo.kernels.dispatch import kernel_ops
-from mixpo.kernels.linear_logps_torch import workspace_rows
+from mixpo.kernels import ops, pair_loss
+from mixpo.kernels.dispatch import kernel_ops, tracing
+from mixpo.kernels.linear_logps_torch import Workspace, one_pass_layout, workspace_rows
 from mixpo.kernels.logits_logps_torch import STAT_NAMES
+from mixpo.loss_config import LossConfig
 
 logger = logging.getLogger(__name__)
 PASSES = ("auto", 1, 2)
@@ -49,70 +56,6 @@ def ld_token_weights(labels: torch.Tensor, ignore_index: int, ld_alpha: float) -
     return torch.where(completion, weights, 0.0)
 
 
-def _stat_sums(stats: dict, sequence_of, num_seqs: int, device) -> torch.Tensor:
-    """[len(STAT_NAMES), S] per-sequence sums of per-token statistics."""
-    if sequence_of is None:                              # [S, T] statistics
-        return torch.stack([stats[name].sum(dim=1) for name in STAT_NAMES])
-    sums = torch.zeros(len(STAT_NAMES), num_seqs, dtype=torch.float32, device=device)
-    for index, name in enumerate(STAT_NAMES):
-        sums[index].index_add_(0, sequence_of, stats[name])
-    return sums
-
-
-def _no_autocast(tensor: torch.Tensor):
-    return torch.autocast(tensor.device.type, enabled=False)
-
-
-class LogitsSequenceLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, token_weight, config, triton, inplace_backward):
-        ctx.set_materialize_grads(False)
-        ops = kernel_ops("logits_logps", triton)
-        with _no_autocast(logits):
-            token_logps, lse, stats = ops.token_logps_forward(
-                logits, labels, config.ignore_index, config.logit_scale, config.softcap,
-                config.needs_stats)
-        ctx.save_for_backward(logits, labels, lse, token_weight)
-        ctx.config, ctx.triton, ctx.inplace = config, triton, inplace_backward
-        weighted = (token_logps * token_weight).sum(dim=1) if token_weight is not None \
-            else token_logps.new_empty(0)
-        stat_sums = _stat_sums(stats, None, logits.shape[0], logits.device) if stats \
-            else token_logps.new_empty(0)
-        ctx.mark_non_differentiable(stat_sums)
-        return token_logps.sum(dim=1), weighted, stat_sums
-
-    @staticmethod
-    def backward(ctx, grad_seq, grad_weighted, _grad_stats):
-        logits, labels, lse, token_weight = ctx.saved_tensors
-        coef = _position_coefficients(grad_seq, grad_weighted, token_weight, labels.shape,
-                                      lse.device)
-        config = ctx.config
-        with _no_autocast(logits):
-            dlogits = kernel_ops("logits_logps", ctx.triton).token_logps_backward(
-                logits, labels, lse, coef, config.ignore_index, inplace=ctx.inplace,
-                logit_scale=config.logit_scale, softcap=config.softcap)
-        return dlogits, None, None, None, None, None
-
-
-def _position_coefficients(grad_seq, grad_weighted, token_weight, shape, device):
-    """d loss / d token log-prob of every position [S, T]: the plain sum's gradient plus the
-    LD-weighted sum's times each position's weight."""
-    coef = torch.zeros(shape, dtype=torch.float32, device=device)
-    if grad_seq is not None:
-        coef += grad_seq.float()[:, None]
-    if grad_weighted is not None and token_weight is not None:
-        coef += grad_weighted.float()[:, None] * token_weight
-    return coef
-
-
-def compact_rows(labels: torch.Tensor, ignore_index: int):
-    """(rows, sequences): flat indices into [S * T] of the positions with a label, and the
-    sequence each belongs to (`torch.nonzero`: one host sync; the trainer's collator computes
-    both on the CPU instead)."""
-    rows = torch.nonzero(labels.reshape(-1) != ignore_index).squeeze(1)
-    return rows, torch.div(rows, labels.shape[-1], rounding_mode="floor")
-
-
 def ld_row_weights(counts: torch.Tensor, sequences: torch.Tensor, ld_alpha: float):
     """LD-DPO's weight of every compacted row [n] (rows ordered by sequence, as `compact_rows`
     and the collators give them): 1 for the first min(n_w, n_l) completion tokens of a
@@ -125,94 +68,88 @@ def ld_row_weights(counts: torch.Tensor, sequences: torch.Tensor, ld_alpha: floa
     return torch.where(rank <= shared[sequences], 1.0, ld_alpha)
 
 
-def _sequence_sums(values: torch.Tensor, sequences: torch.Tensor, num_seqs: int):
-    sums = torch.zeros(num_seqs, dtype=torch.float64, device=values.device)
-    return sums.index_add_(0, sequences, values.double()).float()
+def compact_rows(labels: torch.Tensor, ignore_index: int):
+    """(rows, sequences): flat indices into [S * T] of the positions with a label, and the
+    sequence each belongs to (`torch.nonzero`: one host sync; the trainer's collator computes
+    both on the CPU instead). On fake tensors and under torch.compile (no data-dependent
+    shapes) the compaction has its static upper bound: every position, the ignored ones
+    assigned to sequence S, which no sum keeps."""
+    flat = labels.reshape(-1)
+    if tracing(labels):
+        rows = torch.arange(flat.shape[0], device=labels.device)
+        sequences = torch.div(rows, labels.shape[-1], rounding_mode="floor")
+        return rows, torch.where(flat != ignore_index, sequences, labels.shape[0])
+    rows = torch.nonzero(flat != ignore_index).squeeze(1)
+    return rows, torch.div(rows, labels.shape[-1], rounding_mode="floor")
 
 
-class LinearSequenceLogps(torch.autograd.Function):
-    """hidden [..., H] (any leading shape: [S, T] padded or [1, L] packed), rows [n] flat
-    indices of the completion positions, sequences [n] the sequence of each, num_seqs S,
-    row_weight [n] (LD-DPO) or None."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, sequences, num_seqs, row_weight, config,
-                triton, workspace_bytes=None):
-        ctx.set_materialize_grads(False)
-        hidden2d = hidden.reshape(-1, hidden.shape[-1])
-        row_labels = labels.reshape(-1)[rows]
-        with _no_autocast(hidden):
-            token_logps, lse, aux = kernel_ops("linear_logps", triton) \
-                .linear_token_logps_forward(hidden2d, weight, bias, row_labels, rows,
-                                            config.logit_scale, config.softcap,
-                                            config.needs_stats, workspace_bytes=workspace_bytes)
-        # Sequence sums accumulate in fp64 ([n] values into [S]: nothing to pay): an fp32
-        # index_add_ adds one token at a time, and at sums of about -5000 that drifts ~1e-3,
-        # ten times a pairwise fp32 sum.
-        seq_logps = _sequence_sums(token_logps, sequences, num_seqs)
-        weighted = token_logps.new_empty(0)
-        if row_weight is not None:
-            weighted = _sequence_sums(token_logps * row_weight, sequences, num_seqs)
-        stat_sums = _stat_sums(aux, sequences, num_seqs, hidden.device) \
-            if config.needs_stats else token_logps.new_empty(0)
-        ctx.mark_non_differentiable(stat_sums)
-        ctx.save_for_backward(hidden, weight, bias, row_labels, rows, sequences, lse,
-                              aux["label_logit"], row_weight)
-        ctx.config, ctx.triton, ctx.workspace_bytes = config, triton, workspace_bytes
-        return seq_logps, weighted, stat_sums
-
-    @staticmethod
-    def backward(ctx, grad_seq, grad_weighted, _grad_stats):
-        (hidden, weight, bias, row_labels, rows, sequences, lse, label_logit,
-         row_weight) = ctx.saved_tensors
-        grad_token = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device)
-        if grad_seq is not None:
-            grad_token += grad_seq.float()[sequences]
-        if grad_weighted is not None and row_weight is not None:
-            grad_token += grad_weighted.float()[sequences] * row_weight
-        hidden2d = hidden.reshape(-1, hidden.shape[-1])
-        config = ctx.config
-        with _no_autocast(hidden):
-            dhidden, dweight, dbias = kernel_ops("linear_logps", ctx.triton) \
-                .linear_token_logps_backward(hidden2d, weight, bias, row_labels, rows, lse,
-                                             grad_token.contiguous(), label_logit,
-                                             config.logit_scale, config.softcap,
-                                             workspace_bytes=ctx.workspace_bytes,
-                                             weight_grad=ctx.needs_input_grad[1])
-        return (dhidden.view_as(hidden), dweight if ctx.needs_input_grad[1] else None,
-                dbias if ctx.needs_input_grad[2] else None) + (None,) * 8
+def _sequence_sums(values: Tensor, sequences: Tensor, num_seqs: int) -> Tensor:
+    """Per-sequence sums [S] of per-row values [n] (fp32 out). Accumulated in fp64 ([n]
+    values into [S]: nothing to pay): an fp32 index_add_ adds one token at a time, and at
+    sums of about -5000 that drifts ~1e-3, ten times a pairwise fp32 sum. Rows of sequence S
+    (`compact_rows`' static bound) land in a slot that is dropped."""
+    sums = values.new_zeros(num_seqs + 1, dtype=torch.float64)
+    return sums.index_add(0, sequences, values.double())[:num_seqs].float()
 
 
-def pair_values(logps, nll_logps, counts, ref_logps, hard, gamma, weights, config, triton):
-    """(per_pair_loss [B], d_logps [2B], d_nll [2B]): the per-pair epilogue plus the batch
-    terms; derivatives of each pair's loss (the caller averages over pairs)."""
-    out = kernel_ops("pair_loss", triton).pair_loss(logps, nll_logps, counts, ref_logps, hard,
-                                                     gamma, weights, config)
-    batch_loss, batch_d_logps, batch_d_nll = pair_loss_torch.batch_terms(
-        logps, nll_logps, counts, ref_logps, config)
-    return (out["per_pair_loss"] + batch_loss, out["d_logps"] + batch_d_logps,
-            out["d_nll"] + batch_d_nll)
+def _stat_sums(stats: Tensor, sequences: Tensor, num_seqs: int) -> Tensor:
+    """[len(STAT_NAMES), S] per-sequence sums of per-row statistics [4, n]."""
+    sums = stats.new_zeros(stats.shape[0], num_seqs + 1)
+    return sums.index_add(1, sequences, stats)[:, :num_seqs]
 
 
-class PairLoss(torch.autograd.Function):
-    """(loss, per_pair_loss) from the preference log-probs [2B] and the plain log-probs of
-    the NLL terms [2B] (the same tensor unless LD-DPO weights the first)."""
+# ----------------------------------------------------------------------------------------------
+# Stage 1
+# ----------------------------------------------------------------------------------------------
+def logits_sequence_logps(logits, labels, token_weight, config, triton, inplace_backward):
+    """(seq_logps [S], LD-weighted sums [S] or None, stat sums [4, S] or None) of logits
+    [S, T, V]; differentiable w.r.t. the logits (`ops.logits_token_logps`)."""
+    token_logps, _, stats = ops.logits_token_logps(
+        logits, labels, config.ignore_index, config.logit_scale, config.softcap,
+        config.needs_stats, inplace_backward, triton)
+    weighted = None if token_weight is None else (token_logps * token_weight).sum(dim=1)
+    stat_sums = stats.sum(dim=2) if config.needs_stats else None
+    return token_logps.sum(dim=1), weighted, stat_sums
 
-    @staticmethod
-    def forward(ctx, logps, nll_logps, counts, ref_logps, hard, gamma, weights, config,
-                triton):
-        per_pair_loss, d_logps, d_nll = pair_values(logps, nll_logps, counts, ref_logps, hard,
-                                                    gamma, weights, config, triton)
-        num_pairs = per_pair_loss.shape[0]
-        # d mean / d logps: the per-pair ("diagonal") derivatives over B.
-        ctx.save_for_backward(d_logps / num_pairs, d_nll / num_pairs)
-        ctx.mark_non_differentiable(per_pair_loss)
-        return per_pair_loss.mean(), per_pair_loss
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_per_pair):
-        d_logps, d_nll = ctx.saved_tensors
-        return grad_loss * d_logps, grad_loss * d_nll, None, None, None, None, None, None, None
+def linear_sequence_logps(hidden, weight, bias, labels, rows, sequences, num_seqs, row_weight,
+                          config, triton, workspace_bytes=None):
+    """(seq_logps [S], LD-weighted sums [S] or None, stat sums [4, S] or None) from hidden
+    [..., H] (any leading shape: [S, T] padded or [1, L] packed), the completion rows [n]
+    (flat indices into hidden's leading dimensions) and the sequence of each [n];
+    differentiable w.r.t. hidden, weight and bias (`ops.linear_token_logps`)."""
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    row_labels = labels.reshape(-1)[rows]
+    # Rows of `compact_rows`' static bound may be prompt or padding: any valid label there.
+    row_labels = torch.where(sequences < num_seqs, row_labels, 0)
+    token_logps, _, _, stats, _ = ops.linear_token_logps(
+        hidden2d, weight, bias, row_labels, rows, config.logit_scale, config.softcap,
+        config.needs_stats, workspace_bytes, triton)
+    seq_logps = _sequence_sums(token_logps, sequences, num_seqs)
+    weighted = None if row_weight is None else \
+        _sequence_sums(token_logps * row_weight, sequences, num_seqs)
+    stat_sums = _stat_sums(stats, sequences, num_seqs) if config.needs_stats else None
+    return seq_logps, weighted, stat_sums
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2
+# ----------------------------------------------------------------------------------------------
+def wpo_weights(seq_logps, stat_sums, counts):
+    """WPO's per-pair weights [B] (detached): exp(mean_t[log p_t - log sum_v p_v^2]) of the
+    chosen response times that of the rejected one (TRL's use_weighting)."""
+    num_pairs = seq_logps.shape[0] // 2
+    log_sum_sq = stat_sums[STAT_NAMES.index("log_sum_sq")]
+    per_sequence = torch.exp((seq_logps.detach() - log_sum_sq) / counts)
+    return per_sequence[:num_pairs] * per_sequence[num_pairs:]
+
+
+def pair_head(preference_logps, nll_logps, counts, ref_logps, hard, gamma, weights, config):
+    """(loss, per_pair_loss [B] detached): the one per-pair definition
+    (`mixpo.kernels.pair_loss`), differentiable w.r.t. both log-prob inputs [2B]."""
+    per_pair = pair_loss.per_pair_loss(preference_logps, nll_logps, counts, ref_logps, hard,
+                                       gamma, weights, config)
+    return per_pair.mean(), per_pair.detach()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +159,7 @@ _LOGGED: set = set()
 
 
 def _log_once(message: str) -> None:
-    if message not in _LOGGED:
+    if not torch.compiler.is_compiling() and message not in _LOGGED:
         _LOGGED.add(message)
         logger.info(message)
 
@@ -240,11 +177,20 @@ def plan_linear_passes(config, margin, passes, weight, num_tokens: int, sequence
     for 16-bit weights, a single group (more would accumulate dWeight in fp32 [V, H], which
     the two-pass backward never holds). passes=1 forces one pass where (1) holds (groups of
     one pair past the budget, fp32 dWeight accumulator if needed); passes=2 forces two.
-    `counts` [2B] are the sequences' completion-token counts (read on the host: one sync).
+    `counts` [2B] are the sequences' completion-token counts, read on the host (one sync)
+    when the batch does not fit one group. On fake tensors nothing is read: one pass only
+    when the whole batch fits one group. Under torch.compile, two passes (the one pass's op
+    takes the loss's options as a string, which a config built inside the compiled code
+    cannot give).
     """
     if passes not in PASSES:
         raise ValueError(f"passes must be one of {PASSES}, got {passes!r}")
     if passes == 2:
+        return None
+    if torch.compiler.is_compiling():
+        if passes == 1:
+            raise ValueError("passes=1 runs eagerly (or on fake tensors), not under "
+                             "torch.compile: use passes='auto' or 2")
         return None
     coupled = "aot / aot_unpaired sort the batch" if config.sorted_types else \
         "an adaptive margin solves over the batch" if margin is not None else None
@@ -255,11 +201,31 @@ def plan_linear_passes(config, margin, passes, weight, num_tokens: int, sequence
         return None
     vocab_size, forced = weight.shape[0], passes == 1
     capacity = workspace_rows(vocab_size, 4, workspace_bytes)
-    if weight.dtype != torch.float32 and num_tokens > capacity and not forced:
+    if num_tokens <= capacity:
+        _log_once(f"mixpo: logit-free loss in one pass ({'forced' if forced else 'per-pair loss'}"
+                  ", 1 group(s) of pairs in the workspace)")
+        num_pairs = counts.shape[0] // 2
+        return [(torch.arange(num_pairs, device=sequences.device),
+                 torch.arange(num_tokens, device=sequences.device))]
+    if weight.dtype != torch.float32 and not forced:
         _log_once(f"mixpo: logit-free loss in two passes (the batch's {num_tokens} tokens x "
                   f"{vocab_size} fp32 logits exceed the workspace: one pass with 16-bit "
                   "weights would accumulate dWeight in fp32 [V, H])")
         return None
+    if tracing(counts, sequences):
+        if forced:
+            raise ValueError("passes=1 with a batch larger than the workspace groups its "
+                             "pairs by their lengths, read on the host: not on fake tensors "
+                             "or under torch.compile (use passes='auto' or a larger "
+                             "workspace_bytes)")
+        _log_once("mixpo: logit-free loss in two passes (the batch exceeds the workspace; "
+                  "grouping pairs needs their lengths on the host)")
+        return None
+    return _pair_groups(counts, sequences, capacity, forced, vocab_size)
+
+
+def _pair_groups(counts, sequences, capacity, forced, vocab_size):
+    """Groups of consecutive whole pairs whose tokens fit `capacity` (one sync: counts)."""
     seq_counts = [int(count) for count in counts.tolist()]
     num_pairs = len(seq_counts) // 2
     pair_tokens = [seq_counts[i] + seq_counts[num_pairs + i] for i in range(num_pairs)]
@@ -291,89 +257,181 @@ def plan_linear_passes(config, margin, passes, weight, num_tokens: int, sequence
     return groups
 
 
-class LinearOnePassLoss(torch.autograd.Function):
-    """The logit-free loss, forward and exact gradient in one pass over the `groups` of
-    `plan_linear_passes`. Inputs as `LinearSequenceLogps` plus the per-pair ones of
-    `PairLoss` (counts [2B], ref_logps, hard, gamma [B]) and `pair_weights(logps [2k],
-    stat_sums [4, 2k], counts [2k]) -> [k]` (WPO) or None. Returns (loss, per_pair_loss,
-    seq_logps [2B], weighted [2B] or empty, stat_sums [4, 2B] or empty); only `loss` carries
-    gradient: its backward scales the gradients computed in forward (once: they are scaled
-    in place)."""
+def config_json(config: LossConfig) -> str:
+    """A LossConfig as the string a custom op takes (its fields, JSON)."""
+    return json.dumps({item.name: getattr(config, item.name)
+                       for item in dataclasses.fields(config)})
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, sequences, row_weight, counts,
-                ref_logps, hard, gamma, pair_weights, config, triton, groups):
-        hidden2d = hidden.reshape(-1, hidden.shape[-1])
-        row_labels = labels.reshape(-1)[rows]
-        num_seqs, device = counts.shape[0], hidden.device
-        num_pairs = num_seqs // 2
-        zeros = torch.zeros(num_seqs, dtype=torch.float32, device=device)
-        # TRL's batch NLL term: its derivative needs only the batch's chosen-token count.
-        _, _, batch_d_nll = pair_loss_torch.batch_terms(zeros, zeros, counts, None, config)
-        seq_sums = torch.zeros(num_seqs, dtype=torch.float64, device=device)
-        weighted_sums = torch.zeros_like(seq_sums) if row_weight is not None else None
-        stat_sums = torch.zeros(len(STAT_NAMES), num_seqs, dtype=torch.float32, device=device)
 
-        def coefficients(position, token_logps, aux):
-            pairs, tokens = groups[position]
-            seqs = sequences[tokens]
-            members = torch.cat([pairs, pairs + num_pairs])
-            seq_sums.index_add_(0, seqs, token_logps.double())
-            logps = seq_sums[members].float()
-            preference = logps
-            if weighted_sums is not None:
-                weighted_sums.index_add_(0, seqs, (token_logps * row_weight[tokens]).double())
-                preference = weighted_sums[members].float()
-            if config.needs_stats:
-                for index, name in enumerate(STAT_NAMES):
-                    stat_sums[index].index_add_(0, seqs, aux[name])
-            weights = None if pair_weights is None else \
-                pair_weights(logps, stat_sums[:, members], counts[members])
-            # The per-pair epilogue on the group's pairs; the batch terms' only derivative
-            # here (no sorted types) is the batch NLL's, from the whole batch's counts.
-            out = kernel_ops("pair_loss", triton).pair_loss(
-                preference, logps, counts[members],
-                None if ref_logps is None else ref_logps[members],
-                None if hard is None else hard[pairs], gamma[pairs], weights, config)
-            d_logps, d_nll = out["d_logps"], out["d_nll"] + batch_d_nll[members]
-            # d mean / d (plain and weighted) sequence sums, then per token (as the two-pass
-            # LinearSequenceLogps.backward forms grad_token).
-            d_plain, d_weighted = torch.zeros_like(zeros), torch.zeros_like(zeros)
-            if weighted_sums is None:
-                d_plain[members] = (d_logps + d_nll) / num_pairs
-            else:
-                d_plain[members] = d_nll / num_pairs
-                d_weighted[members] = d_logps / num_pairs
-            coef = d_plain[seqs]
-            if weighted_sums is not None:
-                coef = coef + d_weighted[seqs] * row_weight[tokens]
-            return coef
+@functools.lru_cache(maxsize=64)
+def _config(text: str) -> LossConfig:
+    return LossConfig(**json.loads(text))
 
-        with _no_autocast(hidden):
-            token_logps, _, aux, dhidden, dweight, dbias = kernel_ops("linear_logps", triton) \
-                .linear_token_logps_one_pass(hidden2d, weight, bias, row_labels, rows,
-                                             [tokens for _, tokens in groups], coefficients,
-                                             config.logit_scale, config.softcap,
-                                             config.needs_stats,
-                                             weight_grad=weight.requires_grad)
-        seq_logps = seq_sums.float()
-        preference = seq_logps if weighted_sums is None else weighted_sums.float()
-        weights = None if pair_weights is None else pair_weights(seq_logps, stat_sums, counts)
-        per_pair_loss, _, _ = pair_values(preference, seq_logps, counts, ref_logps, hard,
-                                          gamma, weights, config, triton)
-        ctx.gradients = (dhidden.view_as(hidden), dweight, dbias)
-        weighted = preference if weighted_sums is not None else seq_logps.new_empty(0)
-        stat_out = stat_sums if config.needs_stats else stat_sums.new_empty(0)
-        ctx.mark_non_differentiable(per_pair_loss, seq_logps, weighted, stat_out)
-        return per_pair_loss.mean(), per_pair_loss, seq_logps, weighted, stat_out
 
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        if ctx.gradients is None:
-            raise RuntimeError("the one-pass logit-free loss can run backward once "
-                               "(use passes=2 to backward through it again)")
-        dhidden, dweight, dbias = ctx.gradients
-        ctx.gradients = None
-        grads = [None if grad is None or not needed else grad.mul_(grad_loss.to(grad.dtype))
-                 for grad, needed in zip((dhidden, dweight, dbias), ctx.needs_input_grad)]
-        return tuple(grads) + (None,) * 12
+_AUTOGRAD_KEYS = ("AutogradFunctionality", "ADInplaceOrView", "AutogradOther",
+                  "AutogradNestedTensor")
+
+
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """Autograd inside a custom op's implementation, which the dispatcher runs below the
+    autograd keys: they are taken out of the thread's exclude set for the [B]-sized head
+    (torch.func.grad there fails under any active dispatch mode, e.g. a memory tracker)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(getattr(torch._C.DispatchKey, name))
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
+            torch.enable_grad():
+        yield
+
+
+def _head_gradients(objective, *inputs):
+    """d objective(*inputs) / d each input (zeros where it does not depend on one)."""
+    with _autograd_inside_op():
+        leaves = [tensor.detach().requires_grad_() for tensor in inputs]
+        value = objective(*leaves)
+        if not value.requires_grad:
+            return [torch.zeros_like(tensor) for tensor in inputs]
+        grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    return [torch.zeros_like(tensor) if grad is None else grad
+            for grad, tensor in zip(grads, inputs)]
+
+
+def _one_pass_outputs(hidden, weight, bias, counts, config, weighted: bool, weight_grad: bool):
+    """(loss, per_pair_loss, seq_logps, weighted, stat_sums, dhidden, dweight, dbias) shapes
+    of `linear_one_pass` (empty where absent)."""
+    num_seqs = counts.shape[0]
+    vector = lambda size: counts.new_empty(size, dtype=torch.float32)   # noqa: E731
+    return (vector(()), vector(num_seqs // 2), vector(num_seqs),
+            vector(num_seqs if weighted else 0),
+            vector((len(STAT_NAMES) if config.needs_stats else 0, num_seqs)),
+            torch.empty_like(hidden),
+            torch.empty_like(weight) if weight_grad else weight.new_empty(0),
+            weight.new_empty(0) if bias is None else torch.empty_like(bias))
+
+
+@torch.library.custom_op("mixpo::linear_one_pass", mutates_args=())
+def linear_one_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                    rows: Tensor, sequences: Tensor, row_weight: Optional[Tensor],
+                    counts: Tensor, ref_logps: Optional[Tensor], hard: Optional[Tensor],
+                    gamma: Tensor, pair_groups: list[Tensor], token_groups: list[Tensor],
+                    config: str, weight_grad: bool, triton: bool) -> tuple[
+                        Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The logit-free loss with its exact gradient, in one pass over groups of whole pairs.
+
+    hidden [N, H], weight [V, H], bias [V] or None; labels [n] (of the rows), rows [n],
+    sequences [n], row_weight [n] (LD-DPO) or None, counts [2B]; ref_logps [2B], hard [B]
+    or None, gamma [B]; pair_groups / token_groups: `plan_linear_passes`' groups; config:
+    `config_json`. Returns (loss, per_pair_loss [B], seq_logps [2B], LD-weighted sums [2B] or
+    empty, stat sums [4, 2B] or empty, dhidden [N, H], dweight [V, H] or empty, dbias [V] or
+    empty, workspace): the gradients of `loss` w.r.t. hidden, weight and bias, computed as
+    each group's logits exist (its coefficients: the head's gradient by autograd)."""
+    config = _config(config)
+    num_seqs, device = counts.shape[0], hidden.device
+    num_pairs = num_seqs // 2
+    chosen_tokens = counts[:num_pairs].sum()
+    seq_sums = torch.zeros(num_seqs, dtype=torch.float64, device=device)
+    weighted_sums = torch.zeros_like(seq_sums) if row_weight is not None else None
+    stat_sums = torch.zeros(len(STAT_NAMES), num_seqs, dtype=torch.float32, device=device)
+
+    def objective(preference, logps, members, pairs, weights):
+        return pair_loss.group_objective(
+            preference, logps, counts[members],
+            None if ref_logps is None else ref_logps[members],
+            None if hard is None else hard[pairs], gamma[pairs], weights, config, num_pairs,
+            chosen_tokens)
+
+    def coefficients(position, token_logps, aux):
+        pairs, tokens = pair_groups[position], token_groups[position]
+        seqs = sequences[tokens]
+        members = torch.cat([pairs, pairs + num_pairs])
+        seq_sums.index_add_(0, seqs, token_logps.double())
+        logps = seq_sums[members].float()
+        if config.needs_stats:
+            stat_sums.index_add_(1, seqs, torch.stack([aux[name] for name in STAT_NAMES]))
+        weights = wpo_weights(logps, stat_sums[:, members], counts[members]) \
+            if config.use_weighting else None
+        coef_plain = torch.zeros(num_seqs, dtype=torch.float32, device=device)
+        if weighted_sums is None:
+            coef_plain[members], = _head_gradients(
+                lambda x: objective(x, x, members, pairs, weights), logps)
+            return coef_plain[seqs]
+        weighted_sums.index_add_(0, seqs, (token_logps * row_weight[tokens]).double())
+        d_pref, d_nll = _head_gradients(
+            lambda pref, nll: objective(pref, nll, members, pairs, weights),
+            weighted_sums[members].float(), logps)
+        coef_weighted = torch.zeros_like(coef_plain)
+        coef_plain[members], coef_weighted[members] = d_nll, d_pref
+        return coef_plain[seqs] + coef_weighted[seqs] * row_weight[tokens]
+
+    group_tokens = max(len(tokens) for tokens in token_groups)
+    workspace = Workspace(one_pass_layout(group_tokens, weight.shape[0], weight.shape[1],
+                                          weight.dtype, len(token_groups), weight_grad),
+                          device)
+    with ops.no_autocast(hidden):
+        _, _, _, dhidden, dweight, dbias = kernel_ops("linear_logps", triton) \
+            .linear_token_logps_one_pass(hidden, weight, bias, labels, rows, token_groups,
+                                         coefficients, config.logit_scale, config.softcap,
+                                         config.needs_stats, weight_grad=weight_grad,
+                                         workspace=workspace)
+    seq_logps = seq_sums.float()
+    preference = seq_logps if weighted_sums is None else weighted_sums.float()
+    weights = wpo_weights(seq_logps, stat_sums, counts) if config.use_weighting else None
+    loss, per_pair = pair_head(preference, seq_logps, counts, ref_logps, hard, gamma, weights,
+                               config)
+    return (loss, per_pair, seq_logps,
+            seq_logps.new_empty(0) if weighted_sums is None else preference,
+            stat_sums if config.needs_stats else seq_logps.new_empty(0, num_seqs), dhidden,
+            weight.new_empty(0) if dweight is None else dweight,
+            weight.new_empty(0) if dbias is None else dbias, workspace.buffer)
+
+
+@linear_one_pass.register_fake
+def _(hidden, weight, bias, labels, rows, sequences, row_weight, counts, ref_logps, hard, gamma,
+      pair_groups, token_groups, config, weight_grad, triton):
+    config = _config(config)
+    group_tokens = max(tokens.shape[0] for tokens in token_groups)
+    layout = one_pass_layout(group_tokens, weight.shape[0], weight.shape[1], weight.dtype,
+                             len(token_groups), weight_grad)
+    return _one_pass_outputs(hidden, weight, bias, counts, config, row_weight is not None,
+                             weight_grad) + (ops._empty_workspace(layout, hidden),)
+
+
+def _one_pass_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[5:8])
+    ctx.has_bias = inputs[2] is not None
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _one_pass_backward(ctx, grad_loss, *_):
+    dhidden, dweight, dbias = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if grad_loss is None:
+        grad_loss = dhidden.new_zeros(())
+    pair_groups, token_groups = needs[11], needs[12]     # lists: one flag per tensor
+    # Scaled in place: no second copy of the gradients (the saved tensors are then spent, so
+    # a second backward raises).
+    grads = [grad.mul_(grad_loss.to(grad.dtype)) if needed and grad.numel() else None
+             for grad, needed in zip((dhidden, dweight, dbias), needs[:3])]
+    if not ctx.has_bias:
+        grads[2] = None
+    return tuple(grads) + (None,) * 8 + ([None] * len(pair_groups),
+                                         [None] * len(token_groups)) + (None,) * 3
+
+
+linear_one_pass.register_autograd(_one_pass_backward, setup_context=_one_pass_setup)
+
+
+def linear_one_pass_loss(hidden, weight, bias, labels, rows, sequences, row_weight, counts,
+                         ref_logps, hard, gamma, config, triton, groups):
+    """(loss, per_pair_loss [B], seq_logps [2B], weighted [2B] or None, stat sums [4, 2B] or
+    None) of the one pass (`linear_one_pass`); only `loss` carries gradient."""
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    weight_grad = weight.requires_grad and torch.is_grad_enabled()
+    loss, per_pair, seq_logps, weighted, stat_sums, *_ = linear_one_pass(
+        hidden2d, weight, bias, labels.reshape(-1)[rows], rows, sequences, row_weight, counts,
+        ref_logps, hard, gamma, [pairs for pairs, _ in groups],
+        [tokens for _, tokens in groups], config_json(config), weight_grad, triton)
+    return (loss, per_pair, seq_logps, weighted if row_weight is not None else None,
+            stat_sums if config.needs_stats else None)

@@ -40,8 +40,8 @@ class LossType:
     """One per-pair loss formula.
 
     name: the value of `loss_type`.
-    kernel_code: the type's code in the pair-loss kernel (`mixpo.kernels.pair_loss`; a
-        type without one runs in torch).
+    kernel_code: the type's formula in `mixpo.kernels.pair_loss` (MARGIN_FORMULAS /
+        RATIO_FORMULAS; None for the batch-level and NLL-only types).
     family: MARGIN, RATIOS, ODDS, NLL or SORTED (above).
     formula / source: documentation (README table, docstrings).
     normalized: per-token log-ratios by default (`average_log_prob=None` follows this).

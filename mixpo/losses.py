@@ -20,11 +20,10 @@ import torch
 
 from mixpo.checks import (FLOAT_DTYPES, check_finite_logps, check_float_tensor, check_hard,
                           check_labels, check_linear_inputs, check_pair_count, pair_vector)
-from mixpo.functions import (LinearOnePassLoss, LinearSequenceLogps, LogitsSequenceLogps,
-                             PairLoss, compact_rows, ld_row_weights, ld_token_weights,
-                             plan_linear_passes)
-from mixpo.kernels.dispatch import use_triton
-from mixpo.kernels.logits_logps_torch import STAT_NAMES
+from mixpo.functions import (compact_rows, ld_row_weights, ld_token_weights,
+                             linear_one_pass_loss, linear_sequence_logps, logits_sequence_logps,
+                             pair_head as run_pair_head, plan_linear_passes, wpo_weights)
+from mixpo.kernels.dispatch import tracing, use_triton
 from mixpo.loss_config import LossConfig, loss_config_and_gamma, with_loss_options
 from mixpo.loss_spec import MARGIN, sequence_rewards
 from mixpo.loss_spec import shift_labels as _shift_labels
@@ -129,14 +128,6 @@ def _pair_gamma(config, gamma, margin, logps, counts, ref_logps, num_pairs):
     return margin(rewards[:num_pairs] - rewards[num_pairs:])
 
 
-def _wpo_weights(seq_logps, stat_sums, counts, num_pairs):
-    """WPO's per-pair weights [B] (detached): exp(mean_t[log p_t - log sum_v p_v^2]) of the
-    chosen response times that of the rejected one (TRL's use_weighting)."""
-    log_sum_sq = stat_sums[STAT_NAMES.index("log_sum_sq")]
-    per_sequence = torch.exp((seq_logps.detach() - log_sum_sq) / counts)
-    return per_sequence[:num_pairs] * per_sequence[num_pairs:]
-
-
 def _pair_checks(config, ref_logps, hard, num_pairs, device, validate):
     """The per-pair inputs checked (`validate`) or detached: (ref_logps [2B] or None, hard
     [B] or None)."""
@@ -179,17 +170,19 @@ def pair_head(seq_logps, counts, config: LossConfig, *, weighted_logps=None, sta
     `weighted_logps` [2B] are LD-DPO's weighted sums (the preference term's log-probs),
     `stat_sums` [4, 2B] the per-sequence sums of the per-token statistics; `inputs` names
     the tensors to blame for non-finite log-probs. `validate=False` skips the checks that
-    read tensor values on the host (non-finite inputs then surface as a non-finite loss)."""
+    read tensor values on the host (non-finite inputs then surface as a non-finite loss), as
+    tracing does (fake tensors, torch.compile). `backend` is accepted for the callers' sake:
+    the head is plain torch on [B]-sized data on every backend."""
     device, num_pairs = seq_logps.device, seq_logps.shape[0] // 2
+    validate = validate and not tracing(seq_logps)
     if validate:
         check_finite_logps(seq_logps, inputs or {})
     ref_logps, hard = _pair_checks(config, ref_logps, hard, num_pairs, device, validate)
     preference_logps = seq_logps if weighted_logps is None else weighted_logps
     gamma = _pair_gamma(config, gamma, margin, preference_logps, counts, ref_logps, num_pairs)
-    weights = _wpo_weights(seq_logps, stat_sums, counts, num_pairs) if config.use_weighting \
-        else None
-    loss, per_pair_loss = PairLoss.apply(preference_logps, seq_logps, counts, ref_logps, hard,
-                                         gamma, weights, config, use_triton(backend, seq_logps))
+    weights = wpo_weights(seq_logps, stat_sums, counts) if config.use_weighting else None
+    loss, per_pair_loss = run_pair_head(preference_logps, seq_logps, counts, ref_logps, hard,
+                                        gamma, weights, config)
     return _pair_output(loss, per_pair_loss, preference_logps, counts, ref_logps, hard, gamma,
                         stat_sums, config)
 
@@ -199,12 +192,6 @@ def _token_weight(config: LossConfig, labels):
     if config.ld_alpha is None:
         return None
     return ld_token_weights(labels, config.ignore_index, config.ld_alpha)
-
-
-def _head(seq_logps, weighted, stat_sums, token_weight, counts, config, **per_call):
-    return pair_head(seq_logps, counts, config,
-                     weighted_logps=None if token_weight is None else weighted,
-                     stat_sums=stat_sums if stat_sums.numel() else None, **per_call)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,11 +207,11 @@ def logits_loss(logits, labels, config: LossConfig, *, ref_logps=None, hard=None
     labels, counts = check_labels(labels, logits.shape[:2], logits.shape[2],
                                   config.ignore_index, logits.device, "logits")
     token_weight = _token_weight(config, labels)
-    seq_logps, weighted, stat_sums = LogitsSequenceLogps.apply(
+    seq_logps, weighted, stat_sums = logits_sequence_logps(
         logits, labels, token_weight, config, use_triton(backend, logits), inplace_backward)
-    return _head(seq_logps, weighted, stat_sums, token_weight, counts, config,
-                 ref_logps=ref_logps, hard=hard, gamma=gamma, margin=margin, backend=backend,
-                 inputs={"logits": logits})
+    return pair_head(seq_logps, counts, config, weighted_logps=weighted, stat_sums=stat_sums,
+                     ref_logps=ref_logps, hard=hard, gamma=gamma, margin=margin,
+                     backend=backend, inputs={"logits": logits})
 
 
 def autocast_head_inputs(hidden, weight, bias):
@@ -247,45 +234,46 @@ def autocast_head_inputs(hidden, weight, bias):
 
 
 def _completion_rows(labels, config, completion_rows, completion_sequences, counts, device):
-    """(rows [n], sequences [n], LD-DPO row weights [n] or None) of the completion tokens:
-    given (the collators'), or found here."""
+    """(rows [n], sequences [n], LD-DPO row weights [n] or None, static) of the completion
+    tokens: given (the collators'), or found here (`compact_rows`; `static`: its upper bound
+    under tracing, every position)."""
+    static = completion_rows is None and tracing(labels)
     if completion_rows is None:
         rows, sequences = compact_rows(labels, config.ignore_index)
     else:
         rows = completion_rows.to(device)
         sequences = completion_sequences.to(device) if completion_sequences is not None \
             else torch.div(rows, labels.shape[-1], rounding_mode="floor")
-    row_weight = None if config.ld_alpha is None else \
-        ld_row_weights(counts, sequences, config.ld_alpha)
-    return rows, sequences, row_weight
+    row_weight = None
+    if config.ld_alpha is not None:
+        row_weight = ld_token_weights(labels, config.ignore_index, config.ld_alpha) \
+            .reshape(-1) if static else ld_row_weights(counts, sequences, config.ld_alpha)
+    return rows, sequences, row_weight, static
 
 
 def _linear_stage_one(hidden, weight, bias, labels, config, backend, rows, sequences,
                       row_weight, counts, workspace_bytes=None):
     """Stage 1 of the logit-free path (two passes): the sequence log-probs."""
-    seq_logps, weighted, stat_sums = LinearSequenceLogps.apply(
-        hidden, weight, bias, labels, rows, sequences, counts.shape[0], row_weight, config,
-        use_triton(backend, hidden), workspace_bytes)
-    return seq_logps, (weighted if row_weight is not None else None), \
-        (stat_sums if stat_sums.numel() else None)
+    return linear_sequence_logps(hidden, weight, bias, labels, rows, sequences,
+                                 counts.shape[0], row_weight, config,
+                                 use_triton(backend, hidden), workspace_bytes)
 
 
 def _linear_one_pass(hidden, weight, bias, labels, config, groups, rows, sequences, row_weight,
                      counts, *, ref_logps, hard, gamma, backend, inputs, validate):
-    """Both stages of the logit-free path in one pass (`LinearOnePassLoss`)."""
+    """Both stages of the logit-free path in one pass (`linear_one_pass_loss`)."""
     num_pairs = counts.shape[0] // 2
+    validate = validate and not tracing(hidden)
     ref_logps, hard = _pair_checks(config, ref_logps, hard, num_pairs, hidden.device, validate)
     gamma = _pair_gamma(config, gamma, None, counts, counts, ref_logps, num_pairs)
-    pair_weights = (lambda logps, stat_sums, pair_counts: _wpo_weights(
-        logps, stat_sums, pair_counts, logps.shape[0] // 2)) if config.use_weighting else None
-    loss, per_pair_loss, seq_logps, weighted, stat_sums = LinearOnePassLoss.apply(
+    loss, per_pair_loss, seq_logps, weighted, stat_sums = linear_one_pass_loss(
         hidden, weight, bias, labels, rows, sequences, row_weight, counts, ref_logps, hard,
-        gamma, pair_weights, config, use_triton(backend, hidden), groups)
+        gamma, config, use_triton(backend, hidden), groups)
     if validate:
         check_finite_logps(seq_logps, inputs)
-    preference_logps = weighted if row_weight is not None else seq_logps
+    preference_logps = weighted if weighted is not None else seq_logps
     return _pair_output(loss, per_pair_loss, preference_logps, counts, ref_logps, hard, gamma,
-                        stat_sums if stat_sums.numel() else None, config)
+                        stat_sums, config)
 
 
 def _check_workspace(workspace_bytes):
@@ -304,8 +292,9 @@ def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_lo
     The training fast path: `completion_rows` [n] (flat indices of the positions whose label
     is not ignore_index) and `completion_counts` [2B], computed on the CPU batch, and
     `validate=False` (inputs checked by the caller) keep the call free of host syncs (but
-    for one read of the counts when one pass is possible with fp32 weights or a batch that
-    fits the workspace).
+    for one read of the counts when fp32 weights could take the one pass in groups: a batch
+    larger than the workspace). The call also runs on fake tensors and under torch.compile
+    (`mixpo.kernels.ops`).
     Padding-free batches: hidden [1, L, H] and labels [1, L] hold every sequence packed in
     one row; `completion_sequences` [n] then names the sequence of each completion row and
     `completion_counts` [2B] the sequences' lengths in completion tokens. Under
@@ -321,14 +310,15 @@ def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_lo
         counts = completion_counts.to(hidden.device, torch.float32) \
             if completion_counts is not None \
             else (labels != config.ignore_index).sum(dim=1).float()
-    rows, sequences, row_weight = _completion_rows(labels, config, completion_rows,
-                                                   completion_sequences, counts, hidden.device)
+    rows, sequences, row_weight, static = _completion_rows(
+        labels, config, completion_rows, completion_sequences, counts, hidden.device)
     inputs = {"hidden": hidden, "weight": weight, "bias": bias}
-    # One pass computes gradients in the forward: only worth it when a backward follows.
+    # One pass computes gradients in the forward: only worth it when a backward follows
+    # (and it needs rows ordered by sequence: not the static bound of the compaction).
     training = torch.is_grad_enabled() and any(
         tensor is not None and tensor.requires_grad for tensor in (hidden, weight, bias))
-    groups = plan_linear_passes(config, margin, passes if training else 2, weight,
-                                rows.shape[0], sequences, counts, workspace_bytes)
+    groups = plan_linear_passes(config, margin, passes if training and not static else 2,
+                                weight, rows.shape[0], sequences, counts, workspace_bytes)
     if groups is not None:
         return _linear_one_pass(hidden, weight, bias, labels, config, groups, rows, sequences,
                                 row_weight, counts, ref_logps=ref_logps, hard=hard,
@@ -428,12 +418,12 @@ def sequence_logps(hidden, weight, labels, *, bias=None, average=False, ld_alpha
                                              ld_alpha is not None)
     else:
         counts = completion_counts.to(hidden.device, torch.float32)
-    rows, sequences, row_weight = _completion_rows(labels, config, completion_rows,
-                                                   completion_sequences, counts, hidden.device)
+    rows, sequences, row_weight, _ = _completion_rows(
+        labels, config, completion_rows, completion_sequences, counts, hidden.device)
     seq_logps, weighted, _ = _linear_stage_one(hidden, weight, bias, labels, config, backend,
                                                rows, sequences, row_weight, counts,
                                                workspace_bytes)
-    if completion_rows is None:
+    if completion_rows is None and not tracing(seq_logps):
         check_finite_logps(seq_logps, {"hidden": hidden, "weight": weight, "bias": bias})
     if weighted is not None:
         seq_logps = weighted

@@ -11,7 +11,8 @@ from dataclasses import replace
 
 import torch
 
-from mixpo.kernels.dispatch import check_backend, kernel_ops, use_triton
+from mixpo.kernels.dispatch import check_backend, use_triton
+from mixpo.kernels.ops import solve_margins
 
 
 class AdaptiveMargin:
@@ -110,8 +111,8 @@ class AdaptiveMargin:
         return gamma.detach()
 
     def _solve(self, solve_set: torch.Tensor) -> torch.Tensor:
-        ops = kernel_ops("margin_solve", use_triton(self.backend, solve_set))
-        return ops.solve_margins(solve_set, self.gamma0, self.tau, self.iters)
+        return solve_margins(solve_set, self.gamma0, self.tau, self.iters,
+                             use_triton(self.backend, solve_set))
 
     def state_dict(self) -> dict:
         return {"queue": self.queue, "generator": self.generator.get_state(),

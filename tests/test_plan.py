@@ -4,8 +4,8 @@ import argparse
 import pytest
 
 from mixpo.cli import main
-from mixpo.train.plan import (GIB, Workload, mixpo_plan, model_shape, plan_command,
-                              trl_default_plan)
+from mixpo.train.plan import (GIB, Workload, mixpo_plan, model_shape, peak_phases,
+                              plan_command, plan_total, trl_default_plan)
 
 # Llama-3-8B by hand: V 128256, H 4096, 32 layers, MLP 14336, 8 KV heads of 128 (1024).
 V, H, L, I, KV = 128256, 4096, 32, 14336, 1024
@@ -38,24 +38,46 @@ def test_mixpo_components_on_one_gpu(llama3_8b):
         "weights": 2 * PARAMS,                       # bf16
         "gradients": 2 * PARAMS,                     # accumulation keeps every gradient
         "optimizer states": 4 * PARAMS,              # two bf16 moments
+        # BF16StateAdamW's update of the biggest tensor: fp32 gradient, moments, denominator
+        # and weights (20 B) plus stochastic rounding's three int32 temporaries (12 B)
+        "optimizer step": 32 * EMBED,
         "activations": activations,                  # 1,266,679,808
-        # the 256 MiB softmax-gradient workspace, the fp32 dHidden accumulator and bf16
-        # copy of the completion rows, hidden and dHidden
+        # two passes (2048 tokens' fp32 logits exceed the 256 MiB workspace): the softmax-
+        # gradient workspace, the fp32 dHidden accumulator and bf16 copy of the completion
+        # rows, hidden and dHidden
         "loss head": 256 * 2**20 + TOKENS * H * 6 + 2 * TOKENS * H * 2,
+        "FSDP buffers": 0,
         "reference model": 0,
         "runtime reserve": 3 * GIB,
     }
     assert activations == 1_266_679_808
-    assert sum(plan.values()) == 69_031_985_152 + TOKENS * H * 6      # 64.34 GiB: fits in 80
-    # A smaller workspace budget shrinks the head; a micro-batch smaller than it uses less.
+    phases = peak_phases(llama3_8b, work, plan)
+    inputs = L * TOKENS * H * 2
+    assert {name: sum(parts.values()) for name, parts in phases.items()} == {
+        # the head (0.33 GiB) runs before the recomputed layers (0.68 GiB) take its place
+        "forward and backward": 8 * PARAMS + inputs + 2 * TOKENS * LAYER_VALUES * 2 + 3 * GIB,
+        "optimizer step": 8 * PARAMS + 32 * EMBED + 3 * GIB}
+    assert plan_total(phases) / GIB == pytest.approx(78.49, abs=0.005)   # measured: 75.49
+    # A smaller workspace budget shrinks the head; a micro-batch smaller than it uses less,
+    # and one whose fp32 logits fit takes the one pass (logits, their bf16 gradient, the
+    # head's gradient from the forward on).
     small = mixpo_plan(llama3_8b, work, workspace_bytes=64 * 2**20)
     assert plan["loss head"] - small["loss head"] == 192 * 2**20
-    tiny = mixpo_plan(llama3_8b, Workload(seq_len=64))
+    tiny = mixpo_plan(llama3_8b, Workload(seq_len=64), workspace_bytes=40 * 2**20)
     assert tiny["loss head"] == 128 * V * 2 + 128 * H * 6 + 2 * 128 * H * 2
+    one = mixpo_plan(llama3_8b, Workload(seq_len=64))       # 128 x V fp32 logits: 63 MiB
+    assert one["loss head"] == 128 * V * 6 + 128 * H * 10 + V * H * 2 + 2 * 128 * H * 2
     stepped = mixpo_plan(llama3_8b, work, step_in_backward=True)
     assert stepped["gradients"] == 2 * EMBED          # only the largest gradient is alive
-    assert sum(stepped.values()) / GIB == pytest.approx(50.36, abs=0.005)
-    assert mixpo_plan(llama3_8b, work, optim="adamw_8bit")["optimizer states"] == 2 * PARAMS
+    # The LM head's update, the backward's first, runs beside the layers' saved inputs.
+    assert peak_phases(llama3_8b, work, stepped, True)["optimizer step"] == {
+        "weights": 2 * PARAMS, "gradients": 2 * EMBED, "optimizer states": 4 * PARAMS
+        + 32 * EMBED, "activations, temporaries": inputs, "runtime reserve": 3 * GIB}
+    assert plan_total(peak_phases(llama3_8b, work, stepped, True)) / GIB == \
+        pytest.approx(65.01, abs=0.005)                                  # measured: 62.07
+    eight_bit = mixpo_plan(llama3_8b, work, optim="adamw_8bit")
+    assert eight_bit["optimizer states"] == 2 * PARAMS + 2 * PARAMS * 4 // 256
+    assert eight_bit["optimizer step"] == 0
     assert mixpo_plan(llama3_8b, work, reference="live")["reference model"] == 2 * PARAMS
 
 
@@ -67,13 +89,23 @@ def test_trl_default_and_sharding(llama3_8b):
     # hidden states and their gradient (no [tokens x vocab] logits any more).
     assert trl["loss head"] == V * H * 4 + 4096 * 32768 * 4 + 2 * TOKENS * H * 2
     assert sum(trl.values()) == 151_133_954_048 - TOKENS * V * 8 + trl["loss head"]
-    # fp32 master weights (the papers' setup): 16 B per parameter, as TRL's default.
+    # fp32 master weights (the papers' setup): 16 B per parameter, as TRL's default; torch's
+    # fused AdamW keeps no temporaries.
     master = mixpo_plan(llama3_8b, Workload(), optim="adamw", master_weights=True)
     assert master["weights"] + master["gradients"] + master["optimizer states"] == 16 * PARAMS
-    # Four GPUs: states shard by 4; FSDP holds the root unit and two layers unsharded.
-    four = mixpo_plan(llama3_8b, Workload(gpus=4))
-    assert four["optimizer states"] == PARAMS
-    assert four["weights"] == 2 * PARAMS // 4 + (2 * EMBED + H + 2 * LAYER) * 2
+    assert master["optimizer step"] == 0
+    # Four GPUs: states shard by 4; FSDP holds the root unit and two layers unsharded in the
+    # backward beside a layer's gradient reduce (bf16 gradients, fp32 copy), and reduces the
+    # root unit's gradients through an fp32 copy last.
+    work = Workload(gpus=4)
+    four = mixpo_plan(llama3_8b, work)
+    root = 2 * EMBED + H
+    assert four["optimizer states"] == PARAMS and four["weights"] == 2 * PARAMS // 4
+    assert four["optimizer step"] == 32 * EMBED // 4
+    assert four["FSDP buffers"] == max((root + 2 * LAYER) * 2 + LAYER * 6, root * 6)
+    phases = peak_phases(llama3_8b, work, four)
+    assert sum(phases["root unit's gradient reduce"].values()) == \
+        2 * PARAMS // 4 * 2 + PARAMS + root * 6 + 3 * GIB
 
 
 def _args(**overrides):
@@ -86,12 +118,13 @@ def _args(**overrides):
 def test_report_says_llama3_8b_fits_one_80gb_gpu_and_trl_does_not():
     report = plan_command(_args(step_in_backward=True, global_batch_size=1))
     assert "8.03 B parameters" in report
-    assert "total" in report and "50.36 GiB" in report and "141.29 GiB" in report
-    assert "fits? mixpo: yes, 29.6 GiB free; TRL default: no, 61.3 GiB over" in report
+    assert "total" in report and "65.01 GiB" in report and "141.29 GiB" in report
+    assert "optimizer step                   65.01 GiB  <- peak" in report
+    assert "fits? mixpo: yes, 15.0 GiB free; TRL default: no, 61.3 GiB over" in report
     assert "head workspace 256 MiB of a 256 MiB budget" in report
     assert "fused head (trl 1.16)" in report
     default = plan_command(_args())
-    assert "64.34 GiB" in default and "mixpo: yes" in default
+    assert "78.49 GiB" in default and "mixpo: yes, 1.5 GiB free" in default
     assert "head workspace 64 MiB" in plan_command(_args(head_workspace_mib=64))
     with pytest.raises(ValueError, match="head-workspace-mib"):
         plan_command(_args(head_workspace_mib=0))

@@ -156,3 +156,48 @@ def test_score_columns_name_the_rating_columns(model_dir, tmp_path):
                       load_tokenizer(str(model_dir)), SimpleNamespace(is_main=True), str(data))
     with pytest.raises(ValueError, match="score_columns names two rating columns"):
         build_config(TrainConfig, None, {**values, "difficulty": "reward"})
+
+
+def _plan_output(command: str) -> str:
+    """`mixpo plan ...` as the recipe headers quote it, run through the CLI's parser."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(command.split()[1:]) == 0
+    return out.getvalue()
+
+
+def test_recipe_headers_quote_what_mixpo_plan_prints():
+    """Every memory figure in a recipe's header comes from the `mixpo plan` command quoted
+    right after it, run on the recipe's own sequence length and micro-batch: they cannot
+    drift from the planner."""
+    import re
+
+    outputs, checked = {}, 0
+    for path in sorted(RECIPES.glob("*.yaml")):
+        config = build_config(TrainConfig, str(path), {})
+        pending = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                continue
+            command = re.match(r"#\s+(mixpo plan .*)$", line)
+            if command:
+                command = command.group(1).strip()
+                arguments = command.split()
+                assert arguments[arguments.index("--micro-batch-size") + 1] == \
+                    str(config.per_device_train_batch_size), (path.name, command)
+                seq_len = arguments[arguments.index("--seq-len") + 1] \
+                    if "--seq-len" in arguments else "1024"
+                assert seq_len == str(config.max_length), (path.name, command)
+                output = outputs.setdefault(command, _plan_output(command))
+                assert pending, f"{path.name}: no figure before {command}"
+                for figure in pending:
+                    assert f"{figure} GiB" in output, (path.name, figure, command)
+                    checked += 1
+                pending = []
+            else:
+                pending += re.findall(r"(\d+\.\d+) GiB", line)
+        assert not pending, f"{path.name}: {pending} GiB quoted without a command after them"
+    assert checked >= 2 * 12

@@ -225,7 +225,7 @@ def test_prompt_share_shrinks_linear_work_not_logits_path_writes():
 def test_pair_kernels_are_negligible():
     workload = roofline.make_workload("gemma-2-9b", 32768, 0.25)
     lm_bytes = roofline.kernel_cost("token_logps_fwd", workload).total_bytes
-    for kernel in ("pair_loss", "margin_solve"):
+    for kernel in ("pair_head", "margin_solve"):
         assert roofline.kernel_cost(kernel, workload).total_bytes < 1e-5 * lm_bytes
         assert roofline.floor_seconds(kernel, workload, "a100") < 1e-4
 
@@ -238,7 +238,7 @@ def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="pairs"):
         roofline.make_workload("llama3", 1024, prompt_share=0.5, pairs=400)
     with pytest.raises(ValueError, match="device"):
-        roofline.floor_seconds("pair_loss", SMALL, "tpu")
+        roofline.floor_seconds("pair_head", SMALL, "tpu")
     with pytest.raises(ValueError, match="kernel"):
         roofline.floor_seconds("attention", SMALL, "h100")
     with pytest.raises(ValueError, match="pairs-per-batch"):
@@ -315,11 +315,11 @@ def test_cli_compile_runs_compile_check_without_triton_interpret(monkeypatch, tm
     monkeypatch.setattr("subprocess.run", fake_run)
     json_path = str(tmp_path / "compile.json")
     args = build_parser().parse_args(["bench", "compile", "--arch", "90", "--kernel",
-                                      "pair_loss", "--json", json_path])
+                                      "margin_solve", "--json", json_path])
     assert args.func(args) == 0
     (command, env), = calls
     assert command[1:] == ["-m", "mixpo.kernels.compile_check", "--arch", "90", "--kernel",
-                           "pair_loss", "--json", json_path]
+                           "margin_solve", "--json", json_path]
     assert "TRITON_INTERPRET" not in env and env.get("PATH") == os.environ.get("PATH")
     args = build_parser().parse_args(["bench", "compile", "--kernel", "no_such_kernel"])
     with pytest.raises(ValueError, match="no_such_kernel"):

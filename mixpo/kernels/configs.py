@@ -159,21 +159,6 @@ for _name, _function in (("token_logps_fwd", "_token_logps_fwd_kernel"),
         flags=_TRANSFORM_FLAGS if _name.endswith("bwd") else _FORWARD_FLAGS))
 
 # ----------------------------------------------------------------------------------------------
-# Per-pair epilogue (kernels/pair_loss.py); the epilogue reads fp32 sequence sums whatever the
-# logits dtype. Loss types are runtime codes (one compiled kernel serves every type and list).
-# ----------------------------------------------------------------------------------------------
-register(KernelSpec(
-    name="pair_loss", module="mixpo.kernels.pair_loss", function="_pair_loss_kernel",
-    pointers={"hard_ptr": "*i8"},
-    scalars={name: "fp32" for name in (
-        "type_weight0", "type_weight1", "type_weight2", "type_weight3", "beta",
-        "label_smoothing", "discopop_tau", "rdpo_alpha", "dpop_lambda", "f_alpha",
-        "pair_nll_weight")},
-    gpu_configs=(config(BLOCK_B=128, num_warps=4),),
-    interpreter_config=config(BLOCK_B=128),
-    dtypes=("fp32",)))
-
-# ----------------------------------------------------------------------------------------------
 # gamma-PO margin solve (kernels/margin_solve.py): one program holds the whole solve set.
 # ----------------------------------------------------------------------------------------------
 MAX_SOLVE_SET = 8192

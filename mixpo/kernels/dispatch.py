@@ -20,6 +20,19 @@ LOWEST_TRITON = (3, 6)      # the oldest Triton the kernels are compiled with in
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def tracing(*tensors) -> bool:
+    """Whether the loss is being traced rather than run: under torch.compile / export, or on
+    fake tensors (`FakeTensorMode`: shapes without data). Tracing allows no data-dependent
+    shapes and no reads of tensor values on the host."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(tensor is not None and is_fake(tensor) for tensor in tensors)
+
+
 def check_backend(backend) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
@@ -29,7 +42,9 @@ def check_backend(backend) -> str:
 
 def use_triton(backend: str, tensor) -> bool:
     """Whether `backend` runs the Triton kernels on `tensor`'s device (ValueError when it
-    cannot: no triton installed, or a CPU tensor without the interpreter)."""
+    cannot: no triton installed, or a CPU tensor without the interpreter). On fake tensors
+    nothing runs, so "triton" is accepted on any device (memory of the GPU path measured on
+    a CPU)."""
     check_backend(backend)
     if backend == "torch" or (backend == "auto" and not tensor.is_cuda):
         return False
@@ -37,7 +52,7 @@ def use_triton(backend: str, tensor) -> bool:
         raise ValueError("backend='triton' needs the triton package (pip install "
                          "'mixpo[triton]'); backend='torch' runs without it")
     _check_triton_version()
-    if not tensor.is_cuda and not INTERPRET:
+    if not tensor.is_cuda and not INTERPRET and not tracing(tensor):
         raise ValueError("backend='triton' on a CPU tensor needs Triton's interpreter: set "
                          "TRITON_INTERPRET=1 before importing mixpo, or use backend='torch'")
     return True

@@ -312,7 +312,8 @@ def _combine_stats(part_lse, lse, part_stats, labels, vocab_size) -> dict:
 
 
 def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: float = 1.0,
-                               softcap=None, stats: bool = False, workspace_bytes=None):
+                               softcap=None, stats: bool = False, workspace_bytes=None,
+                               workspace=None):
     """Label log-prob and log-sum-exp of the tokens hidden[rows] under the LM head and the
     logit transform (module docstring of mixpo.kernels.logits_logps).
 
@@ -322,7 +323,7 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
     Returns (token_logps [n] fp32, lse [n] fp32, aux): aux["label_logit"] [n] fp32 is the
     labels' raw logit (the backward needs it), and with `stats=True` aux holds STAT_NAMES ->
     [n] fp32 too. Extra memory: [splits, n] fp32 (x6 with stats); no workspace
-    (`workspace_bytes` is the twin's).
+    (`workspace_bytes` and `workspace` are the twin's).
     """
     _check(hidden, weight, bias, labels, rows)
     hidden, weight = _unit_stride(hidden), _unit_stride(weight)
@@ -383,7 +384,7 @@ BACKWARD_METHODS = ("gemm", "atomic")
 def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_token,
                                 label_logit=None, logit_scale: float = 1.0, softcap=None,
                                 workspace_bytes=None, method: str = "gemm", filter_eps=None,
-                                weight_grad: bool = True, vocab_chunk=None):
+                                weight_grad: bool = True, vocab_chunk=None, workspace=None):
     """Gradients of sum(grad_token * token_logps) w.r.t. hidden, weight and bias.
 
     Same inputs as the forward plus its lse [n] fp32 and grad_token [n] fp32 (`label_logit`
@@ -399,7 +400,8 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
     `configs.DEFAULT_WORKSPACE_BYTES`, 256 MiB: 10,880 rows at 12,288 bf16 tokens). No
     atomics: two runs give bit-identical gradients. Extra memory: the workspace, fp32
     [n, H] and a copy of hidden[rows]. weight_grad=False (a frozen head) skips the dWeight
-    GEMM (dweight None).
+    GEMM (dweight None). `workspace`: a `linear_logps_torch.Workspace` of
+    `backward_layout(..., triton=True)` holding those temporaries (default: allocated here).
     method "atomic": `mixpo.kernels.linear_logps_atomic` (one tile kernel, fp32 atomics,
     optional CCE gradient filter `filter_eps`, 16-bit dWeight in fp32 chunks of `vocab_chunk`
     rows; not bitwise reproducible).
@@ -426,7 +428,7 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
     coef = grad_token.float().contiguous()
     bias32 = coef if bias is None else bias.float().contiguous()      # dummy when unused
 
-    def fill(v0, v1, grad):
+    def fill(v0, v1, grad, _weight_chunk):
         grid = (triton.cdiv(num_tokens, launch.block("BLOCK_N"))
                 * triton.cdiv(v1 - v0, launch.block("BLOCK_V")),)
         _linear_softmax_grad_kernel[grid](
@@ -436,8 +438,12 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
             float(softcap or 0.0), UPCAST=INTERPRET, SOFTCAP=bool(softcap),
             **launch.launch_kwargs())
 
-    return twin.gemm_backward(hidden, weight, bias, rows, hidden[rows], fill, dtype,
-                              launch.block("BLOCK_V"), workspace_bytes, weight_grad)
+    if workspace is None and num_tokens:
+        workspace = twin.Workspace(twin.backward_layout(num_tokens, weight.shape[0], hidden_size,
+                                                        dtype, workspace_bytes, triton=True),
+                                   hidden.device)
+    return twin.gemm_backward(hidden, weight, bias, rows, fill, dtype, launch.block("BLOCK_V"),
+                              workspace_bytes, weight_grad, workspace)
 
 
 class TritonGroupOps:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from mixpo.kernels.configs import DEFAULT_WORKSPACE_BYTES
+from mixpo.kernels.configs import DEFAULT_WORKSPACE_BYTES, choose
 from mixpo.kernels.logits_logps_torch import (STAT_NAMES, _row_chunks, block_stats,
                                               transform_logits, transform_slope)
 
@@ -31,6 +31,46 @@ _TWIN_BLOCK = 256          # vocab-chunk granule of the torch backward
 
 def _fp32(tensor):
     return None if tensor is None else tensor.float()
+
+
+class Workspace:
+    """One uint8 buffer that a call's large temporaries are carved from: `layout` is
+    [(name, shape, dtype)], each piece 16-byte aligned; `self[name]` is its typed view. The
+    custom ops (`mixpo.kernels.ops`) return the buffer, so fake tensors and memory trackers
+    count the memory the kernels really use. The alignment gaps are zeroed (the buffer's
+    bytes are then a function of the inputs only)."""
+
+    def __init__(self, layout, device):
+        self.pieces, offset, gaps = {}, 0, []
+        for name, shape, dtype in layout:
+            start = -(-offset // 16) * 16
+            gaps.append((offset, start))
+            size = dtype.itemsize
+            for dim in shape:
+                size *= dim
+            self.pieces[name] = (start, size, shape, dtype)
+            offset = start + size
+        self.buffer = torch.empty(offset, dtype=torch.uint8, device=device)
+        for begin, end in gaps:
+            if end > begin:
+                self.buffer[begin:end] = 0
+
+    @staticmethod
+    def nbytes(layout) -> int:
+        offset = 0
+        for _, shape, dtype in layout:
+            size = dtype.itemsize
+            for dim in shape:
+                size *= dim
+            offset = -(-offset // 16) * 16 + size
+        return offset
+
+    def __contains__(self, name) -> bool:
+        return name in self.pieces
+
+    def __getitem__(self, name) -> torch.Tensor:
+        start, size, shape, dtype = self.pieces[name]
+        return self.buffer[start:start + size].view(dtype).view(shape)
 
 
 def workspace_rows(num_columns: int, element_bytes: int, workspace_bytes=None) -> int:
@@ -45,6 +85,72 @@ def vocab_chunk_rows(num_tokens: int, vocab_size: int, element_bytes: int, block
     of the vocab tile `block_v` (at least one tile), at most the vocabulary."""
     rows = workspace_rows(num_tokens, element_bytes, workspace_bytes)
     return min(vocab_size, max(block_v, rows // block_v * block_v))
+
+
+def _forward_chunk(num_tokens: int, vocab_size: int, stats: bool, workspace_bytes=None) -> int:
+    # With stats, `block_stats` holds two more blocks (log-sum-exp, probabilities) at once.
+    return max(1, min(num_tokens, workspace_rows(vocab_size, _FP32 * (3 if stats else 1),
+                                                 workspace_bytes)))
+
+
+def forward_layout(num_tokens: int, vocab_size: int, hidden_size: int, stats: bool,
+                   workspace_bytes=None, triton: bool = False) -> tuple:
+    """The forward's carved temporaries: the torch backend's fp32 logits chunk [t, V] and its
+    rows of hidden [t, H] (fp32); none for the Triton forward (its [splits, n] partial
+    log-sum-exps are a few KiB)."""
+    if triton or not num_tokens:
+        return ()
+    chunk = _forward_chunk(num_tokens, vocab_size, stats, workspace_bytes)
+    return (("logits", (chunk * vocab_size,), torch.float32),
+            ("embed", (chunk, hidden_size), torch.float32))
+
+
+def backward_layout(num_tokens: int, vocab_size: int, hidden_size: int, dtype: torch.dtype,
+                    workspace_bytes=None, triton: bool = False) -> tuple:
+    """The GEMM backward's carved temporaries (`gemm_backward`): the softmax-gradient
+    workspace [n, C] (input dtype on Triton, fp32 here), the fp32 dHidden accumulator
+    [n, H], the completion rows of hidden [n, H] (same dtype as the workspace) and, when
+    that is not the weight's dtype, one converted weight chunk [C, H]."""
+    if not num_tokens:
+        return ()
+    grad_dtype = dtype if triton else torch.float32
+    if triton:
+        name = "linear_softmax_grad_fp32" if dtype == torch.float32 else "linear_softmax_grad"
+        block_v = choose(name, dtype=dtype, num_tokens=num_tokens).block("BLOCK_V")
+    else:
+        block_v = _TWIN_BLOCK
+    chunk = vocab_chunk_rows(num_tokens, vocab_size, grad_dtype.itemsize, block_v,
+                             workspace_bytes)
+    layout = [("workspace", (num_tokens * chunk,), grad_dtype),
+              ("dhidden", (num_tokens, hidden_size), torch.float32),
+              ("embed", (num_tokens, hidden_size), grad_dtype)]
+    if dtype != grad_dtype:
+        layout.append(("weight_chunk", (chunk, hidden_size), grad_dtype))
+    return tuple(layout)
+
+
+def one_pass_layout(group_tokens: int, vocab_size: int, hidden_size: int, dtype: torch.dtype,
+                    groups: int, weight_grad: bool) -> tuple:
+    """The one pass's carved temporaries: the largest group's fp32 logits [t, V] and hidden
+    rows [t, H]; for 16-bit weights also the 16-bit gradient [t, V], the fp32 dHidden rows
+    [t, H], the 16-bit hidden rows and, with more than one group, the fp32 dWeight
+    accumulator [V, H]."""
+    layout = [("logits", (group_tokens * vocab_size,), torch.float32),
+              ("embed", (group_tokens, hidden_size), torch.float32)]
+    if dtype != torch.float32:
+        layout += [("grad16", (group_tokens, vocab_size), dtype),
+                   ("dhidden", (group_tokens, hidden_size), torch.float32),
+                   ("embed16", (group_tokens, hidden_size), dtype)]
+        if groups > 1 and weight_grad:
+            layout.append(("dweight", (vocab_size, hidden_size), torch.float32))
+    return tuple(layout)
+
+
+def gather_rows(hidden: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[i] = hidden[rows[i]] in out's dtype, without a temporary when the dtypes agree."""
+    if hidden.dtype == out.dtype:
+        return torch.index_select(hidden, 0, rows, out=out)
+    return out.copy_(hidden[rows])
 
 
 _MM_OUT_DTYPE: dict = {}
@@ -82,7 +188,8 @@ def _raw_logits(embed32, weight, bias32, out):
 
 
 def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: float = 1.0,
-                               softcap=None, stats: bool = False, workspace_bytes=None):
+                               softcap=None, stats: bool = False, workspace_bytes=None,
+                               workspace=None):
     """Label log-prob and log-sum-exp of the tokens hidden[rows] under the LM head and the
     logit transform.
 
@@ -90,22 +197,25 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
     completion tokens, ignored tokens compacted away); labels [n] int64 in [0, V).
     Returns (token_logps [n] fp32, lse [n] fp32, aux: "label_logit" -> the labels' raw
     logits [n], plus STAT_NAMES -> [n] with `stats`). Logits exist one [t, V] fp32 chunk of
-    tokens at a time, t from `workspace_bytes`.
+    tokens at a time, t from `workspace_bytes`; `workspace`: a `Workspace` of
+    `forward_layout` to carve them from (default: allocated here).
     """
     bias32 = _fp32(bias)
-    num_tokens, vocab_size = rows.shape[0], weight.shape[0]
+    num_tokens, (vocab_size, hidden_size) = rows.shape[0], weight.shape
     token_logps = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(token_logps)
     label_logit = torch.empty_like(token_logps)
     stat_values = torch.empty((len(STAT_NAMES) if stats else 0, num_tokens),
                               dtype=torch.float32, device=hidden.device)
-    # With stats, `block_stats` holds two more blocks (log-sum-exp, probabilities) at once.
-    chunk = max(1, min(num_tokens, workspace_rows(vocab_size, _FP32 * (3 if stats else 1),
-                                                  workspace_bytes)))
-    buffer = torch.empty(chunk * vocab_size, dtype=torch.float32, device=hidden.device)
+    if workspace is None:
+        workspace = Workspace(forward_layout(num_tokens, vocab_size, hidden_size, stats,
+                                             workspace_bytes), hidden.device)
+    chunk = _forward_chunk(num_tokens, vocab_size, stats, workspace_bytes)
     for t0, t1 in _row_chunks(num_tokens, chunk):
-        block = _raw_logits(hidden[rows[t0:t1]].float(), weight, bias32,
-                            buffer[:(t1 - t0) * vocab_size].view(t1 - t0, vocab_size))
+        embed = gather_rows(hidden, rows[t0:t1], workspace["embed"][:t1 - t0])
+        block = _raw_logits(embed, weight, bias32,
+                            workspace["logits"][:(t1 - t0) * vocab_size].view(t1 - t0,
+                                                                              vocab_size))
         token_lse, value, raw, token_stats = _block_logps(block, labels[t0:t1], logit_scale,
                                                           softcap, stats, keep=False)
         lse[t0:t1], label_logit[t0:t1] = token_lse, raw
@@ -146,28 +256,29 @@ def _softmax_grad_(block, labels, lse, coef, logit_scale, softcap, shifted=False
     if not shifted:
         block.sub_(lse[:, None])
     grad = block.exp_().mul_(-coef[:, None])
+    # No host read of the labels: those outside the chunk add 0 at column 0.
     inside = (labels >= 0) & (labels < block.shape[1])
-    if bool(inside.all()):
-        grad.scatter_add_(-1, labels[:, None], coef[:, None])
-    else:
-        index = torch.nonzero(inside).squeeze(1)
-        grad[index, labels[index]] += coef[index]
+    grad.scatter_add_(-1, torch.where(inside, labels, 0)[:, None],
+                      torch.where(inside, coef, 0.0)[:, None])
     if softcap or logit_scale != 1.0:
         grad.mul_(slope)
     return grad
 
 
-def gemm_backward(hidden, weight, bias, rows, embed, fill, grad_dtype, block_v: int,
-                  workspace_bytes=None, weight_grad: bool = True):
+def gemm_backward(hidden, weight, bias, rows, fill, grad_dtype, block_v: int,
+                  workspace_bytes, weight_grad: bool, workspace):
     """The two-pass backward's GEMMs, for both backends. Per vocab chunk [v0, v1) of C rows
-    (`vocab_chunk_rows`): `fill(v0, v1, grad)` writes the chunk's softmax gradient into the
-    workspace `grad` [n, v1 - v0] (grad_dtype, contiguous); then dHidden_acc (fp32 [n, H]) +=
-    grad @ W[v0:v1] (`addmm_fp32`), dWeight[v0:v1] = grad^T @ embed (one GEMM over all n
-    tokens, fp32 accumulation, each row written once) and dbias[v0:v1] = column sums.
-    embed [n, H] = hidden[rows] in grad_dtype. Returns (dhidden [N, H], dweight [V, H], dbias
-    [V] or None) in the input dtypes; deterministic (no atomics, fixed summation order).
-    weight_grad=False (a frozen head) skips the dWeight GEMM and returns None for it."""
-    num_tokens, (vocab_size, hidden_size) = rows.shape[0], weight.shape
+    (`vocab_chunk_rows`): `fill(v0, v1, grad, weight_chunk)` writes the chunk's softmax
+    gradient into the workspace `grad` [n, v1 - v0] (grad_dtype, contiguous; weight_chunk:
+    weight[v0:v1] in grad_dtype); then dHidden_acc (fp32 [n, H]) += grad @ W[v0:v1]
+    (`addmm_fp32`), dWeight[v0:v1] = grad^T @ embed (one GEMM over all n tokens, fp32
+    accumulation, each row written once) and dbias[v0:v1] = column sums, with embed [n, H] =
+    hidden[rows] in grad_dtype. The temporaries are carved from `workspace` (a `Workspace`
+    of `backward_layout`, the backend's). Returns (dhidden [N, H], dweight [V, H],
+    dbias [V] or None) in the input dtypes; deterministic (no atomics, fixed summation
+    order). weight_grad=False (a frozen head) skips the dWeight GEMM and returns None for
+    it."""
+    num_tokens, vocab_size = rows.shape[0], weight.shape[0]
     device = hidden.device
     dhidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=device)
     dbias = None if bias is None else torch.zeros(vocab_size, dtype=torch.float32,
@@ -179,19 +290,23 @@ def gemm_backward(hidden, weight, bias, rows, embed, fill, grad_dtype, block_v: 
         else None
     chunk = vocab_chunk_rows(num_tokens, vocab_size, grad_dtype.itemsize, block_v,
                              workspace_bytes)
-    workspace = torch.empty(num_tokens * chunk, dtype=grad_dtype, device=device)
-    dh_acc = torch.zeros(num_tokens, hidden_size, dtype=torch.float32, device=device)
+    embed = gather_rows(hidden, rows, workspace["embed"])
+    dh_acc = workspace["dhidden"].zero_()
     for v0, v1 in _row_chunks(vocab_size, chunk):
-        grad = workspace[:num_tokens * (v1 - v0)].view(num_tokens, v1 - v0)
-        fill(v0, v1, grad)
-        weight_chunk = weight[v0:v1].to(grad_dtype)
+        grad = workspace["workspace"][:num_tokens * (v1 - v0)].view(num_tokens, v1 - v0)
+        if "weight_chunk" in workspace:
+            weight_chunk = workspace["weight_chunk"][:v1 - v0]
+            weight_chunk.copy_(weight[v0:v1])
+        else:
+            weight_chunk = weight[v0:v1]
+        fill(v0, v1, grad, weight_chunk)
         addmm_fp32(dh_acc, grad, weight_chunk)
         if dweight is None:
             pass
         elif dweight.dtype == grad_dtype:
             torch.mm(grad.T, embed, out=dweight[v0:v1])
         else:           # fp32 G with 16-bit weights (this twin): one rounding per element
-            dweight[v0:v1] = grad.T @ embed
+            dweight[v0:v1] = torch.mm(grad.T, embed)
         if dbias is not None:
             dbias[v0:v1] = grad.sum(0, dtype=torch.float32)
     dhidden[rows] = dh_acc.to(hidden.dtype)
@@ -200,33 +315,37 @@ def gemm_backward(hidden, weight, bias, rows, embed, fill, grad_dtype, block_v: 
 
 def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_token,
                                 label_logit=None, logit_scale: float = 1.0, softcap=None,
-                                workspace_bytes=None, weight_grad: bool = True):
+                                workspace_bytes=None, weight_grad: bool = True,
+                                workspace=None):
     """Gradients of sum(grad_token * token_logps) w.r.t. hidden, weight and bias.
 
     Same inputs as the forward plus its lse [n] and grad_token [n] fp32 (`label_logit`, the
     Triton helper's input, is not needed here). Returns (dhidden [N, H], zero on rows not
     listed; dweight [V, H]; dbias [V] or None) in the input dtypes, accumulated in fp32:
-    `gemm_backward` with G formed in fp32 (workspace [n, C] fp32); weight_grad=False skips
-    dweight (None).
+    `gemm_backward` with G formed in fp32 (workspace [n, C] fp32; `workspace`: a
+    `Workspace` of `backward_layout`); weight_grad=False skips dweight (None).
     """
-    embed = hidden[rows].float()
     bias32, coef = _fp32(bias), grad_token.float()
-
     plain = bias32 is None and logit_scale == 1.0 and not softcap
     neg_lse = -lse[:, None]
+    if workspace is None and rows.shape[0]:
+        workspace = Workspace(backward_layout(rows.shape[0], weight.shape[0],
+                                              weight.shape[1], weight.dtype, workspace_bytes),
+                              hidden.device)
 
-    def fill(v0, v1, grad):
+    def fill(v0, v1, grad, weight_chunk):
+        embed = workspace["embed"]      # hidden[rows] in fp32 (written by gemm_backward)
         if plain:       # z - lse straight from the GEMM (one elementwise pass saved)
-            torch.addmm(neg_lse, embed, weight[v0:v1].float().T, out=grad)
+            torch.addmm(neg_lse, embed, weight_chunk.T, out=grad)
         else:
-            torch.mm(embed, weight[v0:v1].float().T, out=grad)
+            torch.mm(embed, weight_chunk.T, out=grad)
             if bias32 is not None:
                 grad += bias32[v0:v1]
             transform_logits(grad, logit_scale, softcap)
         _softmax_grad_(grad, labels - v0, lse, coef, logit_scale, softcap, shifted=plain)
 
-    return gemm_backward(hidden, weight, bias, rows, embed, fill, torch.float32, _TWIN_BLOCK,
-                         workspace_bytes, weight_grad)
+    return gemm_backward(hidden, weight, bias, rows, fill, torch.float32, _TWIN_BLOCK,
+                         workspace_bytes, weight_grad, workspace)
 
 
 class TorchGroupOps:
@@ -261,7 +380,7 @@ class TorchGroupOps:
 
 def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coefficients,
                                 logit_scale: float = 1.0, softcap=None, stats: bool = False,
-                                weight_grad: bool = True, ops=TorchGroupOps):
+                                weight_grad: bool = True, ops=TorchGroupOps, workspace=None):
     """Forward and exact backward in one pass over `groups` of tokens.
 
     hidden, weight, bias, labels [n], rows [n] as in the forward; groups: index tensors into
@@ -274,10 +393,12 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
     (`ops.grad_`; `ops`: TorchGroupOps or the Triton backend's kernels), dHidden rows =
     G @ W (written once), dWeight += G^T @ E. dWeight accumulates in the output for fp32
     weights; 16-bit weights need an fp32 [V, H] accumulator when there is more than one group.
+    The temporaries are carved from `workspace` (a `Workspace` of `one_pass_layout`; default:
+    allocated here).
     Returns (token_logps [n], lse [n], aux as the forward's, dhidden [N, H], dweight [V, H]
     or None with weight_grad=False, dbias [V] or None), gradients in the input dtypes.
     """
-    num_tokens, (vocab_size, _) = rows.shape[0], weight.shape
+    num_tokens, (vocab_size, hidden_size) = rows.shape[0], weight.shape
     device, dtype = hidden.device, hidden.dtype
     bias32 = _fp32(bias)
     token_logps = torch.empty(num_tokens, dtype=torch.float32, device=device)
@@ -286,21 +407,25 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
     stat_values = torch.empty((len(STAT_NAMES) if stats else 0, num_tokens),
                               dtype=torch.float32, device=device)
     dhidden = torch.zeros(hidden.shape, dtype=dtype, device=device)
+    largest = max((len(group) for group in groups), default=0)
+    if workspace is None:
+        workspace = Workspace(one_pass_layout(largest, vocab_size, hidden_size, weight.dtype,
+                                              len(groups), weight_grad), device)
     direct = weight.dtype == torch.float32 or len(groups) == 1
-    dweight = torch.zeros(weight.shape, dtype=weight.dtype if direct else torch.float32,
-                          device=device) if weight_grad else None
+    dweight = None
+    if weight_grad:
+        dweight = torch.zeros(weight.shape, dtype=weight.dtype, device=device) if direct \
+            else workspace["dweight"].zero_()
     dbias = None if bias is None else torch.zeros(vocab_size, dtype=torch.float32,
                                                   device=device)
-    largest = max((len(group) for group in groups), default=0)
-    buffer = torch.empty(largest * vocab_size, dtype=torch.float32, device=device)
     for position, group in enumerate(groups):
         count = len(group)
         if not count:
             continue
         group_rows, group_labels = rows[group], labels[group]
-        embed = hidden[group_rows].float()
+        embed = gather_rows(hidden, group_rows, workspace["embed"][:count])
         block = _raw_logits(embed, weight, bias32,
-                            buffer[:count * vocab_size].view(count, vocab_size))
+                            workspace["logits"][:count * vocab_size].view(count, vocab_size))
         raw = block.gather(-1, group_labels[:, None]).squeeze(-1)
         group_lse, value, group_stats, state = ops.logps(block, group_labels, logit_scale,
                                                          softcap, stats)
@@ -317,16 +442,19 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
             if dweight is not None:
                 dweight.addmm_(grad.T, embed)
         else:
-            grad16 = grad.to(weight.dtype)
-            dh = torch.zeros(count, weight.shape[1], dtype=torch.float32, device=device)
+            grad16 = workspace["grad16"][:count]
+            grad16.copy_(grad)
+            dh = workspace["dhidden"][:count].zero_()
             addmm_fp32(dh, grad16, weight)
             dhidden[group_rows] = dh.to(dtype)
+            embed16 = workspace["embed16"][:count]
+            embed16.copy_(embed)
             if dweight is None:
                 pass
             elif direct:
-                torch.mm(grad16.T, embed.to(weight.dtype), out=dweight)
+                torch.mm(grad16.T, embed16, out=dweight)
             else:
-                addmm_fp32(dweight, grad16.T, embed.to(weight.dtype))
+                addmm_fp32(dweight, grad16.T, embed16)
         if dbias is not None:
             dbias += grad.sum(0)
     aux = {"label_logit": label_logit}

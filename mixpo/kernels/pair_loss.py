@@ -1,218 +1,182 @@
-"""Per-pair epilogue: every per-pair loss type, target margins, MixDPO routing and the NLL
-terms on [B] data, in one launch.
+"""The per-pair loss of every loss type, written once: plain torch on [B]-sized data, for
+both backends and both front ends; its gradient comes from autograd (no hand-derived
+derivative anywhere). The list of types, their families and sources is
+`mixpo.loss_spec.LOSS_TYPES`; each type's `kernel_code` names its formula here.
 
-Reads the summed sequence log-probs (chosen rows first), the plain summed log-probs of the NLL
-terms, completion counts, reference log-probs, routing flags, margins and WPO weights; writes
-each pair's loss and its derivatives with respect to both log-prob inputs (handed to the
-token kernels' backward). A list of loss types (TRL's list form) is a loop over their kernel
-codes inside the program; each code's formula is computed on the whole block and selected,
-so one compiled kernel serves every type and mixture. Formulas: the twin,
-`mixpo.kernels.pair_loss_torch` (which also holds the batch-coupled terms).
+Inputs are fp32 [2B] per-sequence values (chosen rows first) and [B] per-pair ones:
+`logps` the preference log-probs (LD-DPO-weighted sums under ld_alpha), `nll_logps` the plain
+sums of the NLL terms, `counts` the completion tokens, `ref_logps` or None, `hard` [B] bool or
+None (MixDPO routing), `gamma` [B] target margins, `weights` [B] (WPO, detached) or None, and
+`config` a `mixpo.loss_config.LossConfig`.
+
+Margin types read z = beta * h - gamma - rdpo_alpha * (n_w - n_l), h = s(u_w) / n_w' -
+s(u_l) / n_l' - dpop_lambda * max(0, -u_w / n_w') (n' = n when the type normalises length,
+else 1; s = the f-divergence score); ratio types r = beta * u / n'; ORPO the log-odds of
+logp / n'. Hard pairs take their token-mean NLL -nll_logp_w / n_w instead.
 """
 from __future__ import annotations
 
+import math
+
 import torch
-import triton
-import triton.language as tl
+import torch.nn.functional as F
 
-from mixpo.kernels.configs import choose
-from mixpo.loss_spec import F_DIVERGENCES
-
-MAX_TYPES = 4   # loss types in one list (TRL's MPO mixture has 3)
+from mixpo.loss_spec import MARGIN, RATIOS
 
 
-@triton.jit
-def _log_sigmoid(x):
-    # log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|)), stable for large |x|.
-    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+def _f_divergence(u: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
+    """TRL's score s(u) of a log-ratio (reverse_kl: s(u) = u)."""
+    if kind == "forward_kl":
+        return 1 - torch.exp(-u)
+    if kind == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(u)
+    if kind == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:
+        # TRL's clamp of the exponent at 80 (its gradient is 0 past it).
+        return (torch.exp(((alpha - 1.0) * u).clamp(max=80.0)) - 1) / (alpha - 1.0)
+    return u
 
 
-@triton.jit
-def _log1mexp(x):
-    """log(1 - exp(x)) for x < 0. Near 0 (x >= -ln 2), 1 - exp(x) cancels: there it is
-    -x * (1 + x/2 + x^2/6 + ... + x^9/10!), the series of -expm1(x), to fp32 precision."""
-    x = tl.minimum(x, -1e-30)               # log-probs are < 0 (and masked lanes are 0)
-    series = 1.0 + x / 10.0
-    for k in range(9, 1, -1):
-        series = 1.0 + x / k * series
-    far = tl.log(tl.maximum(1.0 - tl.exp(x), 1e-30))   # selected only where x < -ln 2
-    return tl.where(x < -0.6931471805599453, far, tl.log(-x * series))
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable on both sides of -ln 2 (TRL's ORPO). Each branch
+    sees only inputs of its side, so the other's derivative is never inf * 0."""
+    near = x > -math.log(2.0)
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, -1.0))),
+                       torch.log1p(-torch.exp(torch.where(near, -1.0, x))))
 
 
-@triton.jit
-def _f_divergence(u, f_kind, f_alpha):
-    """TRL's f-divergence score s(u) of a log-ratio and ds/du (0: reverse KL, s(u) = u)."""
-    score = u
-    slope = tl.zeros_like(u) + 1.0
-    if f_kind == 1:      # forward KL
-        score = 1.0 - tl.exp(-u)
-        slope = tl.exp(-u)
-    elif f_kind == 2:    # Jensen-Shannon
-        score = 0.6931471805599453 + _log_sigmoid(u)
-        slope = tl.sigmoid(-u)
-    elif f_kind == 3:    # alpha divergence (TRL clamps the exponent at 80)
-        exponent = (f_alpha - 1.0) * u
-        value = tl.exp(tl.minimum(exponent, 80.0))
-        score = (value - 1.0) / (f_alpha - 1.0)
-        slope = tl.where(exponent > 80.0, 0.0, value)
-    return score, slope
+def _cdpo(z, eps):
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
-@triton.jit
-def _pair_loss_kernel(logps_ptr, nll_ptr, counts_ptr, ref_ptr, hard_ptr, gamma_ptr,
-                      weight_ptr, loss_ptr, d_logps_ptr, d_nll_ptr, num_pairs, num_types,
-                      code0, code1, code2, code3, type_weight0, type_weight1, type_weight2,
-                      type_weight3, normalized_mask, beta, label_smoothing, discopop_tau,
-                      rdpo_alpha, dpop_lambda, f_kind, f_alpha, pair_nll_weight,
-                      BLOCK_B: tl.constexpr):
-    pairs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask = pairs < num_pairs
-    # Sequence i's chosen response is row i, its rejected response row num_pairs + i.
-    u_c = tl.load(logps_ptr + pairs, mask=mask, other=0.0) \
-        - tl.load(ref_ptr + pairs, mask=mask, other=0.0)
-    u_r = tl.load(logps_ptr + num_pairs + pairs, mask=mask, other=0.0) \
-        - tl.load(ref_ptr + num_pairs + pairs, mask=mask, other=0.0)
-    n_c = tl.load(counts_ptr + pairs, mask=mask, other=1.0)
-    n_r = tl.load(counts_ptr + num_pairs + pairs, mask=mask, other=1.0)
-    hard = tl.load(hard_ptr + pairs, mask=mask, other=0) != 0
-    gamma = tl.load(gamma_ptr + pairs, mask=mask, other=0.0) + rdpo_alpha * (n_c - n_r)
-    pair_weight = tl.load(weight_ptr + pairs, mask=mask, other=1.0)
-    eps = label_smoothing
-
-    loss = tl.zeros_like(u_c)
-    d_c = tl.zeros_like(u_c)
-    d_r = tl.zeros_like(u_c)
-    for index in range(num_types):
-        # The index-th loss type of the list: its kernel code, weight, normalisation bit.
-        code = tl.where(index == 0, code0,
-                        tl.where(index == 1, code1, tl.where(index == 2, code2, code3)))
-        type_weight = tl.where(index == 0, type_weight0, tl.where(
-            index == 1, type_weight1, tl.where(index == 2, type_weight2, type_weight3)))
-        scale = type_weight * pair_weight
-        normalized = ((normalized_mask >> index) & 1) != 0
-        inv_c = tl.where(normalized, 1.0 / n_c, 1.0)
-        inv_r = tl.where(normalized, 1.0 / n_r, 1.0)
-
-        # Margin family (codes 0-5): z = beta * h - gamma.
-        s_c, ds_c = _f_divergence(u_c, f_kind, f_alpha)
-        s_r, ds_r = _f_divergence(u_r, f_kind, f_alpha)
-        h = s_c * inv_c - s_r * inv_r - dpop_lambda * tl.maximum(-u_c * inv_c, 0.0)
-        dh_c = ds_c * inv_c + dpop_lambda * tl.where(u_c < 0.0, inv_c, 0.0)
-        dh_r = -ds_r * inv_r
-        z = beta * h - gamma
-        sig_z = tl.sigmoid(z)
-        ls_pos = _log_sigmoid(z)
-        ls_neg = _log_sigmoid(-z)
-        if code == 0:      # sigmoid, sigmoid_norm, simpo, cpo (cDPO label smoothing)
-            term = -(1.0 - eps) * ls_pos - eps * ls_neg
-            dz = sig_z - (1.0 - eps)
-        elif code == 1:    # robust
-            term = (-(1.0 - eps) * ls_pos + eps * ls_neg) / (1.0 - 2.0 * eps)
-            dz = sig_z - (1.0 - eps) / (1.0 - 2.0 * eps)
-        elif code == 2:    # hinge
-            term = tl.maximum(1.0 - z, 0.0)
-            dz = tl.where(z < 1.0, -1.0, 0.0)
-        elif code == 3:    # ipo
-            term = ((z - 0.5) / beta) * ((z - 0.5) / beta)
-            dz = 2.0 * (z - 0.5) / (beta * beta)
-        elif code == 4:    # exo_pair
-            term = sig_z * (ls_pos - tl.log(1.0 - eps)) + (1.0 - sig_z) * (ls_neg - tl.log(eps))
-            dz = sig_z * (1.0 - sig_z) * (z + tl.log(eps) - tl.log(1.0 - eps))
-        elif code == 5:    # discopop
-            mix = tl.sigmoid(z / discopop_tau)
-            dmix = mix * (1.0 - mix) / discopop_tau
-            exponential = tl.exp(-z)
-            term = -ls_pos * (1.0 - mix) + exponential * mix
-            dz = -(1.0 - sig_z) * (1.0 - mix) + ls_pos * dmix - exponential * mix \
-                + exponential * dmix
-        else:              # another family: replaced below
-            term = tl.zeros_like(z)
-            dz = tl.zeros_like(z)
-        term_c = dz * beta * dh_c
-        term_r = dz * beta * dh_r
-
-        if code >= 6:      # ratio family (6-10): r = beta * u / n'
-            r_c = beta * u_c * inv_c
-            r_r = beta * u_r * inv_r
-            sig_c = tl.sigmoid(r_c)
-            sig_r = tl.sigmoid(r_r)
-            if code == 6:      # nca_pair
-                term = -_log_sigmoid(r_c) - 0.5 * _log_sigmoid(-r_c) - 0.5 * _log_sigmoid(-r_r)
-                dr_c = -(1.0 - sig_c) + 0.5 * sig_c
-                dr_r = 0.5 * sig_r
-            elif code == 7:    # bco_pair
-                term = -_log_sigmoid(r_c) - _log_sigmoid(-r_r)
-                dr_c = -(1.0 - sig_c)
-                dr_r = sig_r
-            elif code == 8:    # sppo_hard
-                a_c = u_c * inv_c - 0.5 / beta
-                a_r = u_r * inv_r + 0.5 / beta
-                term = a_c * a_c + a_r * a_r
-                dr_c = 2.0 * a_c / beta
-                dr_r = 2.0 * a_r / beta
-            elif code == 9:    # apo_zero
-                term = 1.0 - sig_c + sig_r
-                dr_c = -sig_c * (1.0 - sig_c)
-                dr_r = sig_r * (1.0 - sig_r)
-            elif code == 10:   # apo_down
-                sig_d = tl.sigmoid(r_c - r_r)
-                term = sig_c + 1.0 - sig_d
-                dr_c = sig_c * (1.0 - sig_c) - sig_d * (1.0 - sig_d)
-                dr_r = sig_d * (1.0 - sig_d)
-            else:              # orpo (code 11): -beta log s(log odds of logp / n')
-                avg_c = u_c * inv_c
-                avg_r = u_r * inv_r
-                log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
-                term = -beta * _log_sigmoid(log_odds)
-                slope = -beta * tl.sigmoid(-log_odds)
-                dr_c = slope / (1.0 - tl.exp(avg_c)) / beta
-                dr_r = -slope / (1.0 - tl.exp(avg_r)) / beta
-            term_c = dr_c * beta * inv_c
-            term_r = dr_r * beta * inv_r
-        loss += scale * term
-        d_c += scale * term_c
-        d_r += scale * term_r
-
-    # MixDPO routing: a hard pair learns only its chosen response (token-mean NLL).
-    nll = -tl.load(nll_ptr + pairs, mask=mask, other=0.0) / n_c
-    loss = tl.where(hard, nll, loss) + pair_nll_weight * nll
-    d_nll = tl.where(hard, -1.0 / n_c, 0.0) - pair_nll_weight / n_c
-    tl.store(loss_ptr + pairs, loss, mask=mask)
-    tl.store(d_logps_ptr + pairs, tl.where(hard, 0.0, d_c), mask=mask)
-    tl.store(d_logps_ptr + num_pairs + pairs, tl.where(hard, 0.0, d_r), mask=mask)
-    tl.store(d_nll_ptr + pairs, d_nll, mask=mask)
-    tl.store(d_nll_ptr + num_pairs + pairs, tl.zeros_like(d_nll), mask=mask)
+def _exo(z, eps):
+    p = torch.sigmoid(z)
+    return p * (F.logsigmoid(z) - math.log(1 - eps)) + (1 - p) * (F.logsigmoid(-z)
+                                                                  - math.log(eps))
 
 
-def pair_loss(logps, nll_logps, counts, ref_logps, hard, gamma, weights, config):
-    """Same contract as `mixpo.kernels.pair_loss_torch.pair_loss` (inputs [2B] / [B] fp32)."""
+def _discopop(z, tau):
+    mix = torch.sigmoid(z / tau)
+    return -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+
+
+# Margin family: loss(z, config) at z = beta * h - gamma.
+MARGIN_FORMULAS = {
+    0: lambda z, c: _cdpo(z, c.label_smoothing),          # sigmoid, sigmoid_norm, simpo, cpo
+    1: lambda z, c: (-(1 - c.label_smoothing) * F.logsigmoid(z)             # robust
+                     + c.label_smoothing * F.logsigmoid(-z)) / (1 - 2 * c.label_smoothing),
+    2: lambda z, c: torch.relu(1 - z),                                       # hinge
+    3: lambda z, c: ((z - 0.5) / c.beta) ** 2,                               # ipo
+    4: lambda z, c: _exo(z, c.label_smoothing),                              # exo_pair
+    5: lambda z, c: _discopop(z, c.discopop_tau),                            # discopop
+}
+# Ratio family: loss(r_w, r_l, beta) at r = beta * u / n'.
+RATIO_FORMULAS = {
+    6: lambda rc, rr, b: -F.logsigmoid(rc) - 0.5 * F.logsigmoid(-rc)        # nca_pair
+    - 0.5 * F.logsigmoid(-rr),
+    7: lambda rc, rr, b: -F.logsigmoid(rc) - F.logsigmoid(-rr),              # bco_pair
+    8: lambda rc, rr, b: (rc / b - 0.5 / b) ** 2 + (rr / b + 0.5 / b) ** 2,  # sppo_hard
+    9: lambda rc, rr, b: 1 - torch.sigmoid(rc) + torch.sigmoid(rr),          # apo_zero
+    10: lambda rc, rr, b: torch.sigmoid(rc) + 1 - torch.sigmoid(rc - rr),    # apo_down
+}
+
+
+def _odds_loss(avg_c, avg_r, beta):
+    """ORPO: -beta log s(log odds(avg_w) - log odds(avg_l))."""
+    log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
+    return -beta * F.logsigmoid(log_odds)
+
+
+def _type_loss(spec, u_c, u_r, n_c, n_r, gamma, config):
+    """The per-pair loss [B] of one loss type at log-ratios u_c, u_r."""
+    normalized = config.normalized(spec)
+    inv_c = 1 / n_c if normalized else torch.ones_like(n_c)
+    inv_r = 1 / n_r if normalized else torch.ones_like(n_r)
+    beta = config.beta
+    if spec.family == MARGIN:
+        kind, alpha = config.f_divergence_type, config.f_alpha_divergence_coef
+        h = _f_divergence(u_c, kind, alpha) * inv_c - _f_divergence(u_r, kind, alpha) * inv_r \
+            - config.dpop_lambda * torch.relu(-u_c * inv_c)
+        z = beta * h - gamma - config.rdpo_alpha * (n_c - n_r)
+        return MARGIN_FORMULAS[spec.kernel_code](z, config)
+    if spec.family == RATIOS:
+        return RATIO_FORMULAS[spec.kernel_code](beta * u_c * inv_c, beta * u_r * inv_r, beta)
+    return _odds_loss(u_c * inv_c, u_r * inv_r, beta)
+
+
+def pair_terms(logps, nll_logps, counts, ref_logps, hard, gamma, weights, config):
+    """The per-pair part [B]: the types of `config.kernel_types`, weighted (WPO), routed
+    (hard pairs: their chosen response's token-mean NLL), plus the per-pair NLL term when
+    nll_normalization="pair"."""
     num_pairs = logps.shape[0] // 2
-    device = logps.device
-    logps, counts = logps.float().contiguous(), counts.float().contiguous()
-    nll_logps = nll_logps.float().contiguous()
-    ref_logps = torch.zeros_like(logps) if ref_logps is None else ref_logps.float().contiguous()
-    hard = torch.zeros(num_pairs, dtype=torch.int8, device=device) if hard is None \
-        else hard.to(torch.int8).contiguous()
-    weights = torch.ones(num_pairs, dtype=torch.float32, device=device) if weights is None \
-        else weights.float().contiguous()
-    kinds = config.kernel_types
-    if len(kinds) > MAX_TYPES:
-        raise ValueError(f"loss_type: at most {MAX_TYPES} kernel loss types in one list, "
-                         f"got {len(kinds)}")
-    # Per-type scalars of the list, padded to MAX_TYPES (host values: no device copy).
-    codes = [spec.kernel_code for spec, _ in kinds] + [0] * (MAX_TYPES - len(kinds))
-    type_weights = [weight for _, weight in kinds] + [0.0] * (MAX_TYPES - len(kinds))
-    normalized_mask = sum(int(config.normalized(spec)) << index
-                          for index, (spec, _) in enumerate(kinds))
-    loss = torch.empty(num_pairs, dtype=torch.float32, device=device)
-    d_logps, d_nll = torch.empty_like(logps), torch.empty_like(logps)
-    launch = choose("pair_loss", num_pairs=num_pairs)
-    grid = (triton.cdiv(num_pairs, launch.block("BLOCK_B")),)
-    pair_nll_weight = config.nll_weight if config.nll_normalization == "pair" else 0.0
-    _pair_loss_kernel[grid](
-        logps, nll_logps, counts, ref_logps, hard, gamma.float().contiguous(), weights, loss,
-        d_logps, d_nll, num_pairs, len(kinds), *codes, *type_weights, normalized_mask,
-        config.beta, config.label_smoothing, config.discopop_tau, config.rdpo_alpha,
-        config.dpop_lambda, F_DIVERGENCES[config.f_divergence_type],
-        config.f_alpha_divergence_coef, pair_nll_weight, **launch.launch_kwargs())
-    return {"per_pair_loss": loss, "d_logps": d_logps, "d_nll": d_nll}
+    ratios = logps if ref_logps is None else logps - ref_logps
+    u_c, u_r = ratios[:num_pairs], ratios[num_pairs:]
+    n_c, n_r = counts[:num_pairs], counts[num_pairs:]
+    if hard is not None:
+        # Hard pairs never reach the preference formulas: their inputs there are a constant
+        # 0 (no gradient, and no inf from an extreme log-ratio times the routing's 0).
+        u_c, u_r = torch.where(hard, 0.0, u_c), torch.where(hard, 0.0, u_r)
+    loss = torch.zeros_like(u_c)
+    for spec, type_weight in config.kernel_types:
+        term = _type_loss(spec, u_c, u_r, n_c, n_r, gamma, config)
+        loss = loss + (type_weight if weights is None else type_weight * weights) * term
+    nll_pair = -nll_logps[:num_pairs] / n_c
+    if hard is not None:
+        loss = torch.where(hard, nll_pair, loss)
+    if config.nll_normalization == "pair" and config.nll_weight:
+        loss = loss + config.nll_weight * nll_pair
+    return loss
+
+
+def batch_nll(nll_logps, counts, config, chosen_tokens=None):
+    """The batch-mean NLL of the chosen responses (nll_normalization="batch", TRL and Liger):
+    -nll_weight * sum_i logp_w,i / sum_i n_w,i, a 0-d tensor, or None. `chosen_tokens`: the
+    denominator when these are some of the batch's pairs (the one pass's groups)."""
+    if config.nll_normalization != "batch" or not config.nll_weight:
+        return None
+    num_pairs = nll_logps.shape[0] // 2
+    if chosen_tokens is None:
+        chosen_tokens = counts[:num_pairs].sum()
+    return -config.nll_weight * nll_logps[:num_pairs].sum() / chosen_tokens
+
+
+def sorted_terms(logps, ref_logps, config):
+    """AOT's losses [B] (aot, aot_unpaired): cDPO sigmoid of sorted margins, sorted across
+    the batch (so each belongs to a sorted position, not to a pair), or None."""
+    if not config.sorted_types:
+        return None
+    num_pairs = logps.shape[0] // 2
+    ratios = logps if ref_logps is None else logps - ref_logps
+    loss = logps.new_zeros(num_pairs)
+    for spec, type_weight in config.sorted_types:
+        if spec.name == "aot":    # sorted policy margins vs sorted reference margins
+            first = logps[:num_pairs] - logps[num_pairs:]
+            second = logps.new_zeros(num_pairs) if ref_logps is None else \
+                ref_logps[:num_pairs] - ref_logps[num_pairs:]
+        else:                     # aot_unpaired: sorted chosen vs sorted rejected log-ratios
+            first, second = ratios[:num_pairs], ratios[num_pairs:]
+        z = config.beta * (torch.sort(first).values - torch.sort(second).values)
+        loss = loss + type_weight * _cdpo(z, config.label_smoothing)
+    return loss
+
+
+def per_pair_loss(logps, nll_logps, counts, ref_logps, hard, gamma, weights, config):
+    """Each pair's loss [B] (differentiable): `pair_terms`, plus every pair's share of the
+    batch NLL term and AOT's sorted losses. The loss is its mean."""
+    loss = pair_terms(logps, nll_logps, counts, ref_logps, hard, gamma, weights, config)
+    for term in (batch_nll(nll_logps, counts, config),
+                 sorted_terms(logps, ref_logps, config)):
+        if term is not None:
+            loss = loss + term
+    return loss
+
+
+def group_objective(logps, nll_logps, counts, ref_logps, hard, gamma, weights, config,
+                    num_pairs: int, chosen_tokens):
+    """The share of the mean loss that some of the batch's pairs carry (the one pass's
+    groups; no sorted types): their `pair_terms` summed over the batch's `num_pairs`, plus
+    their part of the batch NLL term (`chosen_tokens`: the whole batch's). Summed over groups
+    that cover the batch it is the mean loss, so its gradient is each group's exact share."""
+    objective = pair_terms(logps, nll_logps, counts, ref_logps, hard, gamma, weights,
+                           config).sum() / num_pairs
+    nll = batch_nll(nll_logps, counts, config, chosen_tokens)
+    return objective if nll is None else objective + nll

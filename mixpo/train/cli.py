@@ -105,6 +105,10 @@ def register(subparsers) -> None:
                       default="precomputed")
     plan.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing",
                       action="store_false")
+    plan.add_argument("--measure", action="store_true",
+                      help="also run the planned step on fake tensors (no GPU, no memory) "
+                      "under torch's memory tracker and print the measured peak beside the "
+                      "plan (minutes for an 8B model on a CPU)")
     plan.add_argument("--head-workspace-mib", type=int, default=None, metavar="MIB",
                       help="the logit-free head's workspace budget (default 256 MiB, "
                       "mixpo.kernels.configs.DEFAULT_WORKSPACE_BYTES)")

@@ -2,25 +2,37 @@
 
 Parameter counts are exact: the model is built from its config on the meta device (no
 memory, no download). Everything else is arithmetic with the assumptions listed below, in
-GiB (2^30 bytes), per GPU, with the model sharded over N GPUs by FSDP (ZeRO-3 for TRL).
+GiB (2^30 bytes), per GPU, with the model sharded over N GPUs by FSDP (ZeRO-3 for TRL), and
+checked against torch's memory tracker running the same step on fake tensors
+(`mixpo plan --measure`, `mixpo.train.measure`; benchmarks/results/plan_measured.json).
 
-mixpo column (the trainer's options):
+mixpo column (the trainer's options), each component at its largest:
   weights      bf16, 2 B/param / N
   gradients    bf16, 2 B/param / N; with step-in-backward (one GPU) only the largest
                parameter's gradient is alive at once
   optimizer    AdamW moments: 4 B/param (adamw / adamw_bf16: two bf16 moments),
-               2 B/param (adamw_8bit) / N
+               2 B/param + an fp32 scale per 256 values (adamw_8bit, torchao) / N
+  optimizer step  the temporaries of the largest parameter's update (its shard under FSDP):
+               32 B per element for adamw_bf16 (`STEP_TEMPORARY_BYTES`), none for torch's
+               fused AdamW and torchao's compiled 8-bit step
   reference    0 when precomputed (a file of 2 floats per pair), bf16 copy / N when live
-  loss head    logit-free: the softmax-gradient workspace (at most `--head-workspace-mib`,
-               default DEFAULT_WORKSPACE_BYTES = 256 MiB; smaller when [tokens, V] bf16 fits
-               in less), the backward's fp32 dHidden accumulator and bf16 copy of the
-               completion rows ([tokens, H], 4 + 2 B), the final hidden states and their
-               gradient [tokens, H] bf16 (no [tokens, V] tensor, no fp32 [V, H]); on one
+  loss head    logit-free, two passes: the softmax-gradient workspace (at most
+               `--head-workspace-mib`, default DEFAULT_WORKSPACE_BYTES = 256 MiB; smaller when
+               [tokens, V] bf16 fits in less), the backward's fp32 dHidden accumulator and
+               bf16 copy of the completion rows ([tokens, H], 4 + 2 B); one pass (the
+               micro-batch's fp32 logits fit the workspace): those logits and their bf16
+               gradient, row copies and the head's gradient from the forward on
+               (`loss_head_bytes`); both: the final hidden states and their gradient; on one
                GPU with fp32 master weights, autocast's bf16 copy of the head and its bf16
                gradient (2 + 2 B per head entry)
+  FSDP buffers the unsharded root unit (embeddings, head) and two decoder layers in flight,
+               or the root unit's unsharded gradients and their fp32 copy for the reduce
   fp32 master weights (`mixed_precision: bf16`, the papers' setup): weights 4 B, gradients
   4 B, AdamW fp32 moments 8 B per param / N.
-TRL-default column (trl 1.16 DPOTrainer with bf16 mixed precision, as usually launched):
+The mixpo total is the largest of the moments a step peaks at (`peak_phases`): the forward
+and backward, FSDP's last gradient reduce, the optimizer step.
+TRL-default column (trl 1.16 DPOTrainer with bf16 mixed precision, as usually launched; not
+measured, its total the sum of its components):
   weights 4 B (fp32 master) + gradients 4 B + AdamW fp32 moments 8 B per param / N;
   a live bf16 reference model 2 B/param / N; trl 1.16's fused LM head (add_fused_lm_head):
   the head projected in [4096 tokens x 32768 vocab] fp32 tiles (one alive at a time, turned
@@ -31,8 +43,7 @@ Both: activations of the same micro-batch (2 sequences per pair); with gradient 
 the bf16 input of every decoder layer plus one layer recomputed with its gradients (2x its
 saved tensors); without, every layer's saved tensors. A Llama-style layer saves per token
 4H (norms, residuals) + q + k + v + rotated q, k + attention output + 4I (MLP) values.
-With N > 1, FSDP also holds the unsharded root unit (embeddings, head) and two decoder layers
-in flight. A fixed 3 GiB covers the CUDA context, NCCL buffers and allocator slack.
+A fixed 3 GiB covers the CUDA context, NCCL buffers and allocator slack (not measured).
 """
 from __future__ import annotations
 
@@ -56,6 +67,9 @@ KNOWN_SHAPES = {
     "qwen-2.5-7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                                   num_hidden_layers=28, num_attention_heads=28,
                                   num_key_value_heads=4, tie_word_embeddings=False)),
+    "mistral-7b": ("mistral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                   num_hidden_layers=32, num_attention_heads=32,
+                                   num_key_value_heads=8, tie_word_embeddings=False)),
     "gemma-2-9b": ("gemma2", dict(vocab_size=256000, hidden_size=3584, intermediate_size=14336,
                                   num_hidden_layers=42, num_attention_heads=16,
                                   num_key_value_heads=8, head_dim=256, tie_word_embeddings=True)),
@@ -160,11 +174,37 @@ def activation_bytes(shape: ModelShape, work: Workload) -> int:
     return shape.num_layers * per_layer
 
 
-def fsdp_transient_bytes(shape: ModelShape, work: Workload) -> int:
-    """Unsharded parameters FSDP holds at once (bf16): the root unit and two layers."""
+def fsdp_transient_bytes(shape: ModelShape, work: Workload, compute_bytes: int = 2) -> int:
+    """What FSDP holds at once in the backward: the unsharded root unit (embeddings, norm,
+    head) and two decoder layers in the compute dtype, and the last layer's gradient
+    reduce-scatter (its unsharded gradients and their fp32 copy)."""
     if work.gpus == 1:
         return 0
-    return (shape.root_params + 2 * shape.layer_params) * 2
+    return (shape.root_params + 2 * shape.layer_params) * compute_bytes \
+        + shape.layer_params * (compute_bytes + 4)
+
+
+def root_reduce_bytes(shape: ModelShape, work: Workload, compute_bytes: int = 2) -> int:
+    """The root unit's gradient reduce-scatter, the last of the backward: its unsharded
+    gradients (compute dtype) and their fp32 copy, the reduce-scatter's input (the trainer
+    reduces in fp32, `mixpo.train.distributed.shard`)."""
+    if work.gpus == 1:
+        return 0
+    return shape.root_params * (compute_bytes + 4)
+
+
+# Bytes per element of the largest parameter that one update holds at once, per optimizer:
+# BF16StateAdamW (mixpo.train.optim) computes in fp32 copies of the gradient, both moments, the
+# denominator and the updated weights (20 B), and its stochastic rounding holds three int32
+# temporaries (12 B); torch's fused AdamW (on GPUs) and torchao's compiled 8-bit step keep
+# theirs in registers.
+STEP_TEMPORARY_BYTES = {"adamw_bf16": 32, "adamw": 0, "adamw_8bit": 0}
+
+
+def optimizer_step_bytes(shape: ModelShape, work: Workload, optim: str) -> int:
+    """The temporaries of one parameter's update, the largest parameter's (its shard under
+    FSDP): the update runs parameter by parameter."""
+    return -(-shape.largest_param // work.gpus) * STEP_TEMPORARY_BYTES[optim]
 
 
 def materialised_logits_bytes(shape: ModelShape, work: Workload) -> int:
@@ -182,47 +222,130 @@ def head_workspace_bytes(shape: ModelShape, work: Workload, workspace_bytes=None
     return min(budget, work.tokens * shape.vocab_size * 2)
 
 
+def one_pass(shape: ModelShape, work: Workload, workspace_bytes=None) -> bool:
+    """Whether the logit-free loss takes its one pass: a per-pair loss (the default) whose
+    micro-batch's fp32 logits fit the workspace (`mixpo.functions.plan_linear_passes`)."""
+    budget = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+    return work.tokens * shape.vocab_size * 4 <= budget
+
+
+def loss_head_bytes(shape: ModelShape, work: Workload, workspace_bytes=None) -> int:
+    """The logit-free head's memory: two passes hold the bf16 softmax-gradient workspace
+    (`head_workspace_bytes`), the fp32 dHidden accumulator and a bf16 copy of the
+    completion rows ([tokens, H], 4 + 2 B); the one pass holds the whole micro-batch's fp32
+    logits and their bf16 gradient (6 B per token and vocab entry), fp32 and bf16 copies of
+    the rows and an fp32 dHidden (10 B per token and hidden unit), and the head's gradient
+    [V, H] from the forward on. Both: the final hidden states and their gradient (bf16)."""
+    tokens, hidden_size = work.tokens, shape.hidden_size
+    hidden = 2 * tokens * hidden_size * 2
+    if one_pass(shape, work, workspace_bytes):
+        return tokens * shape.vocab_size * 6 + tokens * hidden_size * 10 \
+            + shape.vocab_size * hidden_size * 2 + hidden
+    return head_workspace_bytes(shape, work, workspace_bytes) + tokens * hidden_size * 6 \
+        + hidden
+
+
 def mixpo_plan(shape: ModelShape, work: Workload, optim: str = "adamw_bf16",
                step_in_backward: bool = False, reference: str = "precomputed",
                logit_free: bool = True, master_weights: bool = False,
                workspace_bytes=None) -> dict:
-    """Bytes per GPU for each component of a mixpo run; `master_weights`: fp32 weights,
-    gradients and AdamW states under bf16 compute (mixed_precision: bf16); `workspace_bytes`:
-    the logit-free head's budget (default DEFAULT_WORKSPACE_BYTES)."""
+    """Bytes per GPU of each component of a mixpo run, each at its largest (the peak is
+    `peak_phases`' largest phase, not their sum); `master_weights`: fp32 weights, gradients
+    and AdamW states under bf16 compute (mixed_precision: bf16); `workspace_bytes`: the
+    logit-free head's budget (default DEFAULT_WORKSPACE_BYTES)."""
     params, gpus = shape.num_params, work.gpus
     weight_bytes = 4 if master_weights else 2
-    state_bytes = 8 if master_weights and optim == "adamw" else \
-        {"adamw": 4, "adamw_bf16": 4, "adamw_8bit": 2}[optim]
-    hidden = work.tokens * shape.hidden_size * 2
-    head = (head_workspace_bytes(shape, work, workspace_bytes)
-            + work.tokens * shape.hidden_size * (4 + 2) + 2 * hidden
-            if logit_free else materialised_logits_bytes(shape, work))
+    states = params * (8 if master_weights and optim == "adamw" else 4) // gpus
+    if optim == "adamw_8bit":    # torchao: 1-byte codes and an fp32 scale per 256 values
+        states = (params * 2 + params * 2 * 4 // 256) // gpus
+    head = loss_head_bytes(shape, work, workspace_bytes) if logit_free \
+        else materialised_logits_bytes(shape, work)
     if logit_free and master_weights and gpus == 1:
         # Under autocast the head runs on a bf16 copy of its weight (as F.linear would) and
         # returns a bf16 gradient before it reaches the fp32 master gradient.
         head += shape.vocab_size * shape.hidden_size * (2 + 2)
     return {
-        "weights": params * weight_bytes // gpus + fsdp_transient_bytes(shape, work),
+        "weights": params * weight_bytes // gpus,
         "gradients": shape.largest_param * weight_bytes if step_in_backward
         else params * weight_bytes // gpus,
-        "optimizer states": params * state_bytes // gpus,
+        "optimizer states": states,
+        "optimizer step": optimizer_step_bytes(shape, work, optim),
         "activations": activation_bytes(shape, work),
         "loss head": head,
+        "FSDP buffers": max(fsdp_transient_bytes(shape, work), root_reduce_bytes(shape, work)),
         "reference model": params * 2 // gpus if reference == "live" else 0,
         "runtime reserve": RUNTIME_RESERVE_BYTES,
     }
 
 
+def checkpoint_input_bytes(shape: ModelShape, work: Workload) -> int:
+    """What the forward leaves for the backward before any layer's backward ran: the bf16
+    input of every decoder layer (gradient checkpointing), or all their saved tensors."""
+    if work.gradient_checkpointing:
+        return shape.num_layers * work.tokens * shape.hidden_size * 2
+    return activation_bytes(shape, work)
+
+
+def peak_phases(shape: ModelShape, work: Workload, plan: dict,
+                step_in_backward: bool = False) -> dict:
+    """What a GPU holds at the moments a step peaks, {phase: {part: bytes}} (the plan's
+    total is the largest phase's sum; the parts are those `mixpo plan --measure` reports):
+    - forward and backward: weights, optimizer states, gradients (all of them, or with
+      step-in-backward the largest), FSDP's unsharded root unit and two layers, and the
+      larger of the loss head and the recomputed layers beside the layers' saved inputs
+      (both at once without gradient checkpointing);
+    - (FSDP) the root unit's gradient reduce-scatter, at the end of the backward: every
+      gradient plus the root unit's unsharded gradients and their fp32 copy
+      (`root_reduce_bytes`), activations gone;
+    - the optimizer step: every gradient and the largest update's temporaries, activations
+      gone; with step-in-backward that update (the LM head's, the first gradient of the
+      backward) runs while the decoder layers' saved inputs are still alive.
+    Each holds the reference model and the runtime reserve too. Checked against torch's
+    memory tracker on fake tensors (`mixpo plan --measure`, benchmarks/results/
+    plan_measured.json)."""
+    def phase(weights=0, gradients=0, states=0, activations=0):
+        # The parts as the tracker sorts them: an update's temporaries are optimizer
+        # states, FSDP's fp32 copy of the gradients for the reduce a temporary.
+        return {"weights": plan["weights"] + plan["reference model"] + weights,
+                "gradients": plan["gradients"] + gradients,
+                "optimizer states": plan["optimizer states"] + states,
+                "activations, temporaries": activations,
+                "runtime reserve": plan["runtime reserve"]}
+
+    # The head runs between the forward and the first layer's backward: with checkpointing
+    # beside the layers' saved inputs only, then the recomputed layers take its place.
+    inputs = checkpoint_input_bytes(shape, work)
+    activations = inputs + max(plan["loss head"], plan["activations"] - inputs) \
+        if work.gradient_checkpointing else plan["activations"] + plan["loss head"]
+    phases = {"forward and backward": phase(weights=fsdp_transient_bytes(shape, work),
+                                            activations=activations)}
+    if work.gpus > 1:
+        phases["root unit's gradient reduce"] = phase(
+            gradients=shape.root_params * 2, activations=shape.root_params * 4)
+    phases["optimizer step"] = phase(
+        states=plan["optimizer step"],
+        activations=checkpoint_input_bytes(shape, work) if step_in_backward else 0)
+    return phases
+
+
+def plan_total(phases: dict) -> int:
+    """The plan's total per GPU: its largest phase."""
+    return max(sum(parts.values()) for parts in phases.values())
+
+
 def trl_default_plan(shape: ModelShape, work: Workload) -> dict:
-    """Bytes per GPU for TRL's DPOTrainer defaults (module docstring)."""
+    """Bytes per GPU for TRL's DPOTrainer defaults (module docstring): its total is the sum
+    of its components."""
     params, gpus = shape.num_params, work.gpus
     return {
-        "weights": params * 4 // gpus + fsdp_transient_bytes(shape, work),
+        "weights": params * 4 // gpus,
         "gradients": params * 4 // gpus,
         "optimizer states": params * 8 // gpus,
+        "optimizer step": 0,
         "activations": activation_bytes(shape, work),
         "loss head": shape.vocab_size * shape.hidden_size * 4 + TRL_TILE_BYTES
         + 2 * work.tokens * shape.hidden_size * 2,
+        "FSDP buffers": fsdp_transient_bytes(shape, work),
         "reference model": params * 2 // gpus,
         "runtime reserve": RUNTIME_RESERVE_BYTES,
     }
@@ -232,8 +355,10 @@ NOTES = {  # (mixpo, TRL default) column notes
     "weights": ("bf16", "fp32 master weights"),
     "gradients": ("bf16", "fp32"),
     "optimizer states": ("bf16 or 8-bit moments", "fp32 moments"),
+    "optimizer step": ("the largest update's temporaries", "fused AdamW"),
     "activations": ("the same micro-batch in both", ""),
     "loss head": ("logit-free, workspace + fp32 dHidden", "fused head (trl 1.16)"),
+    "FSDP buffers": ("unsharded units; root's fp32 reduce", "unsharded units"),
     "reference model": ("precomputed or live", "live bf16 copy"),
     "runtime reserve": ("CUDA context, buffers, slack", ""),
 }
@@ -249,8 +374,10 @@ def _verdict(total: int, gpu_memory_gib: float) -> str:
 
 
 def format_plan(shape: ModelShape, work: Workload, gpu_memory_gib: float, mixpo: dict,
-                trl: dict, mixpo_options: str, variants: list[tuple[str, int]]) -> str:
-    """The report: a per-component table, the verdicts, and each mixpo option's effect."""
+                trl: dict, mixpo_options: str, variants: list[tuple[str, int]],
+                phases: dict) -> str:
+    """The report: a per-component table, the peak phases, the verdicts, and each mixpo
+    option's effect."""
     lines = [
         f"model {shape.name}: {shape.num_params / 1e9:.2f} B parameters, hidden "
         f"{shape.hidden_size}, {shape.num_layers} layers, vocab {shape.vocab_size}",
@@ -266,9 +393,14 @@ def format_plan(shape: ModelShape, work: Workload, gpu_memory_gib: float, mixpo:
         note = f"{ours} | {theirs}" if theirs else ours
         lines.append(f"{component:18s}{_gib(mixpo[component]):>12s}{_gib(trl[component]):>14s}"
                      f"   {note}")
-    mixpo_total, trl_total = sum(mixpo.values()), sum(trl.values())
-    lines += [f"{'total':18s}{_gib(mixpo_total):>12s}{_gib(trl_total):>14s}",
-              f"fits? mixpo: {_verdict(mixpo_total, gpu_memory_gib)}; "
+    mixpo_total, trl_total = plan_total(phases), sum(trl.values())
+    lines.append(f"{'total':18s}{_gib(mixpo_total):>12s}{_gib(trl_total):>14s}"
+                 "   mixpo: its largest phase (below) | TRL default: the sum")
+    for phase, parts in phases.items():
+        value = sum(parts.values())
+        mark = "  <- peak" if value == mixpo_total else ""
+        lines.append(f"  {phase:30s}{_gib(value):>12s}{mark}")
+    lines += [f"fits? mixpo: {_verdict(mixpo_total, gpu_memory_gib)}; "
               f"TRL default: {_verdict(trl_total, gpu_memory_gib)}",
               "", "mixpo with one option changed (total per GPU):"]
     for label, total in variants:
@@ -279,8 +411,8 @@ def format_plan(shape: ModelShape, work: Workload, gpu_memory_gib: float, mixpo:
     return "\n".join(lines)
 
 
-def plan_command(args) -> str:
-    """The `mixpo plan` report for parsed arguments (see mixpo.train.cli)."""
+def check_plan_arguments(args) -> None:
+    """One-line errors for `mixpo plan`'s arguments, before any model is built."""
     for name in ("gpus", "gpu_memory", "seq_len", "micro_batch_size", "global_batch_size",
                  "head_workspace_mib"):
         if getattr(args, name, None) is not None and getattr(args, name) <= 0:
@@ -291,6 +423,13 @@ def plan_command(args) -> str:
     if args.step_in_backward and not no_accumulation:
         raise ValueError("step-in-backward needs one backward per step on one GPU: "
                          "--gpus 1 and --global-batch-size equal to --micro-batch-size")
+
+
+def plan_command(args) -> str:
+    """The `mixpo plan` report for parsed arguments (see mixpo.train.cli); with
+    `args.measure`, the planned step measured on fake tensors beside it
+    (`mixpo.train.measure`)."""
+    check_plan_arguments(args)
     shape = model_shape(args.model)
     work = Workload(args.gpus, args.seq_len, args.micro_batch_size, args.gradient_checkpointing)
     workspace_mib = getattr(args, "head_workspace_mib", None)
@@ -300,7 +439,9 @@ def plan_command(args) -> str:
     mixpo = mixpo_plan(shape, work, **options)
 
     def total(**changes) -> int:
-        return sum(mixpo_plan(shape, work, **{**options, **changes}).values())
+        changed = {**options, **changes}
+        return plan_total(peak_phases(shape, work, mixpo_plan(shape, work, **changed),
+                                      changed["step_in_backward"]))
 
     variants = [("reference live (a frozen bf16 copy)", total(reference="live")),
                 ("logits materialised instead of logit-free", total(logit_free=False)),
@@ -321,5 +462,15 @@ def plan_command(args) -> str:
                    "linear_preference_loss(workspace_bytes=...)); global batch "
                    f"{args.global_batch_size} pairs = {accumulation} accumulated "
                    f"micro-batch(es) x {args.gpus} GPU(s)")
-    return format_plan(shape, work, args.gpu_memory, mixpo, trl_default_plan(shape, work),
-                       description, variants)
+    phases = peak_phases(shape, work, mixpo, args.step_in_backward)
+    report = format_plan(shape, work, args.gpu_memory, mixpo, trl_default_plan(shape, work),
+                         description, variants, phases)
+    if getattr(args, "measure", False):
+        from mixpo.train.measure import format_measurement, measure_plan
+
+        measured = measure_plan(args.model, work, optim=args.optim,
+                                step_in_backward=args.step_in_backward,
+                                reference=args.reference, workspace_bytes=workspace,
+                                micro_batches=min(accumulation, 2))
+        report += "\n" + format_measurement(measured, phases)
+    return report
