@@ -160,9 +160,12 @@ def _backward_variants(ctx, hidden, weight, labels, ref, dtype):
         def gemm(h2=h2, w=w, lse=lse):
             return kernel.linear_token_logps_backward(h2, w, None, targets, rows, lse, coef)
 
-        def gemms_only(h2=h2, w=w):      # the default's cuBLAS part, workspace left as is
-            return twin.gemm_backward(h2, w, None, rows, h2[rows], lambda *args: None,
-                                      w.dtype, 128)
+        workspace = twin.Workspace(twin.backward_layout(
+            rows.shape[0], w.shape[0], w.shape[1], w.dtype, triton=True), h2.device)
+
+        def gemms_only(h2=h2, w=w, workspace=workspace):   # the cuBLAS part, G left as is
+            return twin.gemm_backward(h2, w, None, rows, lambda *args: None, w.dtype, 128,
+                                      None, True, workspace)
 
         def atomic(eps, h2=h2, w=w, lse=lse, kept=kept):
             return linear_token_logps_backward_atomic(h2, w, None, targets, rows, lse, coef,

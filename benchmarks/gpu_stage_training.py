@@ -261,10 +261,11 @@ def _training(ctx, shape, work, started):
         later = per_step[1:] or per_step
         summary["trl"] = {"tokens_per_s": statistics.median(later), "peak_gb": trl_run["peak_gb"]}
     shape_info = plan.model_shape(str(model_dir))
-    predicted = plan.mixpo_plan(shape_info, plan.Workload(
-        gpus=1, seq_len=max_length, micro_batch_size=shape["pairs"], gradient_checkpointing=False),
-        optim="adamw", reference="precomputed")
-    predicted_gb = (sum(predicted.values()) - plan.RUNTIME_RESERVE_BYTES) / 2**30
+    work = plan.Workload(gpus=1, seq_len=max_length, micro_batch_size=shape["pairs"],
+                         gradient_checkpointing=False)
+    predicted = plan.mixpo_plan(shape_info, work, optim="adamw", reference="precomputed")
+    predicted_gb = (plan.plan_total(plan.peak_phases(shape_info, work, predicted))
+                    - plan.RUNTIME_RESERVE_BYTES) / 2**30
     summary["plan"] = {"predicted_gb_without_reserve": predicted_gb,
                        "components_gb": {k: v / 2**30 for k, v in predicted.items()}}
     if "mixpo" in summary and torch.cuda.is_available():

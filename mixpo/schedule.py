@@ -40,4 +40,7 @@ def set_lr(optimizers: list, lr: float) -> None:
     """Every parameter group of every optimizer at learning rate `lr`."""
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            if hasattr(group["lr"], "fill_"):   # a tensor lr (torchao's optimizers) stays one
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr

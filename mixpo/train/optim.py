@@ -43,6 +43,10 @@ def _store(target: torch.Tensor, values32: torch.Tensor) -> None:
         target.copy_(values32)
 
 
+UPDATE_CHUNK = 2**24   # elements of a parameter BF16StateAdamW updates at once (512 MiB of fp32
+                       # temporaries at its 32 B per element)
+
+
 class BF16StateAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, as torch.optim.AdamW) with bf16 moment estimates.
 
@@ -81,16 +85,27 @@ class BF16StateAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.bfloat16)
         state["step"] += 1
         step = state["step"].item()
+        # Flat views, updated UPDATE_CHUNK elements at a time: the fp32 temporaries of one
+        # slice (about 32 B per element) instead of the whole tensor's (16 GiB for a Llama-3
+        # LM head). Elementwise, so slicing changes nothing but memory.
+        weights, exp_avg, exp_avg_sq = (_local(tensor).view(-1) for tensor in (
+            param, state["exp_avg"], state["exp_avg_sq"]))
+        grad = _local(param.grad).reshape(-1)
+        for start in range(0, weights.numel(), UPDATE_CHUNK):
+            part = slice(start, start + UPDATE_CHUNK)
+            self._update_slice(weights[part], grad[part], exp_avg[part], exp_avg_sq[part],
+                               step, group)
+
+    @staticmethod
+    def _update_slice(weights, grad, exp_avg, exp_avg_sq, step, group) -> None:
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-        grad = _local(param.grad).float()
-        exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+        grad = grad.float()
         mean = exp_avg.float().mul_(beta1).add_(grad, alpha=1 - beta1)
         second = exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         _store(exp_avg, mean)
         _store(exp_avg_sq, second)
         denom = (second / (1 - beta2 ** step)).sqrt_().add_(eps)
-        weights = _local(param)
         updated = weights.float().mul_(1 - lr * weight_decay)
         updated.addcdiv_(mean, denom, value=-lr / (1 - beta1 ** step))
         _store(weights, updated)
@@ -117,6 +132,17 @@ def build_optimizers(model: torch.nn.Module, cfg, device: torch.device) -> list:
     return [_make_optimizer(group, cfg, device) for group in groups]
 
 
+def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """sum(tensor^2) in fp32, UPDATE_CHUNK elements at a time (a whole fp32 copy of the LM
+    head's gradient and its square would be 8 B per element: 3.9 GiB at Llama-3-8B)."""
+    flat = tensor.reshape(-1)
+    total = torch.zeros((), dtype=torch.float32, device=tensor.device)
+    for start in range(0, flat.numel(), UPDATE_CHUNK):
+        part = flat[start:start + UPDATE_CHUNK].float()
+        total += torch.dot(part, part)
+    return total
+
+
 def attach_step_in_backward(optimizers: list, device: torch.device) -> torch.Tensor:
     """Hook every parameter of the per-parameter `optimizers` so that it is updated and its
     gradient freed as soon as backward has accumulated it. Returns a one-element fp32 tensor
@@ -125,7 +151,7 @@ def attach_step_in_backward(optimizers: list, device: torch.device) -> torch.Ten
 
     def make_hook(optimizer):
         def hook(param):
-            grad_sq_sum.add_(_local(param.grad).float().pow(2).sum())
+            grad_sq_sum.add_(squared_norm(_local(param.grad)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return hook

@@ -13,8 +13,9 @@ mixpo column (the trainer's options), each component at its largest:
   optimizer    AdamW moments: 4 B/param (adamw / adamw_bf16: two bf16 moments),
                2 B/param + an fp32 scale per 256 values (adamw_8bit, torchao) / N
   optimizer step  the temporaries of the largest parameter's update (its shard under FSDP):
-               32 B per element for adamw_bf16 (`STEP_TEMPORARY_BYTES`), none for torch's
-               fused AdamW and torchao's compiled 8-bit step
+               32 B per element for adamw_bf16 (`STEP_TEMPORARY_BYTES`), at most
+               UPDATE_CHUNK elements at a time; none for torch's fused AdamW and torchao's
+               compiled 8-bit step
   reference    0 when precomputed (a file of 2 floats per pair), bf16 copy / N when live
   loss head    logit-free, two passes: the softmax-gradient workspace (at most
                `--head-workspace-mib`, default DEFAULT_WORKSPACE_BYTES = 256 MiB; smaller when
@@ -203,8 +204,14 @@ STEP_TEMPORARY_BYTES = {"adamw_bf16": 32, "adamw": 0, "adamw_8bit": 0}
 
 def optimizer_step_bytes(shape: ModelShape, work: Workload, optim: str) -> int:
     """The temporaries of one parameter's update, the largest parameter's (its shard under
-    FSDP): the update runs parameter by parameter."""
-    return -(-shape.largest_param // work.gpus) * STEP_TEMPORARY_BYTES[optim]
+    FSDP): the update runs parameter by parameter, and BF16StateAdamW's in slices of
+    UPDATE_CHUNK elements."""
+    from mixpo.train.optim import UPDATE_CHUNK
+
+    elements = -(-shape.largest_param // work.gpus)
+    if optim == "adamw_bf16":
+        elements = min(elements, UPDATE_CHUNK)
+    return elements * STEP_TEMPORARY_BYTES[optim]
 
 
 def materialised_logits_bytes(shape: ModelShape, work: Workload) -> int:
