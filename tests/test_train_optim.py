@@ -111,3 +111,51 @@ def test_bf16_state_adamw_updates_large_tensors_in_slices(monkeypatch):
         assert torch.equal(got, want)
     start = torch.randn(7, 5, generator=torch.Generator().manual_seed(0)).bfloat16()
     assert (whole[0].float() - start.float()).abs().max() > 1e-3      # the step moved it
+
+
+def test_update_slices_hold_whole_blocks_and_cover_the_rows():
+    from mixpo.train.optim import update_slices
+
+    assert update_slices((10,), 4, 1) == [(0, 10)]                   # 1-D: never sliced
+    assert update_slices((8, 512), 1 << 20, 256) == [(0, 8)]          # fits: one slice
+    assert update_slices((8, 512), 1024, 256) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    # Rows of 100 values: a slice needs a multiple of 64 rows to hold whole 256-value blocks.
+    slices = update_slices((200, 100), 1000, 256)
+    assert slices == [(0, 64), (64, 128), (128, 192), (192, 200)]
+    assert all(r0 * 100 % 256 == 0 for r0, _ in slices)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_adamw_8bit_steps_in_slices_equal_to_torchao_whole_tensor_step(monkeypatch, compiled):
+    """`sliced_adamw_8bit` (UPDATE_CHUNK elements at a time, torchao's own update per slice)
+    is bit-equal to torchao's AdamW8bit updating each tensor at once: weights and the 8-bit
+    codes and block scales of both moments, over three steps, eagerly and compiled."""
+    torchao_optim = pytest.importorskip("torchao.optim")
+    import mixpo.train.optim as optim
+
+    if not compiled:
+        monkeypatch.setattr(torch, "compile", lambda function, *args, **kwargs: function)
+    monkeypatch.setattr(optim, "UPDATE_CHUNK", 4096)
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 256, generator=gen).bfloat16(), torch.randn(300, generator=gen)]
+
+    def run(optimizer_class):
+        params = [torch.nn.Parameter(tensor.clone()) for tensor in start]
+        optimizer = optimizer_class(params, lr=torch.tensor(1e-2), weight_decay=0.1)
+        for step in range(3):
+            grads = torch.Generator().manual_seed(step)
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=grads).to(param.dtype)
+            optimizer.step()
+        return params, optimizer.state[params[0]]
+
+    (whole, whole_state) = run(torchao_optim.AdamW8bit)
+    (sliced, sliced_state) = run(optim.sliced_adamw_8bit())
+    assert optim.update_slices(start[0].shape, 4096, 256) == [(0, 16), (16, 32), (32, 48),
+                                                              (48, 64)]
+    for got, want in zip(sliced, whole):
+        assert torch.equal(got, want)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(sliced_state[key].codes, whole_state[key].codes)
+        assert torch.equal(sliced_state[key].scale, whole_state[key].scale)
+    assert (whole[0].float() - start[0].float()).abs().max() > 1e-3     # the steps moved it

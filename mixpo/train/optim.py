@@ -6,7 +6,8 @@
   parameters themselves when they are bf16) uses stochastic rounding: at lr 1e-6 an update is
   far below bf16's resolution (2^-8 relative), and round-to-nearest would drop it every time;
   stochastic rounding keeps it in expectation.
-- "adamw_8bit": torchao.optim.AdamW8bit (optional dependency).
+- "adamw_8bit": torchao's 8-bit AdamW (optional dependency, `mixpo[8bit]`), stepped in
+  slices of at most UPDATE_CHUNK elements (`SlicedAdamW8bit`).
 
 Step-in-backward: each parameter is updated by its own optimizer from a
 `register_post_accumulate_grad_hook` as soon as its gradient is complete, and the gradient is
@@ -16,6 +17,9 @@ by the global norm (unknown until every gradient exists).
 """
 from __future__ import annotations
 
+
+import functools
+import math
 
 import torch
 
@@ -118,11 +122,87 @@ def _make_optimizer(params: list, cfg, device: torch.device) -> torch.optim.Opti
         return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
     if cfg.optim == "adamw_bf16":
         return BF16StateAdamW(params, **kwargs)
+    return sliced_adamw_8bit()(params, **kwargs)
+
+
+def update_slices(shape, limit: int = UPDATE_CHUNK, block: int = 1):
+    """Ranges [r0, r1) of a tensor's first dimension holding at most `limit` elements each (at
+    least one row), each a whole number of `block`-element quantisation blocks."""
+    rows = shape[0] if len(shape) else 1
+    row_elements = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if rows * row_elements <= limit or len(shape) < 2:
+        return [(0, rows)]
+    step = max(1, limit // row_elements)
+    align = block // math.gcd(row_elements, block)
+    step = max(align, step // align * align)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+@functools.lru_cache(maxsize=None)
+def sliced_adamw_8bit():
+    """torchao.optim.AdamW8bit stepped UPDATE_CHUNK elements at a time: torchao's own
+    per-tensor update (`single_param_adam`, compiled by torch.compile as torchao does) on
+    first-dimension slices aligned to its 256-value quantisation blocks. Blockwise and
+    elementwise, so slicing changes nothing but memory: the step's fp32 temporaries are a
+    slice's, not the LM head's (eagerly, 13.7 GiB at Llama-3-8B)."""
     try:
         from torchao.optim import AdamW8bit
+        from torchao.optim.adam import single_param_adam
     except ImportError:
         raise ValueError("optim 'adamw_8bit' needs torchao (pip install torchao)") from None
-    return AdamW8bit(params, **kwargs)
+
+    class SlicedAdamW8bit(AdamW8bit):
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            # One compiled graph per distinct slice shape (a handful per model).
+            with torch._dynamo.utils.disable_cache_limit():
+                for group in self.param_groups:
+                    for param in group["params"]:
+                        if param.grad is not None:
+                            self._update(param, group)
+            return loss
+
+        def _update(self, param, group) -> None:
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = self._new_buffer(param, True)
+                state["exp_avg_sq"] = self._new_buffer(param, False)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = self._new_buffer(param, False)
+            state["step"] += 1
+            if not isinstance(group["lr"], torch.Tensor):
+                raise RuntimeError("adamw_8bit's lr must stay a tensor (set it with fill_)")
+            weights = _local(param.detach())
+            grad = _local(param.grad)
+            moments = [_local(state[key]) if key in state else None
+                       for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")]
+            beta1, beta2 = group["betas"]
+            stochastic = self.bf16_stochastic_round and param.dtype is torch.bfloat16
+            update = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
+            slices = update_slices(weights.shape, UPDATE_CHUNK, self.block_size)
+            for r0, r1 in slices:
+                part = (lambda tensor: tensor) if len(slices) == 1 else \
+                    (lambda tensor: _rows(tensor, r0, r1))
+                update(part(weights), part(grad), state["step"], *map(part, moments),
+                       group["lr"], beta1, beta2, group["weight_decay"], group["eps"],
+                       self.is_adamw, stochastic)
+
+    return SlicedAdamW8bit
+
+
+def _rows(tensor, r0: int, r1: int):
+    """tensor[r0:r1]; for torchao's 8-bit state a new state over the slices of its codes and
+    block scales (a view of the subclass itself would not compile)."""
+    if tensor is None or not hasattr(tensor, "codes"):
+        return None if tensor is None else tensor[r0:r1]
+    row, block = math.prod(tensor.shape[1:]), tensor.block_size
+    return type(tensor)(tensor.codes[r0:r1], tensor.scale[r0 * row // block:r1 * row // block],
+                        tensor.qmap, tensor.signed, tensor.dtype)
 
 
 def build_optimizers(model: torch.nn.Module, cfg, device: torch.device) -> list:

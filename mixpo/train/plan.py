@@ -198,7 +198,7 @@ def root_reduce_bytes(shape: ModelShape, work: Workload, compute_bytes: int = 2)
 # BF16StateAdamW (mixpo.train.optim) computes in fp32 copies of the gradient, both moments, the
 # denominator and the updated weights (20 B), and its stochastic rounding holds three int32
 # temporaries (12 B); torch's fused AdamW (on GPUs) and torchao's compiled 8-bit step keep
-# theirs in registers.
+# theirs in registers (run eagerly, mixpo's slices bound them to a fraction of a GiB).
 STEP_TEMPORARY_BYTES = {"adamw_bf16": 32, "adamw": 0, "adamw_8bit": 0}
 
 
