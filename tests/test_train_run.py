@@ -198,12 +198,16 @@ def test_group_by_length_sorts_only_inside_windows(tiny_run, tmp_path, capsys):
         capsys.readouterr().out
 
 
-def test_bf16_optimizer_states_resume_exactly(tiny_run, tmp_path):
-    """BF16StateAdamW's bf16 moments and the RNG its stochastic rounding draws from come back
-    from the checkpoint, so a resumed run repeats the uninterrupted one bit for bit."""
+@pytest.mark.parametrize("optim", ["adamw_bf16", "adamw_8bit"])
+def test_bf16_and_8bit_optimizer_states_resume_exactly(tiny_run, tmp_path, optim):
+    """BF16StateAdamW's bf16 moments and the RNG its stochastic rounding draws from, and
+    torchao's 8-bit moments (codes and block scales), come back from the checkpoint, so a
+    resumed run repeats the uninterrupted one bit for bit."""
+    if optim == "adamw_8bit":
+        pytest.importorskip("torchao.optim")
     _, recipe = tiny_run
-    out = tmp_path / "bf16"
-    settings = dict(max_steps=6, save_steps=3, optim="adamw_bf16")
+    out = tmp_path / optim
+    settings = dict(max_steps=6, save_steps=3, optim=optim)
     uninterrupted = run(recipe, out, **settings)
     for path in (out / "final", out / "checkpoint-6"):
         shutil.rmtree(path)
