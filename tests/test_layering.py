@@ -30,7 +30,7 @@ BENCHMARK_LAYERS = (
     ("roofline",),                      # the roofline model
     ("gpu_check_common", "bench_train_report", "roofline_report"),  # stage framework | reports
     ("gpu_check_tables", "gpu_stage_correctness", "gpu_stage_speed", "gpu_stage_training"),
-    ("gpu_check", "bench_linear", "bench_preference_loss", "bench_train"),   # the scripts
+    ("gpu_check", "bench_linear", "bench_preference_loss", "bench_train", "profile_linear"),
 )
 CORE = ("mixpo.loss_config", "mixpo.margins", "mixpo.checks", "mixpo.functions", "mixpo.losses",
         "mixpo.modules")
