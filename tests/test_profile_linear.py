@@ -11,8 +11,9 @@ import profile_linear
 def test_profile_counts_four_gemms_for_two_passes_and_three_for_one(tmp_path):
     output = tmp_path / "profile.json"
     # Forced: at this size the default's workspace holds the batch, so it takes one pass.
-    assert profile_linear.main(["--impl", "mixpo", "--passes", "2", "--rows", "2", "--seq-len", "24",
-                                "--prompt", "8", "--hidden-size", "16", "--vocab", "1000",
+    assert profile_linear.main(["--impl", "mixpo", "--passes", "2", "--rows", "2",
+                                "--seq-len", "24", "--prompt", "8", "--hidden-size", "16",
+                                "--vocab", "1000",
                                 "--repeats", "1", "--json", str(output)]) == 0
     (two,) = json.loads(output.read_text())["rows"]
     assert two["gemm_flops_over_2nvh"] == pytest.approx(4.0)

@@ -186,11 +186,11 @@ def sliced_adamw_8bit():
             update = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
             slices = update_slices(weights.shape, UPDATE_CHUNK, self.block_size)
             for r0, r1 in slices:
-                part = (lambda tensor: tensor) if len(slices) == 1 else \
-                    (lambda tensor: _rows(tensor, r0, r1))
-                update(part(weights), part(grad), state["step"], *map(part, moments),
-                       group["lr"], beta1, beta2, group["weight_decay"], group["eps"],
-                       self.is_adamw, stochastic)
+                tensors = [weights, grad, *moments] if len(slices) == 1 else \
+                    [_rows(tensor, r0, r1) for tensor in (weights, grad, *moments)]
+                update(tensors[0], tensors[1], state["step"], *tensors[2:], group["lr"],
+                       beta1, beta2, group["weight_decay"], group["eps"], self.is_adamw,
+                       stochastic)
 
     return SlicedAdamW8bit
 
