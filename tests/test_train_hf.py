@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fixtures import save_tiny_model, ultrafeedback_rows
+from fixtures import save_tiny_model, tiny_train_config, ultrafeedback_rows
 from mixpo.cli import main
 from mixpo.train.config import TrainConfig, build_config
 from mixpo.train.metrics import read_metrics
@@ -31,12 +31,7 @@ def tiny(tmp_path_factory):
 
 def config(tiny, out, **overrides):
     root, data, _ = tiny
-    values = dict(model_name_or_path=str(root / "model"), train_file=str(data), max_length=48,
-                  max_prompt_length=16, global_batch_size=4, per_device_train_batch_size=2,
-                  logging_steps=1, progress_bar=False, max_steps=4, save_steps=2,
-                  learning_rate=1e-3, output_dir=str(out))
-    values.update(overrides)
-    return build_config(TrainConfig, None, values)
+    return tiny_train_config((root, data), out, **{"save_steps": 2, **overrides})
 
 
 def test_export_checkpoint_tensorboard_eval_and_log_lines(tiny, tmp_path, capsys):

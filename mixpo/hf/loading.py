@@ -205,15 +205,19 @@ def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str,
         model.config.attention_dropout = 0.0
     model.config.use_cache = False
     if gradient_checkpointing:
-        # transformers >= 5.24 renamed it (the old name warns); older releases have only it.
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     if trainable:
         model.train()  # from_pretrained returns eval mode; checkpointing only acts in training
     else:
         model.requires_grad_(False).eval()
     return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of a transformers model's layers."""
+    # transformers >= 5.24 renamed it (the old name warns); older releases have only it.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -157,6 +157,21 @@ def _linear_lse_fwd_kernel(
 
 
 @triton.jit
+def _grouped_tile(n_tokens, vocab_size, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                  GROUP_N: tl.constexpr):
+    """(token tile, vocab tile) of this program in grouped order (Triton's matmul tutorial):
+    GROUP_N consecutive token tiles visit every vocab tile before the next group starts, so a
+    weight tile is reused from L2 GROUP_N times."""
+    pid = tl.program_id(0)
+    num_n_tiles = tl.cdiv(n_tokens, BLOCK_N)
+    programs_per_group = GROUP_N * tl.cdiv(vocab_size, BLOCK_V)
+    first_n_tile = (pid // programs_per_group) * GROUP_N
+    group_n = tl.minimum(num_n_tiles - first_n_tile, GROUP_N)   # the last group may be short
+    return first_n_tile + (pid % programs_per_group) % group_n, \
+        (pid % programs_per_group) // group_n
+
+
+@triton.jit
 def _linear_softmax_grad_kernel(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr, rows_ptr, lse_ptr, coef_ptr, grad_ptr,
     n_tokens, vocab_size, hidden_size, vocab_start, stride_hn, stride_wv, stride_gn, has_bias,
@@ -168,15 +183,7 @@ def _linear_softmax_grad_kernel(
     `weight_ptr` (rows vocab_start + [0, vocab_size)), written once into the workspace
     `grad_ptr` [n, vocab_size] (row stride stride_gn) in its dtype. No atomics: every
     element of the workspace has exactly one writer."""
-    # Grouped order (Triton matmul tutorial): GROUP_N consecutive token tiles visit every
-    # vocab tile before the next group starts, so a weight tile is reused from L2 GROUP_N times.
-    pid = tl.program_id(0)
-    num_n_tiles = tl.cdiv(n_tokens, BLOCK_N)
-    programs_per_group = GROUP_N * tl.cdiv(vocab_size, BLOCK_V)
-    first_n_tile = (pid // programs_per_group) * GROUP_N
-    group_n = tl.minimum(num_n_tiles - first_n_tile, GROUP_N)   # the last group may be short
-    pid_n = first_n_tile + (pid % programs_per_group) % group_n
-    pid_v = (pid % programs_per_group) // group_n
+    pid_n, pid_v = _grouped_tile(n_tokens, vocab_size, BLOCK_N, BLOCK_V, GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_tokens

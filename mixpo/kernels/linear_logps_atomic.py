@@ -26,7 +26,8 @@ import triton.language as tl
 
 from mixpo.kernels.configs import DWEIGHT_CHUNK_BYTES, choose
 from mixpo.kernels.dispatch import INTERPRET
-from mixpo.kernels.linear_logps import (_check, _logits_tile, _spec_name, _unit_stride)
+from mixpo.kernels.linear_logps import (_check, _grouped_tile, _logits_tile, _spec_name,
+                                         _unit_stride)
 from mixpo.kernels.logits_logps import transform_logits, transform_slope
 
 
@@ -51,15 +52,7 @@ def _linear_atomic_bwd_kernel(
     UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    # Grouped order (Triton matmul tutorial): GROUP_N consecutive token tiles visit every
-    # vocab tile before the next group starts, so a weight tile is reused from L2 GROUP_N times.
-    pid = tl.program_id(0)
-    num_n_tiles = tl.cdiv(n_tokens, BLOCK_N)
-    programs_per_group = GROUP_N * tl.cdiv(vocab_size, BLOCK_V)
-    first_n_tile = (pid // programs_per_group) * GROUP_N
-    group_n = tl.minimum(num_n_tiles - first_n_tile, GROUP_N)   # the last group may be short
-    pid_n = first_n_tile + (pid % programs_per_group) % group_n
-    pid_v = (pid % programs_per_group) // group_n
+    pid_n, pid_v = _grouped_tile(n_tokens, vocab_size, BLOCK_N, BLOCK_V, GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_tokens

@@ -78,18 +78,15 @@ def build_causal_lm(config, dtype: torch.dtype, device, gradient_checkpointing: 
     FakeTensorMode), set up for training as `load_causal_lm` does it."""
     from transformers import AutoModelForCausalLM
 
+    from mixpo.hf.loading import enable_gradient_checkpointing
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  attn_implementation="sdpa")
     _fake_parameters(model, device)
     model.config.use_cache = False
     if gradient_checkpointing and trainable:
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     if trainable:
         model.train()
     else:
