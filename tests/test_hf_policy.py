@@ -266,3 +266,34 @@ def test_flash_attention_without_flash_attn_falls_back_to_sdpa(tmp_path, monkeyp
     with pytest.warns(UserWarning, match="^attn_implementation flash_attention_2: .*using sdpa"):
         model = loading.load_causal_lm(str(tmp_path), torch.float32, "flash_attention_2")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_lora_on_the_head_is_refused_unless_disabled_or_merged():
+    """PreferenceModel reads lm_head.weight, so an active LoRA on the head would silently be
+    ignored: refused in one line; with the adapter disabled or merged the model's own logits
+    are what the loss reads, and the logps agree with them."""
+    peft = pytest.importorskip("peft")
+    from mixpo.data.collate import PreferenceCollator
+
+    model = tiny_model("llama")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["lm_head"],
+                                                      init_lora_weights=False))
+    policy = PreferenceModel(lora)
+    batch = PreferenceCollator(0)(tokenized_pairs(LENGTHS["ragged"]))
+    with pytest.raises(ValueError, match="lm_head carries an active PEFT adapter"):
+        policy(batch, logps_only=True)
+    with lora.disable_adapter():
+        plain = policy(batch, logps_only=True)
+    merged = PreferenceModel(lora.merge_and_unload())(batch, logps_only=True)
+    assert (merged - plain).abs().max() > 1e-3          # the adapter changes the head
+
+    def model_logps(causal_lm):
+        with torch.no_grad():
+            logits = causal_lm(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        token = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        return (token * mask).sum(-1)
+
+    torch.testing.assert_close(merged, model_logps(lora), rtol=1e-5, atol=1e-4)

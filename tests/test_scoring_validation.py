@@ -196,6 +196,10 @@ def test_settings_are_checked(tiny):
         _small(lora_r=0).check(16)
     with pytest.raises(ValueError, match="none of the LoRA target modules"):
         score_pairs(dataset, model, tokenizer, _small(lora_target_modules=("c_attn",)), log=None)
+    with pytest.raises(ValueError, match=r"^--lora-target-modules \['lm_head'\]: a LoRA on "
+                       "the LM head is not supported"):
+        score_pairs(dataset, model, tokenizer,
+                    _small(lora_target_modules=("q_proj", "lm_head")), log=None)
     _small(full_parameter=True, lora_r=0).check(16)  # LoRA settings unused without LoRA
     # Each bad count is named on its own, and checked before the model or the data is used.
     for option, field, value in (("--max-length", "max_length", 0),

@@ -100,6 +100,17 @@ def _mask_keywords(rule, dense, position_ids, attn_implementation: str, dtype) -
     return {"position_ids": position_ids, "attention_mask": mask[None, None]}
 
 
+def _check_head_adapter(head) -> None:
+    """The loss reads head.weight, so an active PEFT adapter on the head would be ignored:
+    refused with what to do instead."""
+    if hasattr(head, "base_layer") and not (getattr(head, "disable_adapters", False)
+                                            or getattr(head, "merged", False)):
+        raise ValueError("PreferenceModel: lm_head carries an active PEFT adapter, which the "
+                         "logit-free loss (it reads lm_head.weight) would ignore: merge it "
+                         "(merge_and_unload), leave lm_head out of target_modules, or train "
+                         "with MixpoDPOTrainer, which applies a LoRA on the head")
+
+
 def _head_inputs(hidden, head):
     """(hidden, weight, bias) for the loss. Under autocast the loss itself casts all three to
     the autocast dtype (`mixpo.losses.autocast_head_inputs`); otherwise hidden states that
@@ -160,6 +171,7 @@ class PreferenceModel(torch.nn.Module):
                 logps_only: bool = False, validate: bool = True):
         batch = PreferenceBatch.of(batch)
         head = self.causal_lm.get_output_embeddings()
+        _check_head_adapter(head)
         packed = batch.layout != "padded"
         labels, shape = batch.position_labels, batch.completion
         config = self.loss_config

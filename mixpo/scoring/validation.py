@@ -215,6 +215,13 @@ def lora_targets(causal_lm, wanted: tuple[str, ...] = LORA_TARGET_MODULES) -> li
     does."""
     present = {name.rsplit(".", 1)[-1] for name, module in causal_lm.named_modules()
                if isinstance(module, torch.nn.Linear)}
+    head = causal_lm.get_output_embeddings()
+    head_names = {name.rsplit(".", 1)[-1] for name, module in causal_lm.named_modules()
+                  if module is head}
+    if head_names & set(wanted):
+        raise ValueError(f"--lora-target-modules {sorted(head_names & set(wanted))}: a LoRA on "
+                         "the LM head is not supported (the logit-free loss reads its weight); "
+                         "leave it out")
     found = [name for name in wanted if name in present]
     if not found:
         raise ValueError(f"none of the LoRA target modules {list(wanted)} is a linear layer of "
