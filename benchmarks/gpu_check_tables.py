@@ -43,13 +43,16 @@ def detail_tables(report: dict) -> list[str]:
     variants = stages.get("linear_loss", {}).get("backward_variants", {})
     if variants and "skipped" not in variants:
         lines = ["## logit-free backward variants", "", "| head | gemm ms (cuBLAS part) | "
-                 "atomic ms | atomic + CCE filter ms | tiles kept | filter dhidden / dweight "
-                 "error |", "|---|---|---|---|---|---|"]
+                 "atomic ms | atomic + CCE filter ms (sorted vocabulary) | tiles kept "
+                 "(sorted) | filter dhidden / dweight error |", "|---|---|---|---|---|---|"]
         for head, r in variants.items():
             if "gemm_ms" in r:
                 lines.append(f"| {head} | {r['gemm_ms']:.2f} ({r['gemm_cublas_part_ms']:.2f}) | "
-                             f"{r['atomic_exact_ms']:.2f} | {r['atomic_filtered_ms']:.2f} | "
-                             f"{r['kept_tile_fraction']:.1%} | {r['filter_error_dhidden']:.2e}"
+                             f"{r['atomic_exact_ms']:.2f} | {r['atomic_filtered_ms']:.2f} "
+                             f"({r['atomic_filtered_sorted_ms']:.2f}) | "
+                             f"{r['kept_tile_fraction']:.1%} "
+                             f"({r['kept_tile_fraction_sorted']:.1%}) | "
+                             f"{r['filter_error_dhidden']:.2e}"
                              f" / {r['filter_error_dweight']:.2e} |")
         passes = variants.get("passes", {})
         for name in ("two_passes", "one_pass"):

@@ -128,7 +128,8 @@ def _backward_variants(ctx, hidden, weight, labels, ref, dtype):
     """What settles the defaults on a first GPU, per head (random; Zipf prior alpha 1, 1.5,
     2.5): the default GEMM backward (and its cuBLAS GEMMs alone, so the Triton gradient
     kernel's share and both GEMM efficiencies show), the atomic backward exact and with CCE's
-    filter ("auto": eps / 32 of the dtype), the kept-tile fraction and the filter's gradient
+    filter ("auto": eps / 32 of the dtype; also over the vocabulary sorted by mean logit),
+    the kept-tile fractions and the filter's gradient
     error against the exact default; then the whole loss in two passes (default) vs one pass
     (passes=1, a 2 GiB workspace: fp32 dWeight accumulator for 16-bit weights)."""
     from mixpo.kernels.dispatch import INTERPRET
@@ -167,9 +168,10 @@ def _backward_variants(ctx, hidden, weight, labels, ref, dtype):
             return twin.gemm_backward(h2, w, None, rows, lambda *args: None, w.dtype, 128,
                                       None, True, workspace)
 
-        def atomic(eps, h2=h2, w=w, lse=lse, kept=kept):
+        def atomic(eps, h2=h2, w=w, lse=lse, kept=kept, vocab_sorted=False):
             return linear_token_logps_backward_atomic(h2, w, None, targets, rows, lse, coef,
-                                                      filter_eps=eps, kept=kept)
+                                                      filter_eps=eps, kept=kept,
+                                                      vocab_sorted=vocab_sorted)
         exact = gemm()
         kept.zero_()
         filtered = atomic("auto")
@@ -178,9 +180,13 @@ def _backward_variants(ctx, hidden, weight, labels, ref, dtype):
                   "gemm_cublas_part_ms": 1e3 * _bench(ctx, gemms_only),
                   "atomic_exact_ms": 1e3 * _bench(ctx, lambda: atomic(None)),
                   "atomic_filtered_ms": 1e3 * _bench(ctx, lambda: atomic("auto")),
+                  "atomic_filtered_sorted_ms": 1e3 * _bench(
+                      ctx, lambda: atomic("auto", vocab_sorted=True)),
                   "filter_error_dhidden": rel_error(filtered[0], exact[0])[0],
                   "filter_error_dweight": rel_error(filtered[1], exact[1])[0]}
         record["kept_tile_fraction"] = _kept_fraction(atomic, kept, tiles)
+        record["kept_tile_fraction_sorted"] = _kept_fraction(
+            lambda eps: atomic(eps, vocab_sorted=True), kept, tiles)
         record["gemm_triton_part_ms"] = record["gemm_ms"] - record["gemm_cublas_part_ms"]
         results[label] = record
         del exact, filtered

@@ -198,7 +198,8 @@ register(KernelSpec(
 # roofline.py). The gradient kernel keeps 128 x 128: its 256-wide tiles spill (176-764 B).
 # ----------------------------------------------------------------------------------------------
 _LINEAR_POINTERS = {"hidden_ptr": "*{dtype}", "weight_ptr": "*{dtype}", "labels_ptr": "*i64",
-                    "rows_ptr": "*i64", "grad_ptr": "*{dtype}", "kept_ptr": "*i32"}
+                    "rows_ptr": "*i64", "grad_ptr": "*{dtype}", "kept_ptr": "*i32",
+                    "order_ptr": "*i32"}
 _LINEAR_SCALARS = {"logit_scale": "fp32", "softcap": "fp32", "filter_eps": "fp32"}
 _LINEAR_KERNELS = {"linear_lse_fwd": ("_linear_lse_fwd_kernel", "mixpo.kernels.linear_logps"),
                    "linear_softmax_grad": ("_linear_softmax_grad_kernel",
@@ -212,7 +213,7 @@ _LINEAR_ARGUMENTS = {
     "linear_softmax_grad": ("hidden_ptr", "weight_ptr", "labels_ptr", "rows_ptr", "grad_ptr",
                             "logit_scale", "softcap"),
     "linear_atomic_bwd": ("hidden_ptr", "weight_ptr", "labels_ptr", "rows_ptr", "kept_ptr",
-                          "filter_eps", "logit_scale", "softcap"),
+                          "order_ptr", "filter_eps", "logit_scale", "softcap"),
 }
 FORWARD_LARGE_TILE_TOKENS = 4096
 
@@ -257,5 +258,6 @@ for _kernel, (_function, _module) in _LINEAR_KERNELS.items():
             interpreter_config=_LINEAR_INTERPRETER_CONFIGS[_kernel],
             select=_select_forward_tile if _kernel == "linear_lse_fwd" else None,
             flags={"UPCAST": (False,), **(_FORWARD_FLAGS if _kernel == "linear_lse_fwd"
-                                          else _TRANSFORM_FLAGS)},
+                                          else _TRANSFORM_FLAGS),
+                   **({"ORDERED": (False, True)} if _kernel == "linear_atomic_bwd" else {})},
             dtypes=_dtypes))

@@ -391,7 +391,8 @@ BACKWARD_METHODS = ("gemm", "atomic")
 def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_token,
                                 label_logit=None, logit_scale: float = 1.0, softcap=None,
                                 workspace_bytes=None, method: str = "gemm", filter_eps=None,
-                                weight_grad: bool = True, vocab_chunk=None, workspace=None):
+                                weight_grad: bool = True, vocab_chunk=None, workspace=None,
+                                vocab_sorted: bool = False):
     """Gradients of sum(grad_token * token_logps) w.r.t. hidden, weight and bias.
 
     Same inputs as the forward plus its lse [n] fp32 and grad_token [n] fp32 (`label_logit`
@@ -410,19 +411,21 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
     GEMM (dweight None). `workspace`: a `linear_logps_torch.Workspace` of
     `backward_layout(..., triton=True)` holding those temporaries (default: allocated here).
     method "atomic": `mixpo.kernels.linear_logps_atomic` (one tile kernel, fp32 atomics,
-    optional CCE gradient filter `filter_eps`, 16-bit dWeight in fp32 chunks of `vocab_chunk`
-    rows; not bitwise reproducible).
+    optional CCE gradient filter `filter_eps`, optionally over the vocabulary sorted by mean
+    logit, `vocab_sorted`; 16-bit dWeight in fp32 chunks of `vocab_chunk` rows; not bitwise
+    reproducible).
     """
     if method == "atomic":
         from mixpo.kernels.linear_logps_atomic import linear_token_logps_backward_atomic
         return linear_token_logps_backward_atomic(hidden, weight, bias, labels, rows, lse,
                                                   grad_token, logit_scale, softcap,
                                                   filter_eps, vocab_chunk,
-                                                  weight_grad=weight_grad)
+                                                  weight_grad=weight_grad,
+                                                  vocab_sorted=vocab_sorted)
     if method != "gemm":
         raise ValueError(f"method must be one of {BACKWARD_METHODS}, got {method!r}")
-    if filter_eps is not None or vocab_chunk is not None:
-        raise ValueError("filter_eps and vocab_chunk belong to the atomic backward "
+    if filter_eps is not None or vocab_chunk is not None or vocab_sorted:
+        raise ValueError("filter_eps, vocab_chunk and vocab_sorted belong to the atomic backward "
                          "(method='atomic'); the GEMM backward is exact and sizes its chunks "
                          "from workspace_bytes")
     _check(hidden, weight, bias, labels, rows)

@@ -46,11 +46,11 @@ def filter_threshold(filter_eps, dtype: torch.dtype) -> float:
 @triton.jit
 def _linear_atomic_bwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr, rows_ptr, lse_ptr, coef_ptr,
-    dhidden_ptr, dweight_ptr, dbias_ptr, kept_ptr,
+    dhidden_ptr, dweight_ptr, dbias_ptr, kept_ptr, order_ptr,
     n_tokens, vocab_size, hidden_size, vocab_start, filter_eps, stride_hn, stride_wv,
     stride_dhn, stride_dwv, has_bias, dh_direct, weight_grad, logit_scale, softcap,
-    UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, ORDERED: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     pid_n, pid_v = _grouped_tile(n_tokens, vocab_size, BLOCK_N, BLOCK_V, GROUP_N)
 
@@ -65,10 +65,16 @@ def _linear_atomic_bwd_kernel(
         labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1) - vocab_start
         offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_v = offs_v < vocab_size
-        raw = _logits_tile(h_rows, mask_n, weight_ptr, bias_ptr, has_bias, offs_v, mask_v,
+        # ORDERED: the tile's vocab ids come from `order_ptr` (positions offs_v of the
+        # vocabulary sorted by mean logit), so that entries of similar probability share tiles.
+        if ORDERED:
+            ids = tl.load(order_ptr + offs_v, mask=mask_v, other=0)
+        else:
+            ids = offs_v
+        raw = _logits_tile(h_rows, mask_n, weight_ptr, bias_ptr, has_bias, ids, mask_v,
                            hidden_size, stride_wv, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
         logits, tanh = transform_logits(raw, logit_scale, softcap, SOFTCAP)
-        onehot = (labels[:, None] == offs_v[None, :]).to(tl.float32)
+        onehot = (labels[:, None] == ids[None, :]).to(tl.float32)
         active = (coef != 0.0)[:, None] & mask_v[None, :]
         delta = tl.where(active, onehot - tl.exp(logits - lse[:, None]), 0.0)
         # CCE's filter: skip when every |onehot - softmax| of the tile is below eps.
@@ -76,7 +82,7 @@ def _linear_atomic_bwd_kernel(
             tl.atomic_add(kept_ptr, 1)
             g = coef[:, None] * delta * transform_slope(tanh, logit_scale, SOFTCAP)
             if has_bias:
-                tl.atomic_add(dbias_ptr + offs_v, tl.sum(g, 0), mask=mask_v, sem="relaxed")
+                tl.atomic_add(dbias_ptr + ids, tl.sum(g, 0), mask=mask_v, sem="relaxed")
             if UPCAST or (hidden_ptr.dtype.element_ty == tl.float32):
                 gd = g
             else:  # tensor cores: 16-bit operands, fp32 accumulators
@@ -85,8 +91,11 @@ def _linear_atomic_bwd_kernel(
             # its compacted index (an [n, H] fp32 buffer for 16-bit outputs).
             dh_rows = dhidden_ptr + tl.where(dh_direct != 0, rows, offs_n.to(tl.int64)) \
                 * stride_dhn
-            dw_rows = dweight_ptr + offs_v.to(tl.int64) * stride_dwv
-            w_rows = weight_ptr + offs_v.to(tl.int64) * stride_wv
+            # dWeight rows: the weight's own (fp32, written in place) or the tile's positions
+            # in the vocab chunk's fp32 buffer (16-bit; placed by the host after the chunk).
+            dw_rows = dweight_ptr + tl.where(dh_direct != 0, ids, offs_v).to(tl.int64) \
+                * stride_dwv
+            w_rows = weight_ptr + ids.to(tl.int64) * stride_wv
             for h0 in range(0, hidden_size, BLOCK_H):
                 offs_h = h0 + tl.arange(0, BLOCK_H)
                 mask_h = offs_h < hidden_size
@@ -114,16 +123,30 @@ def _vocab_chunk_rows(vocab_size: int, hidden_size: int, block_v: int, vocab_chu
     return min(vocab_size, max(block_v, rows // block_v * block_v))
 
 
+def vocab_order(hidden, weight, bias, rows) -> torch.Tensor:
+    """The vocabulary sorted by mean raw logit over the tokens hidden[rows] (CCE's vocabulary
+    sorting), int32 [V]: the mean logit is the mean hidden row times the head, one [V, H]
+    matrix-vector product. The logit transforms are monotone, so the raw order serves."""
+    mean_hidden = hidden.index_select(0, rows).float().mean(0)
+    mean_logit = torch.mv(weight, mean_hidden.to(weight.dtype)).float()
+    if bias is not None:
+        mean_logit += bias.float()
+    return torch.argsort(mean_logit, stable=True).to(torch.int32)
+
+
 def linear_token_logps_backward_atomic(hidden, weight, bias, labels, rows, lse, grad_token,
                                        logit_scale: float = 1.0, softcap=None,
                                        filter_eps=None, vocab_chunk=None, kept=None,
-                                       weight_grad: bool = True):
+                                       weight_grad: bool = True, vocab_sorted: bool = False):
     """`mixpo.kernels.linear_logps.linear_token_logps_backward` with the atomic tile kernel
     (same inputs and outputs). `filter_eps`: None (exact), "auto" or a float (module
     docstring). `vocab_chunk`: vocab rows per fp32 dWeight chunk for 16-bit weights (default
     DWEIGHT_CHUNK_BYTES' worth). `kept`: an int32 [1] tensor that counts the tiles the filter
     kept (programs whose coefficients are all zero are not counted). `weight_grad=False` (a
-    frozen head): dweight None, no dWeight products or buffers."""
+    frozen head): dweight None, no dWeight products or buffers. `vocab_sorted`: the vocab
+    tiles hold the vocabulary in `vocab_order` (entries of similar probability together, so
+    the filter finds whole tiles to skip; the gradient is the same up to the order of the
+    atomic additions)."""
     _check(hidden, weight, bias, labels, rows)
     hidden, weight = _unit_stride(hidden), _unit_stride(weight)
     num_tokens, (vocab_size, hidden_size) = rows.shape[0], weight.shape
@@ -155,24 +178,37 @@ def linear_token_logps_backward_atomic(hidden, weight, bias, labels, rows, lse, 
         dw_acc = dweight if direct else torch.empty(chunk_rows, hidden_size,
                                                     dtype=torch.float32, device=device)
     lse = lse.contiguous()
+    order = vocab_order(hidden, weight, bias, rows) if vocab_sorted else None
     for v0 in range(0, vocab_size, chunk_rows):
         v1 = min(v0 + chunk_rows, vocab_size)
-        # Views of this chunk's vocab rows: the kernel sees a vocab of v1 - v0 entries (the
-        # softmax still normalises by the full lse; labels are shifted by v0).
+        # The kernel sees a vocab of v1 - v0 entries (the softmax still normalises by the
+        # full lse): views of this chunk's rows, labels shifted by v0; sorted, positions
+        # v0..v1 of `order` into the whole head.
         dw_chunk = dw_acc[:v1 - v0] if weight_grad else dh_acc
         if not direct and weight_grad:
             dw_chunk.zero_()
+        if vocab_sorted:
+            chunk_weight, chunk_bias, chunk_dbias, start = weight, bias32, dbias, 0
+        else:
+            chunk_weight, start = weight[v0:v1], v0
+            chunk_bias = bias32[v0:v1] if bias is not None else bias32
+            chunk_dbias = dbias[v0:v1] if dbias is not None else None
         grid = (triton.cdiv(num_tokens, launch.block("BLOCK_N"))
                 * triton.cdiv(v1 - v0, launch.block("BLOCK_V")),)
         _linear_atomic_bwd_kernel[grid](
-            hidden, weight[v0:v1], bias32[v0:v1] if bias is not None else bias32, labels, rows,
-            lse, coef, dh_acc, dw_chunk, dbias[v0:v1] if dbias is not None else coef, kept,
-            num_tokens, v1 - v0, hidden_size, v0, eps, hidden.stride(0), weight.stride(0),
+            hidden, chunk_weight, chunk_bias, labels, rows, lse, coef, dh_acc, dw_chunk,
+            coef if chunk_dbias is None else chunk_dbias, kept,
+            order[v0:v1] if vocab_sorted else kept,          # (a dummy pointer unsorted)
+            num_tokens, v1 - v0, hidden_size, start, eps, hidden.stride(0), weight.stride(0),
             dh_acc.stride(0), dw_chunk.stride(0), int(bias is not None), int(direct),
             int(weight_grad), float(logit_scale), float(softcap or 0.0),
-            UPCAST=INTERPRET, SOFTCAP=bool(softcap), **launch.launch_kwargs())
+            UPCAST=INTERPRET, SOFTCAP=bool(softcap), ORDERED=vocab_sorted,
+            **launch.launch_kwargs())
         if not direct and weight_grad:
-            dweight[v0:v1] = dw_chunk
+            if vocab_sorted:
+                dweight[order[v0:v1].long()] = dw_chunk.to(dtype)
+            else:
+                dweight[v0:v1] = dw_chunk
     if not direct:
         dhidden[rows] = dh_acc.to(dtype)
     return (dhidden, None if dweight is None else dweight.to(weight.dtype),
