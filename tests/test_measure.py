@@ -29,7 +29,7 @@ def small(tmp_path_factory):
 # (GPUs, optimizer, step-in-backward, micro-batch, the plan's peak phase)
 CONFIGURATIONS = [(1, "adamw_bf16", True, 1, "optimizer step"),
                   (1, "adamw", False, 2, "forward and backward"),
-                  (2, "adamw_bf16", False, 1, "optimizer step")]
+                  (2, "adamw_bf16", False, 1, "root unit's gradient reduce")]
 
 
 @pytest.mark.parametrize("gpus,optim,step_in_backward,pairs,phase", CONFIGURATIONS)

@@ -98,16 +98,28 @@ def test_trl_default_and_sharding(llama3_8b):
     assert master["optimizer step"] == 0
     # Four GPUs: states shard by 4; FSDP holds the root unit and two layers unsharded in the
     # backward beside a layer's gradient reduce (bf16 gradients, fp32 copy), and reduces the
-    # root unit's gradients through an fp32 copy last.
+    # root unit's gradients through an fp32 copy last: after the copy-in one embedding-sized
+    # bf16 gradient is still held beside the fp32 input, the fp32 output shard and its bf16
+    # cast (FSDP2's foreach_reduce as the tracker sees it).
     work = Workload(gpus=4)
     four = mixpo_plan(llama3_8b, work)
     root = 2 * EMBED + H
+    root_reduce = EMBED * 2 + root * 4 + root * 4 // 4 + root * 2 // 4
+    assert root_reduce > root * 6                     # the later moment is the larger
     assert four["optimizer states"] == PARAMS and four["weights"] == 2 * PARAMS // 4
     assert four["optimizer step"] == 32 * CHUNK       # a quarter of the head, in slices
-    assert four["FSDP buffers"] == max((root + 2 * LAYER) * 2 + LAYER * 6, root * 6)
+    assert four["FSDP buffers"] == max((root + 2 * LAYER) * 2 + LAYER * 6, root_reduce)
     phases = peak_phases(llama3_8b, work, four)
     assert sum(phases["root unit's gradient reduce"].values()) == \
-        2 * PARAMS // 4 * 2 + PARAMS + root * 6 + 3 * GIB
+        2 * PARAMS // 4 * 2 + PARAMS + root_reduce + 3 * GIB
+    # fp32 master weights on 2 GPUs (the papers' setup, measured 66.68 GiB): the output
+    # shard is not cast, the parameters being fp32.
+    two = Workload(gpus=2)
+    master_phases = peak_phases(llama3_8b, two, mixpo_plan(llama3_8b, two, optim="adamw",
+                                                           master_weights=True),
+                                master_weights=True)
+    assert master_phases["root unit's gradient reduce"]["activations, temporaries"] == \
+        root * 4 + root * 4 // 2
 
 
 def _args(**overrides):

@@ -311,7 +311,7 @@ def measure_configurations(configurations=README_CONFIGURATIONS, seq_len: int = 
         shape, work = model_shape(model), Workload(gpus=gpus, seq_len=seq_len)
         plan = mixpo_plan(shape, work, optim=optim, step_in_backward=step_in_backward,
                           master_weights=master)
-        phases = peak_phases(shape, work, plan, step_in_backward)
+        phases = peak_phases(shape, work, plan, step_in_backward, master)
         planned = plan_total(phases) - RUNTIME_RESERVE_BYTES
         measured = measure_plan(model, work, optim=optim, step_in_backward=step_in_backward,
                                 master_weights=master,

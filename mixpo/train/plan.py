@@ -27,7 +27,8 @@ mixpo column (the trainer's options), each component at its largest:
                GPU with fp32 master weights, autocast's bf16 copy of the head and its bf16
                gradient (2 + 2 B per head entry)
   FSDP buffers the unsharded root unit (embeddings, head) and two decoder layers in flight,
-               or the root unit's unsharded gradients and their fp32 copy for the reduce
+               or the root unit's gradient reduce: its unsharded gradients, their fp32
+               copy and the fp32 output shard (`root_reduce_parts`)
   fp32 master weights (`mixed_precision: bf16`, the papers' setup): weights 4 B, gradients
   4 B, AdamW fp32 moments 8 B per param / N.
 The mixpo total is the largest of the moments a step peaks at (`peak_phases`): the forward
@@ -185,13 +186,29 @@ def fsdp_transient_bytes(shape: ModelShape, work: Workload, compute_bytes: int =
         + shape.layer_params * (compute_bytes + 4)
 
 
-def root_reduce_bytes(shape: ModelShape, work: Workload, compute_bytes: int = 2) -> int:
-    """The root unit's gradient reduce-scatter, the last of the backward: its unsharded
-    gradients (compute dtype) and their fp32 copy, the reduce-scatter's input (the trainer
-    reduces in fp32, `mixpo.train.distributed.shard`)."""
+def root_reduce_parts(shape: ModelShape, work: Workload, weight_bytes: int = 2,
+                      compute_bytes: int = 2) -> tuple:
+    """The root unit's gradient reduce-scatter, the last of the backward, at its largest as
+    torch's tracker sees FSDP2's `foreach_reduce` on fake tensors: (unsharded gradients held,
+    temporaries). Before the copy-in: every unsharded root gradient (compute dtype) beside
+    the fp32 reduce-scatter input (the trainer reduces in fp32, `mixpo.train.distributed.
+    shard`); after it: one unsharded gradient of the embedding's size still held, the input,
+    the fp32 output shard and its cast to the parameters' dtype (none for fp32 master
+    weights). Llama-3-8B on 2 GPUs: the second, 2 GiB more than the first."""
     if work.gpus == 1:
-        return 0
-    return shape.root_params * (compute_bytes + 4)
+        return 0, 0
+    root, gpus = shape.root_params, work.gpus
+    reduce_input = root * 4
+    before = (root * compute_bytes, reduce_input)
+    output = root * 4 // gpus + (root * weight_bytes // gpus if weight_bytes != 4 else 0)
+    after = (min(root, shape.vocab_size * shape.hidden_size) * compute_bytes,
+             reduce_input + output)
+    return max(before, after, key=sum)
+
+
+def root_reduce_bytes(shape: ModelShape, work: Workload, weight_bytes: int = 2) -> int:
+    """`root_reduce_parts`, summed."""
+    return sum(root_reduce_parts(shape, work, weight_bytes))
 
 
 # Bytes per element of the largest parameter that one update holds at once, per optimizer:
@@ -279,7 +296,8 @@ def mixpo_plan(shape: ModelShape, work: Workload, optim: str = "adamw_bf16",
         "optimizer step": optimizer_step_bytes(shape, work, optim),
         "activations": activation_bytes(shape, work),
         "loss head": head,
-        "FSDP buffers": max(fsdp_transient_bytes(shape, work), root_reduce_bytes(shape, work)),
+        "FSDP buffers": max(fsdp_transient_bytes(shape, work),
+                            root_reduce_bytes(shape, work, weight_bytes)),
         "reference model": params * 2 // gpus if reference == "live" else 0,
         "runtime reserve": RUNTIME_RESERVE_BYTES,
     }
@@ -294,7 +312,7 @@ def checkpoint_input_bytes(shape: ModelShape, work: Workload) -> int:
 
 
 def peak_phases(shape: ModelShape, work: Workload, plan: dict,
-                step_in_backward: bool = False) -> dict:
+                step_in_backward: bool = False, master_weights: bool = False) -> dict:
     """What a GPU holds at the moments a step peaks, {phase: {part: bytes}} (the plan's
     total is the largest phase's sum; the parts are those `mixpo plan --measure` reports):
     - forward and backward: weights, optimizer states, gradients (all of them, or with
@@ -302,8 +320,9 @@ def peak_phases(shape: ModelShape, work: Workload, plan: dict,
       larger of the loss head and the recomputed layers beside the layers' saved inputs
       (both at once without gradient checkpointing);
     - (FSDP) the root unit's gradient reduce-scatter, at the end of the backward: every
-      gradient plus the root unit's unsharded gradients and their fp32 copy
-      (`root_reduce_bytes`), activations gone;
+      gradient plus the root unit's unsharded gradients and the reduce's fp32 buffers
+      (`root_reduce_parts`; `master_weights`: fp32 parameters, no cast of the output
+      shard), activations gone;
     - the optimizer step: every gradient and the largest update's temporaries, activations
       gone; with step-in-backward that update (the LM head's, the first gradient of the
       backward) runs while the decoder layers' saved inputs are still alive.
@@ -327,8 +346,8 @@ def peak_phases(shape: ModelShape, work: Workload, plan: dict,
     phases = {"forward and backward": phase(weights=fsdp_transient_bytes(shape, work),
                                             activations=activations)}
     if work.gpus > 1:
-        phases["root unit's gradient reduce"] = phase(
-            gradients=shape.root_params * 2, activations=shape.root_params * 4)
+        held, temporaries = root_reduce_parts(shape, work, 4 if master_weights else 2)
+        phases["root unit's gradient reduce"] = phase(gradients=held, activations=temporaries)
     phases["optimizer step"] = phase(
         states=plan["optimizer step"],
         activations=checkpoint_input_bytes(shape, work) if step_in_backward else 0)
@@ -448,7 +467,8 @@ def plan_command(args) -> str:
     def total(**changes) -> int:
         changed = {**options, **changes}
         return plan_total(peak_phases(shape, work, mixpo_plan(shape, work, **changed),
-                                      changed["step_in_backward"]))
+                                      changed["step_in_backward"],
+                                      changed.get("master_weights", False)))
 
     variants = [("reference live (a frozen bf16 copy)", total(reference="live")),
                 ("logits materialised instead of logit-free", total(logit_free=False)),
