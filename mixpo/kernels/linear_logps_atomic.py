@@ -127,7 +127,7 @@ def vocab_order(hidden, weight, bias, rows) -> torch.Tensor:
     """The vocabulary sorted by mean raw logit over the tokens hidden[rows] (CCE's vocabulary
     sorting), int32 [V]: the mean logit is the mean hidden row times the head, one [V, H]
     matrix-vector product. The logit transforms are monotone, so the raw order serves."""
-    mean_hidden = hidden.index_select(0, rows).float().mean(0)
+    mean_hidden = hidden.index_select(0, rows).mean(0, dtype=torch.float32)
     mean_logit = torch.mv(weight, mean_hidden.to(weight.dtype)).float()
     if bias is not None:
         mean_logit += bias.float()
