@@ -49,11 +49,13 @@ import torch
 
 import roofline  # beside this script (sys.path[0])
 from harness import (BETA, MIB, PEAK_MEMORY_METHOD, PEER_PACKAGES, RESULTS, device_name,
-                     first_call, linear_inputs, linear_loss, linear_step, median_and_min_ms,
-                     peak_extra_bytes, run_case, serve_case, versions, wall_times, write_report)
+                     device_options, first_call, linear_inputs, linear_loss, linear_step,
+                     median_and_min_ms, one_pair_workspace, peak_extra_bytes, run_case,
+                     serve_case, versions, wall_times, write_report)
 
 IMPLEMENTATIONS = ("trl_fused_head", "trl_fused_head_plain", "materialised", "mixpo",
                    "mixpo_one_pass", "mixpo_metrics", "mixpo_softcap", "liger", "cce")
+PEER_IMPLEMENTATIONS = ("trl_fused_head", "liger", "cce")      # the issue-19 goal's peers
 BASELINE = "trl_fused_head"
 # (hidden size, vocab size) of the models the shapes are named after.
 SHAPES = {name: (shape.hidden_size, shape.vocab_size) for name, shape in roofline.SHAPES.items()}
@@ -62,36 +64,29 @@ SHAPES = {name: (shape.hidden_size, shape.vocab_size) for name, shape in rooflin
 # ----------------------------------------------------------------------------------------------
 # The losses (harness.LINEAR_LOSSES)
 # ----------------------------------------------------------------------------------------------
-def one_pair_workspace(case) -> int:
-    """Bytes of one pair's fp32 logits (2 sequences' completion tokens x V), rounded up to
-    MiB: the smallest workspace that lets mixpo run one pass."""
-    tokens = 2 * (case["seq_len"] - case["prompt_len"])
-    return -(-tokens * case["vocab"] * 4 // 2**20) * 2**20
-
-
-def make_loss(implementation, device, liger_compiled, case=None):
-    """A callable (hidden, weight, labels, ref_logps) -> scalar loss, or raises ImportError."""
+def make_loss(case):
+    """The case's loss: a callable (hidden, weight, labels, ref_logps) -> scalar loss, or
+    raises ImportError."""
+    implementation, device = case["implementation"], case["device"]
     if implementation.startswith("trl_fused_head"):
         return linear_loss("trl", metrics=not implementation.endswith("plain"))
     if implementation.startswith("mixpo"):
         extra = {"mixpo_metrics": {"token_metrics": True},
                  "mixpo_softcap": {"softcap": 30.0},
-                 "mixpo_one_pass": {"passes": 1, "workspace_bytes":
-                                    one_pair_workspace(case) if case else None},
+                 "mixpo_one_pass": {"passes": 1, "workspace_bytes": one_pair_workspace(
+                     case["seq_len"], case["prompt_len"], case["vocab"])},
                  }.get(implementation, {})
-        return linear_loss("mixpo", backend="triton" if device == "cuda" else "torch", **extra)
+        return linear_loss("mixpo", **extra)
     if implementation == "liger":
-        return linear_loss("liger", compiled=liger_compiled)
-    if implementation == "cce":
-        return linear_loss("cce", impl="cce" if device == "cuda" else "torch_compile")
-    return linear_loss(implementation)
+        return linear_loss("liger", compiled=case["liger_compiled"])
+    return linear_loss(implementation, **device_options(implementation, device))
 
 
 # ----------------------------------------------------------------------------------------------
 # One case, in a fresh process
 # ----------------------------------------------------------------------------------------------
 def worker(case):
-    loss_fn = make_loss(case["implementation"], case["device"], case["liger_compiled"], case)
+    loss_fn = make_loss(case)
     inputs = linear_inputs(case["rows"], case["seq_len"], case["prompt_len"],
                            case["hidden_size"], case["vocab"], getattr(torch, case["dtype"]),
                            ref_offset=case["seq_len"] * 10)
@@ -143,13 +138,10 @@ def summarise(rows):
             row["vs_peers"] = peer_goal(row, rows)
 
 
-PEERS = ("trl_fused_head", "liger", "cce")
-
-
 def peer_goal(row, rows) -> dict:
     """The goal of issue 19, fwd+bwd on the same shape and tokens: time over the fastest peer
     (trl's fused head, Liger, CCE) and peak memory over CCE's (goal: <= 1 and <= 0.5)."""
-    peers = [r for r in rows if r["implementation"] in PEERS and "error" not in r
+    peers = [r for r in rows if r["implementation"] in PEER_IMPLEMENTATIONS and "error" not in r
              and r["shape"] == row["shape"] and r["tokens"] == row["tokens"]]
     if not peers:
         return {}

@@ -271,8 +271,6 @@ def main(argv=None) -> int:
     parser.add_argument("--started", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if str(REPO) not in sys.path:        # mixpo from this checkout (the GPU machine has no install)
-        sys.path.insert(0, str(REPO))
     if args.worker:                      # a subprocess a stage starts (training runs)
         return run_worker(args.worker)
     if args.run_stage:

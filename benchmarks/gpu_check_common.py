@@ -14,6 +14,7 @@ import time
 import torch
 
 from harness import BENCHMARKS, bench, child_env, finish_worker, start_worker, write_json
+import roofline  # after harness, which puts mixpo on the path
 
 SCRIPT = BENCHMARKS / "gpu_check.py"
 WRAP_UP_S = 3.0      # a stage stops starting new cases this long before its budget ends
@@ -99,8 +100,6 @@ def device_peaks(environment: dict) -> dict:
     """Roofline devices for the floors: "h100" (roofline.py), "h200" (H100 compute, 4.8 TB/s,
     defined here, not in roofline.py) and "measured" (this machine's ceilings from stage 1:
     bf16 matmul TFLOP/s and copy bandwidth; the other rates of the H100)."""
-    import roofline      # imports mixpo: not before gpu_check.main has put it on sys.path
-
     h100 = roofline.DEVICES["h100"]
     peaks = {"h100": h100, "h200": dataclasses.replace(
         h100, name="H200-SXM-141GB", hbm_bytes_per_s=4.8e12,

@@ -112,14 +112,13 @@ def _zipf_head(hidden, weight, alpha=2.5, noise=2.0):
 
 def _atomic_tiles(num_tokens, vocab_size, hidden_size, dtype) -> int:
     """Programs the atomic backward launches (token tiles x vocab tiles, per vocab chunk)."""
-    from mixpo.kernels.configs import choose
+    from mixpo.kernels.configs import choose, dweight_chunk_rows
     from mixpo.kernels.linear_logps import _spec_name
-    from mixpo.kernels.linear_logps_atomic import _vocab_chunk_rows
 
     launch = choose(_spec_name("linear_atomic_bwd", dtype), dtype=dtype, num_tokens=num_tokens)
     block_n, block_v = launch.block("BLOCK_N"), launch.block("BLOCK_V")
     chunk = vocab_size if dtype == torch.float32 else \
-        _vocab_chunk_rows(vocab_size, hidden_size, block_v, None)
+        dweight_chunk_rows(vocab_size, hidden_size, block_v)
     return sum(math.ceil(num_tokens / block_n) * math.ceil(min(chunk, vocab_size - v0) / block_v)
                for v0 in range(0, vocab_size, chunk))
 
@@ -135,7 +134,6 @@ def _backward_variants(ctx, hidden, weight, labels, ref, dtype):
     from mixpo.kernels.dispatch import INTERPRET
     if not (torch.cuda.is_available() or INTERPRET):
         return {"skipped": "needs the Triton kernels (CUDA or TRITON_INTERPRET=1)"}
-    import mixpo
     from mixpo.kernels import linear_logps as kernel
     from mixpo.kernels import linear_logps_torch as twin
     from mixpo.kernels.linear_logps_atomic import linear_token_logps_backward_atomic
@@ -173,9 +171,9 @@ def _backward_variants(ctx, hidden, weight, labels, ref, dtype):
                                                       filter_eps=eps, kept=kept,
                                                       vocab_sorted=vocab_sorted)
         exact = gemm()
-        kept.zero_()
-        filtered = atomic("auto")
+        filtered = atomic("auto")           # counts the kept tiles into `kept` too
         tiles = _atomic_tiles(rows.shape[0], w.shape[0], w.shape[1], dtype)
+        kept_fraction = int(kept.item()) / max(tiles, 1)
         record = {"gemm_ms": 1e3 * _bench(ctx, gemm),
                   "gemm_cublas_part_ms": 1e3 * _bench(ctx, gemms_only),
                   "atomic_exact_ms": 1e3 * _bench(ctx, lambda: atomic(None)),
@@ -184,26 +182,20 @@ def _backward_variants(ctx, hidden, weight, labels, ref, dtype):
                       ctx, lambda: atomic("auto", vocab_sorted=True)),
                   "filter_error_dhidden": rel_error(filtered[0], exact[0])[0],
                   "filter_error_dweight": rel_error(filtered[1], exact[1])[0]}
-        record["kept_tile_fraction"] = _kept_fraction(atomic, kept, tiles)
-        record["kept_tile_fraction_sorted"] = _kept_fraction(
-            lambda eps: atomic(eps, vocab_sorted=True), kept, tiles)
+        record["kept_tile_fraction"] = kept_fraction
+        kept.zero_()
+        atomic("auto", vocab_sorted=True)
+        record["kept_tile_fraction_sorted"] = int(kept.item()) / max(tiles, 1)
         record["gemm_triton_part_ms"] = record["gemm_ms"] - record["gemm_cublas_part_ms"]
         results[label] = record
         del exact, filtered
         _free()
         ctx.save()
-    results["passes"] = _passes(ctx, hidden, weight, labels, ref, mixpo)
+    results["passes"] = _passes(ctx, hidden, weight, labels, ref)
     return results
 
 
-def _kept_fraction(atomic, kept, tiles) -> float:
-    """Share of the atomic backward's tiles CCE's filter keeps, from the kernel's counter."""
-    kept.zero_()
-    atomic("auto")
-    return int(kept.item()) / max(tiles, 1)
-
-
-def _passes(ctx, hidden, weight, labels, ref, mixpo) -> dict:
+def _passes(ctx, hidden, weight, labels, ref) -> dict:
     """The whole loss, forward + backward: two passes (the default) and one pass (forced,
     2 GiB workspace), with the loss difference between them."""
     record = {}
@@ -212,16 +204,10 @@ def _passes(ctx, hidden, weight, labels, ref, mixpo) -> dict:
         if not ctx.has_time(8 if torch.cuda.is_available() else 2):
             record[name] = {"skipped": "stage time budget"}
             continue
-
-        def step(options=options):
-            h = hidden.detach().requires_grad_()
-            w = weight.detach().requires_grad_()
-            out = mixpo.linear_preference_loss(h, w, labels, ref_logps=ref, beta=BETA,
-                                               backend="triton", **options)
-            out.loss.backward()
-            return out.loss.item()
+        step = linear_step(linear_loss("mixpo", BETA, backend="triton", **options),
+                           (hidden, weight, labels, ref), backward=True)
         try:
-            loss = step()
+            loss, _ = first_call(step)
             record[name] = {"fwd_bwd_ms": 1e3 * _bench(ctx, step, warmed=True), "loss": loss}
         except Exception as error:                   # noqa: BLE001 - recorded
             record[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
@@ -366,7 +352,7 @@ def stage_linear_loss(ctx):
         parts.append(f"bwd (zipf 2.5 head): gemm {zipf['gemm_ms']:.1f} ms, atomic "
                      f"{zipf['atomic_exact_ms']:.1f} ms, filtered {zipf['atomic_filtered_ms']:.1f}"
                      f" ms ({zipf['kept_tile_fraction']:.1%} tiles kept)")
-    passes = variants.get("passes", {}) if isinstance(variants, dict) else {}
+    passes = variants.get("passes", {})
     if "one_pass_speedup" in passes:
         parts.append(f"one pass {passes['one_pass_speedup']:.2f}x two passes")
     return "pass", "; ".join(parts)

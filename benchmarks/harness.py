@@ -372,6 +372,22 @@ def linear_loss(name: str, beta: float = BETA, **options):
     return LINEAR_LOSSES[name](beta, **options)
 
 
+def device_options(name: str, device_type: str) -> dict:
+    """The options a loss of LINEAR_LOSSES runs with on `device_type` ("cuda" / "cpu"): CCE's
+    Triton kernels need a GPU (its torch_compile implementation elsewhere); mixpo picks its
+    backend itself (`backend="auto"`)."""
+    if name == "cce":
+        return {"impl": "cce" if device_type == "cuda" else "torch_compile"}
+    return {}
+
+
+def one_pair_workspace(seq_len: int, prompt_len: int, vocab: int) -> int:
+    """Bytes of one pair's fp32 logits (2 sequences' completion tokens x V), rounded up to
+    MiB: the smallest workspace that lets mixpo run one pass."""
+    tokens = 2 * (seq_len - prompt_len)
+    return -(-tokens * vocab * 4 // MIB) * MIB
+
+
 def linear_inputs(rows, seq_len, prompt, hidden_size, vocab, dtype, ref_offset):
     """Seeded inputs of the logit-free loss (a worker process rebuilds the same ones): hidden
     [rows, T, H] ~ N(0, 1), weight [V, H] ~ N(0, 1/H) (logits std 1), random labels with

@@ -63,17 +63,16 @@ DEFAULT_CASES = (("mixpo", None), ("mixpo", 1), ("cce", None))
 
 
 def case_options(impl: str, passes, args) -> dict:
-    """The loss options of one case, as bench_linear.py builds them for this device."""
-    options, cuda = {}, torch.cuda.is_available()
-    if impl == "cce":           # CCE's Triton kernels need a GPU
-        options["impl"] = "cce" if cuda else "torch_compile"
+    """The loss options of one case, as bench_linear.py builds them for this device; one
+    pass with a workspace of one pair's fp32 logits."""
+    options = harness.device_options(impl, "cuda" if torch.cuda.is_available() else "cpu")
     if impl == "liger":
-        options["compiled"] = cuda
-    if impl == "mixpo":
-        options["backend"] = "triton" if cuda else "torch"
-        if passes:              # one pass: a workspace of one pair's fp32 logits
-            pair_tokens = 2 * (args.seq_len - args.prompt)
-            options.update(passes=passes, workspace_bytes=pair_tokens * args.vocab * 4)
+        options["compiled"] = torch.cuda.is_available()
+    if impl == "mixpo" and passes:
+        options["passes"] = passes
+        if passes == 1:
+            options["workspace_bytes"] = harness.one_pair_workspace(args.seq_len, args.prompt,
+                                                                    args.vocab)
     return options
 
 

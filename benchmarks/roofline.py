@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mixpo.kernels.configs import DEFAULT_WORKSPACE_BYTES, DWEIGHT_CHUNK_BYTES, KERNELS
+from mixpo.kernels.configs import DEFAULT_WORKSPACE_BYTES, KERNELS, dweight_chunk_rows
 from mixpo.kernels.linear_logps_torch import vocab_chunk_rows, workspace_rows
 from mixpo.train.plan import KNOWN_SHAPES, canonical_shape_name
 
@@ -166,7 +166,9 @@ class Workload:
     pairs: B (2B sequences); dtype: of logits / hidden / weight ("bf16", "fp16", "fp32");
     kept_tile_fraction: share of the atomic backward's [BLOCK_N, BLOCK_V] tiles that CCE's
     gradient filter keeps (`filter_eps`; 1.0 = no tile skipped, as with a random-weight
-    head's flat softmax); workspace_bytes: the logit-free head's workspace budget.
+    head's flat softmax); workspace_bytes: the logit-free head's workspace budget;
+    vocab_sorted: the atomic backward reads its vocab tiles through CCE's sorted order
+    (`vocab_sorted=True`).
     """
     shape: ModelShape
     tokens: int
@@ -175,6 +177,7 @@ class Workload:
     dtype: str = "bf16"
     kept_tile_fraction: float = 1.0
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+    vocab_sorted: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -196,11 +199,12 @@ class Workload:
 
 def make_workload(shape, tokens: int, prompt_share: float = 0.0, pairs: int | None = None,
                   dtype: str = "bf16", seq_len: int = DEFAULT_SEQ_LEN,
-                  kept_tile_fraction: float = 1.0) -> Workload:
+                  kept_tile_fraction: float = 1.0, workspace_bytes=None,
+                  vocab_sorted: bool = False) -> Workload:
     """A Workload from a shape name (see SHAPES) or a ModelShape.
 
     completion tokens n = round(tokens * (1 - prompt_share)); pairs default to
-    tokens / (2 * seq_len), at least 1.
+    tokens / (2 * seq_len), at least 1; workspace_bytes None: DEFAULT_WORKSPACE_BYTES.
     """
     if isinstance(shape, str):
         shape = canonical_shape_name(shape)
@@ -216,7 +220,8 @@ def make_workload(shape, tokens: int, prompt_share: float = 0.0, pairs: int | No
             raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
         pairs = max(1, tokens // (2 * seq_len))
     return Workload(shape, tokens, round(tokens * (1.0 - prompt_share)), pairs, dtype,
-                    kept_tile_fraction)
+                    kept_tile_fraction, workspace_bytes or DEFAULT_WORKSPACE_BYTES,
+                    vocab_sorted)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -637,14 +642,26 @@ def linear_atomic_bwd(w: Workload) -> KernelCost:
     [BLOCK_N + BLOCK_V, H] fp32 values (403 GB at Llama-3 shape, 128 x 128 tiles) plus the
     tile reloads. HBM: with 16-bit weights the fp32 dWeight chunk (DWEIGHT_CHUNK_BYTES, more
     than L2) is read and written once per token group, dHidden once per chunk. `serial`: one
-    CTA per SM, atomics issued after each MMA (its L2 time adds to the matmul time)."""
+    CTA per SM, atomics issued after each MMA (its L2 time adds to the matmul time).
+    `vocab_sorted`: every program also loads its tiles' int32 vocab ids (filtered or not),
+    and the host finds the order (the completion rows' mean times the head, an argsort) and
+    scatters each 16-bit dWeight chunk to its rows."""
     s, (n, V, H) = DTYPE_BYTES[w.dtype], (w.completion_tokens, w.shape.vocab_size,
                                           w.shape.hidden_size)
     tile = gpu_tile("linear_atomic_bwd", w)
     kept = w.kept_tile_fraction
     chunks = 1 if w.dtype == "fp32" else \
-        -(-V // max(1, DWEIGHT_CHUNK_BYTES // (FP32_BYTES * H)))
+        -(-V // dweight_chunk_rows(V, H, tile["BLOCK_V"]))
     groups = -(-n // (tile["BLOCK_N"] * tile["GROUP_N"]))
+    sorted_bytes, sorted_l2 = {}, {}
+    if w.vocab_sorted:
+        sorted_bytes = {"vocab order (rows gathered and averaged, head read, argsort)":
+                        3 * n * H * s + V * H * s + 4 * V * INDEX_BYTES,
+                        "vocab order read (per chunk)": chunks * V * 4}
+        if w.dtype != "fp32":
+            sorted_bytes["sorted dWeight scatter (cast, then indexed write)"] = \
+                2 * V * H * s + V * INDEX_BYTES
+        sorted_l2 = {"vocab ids (every program)": -(-n // tile["BLOCK_N"]) * V * 4}
     vector = len(LINEAR_ATOMIC_BWD_VECTOR_OPS) \
         + kept * (len(LINEAR_ATOMIC_BWD_KEPT_VECTOR_OPS) + _cast_ops(w.dtype))
     return KernelCost(
@@ -658,10 +675,12 @@ def linear_atomic_bwd(w: Workload) -> KernelCost:
                      groups * 2 * V * H * FP32_BYTES * kept,
                      "dHidden fp32 read + write (per chunk)": chunks * 2 * n * H * FP32_BYTES,
                      "fills and casts (dHidden, fp32 buffers, dWeight)":
-                     2 * n * H * FP32_BYTES + V * H * (2 * FP32_BYTES + s)},
+                     2 * n * H * FP32_BYTES + V * H * (2 * FP32_BYTES + s),
+                     **sorted_bytes},
         l2_bytes={"fp32 atomics": kept * n * V * H * FP32_BYTES
                   * (1 / tile["BLOCK_N"] + 1 / tile["BLOCK_V"]),
-                  "tile reloads": _tile_reloads(w, tile["BLOCK_N"], tile["BLOCK_V"], s)},
+                  "tile reloads": _tile_reloads(w, tile["BLOCK_N"], tile["BLOCK_V"], s),
+                  **sorted_l2},
         fp32_matmul="tf32x3")
 
 

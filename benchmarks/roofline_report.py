@@ -16,7 +16,6 @@ checkout. The tracked benchmarks/results/roofline.json is the default grid:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import pathlib
@@ -63,7 +62,8 @@ PREDICTION_WORKLOAD = ("llama-3-8b", 16384, 0.25)
 
 
 def workloads(shapes, tokens, prompt_shares, pairs_per_batch=None, dtype="bf16",
-              seq_len=DEFAULT_SEQ_LEN, kept_tile_fraction=1.0, workspace_bytes=None) -> list:
+              seq_len=DEFAULT_SEQ_LEN, kept_tile_fraction=1.0, workspace_bytes=None,
+              vocab_sorted=False) -> list:
     """Every (shape, tokens, prompt share) Workload. pairs_per_batch: None (derived from
     seq_len), one value for all token counts, or one value per token count."""
     if pairs_per_batch is not None and len(pairs_per_batch) not in (1, len(tokens)):
@@ -75,18 +75,16 @@ def workloads(shapes, tokens, prompt_shares, pairs_per_batch=None, dtype="bf16",
             pairs = None if pairs_per_batch is None else \
                 pairs_per_batch[index if len(pairs_per_batch) > 1 else 0]
             for share in prompt_shares:
-                workload = make_workload(shape, count, share, pairs, dtype, seq_len,
-                                         kept_tile_fraction)
-                if workspace_bytes:
-                    workload = dataclasses.replace(workload, workspace_bytes=workspace_bytes)
-                result.append(workload)
+                result.append(make_workload(shape, count, share, pairs, dtype, seq_len,
+                                            kept_tile_fraction, workspace_bytes,
+                                            vocab_sorted))
     return result
 
 
 def build_report(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS,
                  prompt_shares=DEFAULT_PROMPT_SHARES, pairs_per_batch=None, dtype="bf16",
                  devices=tuple(DEVICES), seq_len=DEFAULT_SEQ_LEN,
-                 kept_tile_fraction=1.0, workspace_bytes=None) -> dict:
+                 kept_tile_fraction=1.0, workspace_bytes=None, vocab_sorted=False) -> dict:
     """The roofline report as a JSON-ready dict: metadata, device peaks, shapes, rows."""
     peaks = {name: device_peaks(name) for name in devices}
     shapes = tuple(canonical_shape_name(name) for name in shapes)
@@ -94,20 +92,19 @@ def build_report(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS,
         if name not in SHAPES:
             raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {name!r}")
     problems = workloads(shapes, tokens, prompt_shares, pairs_per_batch, dtype, seq_len,
-                         kept_tile_fraction, workspace_bytes)
+                         kept_tile_fraction, workspace_bytes, vocab_sorted)
     if not problems:
         raise ValueError("shapes, tokens and prompt_shares must each name at least one value")
     rows = [cost_row(model(workload), workload, peaks)
             for workload in problems for model in KERNEL_MODELS.values()]
     example = problems[0]
-    headline = make_workload(*PREDICTION_WORKLOAD, seq_len=seq_len)
-    if workspace_bytes:
-        headline = dataclasses.replace(headline, workspace_bytes=workspace_bytes)
+    headline = make_workload(*PREDICTION_WORKLOAD, seq_len=seq_len,
+                             workspace_bytes=workspace_bytes)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "dtype": dtype, "seq_len_for_derived_pairs": seq_len,
-        "kept_tile_fraction": kept_tile_fraction,
+        "kept_tile_fraction": kept_tile_fraction, "vocab_sorted": vocab_sorted,
         "devices": {name: device.as_dict() for name, device in peaks.items()},
         "shapes": {name: {"name": SHAPES[name].name, "hidden_size": SHAPES[name].hidden_size,
                           "vocab_size": SHAPES[name].vocab_size} for name in shapes},
@@ -227,6 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kept-tile-fraction", type=float, default=1.0,
                         help="share of the atomic backward's tiles that CCE's gradient filter "
                         "keeps (filter_eps; 1 = none skipped, a random-weight head)")
+    parser.add_argument("--vocab-sorted", action="store_true",
+                        help="the atomic backward over CCE's sorted vocabulary (vocab_sorted)")
     parser.add_argument("--workspace-mib", type=int, default=None,
                         help="the logit-free head's workspace budget (default: mixpo's, "
                         "DEFAULT_WORKSPACE_BYTES)")
@@ -243,7 +242,8 @@ def main(argv=None) -> int:
                               pairs_per_batch=args.pairs_per_batch, dtype=args.dtype,
                               devices=tuple(args.devices), seq_len=args.seq_len,
                               kept_tile_fraction=args.kept_tile_fraction,
-                              workspace_bytes=args.workspace_mib and args.workspace_mib * 2**20)
+                              workspace_bytes=args.workspace_mib and args.workspace_mib * 2**20,
+                              vocab_sorted=args.vocab_sorted)
     except ValueError as error:
         print(f"roofline: error: {error}", file=sys.stderr)
         return 2

@@ -32,6 +32,16 @@ DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 # accumulator covers this many bytes, one vocab chunk at a time.
 DWEIGHT_CHUNK_BYTES = 256 * 2**20
 
+
+def dweight_chunk_rows(vocab_size: int, hidden_size: int, block_v: int,
+                       vocab_chunk=None) -> int:
+    """Vocab rows of one fp32 dWeight chunk of the atomic backward with 16-bit weights:
+    `vocab_chunk` or DWEIGHT_CHUNK_BYTES' worth, a multiple of the vocab tile `block_v`, at
+    most the vocabulary."""
+    rows = vocab_chunk or DWEIGHT_CHUNK_BYTES // (4 * hidden_size)
+    return min(vocab_size, max(block_v, rows // block_v * block_v))
+
+
 DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 

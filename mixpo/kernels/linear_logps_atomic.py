@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixpo.kernels.configs import DWEIGHT_CHUNK_BYTES, choose
+from mixpo.kernels.configs import choose, dweight_chunk_rows
 from mixpo.kernels.dispatch import INTERPRET
 from mixpo.kernels.linear_logps import (_check, _grouped_tile, _logits_tile, _spec_name,
                                          _unit_stride)
@@ -118,11 +118,6 @@ def _linear_atomic_bwd_kernel(
                                   sem="relaxed")
 
 
-def _vocab_chunk_rows(vocab_size: int, hidden_size: int, block_v: int, vocab_chunk) -> int:
-    rows = vocab_chunk or DWEIGHT_CHUNK_BYTES // (4 * hidden_size)
-    return min(vocab_size, max(block_v, rows // block_v * block_v))
-
-
 def vocab_order(hidden, weight, bias, rows) -> torch.Tensor:
     """The vocabulary sorted by mean raw logit over the tokens hidden[rows] (CCE's vocabulary
     sorting), int32 [V]: the mean logit is the mean hidden row times the head, one [V, H]
@@ -173,7 +168,7 @@ def linear_token_logps_backward_atomic(hidden, weight, bias, labels, rows, lse, 
     eps = filter_threshold(filter_eps, dtype)
     launch = choose(_spec_name("linear_atomic_bwd", dtype), dtype=dtype, num_tokens=num_tokens)
     if weight_grad:
-        chunk_rows = vocab_size if direct else _vocab_chunk_rows(
+        chunk_rows = vocab_size if direct else dweight_chunk_rows(
             vocab_size, hidden_size, launch.block("BLOCK_V"), vocab_chunk)
         dw_acc = dweight if direct else torch.empty(chunk_rows, hidden_size,
                                                     dtype=torch.float32, device=device)
