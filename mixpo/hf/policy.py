@@ -136,17 +136,20 @@ class PreferenceModel(torch.nn.Module):
         with `logps_only=True`: summed completion log-probs [2B] (no gradient, LD-DPO
         weighted when the loss is), used for reference log-probs.
     `loss_config`: the loss (default: sigmoid DPO); its logit transform is the model's own
-    (`logit_transform` of the HF config: Gemma-2's softcap, Cohere's and Granite's scales).
+    (`logit_transform` of the HF config: Gemma-2's softcap, Cohere's and Granite's scales);
+    `workspace_bytes`: the logit-free head's budget (`linear_preference_loss`; None: the
+    default).
     """
 
     def __init__(self, causal_lm, loss_config: LossConfig | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", workspace_bytes: int | None = None):
         super().__init__()
         self.causal_lm = causal_lm
         logit_scale, softcap = logit_transform(causal_lm.config)
         self.loss_config = replace(loss_config or LossConfig(), logit_scale=logit_scale,
                                    softcap=softcap)
         self.backend = backend
+        self.workspace_bytes = workspace_bytes
 
     def hidden_states(self, batch: dict):
         """The body's last hidden states as the loss reads them: [2B, T, H] padded, [1, L, H]
@@ -183,12 +186,12 @@ class PreferenceModel(torch.nn.Module):
                 return sequence_logps(hidden, weight, labels, bias=bias,
                                       ld_alpha=config.ld_alpha, logit_scale=config.logit_scale,
                                       softcap=config.softcap, backend=self.backend,
-                                      **shape)
+                                      workspace_bytes=self.workspace_bytes, **shape)
         hidden, weight, bias = _head_inputs(self.hidden_states(batch), head)
         out = linear_loss(hidden, weight, labels, config, bias=bias,
                           ref_logps=ref_logps, hard=batch.get("hard"), margin=margin,
                           gamma=gamma, backend=self.backend, validate=validate and
-                          not packed, **shape)
+                          not packed, workspace_bytes=self.workspace_bytes, **shape)
         return out.loss, out
 
 

@@ -158,8 +158,7 @@ def measure_plan(model: str, work, optim: str = "adamw_bf16", step_in_backward: 
     weights_dtype = torch.float32 if master_weights else torch.bfloat16
     compute = torch.bfloat16 if master_weights else None
     real_batch = _batch(work, text.vocab_size)
-    options = SimpleNamespace(optim="adamw" if master_weights and optim == "adamw" else optim,
-                              learning_rate=1e-6, adam_beta1=0.9, adam_beta2=0.999,
+    options = SimpleNamespace(optim=optim, learning_rate=1e-6, adam_beta1=0.9, adam_beta2=0.999,
                               adam_epsilon=1e-8, weight_decay=0.0,
                               step_in_backward=step_in_backward)
     eager_8bit = _eager_8bit() if optim == "adamw_8bit" else contextlib.nullcontext()
@@ -168,12 +167,14 @@ def measure_plan(model: str, work, optim: str = "adamw_bf16", step_in_backward: 
     with _fake_process_group(work.gpus) as mesh, eager_8bit, mode:
         env = distributed.DistributedEnv(0, work.gpus, 0, device, mesh)
         causal_lm = build_causal_lm(config, weights_dtype, device, work.gradient_checkpointing)
-        policy = distributed.shard(PreferenceModel(causal_lm, LossConfig(), backend=backend),
+        policy = distributed.shard(PreferenceModel(causal_lm, LossConfig(), backend=backend,
+                                                   workspace_bytes=workspace_bytes),
                                    decoder_layers(causal_lm), env, compute)
         reference_model = None
         if reference == "live":
             frozen = build_causal_lm(config, torch.bfloat16, device, False, trainable=False)
-            reference_model = distributed.shard(PreferenceModel(frozen, backend=backend),
+            reference_model = distributed.shard(PreferenceModel(frozen, backend=backend,
+                                                                workspace_bytes=workspace_bytes),
                                                 decoder_layers(frozen), env)
         # The trainer's optimizers: fused AdamW as on a GPU (`device` is the CPU here).
         optimizers = build_optimizers(policy, options, torch.device("cuda"))
@@ -260,12 +261,11 @@ def _train_step(policy, reference_model, batch, ref_logps, optimizers, autocast,
 def format_measurement(measured: Measurement, phases: dict) -> str:
     """The measured peak by part beside the plan's peak phase (`peak_phases`), both without
     the runtime reserve."""
-    from mixpo.train.plan import plan_total
+    from mixpo.train.plan import peak_phase
 
-    total = plan_total(phases)
-    name, parts = next((name, parts) for name, parts in phases.items()
-                       if sum(parts.values()) == total)
-    estimate = total - parts["runtime reserve"]
+    name = peak_phase(phases)
+    parts = phases[name]
+    estimate = sum(parts.values()) - parts["runtime reserve"]
     lines = ["", f"measured: the step on fake tensors under torch's memory tracker "
              f"({measured.seconds:.0f} s); planned peak: {name}",
              f"{'per GPU, at the peak':26s}{'planned':>12s}{'measured':>12s}"]
@@ -304,7 +304,7 @@ def measure_configurations(configurations=README_CONFIGURATIONS, seq_len: int = 
     import platform
 
     from mixpo.train.plan import (RUNTIME_RESERVE_BYTES, Workload, mixpo_plan, model_shape,
-                                  peak_phases, plan_total)
+                                  peak_phase, peak_phases, plan_total)
 
     rows = []
     for label, model, gpus, optim, step_in_backward, master in configurations:
@@ -322,7 +322,7 @@ def measure_configurations(configurations=README_CONFIGURATIONS, seq_len: int = 
             "seq_len": seq_len, "micro_batch_size": 1,
             "measured_gib": measured.peak / GIB, "planned_gib": planned / GIB,
             "measured_over_planned": measured.peak / planned,
-            "planned_peak_phase": max(phases, key=lambda name: sum(phases[name].values())),
+            "planned_peak_phase": peak_phase(phases),
             "measured_categories_gib": {name: value / GIB
                                         for name, value in measured.categories.items()},
             "planned_with_reserve_gib": plan_total(phases) / GIB,

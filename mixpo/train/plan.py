@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixpo.kernels.configs import DEFAULT_WORKSPACE_BYTES
+from mixpo.kernels.linear_logps_torch import workspace_rows
 
 GIB = 2 ** 30
 RUNTIME_RESERVE_BYTES = 3 * GIB
@@ -176,18 +177,16 @@ def activation_bytes(shape: ModelShape, work: Workload) -> int:
     return shape.num_layers * per_layer
 
 
-def fsdp_transient_bytes(shape: ModelShape, work: Workload, compute_bytes: int = 2) -> int:
+def fsdp_transient_bytes(shape: ModelShape, work: Workload) -> int:
     """What FSDP holds at once in the backward: the unsharded root unit (embeddings, norm,
     head) and two decoder layers in the compute dtype, and the last layer's gradient
     reduce-scatter (its unsharded gradients and their fp32 copy)."""
     if work.gpus == 1:
         return 0
-    return (shape.root_params + 2 * shape.layer_params) * compute_bytes \
-        + shape.layer_params * (compute_bytes + 4)
+    return (shape.root_params + 2 * shape.layer_params) * 2 + shape.layer_params * (2 + 4)
 
 
-def root_reduce_parts(shape: ModelShape, work: Workload, weight_bytes: int = 2,
-                      compute_bytes: int = 2) -> tuple:
+def root_reduce_parts(shape: ModelShape, work: Workload, weight_bytes: int = 2) -> tuple:
     """The root unit's gradient reduce-scatter, the last of the backward, at its largest as
     torch's tracker sees FSDP2's `foreach_reduce` on fake tensors: (unsharded gradients held,
     temporaries). Before the copy-in: every unsharded root gradient (compute dtype) beside
@@ -199,16 +198,11 @@ def root_reduce_parts(shape: ModelShape, work: Workload, weight_bytes: int = 2,
         return 0, 0
     root, gpus = shape.root_params, work.gpus
     reduce_input = root * 4
-    before = (root * compute_bytes, reduce_input)
+    before = (root * 2, reduce_input)
     output = root * 4 // gpus + (root * weight_bytes // gpus if weight_bytes != 4 else 0)
-    after = (min(root, shape.vocab_size * shape.hidden_size) * compute_bytes,
+    after = (min(root, shape.vocab_size * shape.hidden_size) * 2,
              reduce_input + output)
     return max(before, after, key=sum)
-
-
-def root_reduce_bytes(shape: ModelShape, work: Workload, weight_bytes: int = 2) -> int:
-    """`root_reduce_parts`, summed."""
-    return sum(root_reduce_parts(shape, work, weight_bytes))
 
 
 # Bytes per element of the largest parameter that one update holds at once, per optimizer:
@@ -249,8 +243,7 @@ def head_workspace_bytes(shape: ModelShape, work: Workload, workspace_bytes=None
 def one_pass(shape: ModelShape, work: Workload, workspace_bytes=None) -> bool:
     """Whether the logit-free loss takes its one pass: a per-pair loss (the default) whose
     micro-batch's fp32 logits fit the workspace (`mixpo.functions.plan_linear_passes`)."""
-    budget = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
-    return work.tokens * shape.vocab_size * 4 <= budget
+    return work.tokens <= workspace_rows(shape.vocab_size, 4, workspace_bytes)
 
 
 def loss_head_bytes(shape: ModelShape, work: Workload, workspace_bytes=None) -> int:
@@ -297,7 +290,7 @@ def mixpo_plan(shape: ModelShape, work: Workload, optim: str = "adamw_bf16",
         "activations": activation_bytes(shape, work),
         "loss head": head,
         "FSDP buffers": max(fsdp_transient_bytes(shape, work),
-                            root_reduce_bytes(shape, work, weight_bytes)),
+                            sum(root_reduce_parts(shape, work, weight_bytes))),
         "reference model": params * 2 // gpus if reference == "live" else 0,
         "runtime reserve": RUNTIME_RESERVE_BYTES,
     }
@@ -350,13 +343,18 @@ def peak_phases(shape: ModelShape, work: Workload, plan: dict,
         phases["root unit's gradient reduce"] = phase(gradients=held, activations=temporaries)
     phases["optimizer step"] = phase(
         states=plan["optimizer step"],
-        activations=checkpoint_input_bytes(shape, work) if step_in_backward else 0)
+        activations=inputs if step_in_backward else 0)
     return phases
+
+
+def peak_phase(phases: dict) -> str:
+    """The name of the plan's largest phase (the first of equals)."""
+    return max(phases, key=lambda name: sum(phases[name].values()))
 
 
 def plan_total(phases: dict) -> int:
     """The plan's total per GPU: its largest phase."""
-    return max(sum(parts.values()) for parts in phases.values())
+    return sum(phases[peak_phase(phases)].values())
 
 
 def trl_default_plan(shape: ModelShape, work: Workload) -> dict:
