@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixpo {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as error:   # Ctrl-C: outputs are atomic, nothing half-written
-        print(f"mixpo {args.command}: {error or 'interrupted; nothing was written'}",
+        print(f"mixpo {args.command}: {str(error) or 'interrupted; nothing was written'}",
               file=sys.stderr)
         return 130
     return int(result or 0)

@@ -174,8 +174,7 @@ def pair_head(seq_logps, counts, config: LossConfig, *, weighted_logps=None, sta
     tracing does (fake tensors, torch.compile). `backend` is accepted for the callers' sake:
     the head is plain torch on [B]-sized data on every backend."""
     device, num_pairs = seq_logps.device, seq_logps.shape[0] // 2
-    validate = validate and not tracing(seq_logps)
-    if validate:
+    if validate:      # the checks skip what they cannot read while tracing
         check_finite_logps(seq_logps, inputs or {})
     ref_logps, hard = _pair_checks(config, ref_logps, hard, num_pairs, device, validate)
     preference_logps = seq_logps if weighted_logps is None else weighted_logps
@@ -263,7 +262,6 @@ def _linear_one_pass(hidden, weight, bias, labels, config, groups, rows, sequenc
                      counts, *, ref_logps, hard, gamma, backend, inputs, validate):
     """Both stages of the logit-free path in one pass (`linear_one_pass_loss`)."""
     num_pairs = counts.shape[0] // 2
-    validate = validate and not tracing(hidden)
     ref_logps, hard = _pair_checks(config, ref_logps, hard, num_pairs, hidden.device, validate)
     gamma = _pair_gamma(config, gamma, None, counts, counts, ref_logps, num_pairs)
     loss, per_pair_loss, seq_logps, weighted, stat_sums = linear_one_pass_loss(
@@ -423,7 +421,7 @@ def sequence_logps(hidden, weight, labels, *, bias=None, average=False, ld_alpha
     seq_logps, weighted, _ = _linear_stage_one(hidden, weight, bias, labels, config, backend,
                                                rows, sequences, row_weight, counts,
                                                workspace_bytes)
-    if completion_rows is None and not tracing(seq_logps):
+    if completion_rows is None:
         check_finite_logps(seq_logps, {"hidden": hidden, "weight": weight, "bias": bias})
     if weighted is not None:
         seq_logps = weighted

@@ -134,11 +134,12 @@ def _handle_inspect(args: argparse.Namespace) -> int:
         print(line)
     if args.plot:
         label = DIFFICULTY_LABELS[args.difficulty]
-        drawn = plot_margin_histogram(values, args.plot, title=f"{args.input}: {label}",
-                                      route_below=args.route_below,
-                                      route_at_or_below=args.route_at_or_below, label=label)
-        hard = f", the {drawn['hard']} hard (SFT) pairs in red" if report.would_be_hard \
-            is not None else "; add --route-below D to see which pairs D routes"
+        plot_margin_histogram(values, args.plot, title=f"{args.input}: {label}",
+                              route_below=args.route_below,
+                              route_at_or_below=args.route_at_or_below, label=label)
+        hard = f", the {report.would_be_hard} hard (SFT) pairs in red" \
+            if report.would_be_hard is not None \
+            else "; add --route-below D to see which pairs D routes"
         print(f"histogram -> {args.plot} (with the fraction of pairs at or below each value"
               f"{hard})")
     return 0

@@ -26,7 +26,6 @@ class PreferenceBatch(dict):
             (label t = token t), as Hugging Face collators give them;
         completion: completion_rows / completion_sequences / completion_counts, the facts
             the logit-free loss needs about the labels, computed on the CPU;
-        pair_columns: the per-pair columns (hard, ref_*_logps, scores) present;
         tokens: the tokens the model body runs (read on the host: call on the CPU batch);
         to(device): the batch on a device, still typed.
 
@@ -61,16 +60,19 @@ class PreferenceBatch(dict):
                 ("completion_rows", "completion_sequences", "completion_counts")}
 
     @property
-    def pair_columns(self) -> dict:
-        return {name: self[name] for name in PASSTHROUGH_COLUMNS if name in self}
-
-    @property
     def tokens(self) -> int:
         return int(self["attention_mask"].sum())
 
     def to(self, device, non_blocking: bool = True) -> "PreferenceBatch":
         return PreferenceBatch({name: tensor.to(device, non_blocking=non_blocking)
                                 for name, tensor in self.items()}, self.layout)
+
+
+def _check_counts(counts: torch.Tensor) -> None:
+    """ValueError naming the sequences (up to 8) of the batch with no completion token."""
+    if (counts == 0).any():
+        raise ValueError(f"pair(s) {torch.nonzero(counts == 0).flatten().tolist()[:8]} of "
+                         "the batch have no completion token")
 
 
 def _chosen_then_rejected(examples: list[dict]) -> tuple[list, list]:
@@ -123,9 +125,7 @@ class PreferenceCollator:
                  "position_labels": shifted}
         completion = shifted != IGNORE_INDEX
         counts = completion.sum(dim=1)
-        if (counts == 0).any():
-            raise ValueError(f"pair(s) {torch.nonzero(counts == 0).flatten().tolist()[:8]} of "
-                             "the batch have no completion token")
+        _check_counts(counts)
         batch["completion_rows"] = torch.nonzero(completion.reshape(-1)).squeeze(1)
         batch["completion_counts"] = counts.float()
         batch.update(passthrough_columns(examples))
@@ -184,9 +184,7 @@ class PackedPreferenceCollator:
         sequence_of_position = torch.repeat_interleave(torch.arange(len(lengths)),
                                                        torch.tensor(lengths))
         counts = torch.bincount(sequence_of_position[rows], minlength=len(lengths))
-        if (counts == 0).any():
-            raise ValueError(f"pair(s) {torch.nonzero(counts == 0).flatten().tolist()[:8]} of "
-                             "the batch have no completion token")
+        _check_counts(counts)
         batch = {"input_ids": torch.cat(ids)[None], "position_ids": torch.cat(positions)[None],
                  "sequence_lengths": torch.tensor(lengths), "labels": position_labels,
                  "completion_rows": rows, "completion_sequences": sequence_of_position[rows],
@@ -260,9 +258,7 @@ class SharedPrefixCollator:
             offset = start
         rows = chosen_rows + rejected_rows
         counts = torch.tensor([len(r) for r in rows])
-        if (counts == 0).any():
-            raise ValueError(f"pair(s) {torch.nonzero(counts == 0).flatten().tolist()[:8]} of "
-                             "the batch have no completion token")
+        _check_counts(counts)
         completion_positions = torch.cat(rows)
         batch = {"input_ids": torch.cat(ids)[None], "position_ids": torch.cat(positions)[None],
                  "segment_lengths": torch.tensor(segments),

@@ -74,12 +74,12 @@ def inspect_margins(dataset: datasets.Dataset, difficulty: str = "rating",
 
 def plot_margin_histogram(values: np.ndarray, path: str, title: str = "",
                           route_below: float | None = None, label: str = "rating margin",
-                          route_at_or_below: float | None = None) -> dict:
+                          route_at_or_below: float | None = None) -> None:
     """Save a histogram of `values` to `path` (PNG) for choosing a routing threshold: the
     pairs a threshold (`route_below` or `route_at_or_below`) routes to SFT in red beside the
     DPO pairs with the threshold drawn, and on a second axis the fraction of pairs at or below
     each value (how many a threshold there would route). Uses matplotlib's Agg backend, so it
-    needs no display. Returns {"pairs", "hard"}: what was drawn."""
+    needs no display."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -117,4 +117,3 @@ def plot_margin_histogram(values: np.ndarray, path: str, title: str = "",
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-    return {"pairs": len(values), "hard": int(hard.sum())}

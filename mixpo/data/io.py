@@ -193,7 +193,7 @@ def _read_json(path: Path) -> tuple[datasets.Dataset, RowNames]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         line = raw[:error.start].count(b"\n") + 1
-        _utf8(raw.splitlines()[line - 1], f"{path} line {line}")
+        _utf8(raw.split(b"\n")[line - 1], f"{path} line {line}")   # raises: the bad line
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as error:

@@ -29,12 +29,10 @@ def save_margin_state(margin, folder: str, rank: int) -> None:
 def load_margin_state(margin, path: str) -> None:
     """Restore `margin` (a mixpo.AdaptiveMargin) from `path`; ValueError naming the file for
     one mixpo did not write (a pickle that runs code included: never unpickled)."""
-    from mixpo.files import UnsafeFileError, load_tensors
+    from mixpo.files import load_tensors
 
-    try:
+    try:        # UnsafeFileError (a ValueError) passes through: a crafted file is not damaged
         state = load_tensors(path)
-    except UnsafeFileError:
-        raise
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:  # damaged
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
         raise ValueError(f"{path}: not a gamma-PO solver state mixpo wrote ({reason})") \

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixpo.files import atomic_output
+from mixpo.files import atomic_output, load_tensors
 from mixpo.hf.policy import pair_logps
 from mixpo.train import distributed
 
@@ -99,8 +99,8 @@ def attach_reference_logps(examples: list[dict], model, collator, env, *, key: s
     cached = None
     if env.is_main and path.is_file():
         try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:                                # noqa: BLE001 - a cache: recompute
+            stored = load_tensors(path)
+        except Exception:               # noqa: BLE001 - a cache (damaged or crafted): recompute
             warnings.warn(f"{path} is damaged; computing the reference log-probs again",
                           stacklevel=2)
             stored = {}
