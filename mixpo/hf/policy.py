@@ -100,6 +100,23 @@ def _mask_keywords(rule, dense, position_ids, attn_implementation: str, dtype) -
     return {"position_ids": position_ids, "attention_mask": mask[None, None]}
 
 
+def layout_attention(batch: PreferenceBatch, implementation: str, dtype) -> dict:
+    """The body's attention keywords for the batch's layout: its attention mask (padded),
+    position ids and the packed mask (packed), the prefix-sharing mask (shared)."""
+    if batch.layout == "shared":
+        return shared_prefix_attention(batch, implementation, dtype)
+    if batch.layout == "packed":
+        return packed_attention(batch, implementation, dtype)
+    return {"attention_mask": batch["attention_mask"]}
+
+
+def completion_hidden(hidden: torch.Tensor, batch: PreferenceBatch) -> torch.Tensor:
+    """The body's output as the loss reads it: a shared row's completion positions gathered
+    in the unshared order (the last prompt token twice: chosen's and rejected's); else as
+    is."""
+    return hidden[:, batch["completion_positions"]] if batch.layout == "shared" else hidden
+
+
 def _check_head_adapter(head) -> None:
     """The loss reads head.weight, so an active PEFT adapter on the head would be ignored:
     refused with what to do instead."""
@@ -157,18 +174,11 @@ class PreferenceModel(torch.nn.Module):
         in the unshared order (the last prompt token twice: chosen's and rejected's)."""
         batch = PreferenceBatch.of(batch)
         body = self.causal_lm.get_decoder()
-        implementation = self.causal_lm.config._attn_implementation
-        if batch.layout == "shared":
-            attention = shared_prefix_attention(batch, implementation, self.causal_lm.dtype)
-        elif batch.layout == "packed":
-            attention = packed_attention(batch, implementation, self.causal_lm.dtype)
-        else:
-            attention = {"attention_mask": batch["attention_mask"]}
+        attention = layout_attention(batch, self.causal_lm.config._attn_implementation,
+                                     self.causal_lm.dtype)
         hidden = body(input_ids=batch["input_ids"], use_cache=False,
                       **attention).last_hidden_state
-        if batch.layout == "shared":
-            hidden = hidden[:, batch["completion_positions"]]
-        return hidden
+        return completion_hidden(hidden, batch)
 
     def forward(self, batch: dict, ref_logps=None, margin=None, gamma=None,
                 logps_only: bool = False, validate: bool = True):

@@ -59,6 +59,7 @@ import torch
 
 from mixpo.data.kinds import ORDERS
 from mixpo.hf.loading import logit_transform
+from mixpo.hf.policy import completion_hidden
 from mixpo.integrations.trl_checkpoint import (MARGIN_STATE, incomplete, load_margin_state,
                                                resolve_resume, save_margin_state)
 from mixpo.integrations.trl_data import (Difficulty, PassthroughCollator,
@@ -188,6 +189,8 @@ class MixpoDPOTrainer(DPOTrainer):
             raise ValueError("prefix_sharing needs padding_free=True (the shared prompt and "
                              "both completions go into one packed row)")
         self._routing = routing_configured(args)
+        self._said_unshared = False
+        self._last_batch = None          # (inputs, layout, PreferenceBatch): see _trl_batch
         ordered = isinstance(train_dataset, datasets.Dataset)
         self._curriculum = curriculum_on(args, train_dataset if ordered else None)
         self._curriculum_line = None
@@ -249,25 +252,28 @@ class MixpoDPOTrainer(DPOTrainer):
         """(the body's keywords, mixpo's typed batch) of TRL's batch: padded as TRL built it,
         packed (padding_free), or packed with each prompt read once (prefix_sharing)."""
         if not self._padding_free:
-            return model_inputs(inputs), trl_batch(inputs, "padded")
+            return model_inputs(inputs), self._trl_batch(inputs, "padded")
         causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
         implementation = causal_lm.config._attn_implementation
         layout = "packed"
         if self.args.prefix_sharing:
             if not implementation.startswith("flash_attention"):
                 layout = "shared"
-            elif not getattr(self, "_said_unshared", False) and self.is_world_process_zero():
+            elif not self._said_unshared and self.is_world_process_zero():
                 logger.warning("mixpo: prefix_sharing: flash-attn cannot mask the rejected "
                                "response from the chosen one; packing unshared rows")
                 self._said_unshared = True
-        batch = trl_batch(inputs, layout)
+        batch = self._trl_batch(inputs, layout)
         return body_inputs(batch, implementation, causal_lm.dtype), batch
 
-    @staticmethod
-    def _head_hidden(hidden, batch: PreferenceBatch):
-        """The hidden states the loss reads: a shared row's completion positions, gathered in
-        the unshared order; else the body's output as is."""
-        return hidden[:, batch["completion_positions"]] if batch.layout == "shared" else hidden
+    def _trl_batch(self, inputs: dict, layout: str) -> PreferenceBatch:
+        """`trl_batch(inputs, layout)`, made once per step: with a live reference the
+        reference pass and the loss read the same inputs (building the batch copies them to
+        the host and collates)."""
+        last = self._last_batch
+        if last is None or last[0] is not inputs or last[1] != layout:
+            self._last_batch = last = (inputs, layout, trl_batch(inputs, layout))
+        return last[2]
 
     def _loss_config_for(self, model) -> LossConfig:
         """The loss of `model` (its logit transform), built and checked once per model."""
@@ -301,7 +307,7 @@ class MixpoDPOTrainer(DPOTrainer):
                                           unwrapped.peft_config else None)
 
         def head(hidden, lm_head):
-            hidden, weight, bias = head_tensors(self._head_hidden(hidden, batch), lm_head)
+            hidden, weight, bias = head_tensors(completion_hidden(hidden, batch), lm_head)
             return sequence_logps(hidden, weight, batch.position_labels, bias=bias,
                                   ld_alpha=config.ld_alpha,
                                   logit_scale=config.logit_scale, softcap=config.softcap,
@@ -334,7 +340,7 @@ class MixpoDPOTrainer(DPOTrainer):
         packed = batch.layout != "padded"
 
         def head(hidden, lm_head):
-            hidden, weight, bias = head_tensors(self._head_hidden(hidden, batch), lm_head)
+            hidden, weight, bias = head_tensors(completion_hidden(hidden, batch), lm_head)
             return linear_loss(hidden, weight, batch.position_labels, config, bias=bias,
                                ref_logps=ref_logps, hard=hard, margin=margin, gamma=gamma,
                                backend=self.args.mixpo_backend, validate=not packed,

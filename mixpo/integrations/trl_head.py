@@ -27,7 +27,7 @@ from types import MethodType
 import torch
 
 from mixpo.data.collate import PackedPreferenceCollator, PreferenceBatch, SharedPrefixCollator
-from mixpo.hf.policy import packed_attention, shared_prefix_attention
+from mixpo.hf.policy import layout_attention
 from mixpo.loss_spec import IGNORE_INDEX, shift_labels
 from mixpo.losses import PreferenceLossOutput
 
@@ -226,12 +226,11 @@ def body_inputs(batch: PreferenceBatch, attn_implementation: str, dtype) -> dict
     """The body's keywords for a packed or shared batch (position ids, the attention mask of
     its layout; shared rows also weigh each prompt token twice in a MoE router loss, as the
     unshared rows it stands for)."""
-    if batch.layout == "packed":
-        return {"input_ids": batch["input_ids"],
-                **packed_attention(batch, attn_implementation, dtype)}
-    segment = torch.repeat_interleave(
-        torch.arange(batch["segment_lengths"].shape[0], device=batch["input_ids"].device),
-        batch["segment_lengths"])
-    return {"input_ids": batch["input_ids"],
-            "mixpo_token_weights": ((segment % 3 == 0).float() + 1.0)[None],
-            **shared_prefix_attention(batch, attn_implementation, dtype)}
+    keywords = {"input_ids": batch["input_ids"],
+                **layout_attention(batch, attn_implementation, dtype)}
+    if batch.layout == "shared":
+        segment = torch.repeat_interleave(
+            torch.arange(batch["segment_lengths"].shape[0], device=batch["input_ids"].device),
+            batch["segment_lengths"], output_size=batch["input_ids"].shape[1])
+        keywords["mixpo_token_weights"] = ((segment % 3 == 0).float() + 1.0)[None]
+    return keywords
