@@ -239,23 +239,22 @@ def _eager_8bit():
 def _train_step(policy, reference_model, batch, ref_logps, optimizers, autocast,
                 step_in_backward, grad_sq_sum, micro_batches=1, between=None) -> None:
     """`mixpo.train.trainer.train_step`; `between()` runs between micro-batches."""
+    from mixpo.train.config import TrainConfig
+    from mixpo.train.optim import apply_updates
+
     for index in range(micro_batches):
         if index and between is not None:
             between()
         if reference_model is not None:
             with torch.no_grad(), autocast:
                 ref_logps = reference_model(batch, logps_only=True)
+            if hasattr(reference_model, "reshard"):     # FSDP2, as `_batch_reference` does
+                reference_model.reshard()
         with autocast:
             loss, _ = policy(batch, ref_logps=ref_logps, validate=False)
         (loss / micro_batches).backward()
-    if step_in_backward:
-        grad_sq_sum.zero_()
-        return
-    params = [p for p in policy.parameters() if p.requires_grad]
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    for optimizer in optimizers:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    apply_updates([p for p in policy.parameters() if p.requires_grad], optimizers,
+                  TrainConfig.max_grad_norm, grad_sq_sum if step_in_backward else None)
 
 
 def format_measurement(measured: Measurement, phases: dict) -> str:

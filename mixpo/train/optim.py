@@ -212,6 +212,23 @@ def build_optimizers(model: torch.nn.Module, cfg, device: torch.device) -> list:
     return [_make_optimizer(group, cfg, device) for group in groups]
 
 
+def apply_updates(params: list, optimizers: list, max_grad_norm, grad_sq_sum=None):
+    """The end of a training step; returns the gradient norm (a tensor, read on the host only
+    when logged). With step-in-backward (`grad_sq_sum`, from `attach_step_in_backward`) the
+    updates were made inside backward: the norm of the summed squares, which are zeroed.
+    Otherwise the gradients clipped to `max_grad_norm` (0 or None: not clipped) and every
+    optimizer stepped."""
+    if grad_sq_sum is not None:
+        grad_norm = grad_sq_sum.sqrt()
+        grad_sq_sum.zero_()
+        return grad_norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
     """sum(tensor^2) in fp32, UPDATE_CHUNK elements at a time (a whole fp32 copy of the LM
     head's gradient and its square would be 8 B per element: 3.9 GiB at Llama-3-8B)."""

@@ -31,8 +31,8 @@ from mixpo.margins import AdaptiveMargin
 from mixpo.train import checkpoint, distributed
 from mixpo.train.config import TrainConfig
 from mixpo.train.metrics import MetricsLog, MetricsWindow, peak_memory_gb
-from mixpo.train.optim import (attach_step_in_backward, build_optimizers, learning_rate_at,
-                               set_lr)
+from mixpo.train.optim import (apply_updates, attach_step_in_backward, build_optimizers,
+                               learning_rate_at, set_lr)
 from mixpo.train.ref_logps import attach_reference_logps, cache_key
 
 PREPARE_HINT = ("produce it with `mixpo data prepare RAW -o {path}` (from UltraFeedback-style "
@@ -402,15 +402,7 @@ def train_step(run: Run, step, watch: Watch):
         step_finite &= torch.isfinite(loss)
         if indices:
             run.window.add(out, tokens=tokens)
-    if run.grad_sq_sum is not None:  # parameters were already updated inside backward
-        grad_norm = run.grad_sq_sum.sqrt()  # a tensor: read on the host only when logged
-        run.grad_sq_sum.zero_()
-    else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.params,
-                                                   cfg.max_grad_norm or float("inf"))
-        for optimizer in run.optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    grad_norm = apply_updates(run.params, run.optimizers, cfg.max_grad_norm, run.grad_sq_sum)
     local_norm = grad_norm.to_local() if hasattr(grad_norm, "to_local") else grad_norm
     step_finite &= torch.isfinite(local_norm).all()
     watch.first_bad_step = torch.where((watch.first_bad_step < 0) & ~step_finite,
