@@ -16,7 +16,8 @@ either front end feeds the same per-pair head and every part runs on fake tensor
 `linear_one_pass` fuses both stages of the logit-free path when every pair's gradient
 coefficient depends on that pair only (`plan_linear_passes` decides): one pass over groups of
 whole pairs computes the loss and its exact gradient (the head's by autograd, inside the op),
-6nVH FLOPs instead of 8nVH.
+6nVH FLOPs instead of 8nVH, plus 2VH per token recomputed where a pair's logits exceed the
+workspace (`mixpo.kernels.linear_one_pass`).
 
 `triton` (a bool, from `mixpo.kernels.dispatch.use_triton`) selects the Triton kernels or
 their torch twins. No argument checking here: `mixpo.losses` does it.
@@ -35,7 +36,8 @@ from torch import Tensor
 
 from mixpo.kernels import ops, pair_loss
 from mixpo.kernels.dispatch import kernel_ops, tracing
-from mixpo.kernels.linear_logps_torch import Workspace, one_pass_layout, workspace_rows
+from mixpo.kernels import linear_one_pass as one_pass_kernels
+from mixpo.kernels.linear_logps_torch import Workspace, workspace_rows
 from mixpo.kernels.logits_logps_torch import STAT_NAMES
 from mixpo.loss_config import LossConfig
 
@@ -173,10 +175,14 @@ def plan_linear_passes(config, margin, passes, weight, num_tokens: int, sequence
     One pass needs (1) every pair's gradient coefficient to depend on that pair only: not
     AOT's sorted losses nor an adaptive margin (gamma-PO's solve couples the batch); TRL's
     batch NLL normalisation only needs the batch's chosen-token count, known before the
-    pass; (2) every pair's fp32 logits [t, V] to fit the workspace (`workspace_bytes`); (3)
-    for 16-bit weights, a single group (more would accumulate dWeight in fp32 [V, H], which
-    the two-pass backward never holds). passes=1 forces one pass where (1) holds (groups of
-    one pair past the budget, fp32 dWeight accumulator if needed); passes=2 forces two.
+    pass; (2) for 16-bit weights, the whole batch's fp32 logits [t, V] in the workspace
+    (`workspace_bytes`; more would accumulate dWeight in fp32 [V, H], which the two-pass
+    backward never holds). With fp32 weights pairs are grouped to fit the workspace and a
+    pair larger than it recomputes the logits of its tokens before its last workspace
+    block (`mixpo.kernels.linear_one_pass`): (6 + 2r) nVH FLOPs for a recomputed share r,
+    never more than two passes' 8nVH, in the same memory. passes=1 forces one pass where
+    (1) holds (16-bit weights: groups of pairs, recomputation and the fp32 dWeight
+    accumulator as needed); passes=2 forces two.
     `counts` [2B] are the sequences' completion-token counts, read on the host (one sync)
     when the batch does not fit one group. On fake tensors nothing is read: one pass only
     when the whole batch fits one group. Under torch.compile, two passes (the one pass's op
@@ -221,18 +227,15 @@ def plan_linear_passes(config, margin, passes, weight, num_tokens: int, sequence
         _log_once("mixpo: logit-free loss in two passes (the batch exceeds the workspace; "
                   "grouping pairs needs their lengths on the host)")
         return None
-    return _pair_groups(counts, sequences, capacity, forced, vocab_size)
+    return _pair_groups(counts, sequences, capacity, forced)
 
 
-def _pair_groups(counts, sequences, capacity, forced, vocab_size):
-    """Groups of consecutive whole pairs whose tokens fit `capacity` (one sync: counts)."""
+def _pair_groups(counts, sequences, capacity, forced):
+    """Groups of consecutive whole pairs whose tokens fit `capacity` (one sync: counts); a
+    pair larger than that is a group of its own."""
     seq_counts = [int(count) for count in counts.tolist()]
     num_pairs = len(seq_counts) // 2
     pair_tokens = [seq_counts[i] + seq_counts[num_pairs + i] for i in range(num_pairs)]
-    if max(pair_tokens) > capacity and not forced:
-        _log_once(f"mixpo: logit-free loss in two passes (a pair's {max(pair_tokens)} tokens "
-                  f"x {vocab_size} fp32 logits exceed the workspace of {capacity} tokens)")
-        return None
     pair_groups, current, size = [], [], 0
     for pair, tokens in enumerate(pair_tokens):
         if current and size + tokens > capacity:
@@ -241,8 +244,12 @@ def _pair_groups(counts, sequences, capacity, forced, vocab_size):
         current.append(pair)
         size += tokens
     pair_groups.append(current)
+    recomputed = one_pass_kernels.recomputed_tokens(
+        [sum(pair_tokens[pair] for pair in pairs) for pairs in pair_groups], capacity)
     _log_once(f"mixpo: logit-free loss in one pass ({'forced' if forced else 'per-pair loss'},"
-              f" {len(pair_groups)} group(s) of pairs in the workspace)")
+              f" {len(pair_groups)} group(s) of pairs"
+              + (f"; pairs larger than the workspace recompute {recomputed} of "
+                 f"{sum(pair_tokens)} tokens' logits)" if recomputed else ")"))
     # Token indices of each sequence: rows sorted by sequence (already sorted when they come
     # from `compact_rows` or the collators).
     order = torch.argsort(sequences, stable=True)
@@ -297,6 +304,14 @@ def _head_gradients(objective, *inputs):
             for grad, tensor in zip(grads, inputs)]
 
 
+def _one_pass_layout(token_groups, block_tokens: int, weight, weight_grad: bool) -> tuple:
+    """`one_pass_layout` of these groups: blocks of at most `block_tokens`."""
+    sizes = [tokens.shape[0] for tokens in token_groups]
+    block_tokens, accumulate = one_pass_kernels.blocks(sizes, block_tokens)
+    return one_pass_kernels.one_pass_layout(block_tokens, weight.shape[0], weight.shape[1],
+                                            weight.dtype, accumulate, weight_grad)
+
+
 def _one_pass_outputs(hidden, weight, bias, counts, config, weighted: bool, weight_grad: bool):
     """(loss, per_pair_loss, seq_logps, weighted, stat_sums, dhidden, dweight, dbias) shapes
     of `linear_one_pass` (empty where absent)."""
@@ -315,13 +330,14 @@ def linear_one_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labe
                     rows: Tensor, sequences: Tensor, row_weight: Optional[Tensor],
                     counts: Tensor, ref_logps: Optional[Tensor], hard: Optional[Tensor],
                     gamma: Tensor, pair_groups: list[Tensor], token_groups: list[Tensor],
-                    config: str, weight_grad: bool, triton: bool) -> tuple[
+                    block_tokens: int, config: str, weight_grad: bool, triton: bool) -> tuple[
                         Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The logit-free loss with its exact gradient, in one pass over groups of whole pairs.
 
     hidden [N, H], weight [V, H], bias [V] or None; labels [n] (of the rows), rows [n],
     sequences [n], row_weight [n] (LD-DPO) or None, counts [2B]; ref_logps [2B], hard [B]
-    or None, gamma [B]; pair_groups / token_groups: `plan_linear_passes`' groups; config:
+    or None, gamma [B]; pair_groups / token_groups: `plan_linear_passes`' groups;
+    block_tokens: the most tokens whose fp32 logits the workspace holds; config:
     `config_json`. Returns (loss, per_pair_loss [B], seq_logps [2B], LD-weighted sums [2B] or
     empty, stat sums [4, 2B] or empty, dhidden [N, H], dweight [V, H] or empty, dbias [V] or
     empty, workspace): the gradients of `loss` w.r.t. hidden, weight and bias, computed as
@@ -364,16 +380,15 @@ def linear_one_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labe
         coef_plain[members], coef_weighted[members] = d_nll, d_pref
         return coef_plain[seqs] + coef_weighted[seqs] * row_weight[tokens]
 
-    group_tokens = max(len(tokens) for tokens in token_groups)
-    workspace = Workspace(one_pass_layout(group_tokens, weight.shape[0], weight.shape[1],
-                                          weight.dtype, len(token_groups), weight_grad),
+    workspace = Workspace(_one_pass_layout(token_groups, block_tokens, weight, weight_grad),
                           device)
+    group_ops = kernel_ops("linear_logps", True).TritonGroupOps if triton \
+        else one_pass_kernels.TorchGroupOps
     with ops.no_autocast(hidden):
-        _, _, _, dhidden, dweight, dbias = kernel_ops("linear_logps", triton) \
-            .linear_token_logps_one_pass(hidden, weight, bias, labels, rows, token_groups,
-                                         coefficients, config.logit_scale, config.softcap,
-                                         config.needs_stats, weight_grad=weight_grad,
-                                         workspace=workspace)
+        _, _, _, dhidden, dweight, dbias = one_pass_kernels.linear_token_logps_one_pass(
+            hidden, weight, bias, labels, rows, token_groups, coefficients, block_tokens,
+            config.logit_scale, config.softcap, config.needs_stats, weight_grad=weight_grad,
+            ops=group_ops, workspace=workspace)
     seq_logps = seq_sums.float()
     preference = seq_logps if weighted_sums is None else weighted_sums.float()
     weights = wpo_weights(seq_logps, stat_sums, counts) if config.use_weighting else None
@@ -388,11 +403,9 @@ def linear_one_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labe
 
 @linear_one_pass.register_fake
 def _(hidden, weight, bias, labels, rows, sequences, row_weight, counts, ref_logps, hard, gamma,
-      pair_groups, token_groups, config, weight_grad, triton):
+      pair_groups, token_groups, block_tokens, config, weight_grad, triton):
     config = _config(config)
-    group_tokens = max(tokens.shape[0] for tokens in token_groups)
-    layout = one_pass_layout(group_tokens, weight.shape[0], weight.shape[1], weight.dtype,
-                             len(token_groups), weight_grad)
+    layout = _one_pass_layout(token_groups, block_tokens, weight, weight_grad)
     return _one_pass_outputs(hidden, weight, bias, counts, config, row_weight is not None,
                              weight_grad) + (ops._empty_workspace(layout, hidden),)
 
@@ -417,21 +430,23 @@ def _one_pass_backward(ctx, grad_loss, *_):
     if not ctx.has_bias:
         grads[2] = None
     return tuple(grads) + (None,) * 8 + ([None] * len(pair_groups),
-                                         [None] * len(token_groups)) + (None,) * 3
+                                         [None] * len(token_groups)) + (None,) * 4
 
 
 linear_one_pass.register_autograd(_one_pass_backward, setup_context=_one_pass_setup)
 
 
 def linear_one_pass_loss(hidden, weight, bias, labels, rows, sequences, row_weight, counts,
-                         ref_logps, hard, gamma, config, triton, groups):
+                         ref_logps, hard, gamma, config, triton, groups, workspace_bytes=None):
     """(loss, per_pair_loss [B], seq_logps [2B], weighted [2B] or None, stat sums [4, 2B] or
-    None) of the one pass (`linear_one_pass`); only `loss` carries gradient."""
+    None) of the one pass (`linear_one_pass`) over `plan_linear_passes`' groups within the
+    `workspace_bytes` budget; only `loss` carries gradient."""
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     weight_grad = weight.requires_grad and torch.is_grad_enabled()
     loss, per_pair, seq_logps, weighted, stat_sums, *_ = linear_one_pass(
         hidden2d, weight, bias, labels.reshape(-1)[rows], rows, sequences, row_weight, counts,
         ref_logps, hard, gamma, [pairs for pairs, _ in groups],
-        [tokens for _, tokens in groups], config_json(config), weight_grad, triton)
+        [tokens for _, tokens in groups], workspace_rows(weight.shape[0], 4, workspace_bytes),
+        config_json(config), weight_grad, triton)
     return (loss, per_pair, seq_logps, weighted if row_weight is not None else None,
             stat_sums if config.needs_stats else None)

@@ -259,14 +259,15 @@ def _linear_stage_one(hidden, weight, bias, labels, config, backend, rows, seque
 
 
 def _linear_one_pass(hidden, weight, bias, labels, config, groups, rows, sequences, row_weight,
-                     counts, *, ref_logps, hard, gamma, backend, inputs, validate):
+                     counts, *, ref_logps, hard, gamma, backend, inputs, validate,
+                     workspace_bytes=None):
     """Both stages of the logit-free path in one pass (`linear_one_pass_loss`)."""
     num_pairs = counts.shape[0] // 2
     ref_logps, hard = _pair_checks(config, ref_logps, hard, num_pairs, hidden.device, validate)
     gamma = _pair_gamma(config, gamma, None, counts, counts, ref_logps, num_pairs)
     loss, per_pair_loss, seq_logps, weighted, stat_sums = linear_one_pass_loss(
         hidden, weight, bias, labels, rows, sequences, row_weight, counts, ref_logps, hard,
-        gamma, config, use_triton(backend, hidden), groups)
+        gamma, config, use_triton(backend, hidden), groups, workspace_bytes)
     if validate:
         check_finite_logps(seq_logps, inputs)
     preference_logps = weighted if weighted is not None else seq_logps
@@ -321,7 +322,7 @@ def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_lo
         return _linear_one_pass(hidden, weight, bias, labels, config, groups, rows, sequences,
                                 row_weight, counts, ref_logps=ref_logps, hard=hard,
                                 gamma=gamma, backend=backend, inputs=inputs,
-                                validate=validate)
+                                validate=validate, workspace_bytes=workspace_bytes)
     seq_logps, weighted, stat_sums = _linear_stage_one(
         hidden, weight, bias, labels, config, backend, rows, sequences, row_weight, counts,
         workspace_bytes)

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import mixpo
-from mixpo.kernels import linear_logps, linear_logps_torch
+from mixpo.kernels import linear_logps, linear_logps_torch, linear_one_pass
 
 V, H = 1024, 16
 
@@ -49,10 +49,12 @@ class Recorder(TorchDispatchMode):
 
         with contextlib.ExitStack() as stack:
             for module in (linear_logps, linear_logps_torch):
-                for name in ("linear_token_logps_forward", "linear_token_logps_backward",
-                             "linear_token_logps_one_pass"):
+                for name in ("linear_token_logps_forward", "linear_token_logps_backward"):
                     stack.enter_context(mock.patch.object(
                         module, name, recorded(getattr(module, name))))
+            stack.enter_context(mock.patch.object(
+                linear_one_pass, "linear_token_logps_one_pass",
+                recorded(linear_one_pass.linear_token_logps_one_pass)))
             yield self
 
 

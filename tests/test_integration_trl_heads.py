@@ -26,7 +26,7 @@ def tokenizer():
 
 
 def test_lora_elsewhere_leaves_the_head_without_dweight(tokenizer, tmp_path, monkeypatch):
-    from mixpo.kernels import linear_logps_torch
+    from mixpo.kernels import linear_logps_torch, linear_one_pass
 
     calls = []
 
@@ -37,9 +37,9 @@ def test_lora_elsewhere_leaves_the_head_without_dweight(tokenizer, tmp_path, mon
         return call
 
     # The two-pass backward or, for per-pair losses that fit the workspace, the one pass.
-    for name in ("linear_token_logps_backward", "linear_token_logps_one_pass"):
-        monkeypatch.setattr(linear_logps_torch, name,
-                            spy(getattr(linear_logps_torch, name)))
+    for module, name in ((linear_logps_torch, "linear_token_logps_backward"),
+                         (linear_one_pass, "linear_token_logps_one_pass")):
+        monkeypatch.setattr(module, name, spy(getattr(module, name)))
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                              lora_dropout=0.0)
     trainer = make(MixpoDPOTrainer, MixpoDPOConfig, tokenizer, tmp_path, peft_config=config,

@@ -249,21 +249,25 @@ def run(backend, passes, hidden, weight, bias, labels, ref, workspace_bytes=None
     return out, [leaf.grad for leaf in leaves]
 
 
+@pytest.mark.parametrize("workspace_tokens", [2 * 28, 10], ids=["2-pairs", "recompute"])
 @pytest.mark.parametrize("loss_type,extra", PER_PAIR_TYPES,
                          ids=[f"{t}-{'-'.join(e) or 'plain'}" for t, e in PER_PAIR_TYPES])
-def test_one_pass_equals_two_passes(loss_type, extra):
-    """Torch backend, fp32, a workspace of 2 pairs' logits: two groups (a group boundary
-    between pairs 1 and 2); loss, per-pair losses, log-probs, metrics and gradients equal."""
+def test_one_pass_equals_two_passes(loss_type, extra, workspace_tokens):
+    """Torch backend, fp32. A workspace of 2 pairs' logits: two groups (a group boundary
+    between pairs 1 and 2); of 10 tokens (pairs hold 14-24): every pair recomputes the
+    logits of its tokens before its last block, in blocks mixing pairs. Loss, per-pair
+    losses, log-probs, metrics and gradients equal."""
     hidden, weight, bias, labels, ref = batch()
     name = loss_type if isinstance(loss_type, str) else loss_type[0]
     ref = None if name in REFERENCE_FREE else ref
-    tokens_per_pair = 2 * 14
-    workspace = 2 * tokens_per_pair * 700 * 4
+    workspace = workspace_tokens * 700 * 4
     kwargs = dict(loss_type=loss_type, **extra)
     one, one_grads = run("torch", 1, hidden, weight, bias, labels, ref, workspace, **kwargs)
     two, two_grads = run("torch", 2, hidden, weight, bias, labels, ref, workspace, **kwargs)
-    torch.testing.assert_close(one.loss, two.loss, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(one.per_pair_loss, two.per_pair_loss, rtol=1e-6, atol=1e-7)
+    # fp32 rounding apart: the one pass's label log-prob is log(p_y) of ATen's softmax, the
+    # two passes' z_y - lse (both within 1e-6 per token of float64).
+    torch.testing.assert_close(one.loss, two.loss, rtol=5e-6, atol=1e-7)
+    torch.testing.assert_close(one.per_pair_loss, two.per_pair_loss, rtol=5e-6, atol=1e-7)
     torch.testing.assert_close(one.chosen_logps, two.chosen_logps, rtol=1e-6, atol=1e-6)
     for key, value in two.metrics().items():
         assert one.metrics()[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -296,6 +300,60 @@ def test_one_pass_triton_backend_vs_float64(dtype):
         assert relative_error(got, leaf.grad) < RELATIVE[dtype]
 
 
+def float64_reference(hidden, weight, bias, labels, ref, **kwargs):
+    """(loss, [dhidden, dweight, dbias]) of the DPO-family loss by float64 autograd."""
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    logits = leaves[0] @ leaves[1].T + leaves[2]
+    token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    logps = (token * (labels != IGNORE)).sum(-1)
+    _, expected = pair_losses(logps, (labels != IGNORE).sum(-1).double(),
+                              ref_logps=ref.double(), beta=0.3, **kwargs)
+    expected.backward()
+    return expected, [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_recomputing_vs_float64(backend, dtype):
+    """passes=1 in a workspace of 10 tokens (pairs hold 14-24): recomputed blocks on both
+    backends; bf16 accumulates dWeight in fp32 over the blocks. Against float64 autograd,
+    and two runs bit-equal."""
+    hidden, weight, bias, labels, ref = batch(dtype=dtype, seed=2)
+    kwargs = dict(loss_type="sigmoid", hard=torch.tensor([False, True, False]), sft_weight=0.2)
+    workspace = 10 * 700 * 4
+    one, grads = run(backend, 1, hidden, weight, bias, labels, ref, workspace, **kwargs)
+    expected, expected_grads = float64_reference(hidden, weight, bias, labels, ref, **kwargs)
+    assert abs(one.loss.item() - expected.item()) < 1e-4 * max(1.0, abs(expected.item()))
+    for got, want in zip(grads, expected_grads):
+        assert relative_error(got, want) < RELATIVE[dtype]
+    again, grads_again = run(backend, 1, hidden, weight, bias, labels, ref, workspace, **kwargs)
+    assert torch.equal(one.loss, again.loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_again))
+
+
+def test_one_pass_exact_when_the_label_probability_leaves_fp32():
+    """Labels far below the row maximum (log-prob < -87: the label's softmax probability is
+    subnormal or 0 in fp32): the CPU path recomputes those rows' log-sum-exp exactly, so the
+    log-probs and gradients still match float64."""
+    hidden, weight, bias, labels, ref = batch(seed=3)
+    hidden = hidden * 12                                   # logits spread over hundreds
+    logits = hidden @ weight.T + bias
+    least = logits.argmin(-1)
+    labels = torch.where(labels == IGNORE, labels, least)  # every label the least likely
+    token = torch.log_softmax(logits.double(), -1).gather(-1, least[..., None])[..., 0]
+    assert token[labels != IGNORE].max() < -87
+    ref = ref * 100
+    kwargs = dict(loss_type="sigmoid")
+    one, grads = run("torch", 1, hidden, weight, bias, labels, ref, **kwargs)
+    two, _ = run("torch", 2, hidden, weight, bias, labels, ref, **kwargs)
+    expected, expected_grads = float64_reference(hidden, weight, bias, labels, ref, **kwargs)
+    logps = (token * (labels != IGNORE)).sum(-1)
+    assert relative_error(torch.cat([one.chosen_logps, one.rejected_logps]), logps) < 1e-6
+    assert torch.isfinite(one.loss) and abs(one.loss.item() - two.loss.item()) < 1e-4
+    for got, want in zip(grads, expected_grads):
+        assert relative_error(got, want) < 1e-5
+
+
 def test_pass_choice_is_automatic_and_logged(caplog, monkeypatch):
     monkeypatch.setattr(functions, "_LOGGED", set())          # logged once per process
     hidden, weight, bias, labels, ref = batch()
@@ -320,8 +378,9 @@ def test_pass_choice_is_automatic_and_logged(caplog, monkeypatch):
         assert plan(LossConfig(loss_type="aot")) is None and "aot" in caplog.text
         assert plan(config, margin=mixpo.AdaptiveMargin(gamma0=0.5, tau=1.0)) is None
         assert plan(config, passes=2) is None
-        # Too small for a pair: two passes (auto), one pair per group (forced).
-        assert plan(config, workspace_bytes=1) is None
+        # Smaller than a pair: one pair per group, the tokens before each pair's last
+        # workspace block recomputed (fp32 weights; auto or forced).
+        assert len(plan(config, workspace_bytes=1)) == 3 and "recompute 56 of 59" in caplog.text
         assert len(plan(config, workspace_bytes=1, passes=1)) == 3
         # 16-bit weights: one pass only if the whole batch fits one group.
         assert plan(config, weight=weight.bfloat16(), workspace_bytes=28 * 700 * 4) is None

@@ -24,8 +24,8 @@ Backward (default, `method="gemm"`), per vocab chunk [v0, v1) sized to the works
 Backward, `method="atomic"`: the older single tile kernel with fp32 atomics
     (`mixpo.kernels.linear_logps_atomic`), kept as a measured alternative with CCE's gradient
     filter.
-One pass (`linear_token_logps_one_pass`, used when the loss allows it): torch GEMMs on both
-    backends, see the twin.
+One pass (`mixpo.kernels.linear_one_pass`, used when the loss allows it): torch GEMMs on
+    both backends, the elementwise steps here (`TritonGroupOps`).
 
 Hidden rows are read through the `rows` index array (prompt and padding rows are never copied
 or multiplied). Offsets into hidden, weight and the workspace are int64 (n * H, V * H and
@@ -43,6 +43,7 @@ from mixpo.kernels import linear_logps_torch as twin
 from mixpo.kernels import logits_logps
 from mixpo.kernels.configs import DTYPE_TAGS, choose
 from mixpo.kernels.dispatch import INTERPRET
+from mixpo.kernels.linear_one_pass import BlockGrad
 from mixpo.kernels.logits_logps import STAT_NAMES, transform_logits, transform_slope
 
 # ----------------------------------------------------------------------------------------------
@@ -457,12 +458,13 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
 
 
 class TritonGroupOps:
-    """The one pass's elementwise steps with the `token_logps` kernels of
-    `mixpo.kernels.logits_logps` over a group's raw fp32 logits [t, V]: one read for the
-    log-sum-exp (and stats), one read + write for the gradient in place."""
+    """The one pass's elementwise steps (`mixpo.kernels.linear_one_pass`) with the
+    `token_logps` kernels of `mixpo.kernels.logits_logps` over a block's raw fp32 logits
+    [t, V]: one read for the log-sum-exp (and stats), one read + write for the gradient in
+    place."""
 
     @staticmethod
-    def logps(block, labels, logit_scale, softcap, stats):
+    def logps(block, labels, logit_scale, softcap, stats, _raw_rows):
         token_logps, lse, token_stats = logits_logps.token_logps_forward(
             block[None], labels[None], -1, logit_scale, softcap, stats)
         values = [token_stats[name][0] for name in STAT_NAMES] if stats else []
@@ -470,12 +472,6 @@ class TritonGroupOps:
 
     @staticmethod
     def grad_(block, labels, lse, coef, logit_scale, softcap, _state):
-        return logits_logps.token_logps_backward(block[None], labels[None], lse[None],
-                                                 coef[None], -1, True, logit_scale,
-                                                 softcap)[0]
-
-
-def linear_token_logps_one_pass(*args, **kwargs):
-    """The one pass (`linear_logps_torch.linear_token_logps_one_pass`: cuBLAS GEMMs) with the
-    elementwise steps in Triton (`TritonGroupOps`)."""
-    return twin.linear_token_logps_one_pass(*args, ops=TritonGroupOps, **kwargs)
+        return BlockGrad(logits_logps.token_logps_backward(
+            block[None], labels[None], lse[None], coef[None], -1, True, logit_scale,
+            softcap)[0])

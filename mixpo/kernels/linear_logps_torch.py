@@ -9,10 +9,7 @@ The structure is the Triton path's, so the work it saves is measured on a CPU to
   softmax gradient G = coef * (onehot - softmax) * dz'/dz of every token is formed once in the
   workspace [n, v1 - v0], then two GEMMs: dHidden (fp32 [n, H]) += G @ W[v0:v1] and
   dWeight[v0:v1] = G^T @ E, each dWeight row written once, no atomics, no fp32 [V, H] copy;
-- one pass (`linear_token_logps_one_pass`): groups of whole pairs, each group's logits
-  [t, V] in the workspace, its log-probs handed to a caller's coefficient function (the
-  per-pair loss), then G in place and its GEMMs: forward and exact gradient for 6nVH FLOPs
-  instead of 8nVH.
+- one pass: `mixpo.kernels.linear_one_pass` (both backends), built from the pieces here.
 
 The workspace budget is `workspace_bytes` (default `configs.DEFAULT_WORKSPACE_BYTES`).
 """
@@ -126,23 +123,6 @@ def backward_layout(num_tokens: int, vocab_size: int, hidden_size: int, dtype: t
               ("embed", (num_tokens, hidden_size), grad_dtype)]
     if dtype != grad_dtype:
         layout.append(("weight_chunk", (chunk, hidden_size), grad_dtype))
-    return tuple(layout)
-
-
-def one_pass_layout(group_tokens: int, vocab_size: int, hidden_size: int, dtype: torch.dtype,
-                    groups: int, weight_grad: bool) -> tuple:
-    """The one pass's carved temporaries: the largest group's fp32 logits [t, V] and hidden
-    rows [t, H]; for 16-bit weights also the 16-bit gradient [t, V], the fp32 dHidden rows
-    [t, H], the 16-bit hidden rows and, with more than one group, the fp32 dWeight
-    accumulator [V, H]."""
-    layout = [("logits", (group_tokens * vocab_size,), torch.float32),
-              ("embed", (group_tokens, hidden_size), torch.float32)]
-    if dtype != torch.float32:
-        layout += [("grad16", (group_tokens, vocab_size), dtype),
-                   ("dhidden", (group_tokens, hidden_size), torch.float32),
-                   ("embed16", (group_tokens, hidden_size), dtype)]
-        if groups > 1 and weight_grad:
-            layout.append(("dweight", (vocab_size, hidden_size), torch.float32))
     return tuple(layout)
 
 
@@ -346,120 +326,3 @@ def linear_token_logps_backward(hidden, weight, bias, labels, rows, lse, grad_to
 
     return gemm_backward(hidden, weight, bias, rows, fill, torch.float32, _TWIN_BLOCK,
                          workspace_bytes, weight_grad, workspace)
-
-
-class TorchGroupOps:
-    """The one pass's elementwise steps on a group's raw fp32 logits block [t, V], in torch
-    (the Triton backend plugs in the `token_logps` kernels instead). `logps` leaves
-    q = exp(z' - row max) in the block and returns its row sums as the state, so `grad_`
-    needs one multiply: G = coef * (onehot - q / sum) * dz'/dz."""
-
-    @staticmethod
-    def logps(block, labels, logit_scale, softcap, stats):
-        """(lse [t], transformed label logit [t], stats list, state for `grad_`)."""
-        block = transform_logits(block, logit_scale, softcap)
-        value = block.gather(-1, labels[:, None]).squeeze(-1)
-        slope = transform_slope(block.clone(), logit_scale, softcap) if softcap \
-            else logit_scale
-        token_stats = []
-        if stats:
-            token_stats = block_stats(block, torch.logsumexp(block, dim=-1), labels)
-        row_max = block.max(dim=-1, keepdim=True).values
-        sums = block.sub_(row_max).exp_().sum(-1)
-        return row_max.squeeze(-1) + sums.log(), value, token_stats, (sums, slope)
-
-    @staticmethod
-    def grad_(block, labels, lse, coef, logit_scale, softcap, state):
-        sums, slope = state
-        grad = block.mul_((-coef / sums)[:, None])          # -coef * softmax
-        grad.scatter_add_(-1, labels[:, None], coef[:, None])
-        if softcap or logit_scale != 1.0:
-            grad.mul_(slope)
-        return grad
-
-
-def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coefficients,
-                                logit_scale: float = 1.0, softcap=None, stats: bool = False,
-                                weight_grad: bool = True, ops=TorchGroupOps, workspace=None):
-    """Forward and exact backward in one pass over `groups` of tokens.
-
-    hidden, weight, bias, labels [n], rows [n] as in the forward; groups: index tensors into
-    the n tokens, disjoint, covering them, each closed under the coefficient function (whole
-    pairs); coefficients(k, token_logps [t], aux [t] dict) -> d loss / d token log-prob [t]
-    fp32 of group k (its position in `groups`), called once per group, in order, as soon as
-    its log-probs exist.
-    Per group: logits [t, V] fp32 (the workspace: callers size groups to their budget),
-    log-sum-exp, label log-probs and stats (`ops.logps`), the coefficients, G in place
-    (`ops.grad_`; `ops`: TorchGroupOps or the Triton backend's kernels), dHidden rows =
-    G @ W (written once), dWeight += G^T @ E. dWeight accumulates in the output for fp32
-    weights; 16-bit weights need an fp32 [V, H] accumulator when there is more than one group.
-    The temporaries are carved from `workspace` (a `Workspace` of `one_pass_layout`; default:
-    allocated here).
-    Returns (token_logps [n], lse [n], aux as the forward's, dhidden [N, H], dweight [V, H]
-    or None with weight_grad=False, dbias [V] or None), gradients in the input dtypes.
-    """
-    num_tokens, (vocab_size, hidden_size) = rows.shape[0], weight.shape
-    device, dtype = hidden.device, hidden.dtype
-    bias32 = _fp32(bias)
-    token_logps = torch.empty(num_tokens, dtype=torch.float32, device=device)
-    lse = torch.empty_like(token_logps)
-    label_logit = torch.empty_like(token_logps)
-    stat_values = torch.empty((len(STAT_NAMES) if stats else 0, num_tokens),
-                              dtype=torch.float32, device=device)
-    dhidden = torch.zeros(hidden.shape, dtype=dtype, device=device)
-    largest = max((len(group) for group in groups), default=0)
-    if workspace is None:
-        workspace = Workspace(one_pass_layout(largest, vocab_size, hidden_size, weight.dtype,
-                                              len(groups), weight_grad), device)
-    direct = weight.dtype == torch.float32 or len(groups) == 1
-    dweight = None
-    if weight_grad:
-        dweight = torch.zeros(weight.shape, dtype=weight.dtype, device=device) if direct \
-            else workspace["dweight"].zero_()
-    dbias = None if bias is None else torch.zeros(vocab_size, dtype=torch.float32,
-                                                  device=device)
-    for position, group in enumerate(groups):
-        count = len(group)
-        if not count:
-            continue
-        group_rows, group_labels = rows[group], labels[group]
-        embed = gather_rows(hidden, group_rows, workspace["embed"][:count])
-        block = _raw_logits(embed, weight, bias32,
-                            workspace["logits"][:count * vocab_size].view(count, vocab_size))
-        raw = block.gather(-1, group_labels[:, None]).squeeze(-1)
-        group_lse, value, group_stats, state = ops.logps(block, group_labels, logit_scale,
-                                                         softcap, stats)
-        group_logps = value - group_lse
-        token_logps[group], lse[group], label_logit[group] = group_logps, group_lse, raw
-        for index, stat in enumerate(group_stats):
-            stat_values[index, group] = stat
-        coef = coefficients(position, group_logps,
-                            {"label_logit": raw, **dict(zip(STAT_NAMES, group_stats))})
-        grad = ops.grad_(block, group_labels, group_lse, coef.float(), logit_scale, softcap,
-                         state)
-        if weight.dtype == torch.float32:
-            dhidden[group_rows] = (grad @ weight).to(dtype)
-            if dweight is not None:
-                dweight.addmm_(grad.T, embed)
-        else:
-            grad16 = workspace["grad16"][:count]
-            grad16.copy_(grad)
-            dh = workspace["dhidden"][:count].zero_()
-            addmm_fp32(dh, grad16, weight)
-            dhidden[group_rows] = dh.to(dtype)
-            embed16 = workspace["embed16"][:count]
-            embed16.copy_(embed)
-            if dweight is None:
-                pass
-            elif direct:
-                torch.mm(grad16.T, embed16, out=dweight)
-            else:
-                addmm_fp32(dweight, grad16.T, embed16)
-        if dbias is not None:
-            dbias += grad.sum(0)
-    aux = {"label_logit": label_logit}
-    if stats:
-        aux.update(zip(STAT_NAMES, stat_values))
-    return (token_logps, lse, aux, dhidden,
-            None if dweight is None else dweight.to(weight.dtype),
-            None if dbias is None else dbias.to(bias.dtype))
