@@ -577,44 +577,66 @@ def linear_logps_fwd_bwd(w: Workload) -> KernelCost:
                      "the default (two passes): replaces the whole logits path, 8nVH")
 
 
+def _one_pass_layout(w: Workload) -> tuple[int, int, int]:
+    """(block tokens, groups, recomputed tokens) of the one pass (`mixpo.kernels.
+    linear_one_pass`) for pairs of equal length (n / B completion tokens): groups of whole
+    pairs whose fp32 logits fit the workspace; a pair larger than it is a group of its own
+    and recomputes the tokens before its last block."""
+    capacity = workspace_rows(w.shape.vocab_size, FP32_BYTES, w.workspace_bytes)
+    pair_tokens = w.completion_tokens // w.pairs
+    if pair_tokens <= capacity:
+        return capacity, -(-w.pairs // (capacity // pair_tokens)), 0
+    return capacity, w.pairs, w.completion_tokens - w.pairs * capacity
+
+
 def one_pass_groups(w: Workload) -> int:
-    """Groups of the one-pass path: the fp32 logits of a group fit the workspace (whole pairs
-    ignored: tokens are split evenly)."""
-    tokens = workspace_rows(w.shape.vocab_size, FP32_BYTES, w.workspace_bytes)
-    return -(-w.completion_tokens // tokens)
+    """Groups of whole pairs of the one pass (`_one_pass_layout`)."""
+    return _one_pass_layout(w)[1]
+
+
+def one_pass_recomputed(w: Workload) -> int:
+    """Tokens whose logits the one pass computes twice (`_one_pass_layout`)."""
+    return _one_pass_layout(w)[2]
 
 
 def linear_one_pass_gemms(w: Workload) -> KernelCost:
-    """`linear_token_logps_one_pass`'s cuBLAS GEMMs, per group of whole pairs: logits [t, V]
-    = E @ W^T in fp32, dHidden = G @ W (written once) and dWeight += G^T @ E. 6nVH FLOPs.
-    With 16-bit weights and more than one group dWeight accumulates in fp32 [V, H] (zero
-    fill, read + write per group, final cast)."""
+    """`linear_token_logps_one_pass`'s cuBLAS GEMMs, per workspace block: logits [t, V] =
+    E @ W^T in fp32, dHidden = G @ W (written once) and dWeight += G^T @ E; the r recomputed
+    tokens' logits twice. (6n + 2r) VH FLOPs. With 16-bit weights and more than one block
+    dWeight accumulates in fp32 [V, H] (zero fill, read + write per block, final cast)."""
     s, (n, V, H) = DTYPE_BYTES[w.dtype], (w.completion_tokens, w.shape.vocab_size,
                                           w.shape.hidden_size)
-    groups = one_pass_groups(w)
-    moved = {"fp32 logits write (logits GEMM)": n * V * FP32_BYTES,
+    capacity, groups, recomputed = _one_pass_layout(w)
+    recomputed_blocks = -(-recomputed // capacity)
+    blocks = groups + recomputed_blocks            # backward blocks (dHidden, dWeight GEMMs)
+    moved = {"fp32 logits write (logits GEMM)": (n + recomputed) * V * FP32_BYTES,
              "G read by both GEMMs": 2 * n * V * s,
-             "weight read (logits and dHidden GEMMs, per group)": 2 * groups * V * H * s,
-             "hidden[rows] read (logits and dWeight GEMMs)": 2 * n * H * s,
+             "weight read (logits and dHidden GEMMs, per block)":
+                 (2 * blocks + recomputed_blocks) * V * H * s,
+             "hidden[rows] read (logits and dWeight GEMMs)": (2 * n + recomputed) * H * s,
              "dHidden write": n * H * s}
-    if w.dtype != "fp32" and groups > 1:
-        moved["dWeight fp32 accumulator (fill, read + write per group, cast)"] = \
-            V * H * FP32_BYTES * (1 + 2 * groups) + V * H * (FP32_BYTES + s)
+    if w.dtype != "fp32" and blocks > 1:
+        moved["dWeight fp32 accumulator (fill, read + write per block, cast)"] = \
+            V * H * FP32_BYTES * (1 + 2 * blocks) + V * H * (FP32_BYTES + s)
     else:
-        moved["dWeight write (accumulated in place)"] = V * H * s * (2 * groups - 1)
-    return KernelCost("linear_one_pass_gemms", "torch", matmul_flops=6 * n * V * H,
-                      engine="cublas", bytes_moved=moved,
-                      note="forward and exact gradient in one pass, 6nVH")
+        moved["dWeight write (accumulated in place)"] = V * H * s * (2 * blocks - 1)
+    return KernelCost("linear_one_pass_gemms", "torch",
+                      matmul_flops=(6 * n + 2 * recomputed) * V * H, engine="cublas",
+                      bytes_moved=moved,
+                      note=f"forward and exact gradient in one pass, 6nVH + 2rVH "
+                           f"(r = {recomputed} recomputed tokens)")
 
 
 def linear_one_pass_elementwise(w: Workload) -> KernelCost:
-    """The one pass's elementwise kernels on each group's fp32 logits (`TritonGroupOps`:
-    the `token_logps` kernels, one read for the log-sum-exp, one read + write for the
-    gradient in place), the cast of G to a 16-bit input dtype, and the torch work around
-    them (compaction, sequence sums, coefficients, dHidden fill and scatter)."""
+    """The one pass's elementwise kernels on each block's fp32 logits (`TritonGroupOps`:
+    the `token_logps` kernels, one read for the log-sum-exp -- twice for a recomputed
+    token -- one read + write for the gradient in place), the cast of G to a 16-bit input
+    dtype, and the torch work around them (compaction, sequence sums, coefficients,
+    dHidden fill and scatter)."""
     s, (N, n, V, H) = DTYPE_BYTES[w.dtype], (w.tokens, w.completion_tokens,
                                              w.shape.vocab_size, w.shape.hidden_size)
-    moved = {"logits read (log-sum-exp kernel)": n * V * FP32_BYTES,
+    recomputed = one_pass_recomputed(w)
+    moved = {"logits read (log-sum-exp kernel)": (n + recomputed) * V * FP32_BYTES,
              "logits read + G write in place (gradient kernel)": 2 * n * V * FP32_BYTES,
              "label scan and compaction (torch)": N * (INDEX_BYTES + 2) + 4 * n * INDEX_BYTES,
              "sequence sums and coefficients (torch)": 6 * n * INDEX_BYTES
@@ -624,15 +646,15 @@ def linear_one_pass_elementwise(w: Workload) -> KernelCost:
     if w.dtype != "fp32":
         moved["G cast to 16-bit (fp32 read, write)"] = n * V * (FP32_BYTES + s)
     return KernelCost("linear_one_pass_elementwise", "kernel",
-                      vector_ops=n * V * (len(TOKEN_LOGPS_FWD_VECTOR_OPS)
-                                          + len(TOKEN_LOGPS_BWD_VECTOR_OPS)),
-                      special_ops=2 * n * V, bytes_moved=moved)
+                      vector_ops=(n + recomputed) * V * len(TOKEN_LOGPS_FWD_VECTOR_OPS)
+                      + n * V * len(TOKEN_LOGPS_BWD_VECTOR_OPS),
+                      special_ops=(2 * n + recomputed) * V, bytes_moved=moved)
 
 
 def linear_one_pass_fwd_bwd(w: Workload) -> KernelCost:
     return _combined("linear_one_pass_fwd_bwd", "total",
                      (linear_one_pass_gemms(w), linear_one_pass_elementwise(w)),
-                     "one pass: forward and exact gradient together, 6nVH")
+                     "one pass: forward and exact gradient together, 6nVH + 2rVH")
 
 
 def linear_atomic_bwd(w: Workload) -> KernelCost:

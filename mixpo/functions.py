@@ -167,7 +167,7 @@ def _log_once(message: str) -> None:
 
 
 def plan_linear_passes(config, margin, passes, weight, num_tokens: int, sequences, counts,
-                       workspace_bytes=None):
+                       workspace_bytes=None, triton: bool = False):
     """One pass or two for the logit-free loss: None (two passes: forward, then a backward
     that recomputes the logits) or the one-pass groups, a list of (pair indices [k], token
     indices [t]) in pair order. The choice is logged once per distinct reason.
@@ -185,7 +185,9 @@ def plan_linear_passes(config, margin, passes, weight, num_tokens: int, sequence
     accumulator as needed); passes=2 forces two.
     `counts` [2B] are the sequences' completion-token counts, read on the host (one sync)
     when the batch does not fit one group. On fake tensors nothing is read: one pass only
-    when the whole batch fits one group. Under torch.compile, two passes (the one pass's op
+    when the whole batch fits one group. `triton`: the backend (the torch backend's general
+    path holds temporaries beside a block: `linear_one_pass.block_tokens_in`). Under
+    torch.compile, two passes (the one pass's op
     takes the loss's options as a string, which a config built inside the compiled code
     cannot give).
     """
@@ -206,7 +208,8 @@ def plan_linear_passes(config, margin, passes, weight, num_tokens: int, sequence
         _log_once(f"mixpo: logit-free loss in two passes ({coupled})")
         return None
     vocab_size, forced = weight.shape[0], passes == 1
-    capacity = workspace_rows(vocab_size, 4, workspace_bytes)
+    capacity = one_pass_kernels.block_tokens_in(workspace_bytes, vocab_size, config.logit_scale,
+                                                config.softcap, config.needs_stats, triton)
     if num_tokens <= capacity:
         _log_once(f"mixpo: logit-free loss in one pass ({'forced' if forced else 'per-pair loss'}"
                   ", 1 group(s) of pairs in the workspace)")
@@ -446,7 +449,9 @@ def linear_one_pass_loss(hidden, weight, bias, labels, rows, sequences, row_weig
     loss, per_pair, seq_logps, weighted, stat_sums, *_ = linear_one_pass(
         hidden2d, weight, bias, labels.reshape(-1)[rows], rows, sequences, row_weight, counts,
         ref_logps, hard, gamma, [pairs for pairs, _ in groups],
-        [tokens for _, tokens in groups], workspace_rows(weight.shape[0], 4, workspace_bytes),
+        [tokens for _, tokens in groups],
+        one_pass_kernels.block_tokens_in(workspace_bytes, weight.shape[0], config.logit_scale,
+                                         config.softcap, config.needs_stats, triton),
         config_json(config), weight_grad, triton)
     return (loss, per_pair, seq_logps, weighted if row_weight is not None else None,
             stat_sums if config.needs_stats else None)

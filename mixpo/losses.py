@@ -317,7 +317,8 @@ def linear_loss(hidden, weight, labels, config: LossConfig, *, bias=None, ref_lo
     training = torch.is_grad_enabled() and any(
         tensor is not None and tensor.requires_grad for tensor in (hidden, weight, bias))
     groups = plan_linear_passes(config, margin, passes if training and not static else 2,
-                                weight, rows.shape[0], sequences, counts, workspace_bytes)
+                                weight, rows.shape[0], sequences, counts, workspace_bytes,
+                                use_triton(backend, hidden))
     if groups is not None:
         return _linear_one_pass(hidden, weight, bias, labels, config, groups, rows, sequences,
                                 row_weight, counts, ref_logps=ref_logps, hard=hard,
@@ -380,10 +381,12 @@ def linear_preference_loss(hidden, weight, labels, *, bias=None, ref_logps=None,
             per-vocab-chunk gradient [n, C], the torch backend's logits chunks, the one-pass
             groups' fp32 logits. Bigger: fewer, larger GEMMs and one pass for more batches.
         passes: "auto" (one pass -- forward and exact gradient together, 6nVH FLOPs instead
-            of 8nVH -- when every pair's gradient coefficient depends on that pair alone, its
-            logits fit the workspace and, for 16-bit weights, the whole batch does; logged
-            once, see `mixpo.functions.plan_linear_passes`), 1 (force; needs a per-pair loss)
-            or 2 (forward, then a backward that recomputes the logits).
+            of 8nVH, plus 2VH per token of a pair larger than the workspace, whose logits
+            before its last workspace block are recomputed -- when every pair's gradient
+            coefficient depends on that pair alone and, for 16-bit weights, the whole
+            batch's logits fit the workspace; logged once, see
+            `mixpo.functions.plan_linear_passes`), 1 (force; needs a per-pair loss) or 2
+            (forward, then a backward that recomputes all the logits).
     {loss keywords}
     Returns a `PreferenceLossOutput`; only `.loss` carries gradient.
     """

@@ -333,8 +333,8 @@ def test_one_pass_recomputing_vs_float64(backend, dtype):
 
 def test_one_pass_exact_when_the_label_probability_leaves_fp32():
     """Labels far below the row maximum (log-prob < -87: the label's softmax probability is
-    subnormal or 0 in fp32): the CPU path recomputes those rows' log-sum-exp exactly, so the
-    log-probs and gradients still match float64."""
+    subnormal or 0 in fp32): the CPU paths (one pass, two passes' forward) recompute those
+    rows' log-sum-exp exactly, so the log-probs and gradients still match float64."""
     hidden, weight, bias, labels, ref = batch(seed=3)
     hidden = hidden * 12                                   # logits spread over hundreds
     logits = hidden @ weight.T + bias
@@ -348,7 +348,8 @@ def test_one_pass_exact_when_the_label_probability_leaves_fp32():
     two, _ = run("torch", 2, hidden, weight, bias, labels, ref, **kwargs)
     expected, expected_grads = float64_reference(hidden, weight, bias, labels, ref, **kwargs)
     logps = (token * (labels != IGNORE)).sum(-1)
-    assert relative_error(torch.cat([one.chosen_logps, one.rejected_logps]), logps) < 1e-6
+    for out in (one, two):                 # the one pass, and the two passes' forward
+        assert relative_error(torch.cat([out.chosen_logps, out.rejected_logps]), logps) < 1e-6
     assert torch.isfinite(one.loss) and abs(one.loss.item() - two.loss.item()) < 1e-4
     for got, want in zip(grads, expected_grads):
         assert relative_error(got, want) < 1e-5

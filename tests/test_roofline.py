@@ -114,12 +114,17 @@ def test_llama3_predictions_default_within_125_of_its_flop_floor():
     grad = roofline.kernel_cost("linear_softmax_grad", workload)
     assert roofline.vocab_chunks(workload) == 12
     assert grad.bytes_moved["workspace G write"] == 12288 * 128256 * 2
-    # A workspace of one group per 1 GiB of fp32 logits: the one pass's dWeight accumulates
-    # in fp32 over 6 groups (read + written per group).
+    # A workspace of 1 GiB holds 2,093 tokens of fp32 logits: one pair (1,536 completion
+    # tokens) per group, 8 groups, nothing recomputed, 6nVH; dWeight accumulates in fp32.
     big = dataclasses.replace(workload, workspace_bytes=2**30)
-    assert roofline.one_pass_groups(big) == 6
+    assert roofline.one_pass_groups(big) == 8 and roofline.one_pass_recomputed(big) == 0
     one = roofline.kernel_cost("linear_one_pass_gemms", big)
     assert one.matmul_flops == 6 * 12288 * 128256 * 4096
+    assert "dWeight fp32 accumulator (fill, read + write per block, cast)" in one.bytes_moved
+    # The default 256 MiB holds 523 tokens: each pair recomputes 1,013 of its 1,536.
+    assert roofline.one_pass_recomputed(workload) == 8 * (1536 - 523)
+    one = roofline.kernel_cost("linear_one_pass_gemms", workload)
+    assert one.matmul_flops == (6 * 12288 + 2 * 8 * 1013) * 128256 * 4096
 
 
 def test_fp32_matmul_rates():
@@ -203,8 +208,10 @@ def test_large_shape_linear_path_is_matmul_bound_at_8nvh():
 
 
 def test_prompt_share_shrinks_linear_work_not_logits_path_writes():
-    full = roofline.make_workload("qwen-2.5-7b", 8192, prompt_share=0.0)
-    half = roofline.make_workload("qwen-2.5-7b", 8192, prompt_share=0.5)
+    # A workspace that holds every pair: the one pass recomputes nothing (its recomputed
+    # share is not linear in the tokens).
+    full = roofline.make_workload("qwen-2.5-7b", 8192, prompt_share=0.0, workspace_bytes=2**34)
+    half = roofline.make_workload("qwen-2.5-7b", 8192, prompt_share=0.5, workspace_bytes=2**34)
     for kernel in ("linear_logps_fwd", "linear_logps_bwd", "linear_one_pass_gemms",
                    "matmul_flop_floor_fwd_bwd"):
         assert roofline.kernel_cost(kernel, half).matmul_flops == \

@@ -196,8 +196,16 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
         block = _raw_logits(embed, weight, bias32,
                             workspace["logits"][:(t1 - t0) * vocab_size].view(t1 - t0,
                                                                               vocab_size))
-        token_lse, value, raw, token_stats = _block_logps(block, labels[t0:t1], logit_scale,
-                                                          softcap, stats, keep=False)
+        if logit_scale == 1.0 and not softcap and not stats and block.is_cpu:
+            value = block.gather(-1, labels[t0:t1, None]).squeeze(-1)
+            token_lse, _ = softmax_lse_(block, labels[t0:t1], value, lambda index: _raw_logits(
+                embed[index], weight, bias32, torch.empty((index.shape[0], vocab_size),
+                                                          device=block.device)))
+            raw, token_stats = value, []
+        else:
+            token_lse, value, raw, token_stats = _block_logps(block, labels[t0:t1],
+                                                              logit_scale, softcap, stats,
+                                                              keep=False)
         lse[t0:t1], label_logit[t0:t1] = token_lse, raw
         token_logps[t0:t1] = value - token_lse
         for index, value in enumerate(token_stats):
@@ -206,6 +214,29 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
     if stats:
         aux.update(zip(STAT_NAMES, stat_values))
     return token_logps, lse, aux
+
+
+# Below this a label's softmax probability has left fp32's normal range (logp < -86.6) and
+# its logarithm lost precision: the row's log-sum-exp is recomputed exactly.
+_SMALLEST_EXACT_PROB = 2.0 ** -125
+
+
+def softmax_lse_(block, labels, label_logit, raw_rows):
+    """(lse [t], row sums [t]) of a raw fp32 logits block [t, V] (plain logits: no
+    transform), which is left holding ATen's softmax P, in one fused pass (max, exp-sum and
+    scale while each row is in cache) and one read: ATen sums in fp32 lanes (relative error
+    about 1e-5 at V 128k), torch.sum's cascade about 1e-7, so p = P / sums is as exact as a
+    separate log-sum-exp, and lse = z_y - log p_y. Rows whose p_y left fp32's normal range
+    get their log-sum-exp recomputed exactly from raw_rows(index [k]) -> raw logits [k, V].
+    The CPU fast path of the forward and of the one pass (`mixpo.kernels.linear_one_pass`)."""
+    torch.softmax(block, -1, out=block)
+    totals = block.sum(-1)
+    prob = block.gather(-1, labels[:, None]).squeeze(-1)
+    lse = label_logit - (prob.log() - totals.log())
+    inexact = torch.nonzero(prob < _SMALLEST_EXACT_PROB * totals).squeeze(1)
+    if inexact.numel():
+        lse[inexact] = torch.logsumexp(raw_rows(inexact), dim=-1)
+    return lse, totals
 
 
 def _block_logps(block, labels, logit_scale, softcap, stats, keep):

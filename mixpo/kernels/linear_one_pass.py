@@ -24,14 +24,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from mixpo.kernels.linear_logps_torch import (Workspace, _fp32, _raw_logits, addmm_fp32,
-                                              gather_rows)
+                                              gather_rows, softmax_lse_, workspace_rows)
 from mixpo.kernels.logits_logps_torch import (STAT_NAMES, _row_chunks, block_stats,
                                               transform_logits, transform_slope)
-
-# Below this a label's softmax probability has left fp32's normal range (logp < -86.6) and
-# its logarithm lost precision: the row's log-sum-exp is recomputed exactly.
-_SMALLEST_EXACT_PROB = 2.0 ** -125
-
 
 def one_pass_layout(block_tokens: int, vocab_size: int, hidden_size: int, dtype: torch.dtype,
                     accumulate: bool, weight_grad: bool) -> tuple:
@@ -68,12 +63,8 @@ class TorchGroupOps:
     """The one pass's elementwise steps on a block's raw fp32 logits [t, V], in torch.
 
     Plain logits (no softcap, logit scale 1, no statistics) on a CPU: one fused softmax pass
-    in place (ATen's row-wise kernel: max, exp-sum and scale while the row is in cache) and
-    one read for the rows' sums: ATen sums in fp32 lanes (relative error about 1e-5 at
-    V 128k), torch.sum's cascade about 1e-7, so p = P / sum(P) is as exact as a separate
-    log-sum-exp. The label log-prob comes from the label's probability (rows where it is
-    below fp32's normal range get their log-sum-exp recomputed exactly through `raw_rows`),
-    and the gradient is never written: G = coef * (onehot - p) stays P with per-row scales,
+    in place and one read for exact row sums (`linear_logps_torch.softmax_lse_`), and the
+    gradient is never written: G = coef * (onehot - p) stays P with per-row scales,
     which the GEMMs apply to their [t, H] operands. Otherwise: the general steps (three
     reductions and a scaling pass), G formed in place."""
 
@@ -83,13 +74,7 @@ class TorchGroupOps:
         raw_rows(index [k]) -> the raw logits [k, V] of those rows again."""
         if logit_scale == 1.0 and not softcap and not stats and block.is_cpu:
             value = block.gather(-1, labels[:, None]).squeeze(-1)
-            torch.softmax(block, -1, out=block)
-            totals = block.sum(-1)
-            prob = block.gather(-1, labels[:, None]).squeeze(-1)
-            lse = value - (prob.log() - totals.log())
-            inexact = torch.nonzero(prob < _SMALLEST_EXACT_PROB * totals).squeeze(1)
-            if inexact.numel():
-                lse[inexact] = torch.logsumexp(raw_rows(inexact), dim=-1)
+            lse, totals = softmax_lse_(block, labels, value, raw_rows)
             return lse, value, [], _Softmax(totals)
         block = transform_logits(block, logit_scale, softcap)
         value = block.gather(-1, labels[:, None]).squeeze(-1)
@@ -176,6 +161,18 @@ class _Gradients:
     def results(self, weight, bias):
         return (self.dhidden, None if self.dweight is None else self.dweight.to(weight.dtype),
                 None if self.dbias is None else self.dbias.to(bias.dtype))
+
+
+def block_tokens_in(workspace_bytes, vocab_size: int, logit_scale: float, softcap,
+                    stats: bool, triton: bool) -> int:
+    """Tokens of one block: the workspace budget over the bytes each token of a block holds
+    at once: its fp32 logits row and, on the torch backend's general path, the temporaries
+    of `TorchGroupOps` (softcap's slope, one row held until the gradient; the statistics,
+    up to three rows while they are reduced)."""
+    rows = 1
+    if not triton:
+        rows += (1 if softcap else 0) + (3 if stats else 0)
+    return workspace_rows(vocab_size, 4 * rows, workspace_bytes)
 
 
 def blocks(group_sizes, block_tokens: int) -> tuple[int, bool]:
