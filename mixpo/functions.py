@@ -34,10 +34,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from mixpo.kernels import linear_one_pass as one_pass_kernels
 from mixpo.kernels import ops, pair_loss
 from mixpo.kernels.dispatch import kernel_ops, tracing
-from mixpo.kernels import linear_one_pass as one_pass_kernels
-from mixpo.kernels.linear_logps_torch import Workspace, workspace_rows
+from mixpo.kernels.linear_logps_torch import Workspace
 from mixpo.kernels.logits_logps_torch import STAT_NAMES
 from mixpo.loss_config import LossConfig
 

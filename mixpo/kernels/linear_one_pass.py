@@ -250,6 +250,10 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
         grad = ops.grad_(block, block_labels, lse[tokens], coef, logit_scale, softcap, state)
         grads.add_block(grad, block_labels, rows[tokens], embed)
 
+    def recompute(tokens):         # a function: its block's temporaries end with it
+        block, embed, block_labels, _, (_, _, _, state) = logits_block(tokens)
+        backward(tokens, token_coef[tokens], block, embed, block_labels, state)
+
     # The tokens of each group before its last block, all groups' together (larger GEMMs):
     # forwarded first for their log-probs, recomputed last with their coefficients.
     recomputed = [group[:max(0, len(group) - block_tokens)] for group in groups]
@@ -270,9 +274,9 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
                                 for index, name in enumerate(STAT_NAMES) if stats}}).float()
         token_coef[group] = coef
         backward(kept, coef[len(recomputed[position]):], *kept_block)
+        del kept_block             # its state (softcap's slope block) freed before the next
     for tokens in recomputed_blocks:
-        block, embed, block_labels, _, (_, _, _, state) = logits_block(tokens)
-        backward(tokens, token_coef[tokens], block, embed, block_labels, state)
+        recompute(tokens)
     aux = {"label_logit": label_logit}
     if stats:
         aux.update(zip(STAT_NAMES, stat_values))
