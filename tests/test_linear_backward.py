@@ -275,6 +275,18 @@ def test_one_pass_equals_two_passes(loss_type, extra, workspace_tokens):
         assert relative_error(got, want) < 1e-5
 
 
+def float64_reference(hidden, weight, bias, labels, ref, **kwargs):
+    """(loss, [dhidden, dweight, dbias]) of the DPO-family loss by float64 autograd."""
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    logits = leaves[0] @ leaves[1].T + leaves[2]
+    token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    logps = (token * (labels != IGNORE)).sum(-1)
+    _, expected = pair_losses(logps, (labels != IGNORE).sum(-1).double(),
+                              ref_logps=ref.double(), beta=0.3, **kwargs)
+    expected.backward()
+    return expected, [leaf.grad for leaf in leaves]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_pass_triton_backend_vs_float64(dtype):
     """The Triton backend's one pass (torch GEMMs, Triton pair epilogue) against the
@@ -286,30 +298,12 @@ def test_one_pass_triton_backend_vs_float64(dtype):
     workspace = 2 * 28 * 700 * 4
     one, one_grads = run("triton", 1, hidden, weight, bias, labels, ref, workspace, **kwargs)
     two, two_grads = run("triton", 2, hidden, weight, bias, labels, ref, workspace, **kwargs)
-    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
-    logits = leaves[0] @ leaves[1].T + leaves[2]
-    token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    logps = (token * (labels != IGNORE)).sum(-1)
-    _, expected = pair_losses(logps, (labels != IGNORE).sum(-1).double(),
-                              ref_logps=ref.double(), beta=0.3, **kwargs)
-    expected.backward()
+    expected, expected_grads = float64_reference(hidden, weight, bias, labels, ref, **kwargs)
     for out in (one, two):
         assert abs(out.loss.item() - expected.item()) < 1e-4
-    for got, two_grad, leaf in zip(one_grads, two_grads, leaves):
+    for got, two_grad, want in zip(one_grads, two_grads, expected_grads):
         assert relative_error(got, two_grad) < RELATIVE[dtype]
-        assert relative_error(got, leaf.grad) < RELATIVE[dtype]
-
-
-def float64_reference(hidden, weight, bias, labels, ref, **kwargs):
-    """(loss, [dhidden, dweight, dbias]) of the DPO-family loss by float64 autograd."""
-    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
-    logits = leaves[0] @ leaves[1].T + leaves[2]
-    token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    logps = (token * (labels != IGNORE)).sum(-1)
-    _, expected = pair_losses(logps, (labels != IGNORE).sum(-1).double(),
-                              ref_logps=ref.double(), beta=0.3, **kwargs)
-    expected.backward()
-    return expected, [leaf.grad for leaf in leaves]
+        assert relative_error(got, want) < RELATIVE[dtype]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
