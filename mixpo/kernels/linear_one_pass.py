@@ -109,8 +109,10 @@ class _Gradients:
         self.dhidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=device)
         self.direct = weight.dtype == torch.float32 or not accumulate
         self.dweight = None
+        # The first block's dWeight GEMM writes the output (no zero fill, no read of zeros).
+        self.dweight_written = False
         if weight_grad:
-            self.dweight = torch.zeros(weight.shape, dtype=weight.dtype, device=device) \
+            self.dweight = torch.empty(weight.shape, dtype=weight.dtype, device=device) \
                 if self.direct else workspace["dweight"].zero_()
         self.dbias = None if bias is None else torch.zeros(weight.shape[0],
                                                            dtype=torch.float32, device=device)
@@ -130,7 +132,7 @@ class _Gradients:
             dh += label_coef[:, None] * weight[labels]
             self.dhidden[rows] = dh.to(self.dhidden.dtype)
             if dweight is not None:
-                dweight.addmm_(block.T, embed * scale[:, None])
+                self._add_dweight(block.T, embed * scale[:, None])
                 dweight.index_add_(0, labels, embed * label_coef[:, None])
             if self.dbias is not None:
                 self.dbias += scale @ block
@@ -139,7 +141,7 @@ class _Gradients:
         if weight.dtype == torch.float32:
             self.dhidden[rows] = (block @ weight).to(self.dhidden.dtype)
             if dweight is not None:
-                dweight.addmm_(block.T, embed)
+                self._add_dweight(block.T, embed)
         else:
             count = block.shape[0]
             grad16 = self.workspace["grad16"][:count]
@@ -152,13 +154,24 @@ class _Gradients:
             if dweight is None:
                 pass
             elif self.direct:
-                torch.mm(grad16.T, embed16, out=dweight)
+                self._add_dweight(grad16.T, embed16)
             else:
                 addmm_fp32(dweight, grad16.T, embed16)
         if self.dbias is not None:
             self.dbias += block.sum(0)
 
+    def _add_dweight(self, a, b) -> None:
+        """dWeight (+)= a @ b in the output's dtype: written by the first block, then
+        accumulated (fp32 weights; 16-bit ones only get here with a single block)."""
+        if self.dweight_written:
+            self.dweight.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=self.dweight)
+            self.dweight_written = True
+
     def results(self, weight, bias):
+        if self.direct and self.dweight is not None and not self.dweight_written:
+            self.dweight.zero_()                              # no token: a zero gradient
         return (self.dhidden, None if self.dweight is None else self.dweight.to(weight.dtype),
                 None if self.dbias is None else self.dbias.to(bias.dtype))
 
