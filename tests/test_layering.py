@@ -31,6 +31,7 @@ BENCHMARK_LAYERS = (
     ("gpu_check_common", "bench_train_report", "roofline_report"),  # stage framework | reports
     ("gpu_check_tables", "gpu_stage_correctness", "gpu_stage_speed", "gpu_stage_training"),
     ("gpu_check", "bench_linear", "bench_preference_loss", "bench_train", "profile_linear"),
+    ("bench_linear_duel",),             # bench_linear's cases timed in alternation
 )
 CORE = ("mixpo.loss_config", "mixpo.margins", "mixpo.checks", "mixpo.functions", "mixpo.losses",
         "mixpo.modules")
