@@ -85,11 +85,16 @@ def make_loss(case):
 # ----------------------------------------------------------------------------------------------
 # One case, in a fresh process
 # ----------------------------------------------------------------------------------------------
+def case_inputs(case):
+    """The case's inputs (`harness.linear_inputs`)."""
+    return linear_inputs(case["rows"], case["seq_len"], case["prompt_len"],
+                         case["hidden_size"], case["vocab"], getattr(torch, case["dtype"]),
+                         ref_offset=case["seq_len"] * 10)
+
+
 def worker(case):
     loss_fn = make_loss(case)
-    inputs = linear_inputs(case["rows"], case["seq_len"], case["prompt_len"],
-                           case["hidden_size"], case["vocab"], getattr(torch, case["dtype"]),
-                           ref_offset=case["seq_len"] * 10)
+    inputs = case_inputs(case)
     result = {}
     for mode in ("forward", "forward_backward"):
         step = linear_step(loss_fn, inputs, backward=mode == "forward_backward")

@@ -27,18 +27,15 @@ import torch
 
 import bench_linear  # beside this script (sys.path[0])
 from harness import (MIB, PEAK_MEMORY_METHOD, PEER_PACKAGES, RESULTS, child_env, device_name,
-                     first_call, linear_inputs, linear_step, peak_extra_bytes, sync, versions,
-                     write_report)
+                     first_call, linear_step, peak_extra_bytes, sync, versions, write_report)
 
 
 def worker(case_json: str) -> int:
     """Build the case's loss, warm it up, measure its peak memory, print a "ready" line, then
     time one forward+backward per "step" line on stdin until "stop"."""
     case = json.loads(case_json)
-    inputs = linear_inputs(case["rows"], case["seq_len"], case["prompt_len"],
-                           case["hidden_size"], case["vocab"], getattr(torch, case["dtype"]),
-                           ref_offset=case["seq_len"] * 10)
-    step = linear_step(bench_linear.make_loss(case), inputs, backward=True)
+    step = linear_step(bench_linear.make_loss(case), bench_linear.case_inputs(case),
+                       backward=True)
     loss, warmup_s = first_call(step)
     peak_mib = peak_extra_bytes(step) / MIB
     print(json.dumps({"ready": True, "loss": loss, "warmup_s": warmup_s,
@@ -109,8 +106,6 @@ def plot(report, path):
 
 
 def main(argv=None) -> int:
-    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        return worker(sys.argv[2])
     on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impls", nargs=2, default=["mixpo", "cce"],
@@ -123,15 +118,16 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16" if on_gpu else "float32")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--output", default=None, help="JSON path (default results/...)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
     device = "cuda" if on_gpu else "cpu"
-    hidden_size, vocab = bench_linear.SHAPES[args.shape]
-    rows = max(2, args.tokens // args.seq_len // 2 * 2)
-    cases = [{"implementation": impl, "device": device, "shape": args.shape,
-              "dtype": args.dtype, "rows": rows, "seq_len": args.seq_len,
-              "prompt_len": int(args.prompt_share * args.seq_len),
-              "hidden_size": args.hidden_size or hidden_size, "vocab": vocab,
-              "liger_compiled": on_gpu} for impl in args.impls]
+    # bench_linear.py's cases for these settings (one shape, one token count, one repeat).
+    cases = bench_linear.build_cases(argparse.Namespace(
+        shapes=[args.shape], tokens=[args.tokens], seq_len=args.seq_len,
+        prompt_share=args.prompt_share, hidden_size=args.hidden_size, dtype=args.dtype,
+        impls=args.impls, repeats=1, liger_compiled=on_gpu), device)
     result = duel(cases, args.rounds)
     for name, ready, median in zip(args.impls, result["ready"], result["median_seconds"]):
         print(f"{name:16s} median {median * 1e3:8.1f} ms  peak {ready['peak_extra_mib']:7.1f} "
@@ -142,7 +138,9 @@ def main(argv=None) -> int:
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "device": device_name(), "versions": versions(("torch", "triton",
                                                              *PEER_PACKAGES)),
-              "implementations": args.impls, "case": cases[0] | {"implementation": None},
+              "implementations": args.impls,
+              "case": {key: value for key, value in cases[0].items()
+                       if key not in ("implementation", "repeats")},
               "peak_memory_method": PEAK_MEMORY_METHOD[device], **result}
     write_report(report, pathlib.Path(args.output) if args.output
                  else RESULTS / f"linear_duel_{device}.json", plot)

@@ -196,11 +196,10 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
         block = _raw_logits(embed, weight, bias32,
                             workspace["logits"][:(t1 - t0) * vocab_size].view(t1 - t0,
                                                                               vocab_size))
-        if logit_scale == 1.0 and not softcap and not stats and block.is_cpu:
+        if softmax_path(block, logit_scale, softcap, stats):
             value = block.gather(-1, labels[t0:t1, None]).squeeze(-1)
-            token_lse, _ = softmax_lse_(block, labels[t0:t1], value, lambda index: _raw_logits(
-                embed[index], weight, bias32, torch.empty((index.shape[0], vocab_size),
-                                                          device=block.device)))
+            token_lse, _ = softmax_lse_(block, labels[t0:t1], value,
+                                        raw_rows_of(embed, weight, bias32))
             raw, token_stats = value, []
         else:
             token_lse, value, raw, token_stats = _block_logps(block, labels[t0:t1],
@@ -219,6 +218,21 @@ def linear_token_logps_forward(hidden, weight, bias, labels, rows, logit_scale: 
 # Below this a label's softmax probability has left fp32's normal range (logp < -86.6) and
 # its logarithm lost precision: the row's log-sum-exp is recomputed exactly.
 _SMALLEST_EXACT_PROB = 2.0 ** -125
+
+
+def softmax_path(block, logit_scale: float, softcap, stats: bool) -> bool:
+    """Whether `softmax_lse_` serves a raw logits block: plain logits (no softcap, logit
+    scale 1), no statistics, on a CPU (ATen's fused row-wise softmax)."""
+    return logit_scale == 1.0 and not softcap and not stats and block.is_cpu
+
+
+def raw_rows_of(embed, weight, bias32):
+    """`softmax_lse_`'s raw_rows for a block whose hidden rows are `embed` [t, H] fp32:
+    index [k] -> the raw logits [k, V] fp32 of those rows, computed again."""
+    def raw_rows(index):
+        return _raw_logits(embed[index], weight, bias32, torch.empty(
+            (index.shape[0], weight.shape[0]), dtype=torch.float32, device=embed.device))
+    return raw_rows
 
 
 def softmax_lse_(block, labels, label_logit, raw_rows):

@@ -24,9 +24,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from mixpo.kernels.linear_logps_torch import (Workspace, _fp32, _raw_logits, addmm_fp32,
-                                              gather_rows, softmax_lse_, workspace_rows)
+                                              gather_rows, raw_rows_of, softmax_lse_,
+                                              softmax_path, workspace_rows)
 from mixpo.kernels.logits_logps_torch import (STAT_NAMES, _row_chunks, block_stats,
                                               transform_logits, transform_slope)
+
 
 def one_pass_layout(block_tokens: int, vocab_size: int, hidden_size: int, dtype: torch.dtype,
                     accumulate: bool, weight_grad: bool) -> tuple:
@@ -72,7 +74,7 @@ class TorchGroupOps:
     def logps(block, labels, logit_scale, softcap, stats, raw_rows):
         """(lse [t], transformed label logit [t], stats list, state for `grad_`);
         raw_rows(index [k]) -> the raw logits [k, V] of those rows again."""
-        if logit_scale == 1.0 and not softcap and not stats and block.is_cpu:
+        if softmax_path(block, logit_scale, softcap, stats):
             value = block.gather(-1, labels[:, None]).squeeze(-1)
             lse, totals = softmax_lse_(block, labels, value, raw_rows)
             return lse, value, [], _Softmax(totals)
@@ -236,20 +238,17 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
                                               weight.dtype, accumulate, weight_grad), device)
     grads = _Gradients(hidden, weight, bias, workspace, accumulate, weight_grad)
 
-    def logits_block(tokens):
-        """(raw logits [t, V] in the workspace, embed [t, H], labels, ops.logps' outputs)."""
+    def logits_block(tokens, with_stats=stats):
+        """(raw logits [t, V] in the workspace, embed [t, H], labels, ops.logps' outputs);
+        with_stats=False: no statistics (a recomputed block's are already recorded)."""
         count, block_labels = len(tokens), labels[tokens]
         embed = gather_rows(hidden, rows[tokens], workspace["embed"][:count])
         block = _raw_logits(embed, weight, bias32,
                             workspace["logits"][:count * vocab_size].view(count, vocab_size))
         raw_label = block.gather(-1, block_labels[:, None]).squeeze(-1)
-
-        def raw_rows(index):
-            return _raw_logits(embed[index], weight, bias32, torch.empty(
-                (index.shape[0], vocab_size), dtype=torch.float32, device=device))
-
         return block, embed, block_labels, raw_label, ops.logps(
-            block, block_labels, logit_scale, softcap, stats, raw_rows)
+            block, block_labels, logit_scale, softcap, with_stats,
+            raw_rows_of(embed, weight, bias32))
 
     def forward(tokens):
         block, embed, block_labels, raw, (block_lse, value, block_stats_, state) = \
@@ -264,7 +263,7 @@ def linear_token_logps_one_pass(hidden, weight, bias, labels, rows, groups, coef
         grads.add_block(grad, block_labels, rows[tokens], embed)
 
     def recompute(tokens):         # a function: its block's temporaries end with it
-        block, embed, block_labels, _, (_, _, _, state) = logits_block(tokens)
+        block, embed, block_labels, _, (_, _, _, state) = logits_block(tokens, False)
         backward(tokens, token_coef[tokens], block, embed, block_labels, state)
 
     # The tokens of each group before its last block, all groups' together (larger GEMMs):

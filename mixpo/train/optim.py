@@ -51,6 +51,11 @@ UPDATE_CHUNK = 2**24   # elements of a parameter BF16StateAdamW updates at once 
                        # temporaries at its 32 B per element)
 
 
+def flat_chunks(numel: int) -> list[slice]:
+    """Slices of at most UPDATE_CHUNK elements covering a flat tensor of `numel`."""
+    return [slice(start, start + UPDATE_CHUNK) for start in range(0, numel, UPDATE_CHUNK)]
+
+
 class BF16StateAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, as torch.optim.AdamW) with bf16 moment estimates.
 
@@ -95,8 +100,7 @@ class BF16StateAdamW(torch.optim.Optimizer):
         weights, exp_avg, exp_avg_sq = (_local(tensor).view(-1) for tensor in (
             param, state["exp_avg"], state["exp_avg_sq"]))
         grad = _local(param.grad).reshape(-1)
-        for start in range(0, weights.numel(), UPDATE_CHUNK):
-            part = slice(start, start + UPDATE_CHUNK)
+        for part in flat_chunks(weights.numel()):
             self._update_slice(weights[part], grad[part], exp_avg[part], exp_avg_sq[part],
                                step, group)
 
@@ -234,9 +238,9 @@ def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
     head's gradient and its square would be 8 B per element: 3.9 GiB at Llama-3-8B)."""
     flat = tensor.reshape(-1)
     total = torch.zeros((), dtype=torch.float32, device=tensor.device)
-    for start in range(0, flat.numel(), UPDATE_CHUNK):
-        part = flat[start:start + UPDATE_CHUNK].float()
-        total += torch.dot(part, part)
+    for part in flat_chunks(flat.numel()):
+        values = flat[part].float()
+        total += torch.dot(values, values)
     return total
 
 
